@@ -1,0 +1,26 @@
+# Set-up and entry points. `make test` and `make demo` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS = 0
+export OMP_WAIT_POLICY = PASSIVE
+export RAY_USAGE_STATS_ENABLED = 0
+
+.PHONY: install test bench clean
+
+install: $(STAMP)
+
+# Re-installs only when the package metadata or the pins change.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

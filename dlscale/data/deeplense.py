@@ -1,0 +1,162 @@
+"""Readers for the real DeepLense dataset layouts (DESIGN.md section 4).
+
+Plain arrays are read with ``allow_pickle=False``. The axion files of Models I-III are pickled object arrays
+(``[image, axion_mass_eV]``, or a 0-d array wrapping the image); they go through `RestrictedUnpickler`, which admits
+numpy arrays, dtypes and plain numbers only, so a crafted file cannot run code.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dlscale.data.classes import ALIASES, canonical_class
+
+LAYOUTS = ("common-test", "model", "model-iv")
+SPLIT_DIRS = ("train", "val", "test")
+_MODEL_DIR = re.compile(r"^Model_[A-Za-z0-9]+(_test)?$")
+
+
+class BadFileError(ValueError):
+    """A source file that cannot become a sample; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path
+    split: str          # "train", "val" or "test" as found on disk ("train" when the source has no split)
+    class_name: str     # canonical class name
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for DeepLense object arrays: numpy arrays, dtypes and scalars only."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} (only numpy arrays and numbers are allowed)")
+        return super().find_class(module, name)
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """Load a .npy file; object arrays through `RestrictedUnpickler`, plain arrays never unpickled."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            _, _, dtype = read_header(f)
+            if not dtype.hasobject:
+                f.seek(0)
+                return np.load(f, allow_pickle=False)
+            obj = RestrictedUnpickler(io.BufferedReader(f)).load()
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError, IndexError) as err:
+        raise BadFileError(f"{path}: cannot read .npy ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, np.ndarray):
+        raise BadFileError(f"{path}: object .npy holds a {type(obj).__name__}, expected a numpy array")
+    return obj
+
+
+def split_image_and_mass(arr: np.ndarray, path: Path) -> tuple[np.ndarray, float | None]:
+    """Return (image, axion_mass_eV or None) from a plain image array or a DeepLense object array."""
+    if arr.dtype != object:
+        return arr, None
+    items = [arr.item()] if arr.ndim == 0 else list(arr.ravel())
+    images = [x for x in items if isinstance(x, np.ndarray) and x.dtype != object and x.ndim >= 2]
+    numbers = [float(x) for x in items if isinstance(x, (int, float, np.number)) or
+               (isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype != object)]
+    if len(images) != 1:
+        raise BadFileError(f"{path}: object array holds {len(images)} images, expected exactly 1 "
+                           "(DeepLense axion files are [image, axion_mass_eV])")
+    return images[0], (numbers[0] if numbers else None)
+
+
+def to_chw(image: np.ndarray, path: Path) -> np.ndarray:
+    """Convert a 2-D, CHW or HWC (channels 1 or 3) array to float32 (C, H, W)."""
+    if image.ndim == 2:
+        image = image[None]
+    elif image.ndim == 3 and image.shape[0] not in (1, 3) and image.shape[-1] in (1, 3):
+        image = np.moveaxis(image, -1, 0)
+    elif not (image.ndim == 3 and image.shape[0] in (1, 3)):
+        raise BadFileError(f"{path}: image shape {image.shape}, expected (H,W), (C,H,W) or (H,W,C) with C in (1, 3)")
+    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+        raise BadFileError(f"{path}: dtype {image.dtype}, expected a real numeric array")
+    out = np.ascontiguousarray(image, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise BadFileError(f"{path}: {int((~np.isfinite(out)).sum())} NaN/Inf pixels")
+    return out
+
+
+def read_sample(source: SourceFile, root: Path) -> tuple[np.ndarray, dict]:
+    """Read one source file: float32 (C,H,W) image and its metadata. Raises BadFileError."""
+    image, mass = split_image_and_mass(load_npy(source.path), source.path)
+    meta = {"class": source.class_name, "source_file": str(source.path.relative_to(root))}
+    if mass is not None:
+        meta["axion_mass"] = mass
+    return to_chw(image, source.path), meta
+
+
+def _class_dirs(folder: Path) -> list[tuple[Path, str]]:
+    """Subfolders of `folder` as (path, canonical class); an unknown folder name is an error."""
+    out = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.name.lower() not in ALIASES:
+            raise ValueError(f"{sub}: unknown class folder {sub.name!r}; expected one of {sorted(ALIASES)}")
+        out.append((sub, canonical_class(sub.name)))
+    if not out:
+        raise ValueError(f"{folder}: no class folders (expected e.g. no_sub/, cdm/, axion/ or no/, sphere/, vort/)")
+    return out
+
+
+def detect_layout(src: Path) -> str:
+    """Guess the layout of a DeepLense folder from its directory names."""
+    names = {p.name for p in src.iterdir() if p.is_dir()}
+    if any(_MODEL_DIR.match(n) for n in names):
+        return "model"
+    if names & set(SPLIT_DIRS):
+        split = src / sorted(names & set(SPLIT_DIRS))[0]
+        classes = {p.name.lower() for p in split.iterdir() if p.is_dir()}
+        return "common-test" if classes & {"sphere", "vort", "no"} and "no_sub" not in classes else "model-iv"
+    if names and all(n.lower() in ALIASES for n in names):
+        return "model"
+    raise ValueError(f"{src}: cannot tell the layout (expected train/ val/ folders, Model_X/ Model_X_test/ "
+                     "folders or class folders); pass --layout explicitly")
+
+
+def discover(src: Path, layout: str = "auto") -> tuple[str, list[SourceFile], int]:
+    """List the .npy files of a DeepLense folder: (layout, files, count of ignored non-.npy files)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ValueError(f"{src}: not a directory")
+    if src.name == "dataset" or (src / "dataset").is_dir() and not any((src / s).is_dir() for s in SPLIT_DIRS):
+        src = src if src.name == "dataset" else src / "dataset"
+    layout = detect_layout(src) if layout == "auto" else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}")
+    if layout == "model":
+        model_dirs = [p for p in sorted(src.iterdir()) if p.is_dir() and _MODEL_DIR.match(p.name)]
+        groups = [(p, "test" if p.name.endswith("_test") else "train") for p in model_dirs] or [(src, "train")]
+    else:
+        groups = [(src / s, s) for s in SPLIT_DIRS if (src / s).is_dir()]
+        if not groups:
+            raise ValueError(f"{src}: layout {layout} needs train/ (and val/) folders")
+    files, ignored = [], 0
+    for folder, split in groups:
+        for class_dir, class_name in _class_dirs(folder):
+            for path in sorted(class_dir.iterdir()):
+                if path.is_file() and path.suffix == ".npy":
+                    files.append(SourceFile(path, split, class_name))
+                elif path.is_file():
+                    ignored += 1
+    if not files:
+        raise ValueError(f"{src}: no .npy files found (layout {layout})")
+    return layout, files, ignored

@@ -1,0 +1,77 @@
+"""Who am I in the job: rank / world / local rank from torchrun, the deepspeed launcher, SLURM or Ray; rank-0 logging.
+
+This is the only module that reads launcher environment variables.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info(local_rank_arg: int | None = None) -> DistInfo:
+    """Rank layout from the environment (torchrun / deepspeed set RANK etc.; SLURM sets SLURM_PROCID etc.)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, local_rank_arg or 0
+    return DistInfo(rank, world, local)
+
+
+def export_env(info: DistInfo, master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
+    """Fill the torch.distributed variables (for SLURM or single-process runs) so DeepSpeed/torch can rendezvous."""
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world))
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", master_addr))
+    os.environ.setdefault("MASTER_PORT", str(master_port or _free_port()))
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _RankZeroFilter(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup_logging(rank: int = 0, log_file: Path | None = None, level: int = logging.INFO) -> None:
+    """Readable logs: rank 0 logs INFO, other ranks only warnings and errors (tagged with their rank)."""
+    fmt = "%(asctime)s %(levelname).1s " + (f"[rank {rank}] " if rank else "") + "%(name)s: %(message)s"
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+    for h in handlers:
+        h.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+        h.addFilter(_RankZeroFilter(rank))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.setLevel(level)
+    for h in handlers:
+        root.addHandler(h)

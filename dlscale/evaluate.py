@@ -1,0 +1,160 @@
+"""Evaluation metrics on gathered scores: classification (accuracy, ROC AUC with a bootstrap CI), regression,
+linear probes on frozen features, and the ROC figure.
+
+Functions take numpy arrays already gathered from every rank; metric names are the flat keys of DESIGN.md
+section 7 (without the `val/` or `probe/` prefix, which the caller adds). Values are plain Python numbers and
+lists, ready for metrics.json and TensorBoard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+
+def check_labels(labels: np.ndarray, class_names: Sequence[str], what: str = "labels") -> np.ndarray:
+    """Validate (N,) integer class indices in [0, K) where every class occurs (else ROC AUC is undefined)."""
+    labels = np.asarray(labels)
+    n_classes = len(class_names)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{what} must be a 1-D array of integer class indices, got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"{what} must lie in [0, {n_classes}), got range [{labels.min()}, {labels.max()}]")
+    absent = [name for k, name in enumerate(class_names) if not (labels == k).any()]
+    if absent:
+        raise ValueError(f"{what}: classes {absent} have no samples")
+    return labels
+
+
+def check_scores(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N, K) finite class scores against (N,) labels (see `check_labels`)."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    n_classes = len(class_names)
+    if probs.ndim != 2 or probs.shape != labels.shape[:1] + (n_classes,):
+        raise ValueError(f"expected probs (N, {n_classes}) and labels (N,) for classes {list(class_names)}, "
+                         f"got probs {probs.shape} and labels {labels.shape}")
+    if not np.isfinite(probs).all():
+        raise ValueError(f"probs contain {int((~np.isfinite(probs)).sum())} non-finite values")
+    return probs, check_labels(labels, class_names)
+
+
+def one_vs_rest_aucs(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-class one-vs-rest ROC AUC; scores need not be normalised (logits work as well as probabilities)."""
+    onehot = np.eye(probs.shape[1], dtype=int)[labels]
+    return np.asarray(roc_auc_score(onehot, probs, average=None))
+
+
+def classification_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Accuracy, macro / micro / per-class one-vs-rest ROC AUC, confusion matrix, and a bootstrap 95% CI of the
+    macro AUC (percentiles over `n_bootstrap` resamples of the samples; resamples lacking a class are skipped and
+    counted in `auc_macro_ci_skipped`; the CI is NaN when none is left).
+    """
+    probs, labels = check_scores(probs, labels, class_names)
+    n_classes = len(class_names)
+    onehot = np.eye(n_classes, dtype=int)[labels]
+    predicted = probs.argmax(axis=1)
+    per_class = one_vs_rest_aucs(probs, labels)
+
+    rng = np.random.default_rng(seed)
+    resampled_aucs, skipped = [], 0
+    for _ in range(n_bootstrap):
+        index = rng.integers(0, len(labels), len(labels))
+        if np.bincount(labels[index], minlength=n_classes).min() == 0:
+            skipped += 1
+            continue
+        resampled_aucs.append(one_vs_rest_aucs(probs[index], labels[index]).mean())
+    ci_low, ci_high = np.percentile(resampled_aucs, [2.5, 97.5]) if resampled_aucs else (np.nan, np.nan)
+
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "auc_macro": float(per_class.mean()),
+        "auc_micro": float(roc_auc_score(onehot, probs, average="micro")),
+        **{f"auc/{name}": float(auc) for name, auc in zip(class_names, per_class)},
+        "auc_macro_ci_low": float(ci_low),
+        "auc_macro_ci_high": float(ci_high),
+        "auc_macro_ci_skipped": skipped,
+        "confusion_matrix": confusion_matrix(labels, predicted, labels=range(n_classes)).tolist(),
+        "n_samples": int(len(labels)),
+    }
+
+
+def regression_metrics(pred: np.ndarray, target: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """Mean absolute error per regression target (`mae/<name>`), in the target's own units."""
+    pred, target = np.asarray(pred, dtype=float), np.asarray(target, dtype=float)
+    if pred.ndim == 1:
+        pred, target = pred[:, None], target.reshape(-1, 1)
+    if pred.shape != target.shape or pred.ndim != 2 or pred.shape[1] != len(names):
+        raise ValueError(f"expected pred and target (N, {len(names)}) for targets {list(names)}, "
+                         f"got {pred.shape} and {target.shape}")
+    mae = np.abs(pred - target).mean(axis=0)
+    return {f"mae/{name}": float(value) for name, value in zip(names, mae)}
+
+
+def linear_probe(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    eval_features: np.ndarray,
+    eval_labels: np.ndarray,
+    class_names: Sequence[str],
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fit a multinomial logistic regression on standardised frozen features; return its eval `accuracy` and
+    `auc_macro` (the caller prefixes `probe/`). Measures how linearly the encoder separates the classes.
+    """
+    train_features, eval_features = np.asarray(train_features), np.asarray(eval_features)
+    train_labels = check_labels(train_labels, class_names, "train_labels")
+    if train_features.ndim != 2 or len(train_features) != len(train_labels):
+        raise ValueError(f"train_features must be (N, D) with N = {len(train_labels)} labels, "
+                         f"got {train_features.shape}")
+    if eval_features.ndim != 2 or eval_features.shape[1] != train_features.shape[1]:
+        raise ValueError(f"eval_features must be (M, {train_features.shape[1]}), got {eval_features.shape}")
+    # lbfgs fits the multinomial (softmax) model for K > 2 classes, scikit-learn's default since 1.5.
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    probe.fit(train_features, train_labels)
+    probs, labels = check_scores(probe.predict_proba(eval_features), eval_labels, class_names)
+    return {
+        "accuracy": float((probs.argmax(axis=1) == labels).mean()),
+        "auc_macro": float(one_vs_rest_aucs(probs, labels).mean()),
+    }
+
+
+LINE_STYLES: tuple[str, ...] = ("-", "--", "-.", ":")
+
+
+def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]) -> Figure:
+    """One-vs-rest ROC curve per class, one colour per class; several runs or stages (keys of `curves`, each
+    `(probs, labels)`) are overlaid with one line style each. AUCs are in the legend.
+
+    Drawn on an Agg canvas without pyplot, so it works headless and leaves no global figure state.
+    """
+    if not curves:
+        raise ValueError("roc_figure needs at least one (probs, labels) pair")
+    figure = Figure(figsize=(6.0, 5.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, label="_chance")
+    for stage_index, (stage, (probs, labels)) in enumerate(curves.items()):
+        probs, labels = check_scores(probs, labels, class_names)
+        aucs = one_vs_rest_aucs(probs, labels)
+        for k, name in enumerate(class_names):
+            fpr, tpr, _ = roc_curve(labels == k, probs[:, k])
+            prefix = f"{stage} " if len(curves) > 1 else ""
+            axes.plot(fpr, tpr, color=f"C{k}", linestyle=LINE_STYLES[stage_index % len(LINE_STYLES)],
+                      label=f"{prefix}{name} (AUC {aucs[k]:.3f})")
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
+             title="One-vs-rest ROC")
+    axes.legend(loc="lower right", fontsize="small")
+    return figure

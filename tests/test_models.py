@@ -1,0 +1,153 @@
+"""Encoders, heads and the multitask wrapper: shapes at DeepLense sizes, weight loading, gradients."""
+
+import math
+import os
+from dataclasses import replace
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest
+import torch
+
+from dlscale.models import Decoder, EncoderConfig, build_encoder, build_model
+
+torch.set_num_threads(1)
+
+ENCODERS = {
+    "small": EncoderConfig(name="small", width=8),
+    "resnet18": EncoderConfig(name="resnet18"),
+    "resnet18_small_stem": EncoderConfig(name="resnet18", small_input_stem=True),
+}
+
+
+@pytest.mark.parametrize("size", [64, 150])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_encoder_feature_map_matches_out_channels_and_downsample(encoder, channels, size):
+    net = build_encoder(replace(ENCODERS[encoder], in_channels=channels)).eval()
+    with torch.no_grad():
+        feature_map = net(torch.randn(1, channels, size, size))
+    side = math.ceil(size / net.downsample)
+    assert feature_map.shape == (1, net.out_channels, side, side)
+
+
+@pytest.mark.parametrize("size", [64, 150])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_multitask_outputs_have_task_shapes_and_recon_matches_input(encoder, channels, size):
+    cfg = replace(ENCODERS[encoder], in_channels=channels)
+    model = build_model("multitask", cfg, (channels, size, size), n_classes=3, n_reg_targets=4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, size, size))
+    assert model.tasks == ("recon", "classification", "regression")
+    assert {key: tuple(value.shape) for key, value in out.items()} == {
+        "features": (2, model.encoder.out_channels),
+        "recon": (2, channels, size, size),
+        "logits": (2, 3),
+        "regression": (2, 4),
+    }
+
+
+@pytest.mark.parametrize(("stage", "keys"), [
+    ("autoencoder", {"features", "recon"}),
+    ("supervised", {"features", "logits"}),
+])
+def test_single_task_stages_have_only_their_head(stage, keys):
+    model = build_model(stage, ENCODERS["small"], (1, 64, 64)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 64, 64))
+    assert set(out) == keys
+
+
+def test_multitask_builds_only_the_chosen_heads():
+    model = build_model("multitask", ENCODERS["small"], (1, 64, 64), n_reg_targets=2,
+                        tasks=["regression", "classification"])
+    assert model.tasks == ("classification", "regression")
+    assert model.decoder is None
+    assert set(model(torch.randn(2, 1, 64, 64))) == {"features", "logits", "regression"}
+
+
+def test_features_equal_forward_features_in_eval_mode():
+    model = build_model("supervised", ENCODERS["small"], (1, 64, 64)).eval()
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.features(x), model(x)["features"])
+
+
+def test_every_parameter_gets_a_gradient_in_multitask():
+    torch.manual_seed(0)
+    model = build_model("multitask", ENCODERS["small"], (1, 64, 64), n_reg_targets=2)
+    out = model(torch.randn(4, 1, 64, 64))
+    sum(value.square().mean() for key, value in out.items() if key != "features").backward()
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_decoder_reaches_sizes_that_are_not_multiples_of_its_scale():
+    decoder = Decoder(16, (2, 75, 93), scale=8)
+    assert decoder(torch.randn(1, 16, 10, 12)).shape == (1, 2, 75, 93)
+
+
+def test_decoder_rejects_scale_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        Decoder(16, (1, 64, 64), scale=6)
+
+
+def test_unknown_encoder_name_lists_known_names():
+    with pytest.raises(ValueError, match="resnet18.*small"):
+        build_encoder(EncoderConfig(name="vit"))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"stage": "pretrain"}, "unknown stage"),
+    ({"image_shape": (3, 64, 64)}, "channels"),
+    ({"stage": "multitask", "tasks": ["regression"]}, "n_reg_targets"),
+    ({"stage": "multitask", "tasks": ["segmentation"]}, "unknown tasks"),
+    ({"stage": "supervised", "tasks": ["recon"]}, "trains tasks"),
+])
+def test_build_model_rejects_bad_arguments(kwargs, message):
+    arguments = {"stage": "autoencoder", "encoder_cfg": ENCODERS["small"], "image_shape": (1, 64, 64)} | kwargs
+    with pytest.raises(ValueError, match=message):
+        build_model(**arguments)
+
+
+def test_weights_path_loads_encoder_state_dict(tmp_path):
+    source = build_encoder(ENCODERS["small"])
+    for module in source.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_()
+    path = tmp_path / "encoder.pt"
+    torch.save(source.state_dict(), path)
+    loaded = build_encoder(replace(ENCODERS["small"], weights_path=str(path)))
+    expected = source.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+
+
+def test_weights_path_takes_the_encoder_of_a_whole_model_state_dict(tmp_path):
+    autoencoder = build_model("autoencoder", ENCODERS["small"], (1, 64, 64))
+    path = tmp_path / "autoencoder.pt"
+    torch.save(autoencoder.state_dict(), path)
+    model = build_model("multitask", replace(ENCODERS["small"], weights_path=str(path)), (1, 64, 64))
+    expected = autoencoder.encoder.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in model.encoder.state_dict().items())
+
+
+def test_weights_path_with_other_widths_names_file_and_keys(tmp_path):
+    path = tmp_path / "wide.pt"
+    torch.save(build_encoder(replace(ENCODERS["small"], width=16)).state_dict(), path)
+    with pytest.raises(ValueError, match=r"wide\.pt.*shape mismatch: 0\.0\.weight \(file \(16, 1, 3, 3\), model \(8"):
+        build_encoder(replace(ENCODERS["small"], weights_path=str(path)))
+
+
+def test_weights_path_with_missing_and_unexpected_keys_names_them(tmp_path):
+    state = build_encoder(ENCODERS["small"]).state_dict()
+    state["head.weight"] = state.pop("2.1.weight")
+    path = tmp_path / "partial.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"partial\.pt.*missing keys: 2\.1\.weight; unexpected keys: head\.weight"):
+        build_encoder(replace(ENCODERS["small"], weights_path=str(path)))
+
+
+def test_weights_path_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        build_encoder(replace(ENCODERS["small"], weights_path=str(tmp_path / "nowhere.pt")))
