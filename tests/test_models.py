@@ -1,17 +1,13 @@
 """Encoders, heads and the multitask wrapper: shapes at DeepLense sizes, weight loading, gradients."""
 
 import math
-import os
 from dataclasses import replace
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
 
 from dlscale.models import Decoder, EncoderConfig, build_encoder, build_model
 
-torch.set_num_threads(1)
 
 ENCODERS = {
     "small": EncoderConfig(name="small", width=8),

@@ -2,9 +2,6 @@
 
 import io
 import math
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
@@ -12,7 +9,6 @@ import torch
 from dlscale.models import EncoderConfig, build_model
 from dlscale.train.weighting import DynamicWeightAverage, UncertaintyWeighting, build_weighting
 
-torch.set_num_threads(1)
 
 TASKS = ("recon", "classification")
 

@@ -125,7 +125,7 @@ def detect_layout(src: Path) -> str:
     if names & set(SPLIT_DIRS):
         split = src / sorted(names & set(SPLIT_DIRS))[0]
         classes = {p.name.lower() for p in split.iterdir() if p.is_dir()}
-        return "common-test" if classes & {"sphere", "vort", "no"} and "no_sub" not in classes else "model-iv"
+        return "common-test" if classes & {"sphere", "vort"} else "model-iv"   # Model IV: no_sub|no, cdm, axion
     if names and all(n.lower() in ALIASES for n in names):
         return "model"
     raise ValueError(f"{src}: cannot tell the layout (expected train/ val/ folders, Model_X/ Model_X_test/ "

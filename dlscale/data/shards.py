@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dlscale.data.classes import CLASSES
-from dlscale.data.tario import CorruptShardError, add_member, iter_records
+from dlscale.data.tario import CorruptShardError, add_member, iter_records, npy_from_buffer
 
 FORMAT = "dlscale-shards/1"
 MANIFEST = "manifest.json"
@@ -210,18 +210,18 @@ def load_manifest(data_dir: Path | str) -> dict:
     return manifest
 
 
-def decode_record(record: dict[str, bytes], layout: dict, image_shape: tuple[int, ...], n_classes: int,
+def decode_record(record: dict[str, np.ndarray], layout: dict, image_shape: tuple[int, ...], n_classes: int,
                   where: str, with_meta: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict] | None]:
     """Decode one tar record (no pickle): images (n,C,H,W) float32, labels (n,) int64, metas or None."""
     try:
         if layout["kind"] == "sample":
-            images = np.load(io.BytesIO(record["image.npy"]), allow_pickle=False)[None]
-            labels = np.array([int(record["cls"])], dtype=np.int64)
-            metas = [json.loads(record["json"])] if with_meta else None
+            images = npy_from_buffer(record["image.npy"], where)[None]
+            labels = np.array([int(bytes(record["cls"]))], dtype=np.int64)
+            metas = [json.loads(bytes(record["json"]))] if with_meta else None
         else:
-            images = np.load(io.BytesIO(record["images.npy"]), allow_pickle=False)
-            labels = np.load(io.BytesIO(record["labels.npy"]), allow_pickle=False)
-            metas = json.loads(record["meta.json"]) if with_meta else None
+            images = npy_from_buffer(record["images.npy"], where)
+            labels = npy_from_buffer(record["labels.npy"], where)
+            metas = json.loads(bytes(record["meta.json"])) if with_meta else None
     except (KeyError, ValueError, EOFError, OSError) as err:
         raise CorruptShardError(f"{where}: record does not decode ({type(err).__name__}: {err})") from None
     if images.dtype != np.float32 or tuple(images.shape[1:]) != tuple(image_shape) or labels.shape != images.shape[:1]:

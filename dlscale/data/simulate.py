@@ -410,12 +410,12 @@ def add_point_mass_deflections(alpha_x: torch.Tensor, alpha_y: torch.Tensor, x: 
     One mass at a time into preallocated buffers: a (B, K, P) tensor is ~10x slower on CPU (memory traffic).
     """
     dx, dy, f = torch.empty_like(alpha_x), torch.empty_like(alpha_x), torch.empty_like(alpha_x)
-    theta_sq, tiny = theta_E * theta_E, torch.finfo(alpha_x.dtype).tiny
+    theta_sq = theta_E * theta_E
+    tiny = torch.tensor(torch.finfo(alpha_x.dtype).tiny, dtype=alpha_x.dtype, device=alpha_x.device)
     for k in range(theta_E.shape[1]):
         torch.sub(x, center_x[:, k:k + 1], out=dx)
         torch.sub(y, center_y[:, k:k + 1], out=dy)
-        torch.mul(dx, dx, out=f)
-        f.addcmul_(dy, dy).clamp_(min=tiny)
+        torch.addcmul(tiny, dx, dx, out=f).addcmul_(dy, dy)     # |r - r_k|^2 > 0 even on a pixel centre
         torch.div(theta_sq[:, k:k + 1], f, out=f)
         alpha_x.addcmul_(f, dx)
         alpha_y.addcmul_(f, dy)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dlscale.data.shards import decode_record, load_manifest
-from dlscale.data.tario import CorruptShardError, iter_records
+from dlscale.data.tario import CorruptShardError, ReadIntoAdapter, iter_records
 
 log = logging.getLogger(__name__)
 NORMALIZATIONS = ("minmax", "standardize", "log", "none")
@@ -74,7 +74,7 @@ class ShardSet:
         url = self.urls[index]
         if "://" in url or url.startswith("pipe:"):
             from webdataset.gopen import gopen
-            return gopen(url, "rb")
+            return ReadIntoAdapter(gopen(url, "rb"))
         return open(url, "rb", buffering=1 << 20)
 
     def records(self, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -103,29 +103,41 @@ def extract_targets(metas: list[dict], keys: list[str], where: str) -> np.ndarra
 
 
 def normalize(images: torch.Tensor, method: str) -> torch.Tensor:
-    """Per-image normalisation of a (B,C,H,W) batch (raw physical values stay in the shards)."""
+    """Per-image normalisation of a (B,C,H,W) batch (raw physical values stay in the shards).
+
+    One new tensor, then in-place ops: large temporaries cost page faults on every batch here (~0.7 ms per MB).
+    """
     if method == "none":
         return images
     flat = images.flatten(1)
     if method == "standardize":
-        mean, std = flat.mean(1), flat.std(1)
-        return ((flat - mean[:, None]) / (std[:, None] + EPS)).view_as(images)
+        var, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
+        return (flat - mean).mul_(1.0 / (var.sqrt() + EPS)).view_as(images)
     if method == "log":
-        flat = torch.log1p((flat - flat.amin(1, keepdim=True)).clamp_min(0))
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    return ((flat - lo) / (hi - lo + EPS)).view_as(images)
+        flat = (flat - flat.amin(1, keepdim=True)).log1p_()
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)   # faster than aminmax(dim=) on CPU here
+    out = flat.sub_(lo) if method == "log" else flat - lo
+    return out.mul_(1.0 / (hi - lo + EPS)).view_as(images)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Apply one of the 8 dihedral transforms (flips x 90-degree rotations) per image."""
-    choice = torch.randint(0, 8, (len(images),), generator=generator)
-    out = images.clone()
-    for k in range(1, 8):
-        idx = (choice == k).nonzero().flatten()
-        if len(idx):
-            x = images[idx]
-            x = torch.rot90(x, k % 4, dims=(2, 3))
-            out[idx] = torch.flip(x, dims=(3,)) if k >= 4 else x
+    """Apply one of the 8 dihedral transforms (90-degree rotations x optional flip) per image.
+
+    Batches arrive in random order, so giving transform k to the k-th run of images (run lengths drawn as for
+    independent per-image choices) has the same distribution as a per-image draw, at the cost of 8 slice ops.
+    """
+    square = images.shape[2] == images.shape[3]
+    choices = torch.randint(0, 8 if square else 4, (len(images),), generator=generator)
+    counts = torch.bincount(choices, minlength=8).tolist()
+    out = torch.empty_like(images)
+    start = 0
+    for k, n in enumerate(counts):
+        if n:
+            x = images[start:start + n]
+            x = x.flip(3) if k % 2 else x
+            x = x.flip(2) if (k // 2) % 2 else x
+            out[start:start + n] = x.transpose(2, 3) if k >= 4 else x
+            start += n
     return out
 
 
@@ -133,7 +145,7 @@ def _batch(images, labels, ids, targets, cfg: StreamConfig, generator: torch.Gen
     images = normalize(images, cfg.normalize)
     if generator is not None and cfg.augment:
         images = augment(images, generator)
-    batch = {"image": images.contiguous(), "label": labels, "ids": ids}
+    batch = {"image": images, "label": labels, "ids": ids}
     if targets is not None:
         batch["target"] = targets
     return batch
@@ -142,6 +154,39 @@ def _batch(images, labels, ids, targets, cfg: StreamConfig, generator: torch.Gen
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
+
+
+class ShuffleBuffer:
+    """Fixed-capacity sample store: records are copied in once, batches gathered out once (no whole-pool copies)."""
+
+    def __init__(self, capacity: int, record: tuple, rng: np.random.Generator):
+        self.rng = rng
+        self.store = [None if t is None else torch.empty((capacity, *t.shape[1:]), dtype=t.dtype) for t in record]
+        self.free = np.arange(capacity)[::-1].copy()
+        self.n_free = capacity
+        self.occupied = np.empty(capacity, dtype=np.int64)
+        self.n = 0
+
+    def put(self, record: tuple) -> None:
+        k = len(record[1])
+        slots = torch.from_numpy(self.free[self.n_free - k:self.n_free].copy())
+        self.n_free -= k
+        for store, t in zip(self.store, record):
+            if store is not None:
+                store[slots] = t
+        self.occupied[self.n:self.n + k] = slots.numpy()
+        self.n += k
+
+    def shuffle(self) -> None:
+        self.occupied[:self.n] = self.occupied[self.rng.permutation(self.n)]
+
+    def take(self, k: int) -> tuple:
+        slots = self.occupied[self.n - k:self.n].copy()
+        self.n -= k
+        self.free[self.n_free:self.n_free + k] = slots
+        self.n_free += k
+        index = torch.from_numpy(slots)
+        return tuple(None if store is None else store[index] for store in self.store)
 
 
 class TrainStream(IterableDataset):
@@ -162,31 +207,26 @@ class TrainStream(IterableDataset):
         rng = np.random.default_rng(seeds)
         gen = torch.Generator().manual_seed(int(np.random.default_rng(seeds + [1]).integers(2**62)))
         cfg = self.shards.cfg
-        bs, buffer = cfg.batch_size, max(cfg.shuffle_buffer, cfg.batch_size)
-        pending: list[tuple] = []
-        held = emitted = skipped = failures = 0
+        bs, low = cfg.batch_size, max(cfg.shuffle_buffer, cfg.batch_size) // 2
+        pool: ShuffleBuffer | None = None
+        emitted = skipped = failures = 0
         while emitted < quota:
             index = int(rng.integers(len(self.shards.urls)))
             try:
                 for record in self.shards.records(index):
-                    pending.append(record)
-                    held += len(record[1])
                     failures = 0
-                    if held < buffer + bs:
+                    if pool is None:
+                        capacity = 2 * low + bs + self.shards.manifest["record_layout"]["samples_per_record"]
+                        pool = ShuffleBuffer(capacity, record, rng)
+                    pool.put(record)
+                    if pool.n < 2 * low + bs:
                         continue
-                    images, labels, ids, targets = _concat(pending)
-                    perm = torch.randperm(held, generator=gen)
-                    n_emit = min((held - buffer // 2) // bs, quota - emitted)
-                    for b in range(n_emit):
-                        take = perm[b * bs:(b + 1) * bs]
-                        yield _batch(images[take], labels[take], ids[take],
-                                     None if targets is None else targets[take], cfg, gen)
-                    emitted += n_emit
+                    pool.shuffle()
+                    while pool.n >= low + bs and emitted < quota:
+                        yield _batch(*pool.take(bs), cfg, gen)
+                        emitted += 1
                     if emitted >= quota:
                         return
-                    rest = perm[n_emit * bs:]
-                    pending = [(images[rest], labels[rest], ids[rest], None if targets is None else targets[rest])]
-                    held = len(rest)
             except (CorruptShardError, OSError) as err:
                 if cfg.strict:
                     raise

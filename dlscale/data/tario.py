@@ -12,6 +12,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
+import numpy as np
+
 BLOCK = 512
 
 
@@ -27,22 +29,65 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None
     tar.addfile(info, io.BytesIO(data))
 
 
-def _read_exact(stream: BinaryIO, n: int, where: str) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise CorruptShardError(f"{where}: truncated (wanted {n} bytes, got {len(data)})")
+def _read_exact(stream: BinaryIO, n: int, where: str) -> np.ndarray:
+    """Read exactly n bytes into a fresh writable uint8 buffer (arrays then view it without another copy)."""
+    data = np.empty(n, dtype=np.uint8)   # unlike bytearray(n), not zero-filled first
+    view, got = memoryview(data), 0
+    while got < n:   # pipes may return short reads
+        step = stream.readinto(view[got:])
+        if not step:
+            raise CorruptShardError(f"{where}: truncated (wanted {n} bytes, got {got})")
+        got += step
     return data
 
 
-def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
-    """Yield (name, data) of the regular files of a tar stream, in order."""
+class ReadIntoAdapter:
+    """Give `readinto` to file-like objects that only `read` (e.g. webdataset's gopen pipes)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def read(self, n: int) -> bytes:
+        return self.stream.read(n)
+
+    def readinto(self, buffer) -> int:
+        chunk = self.stream.read(len(buffer))
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+
+
+def npy_from_buffer(data: np.ndarray, where: str) -> np.ndarray:
+    """View a .npy member as a numpy array without copying; object dtypes (pickle) are refused."""
+    f = io.BytesIO(data[:4096].tobytes())
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+    except ValueError as err:
+        raise CorruptShardError(f"{where}: not a .npy member ({err})") from None
+    if dtype.hasobject:
+        raise CorruptShardError(f"{where}: object array refused (shards never hold pickles)")
+    count = int(np.prod(shape))
+    if len(data) - f.tell() != count * dtype.itemsize:
+        raise CorruptShardError(f"{where}: .npy payload of {len(data) - f.tell()} bytes, expected {count * dtype.itemsize}")
+    return np.frombuffer(data, dtype, count, f.tell()).reshape(shape, order="F" if fortran else "C")
+
+
+def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, data as a uint8 array) of the regular files of a tar stream, in order."""
     long_name = None
     while True:
         header = stream.read(BLOCK)
-        if len(header) == 0 or header == bytes(BLOCK):
+        if header == bytes(BLOCK):
             return
-        if len(header) != BLOCK:
-            raise CorruptShardError(f"{where}: truncated header")
+        if len(header) != BLOCK:   # a shard cut at a member boundary ends without the end-of-archive block
+            raise CorruptShardError(f"{where}: truncated ({'no end-of-archive block' if not header else 'partial header'})")
         try:
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         except tarfile.HeaderError as err:
@@ -50,9 +95,9 @@ def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
         data = _read_exact(stream, info.size, where)
         _read_exact(stream, -info.size % BLOCK, where)
         if info.type == tarfile.GNUTYPE_LONGNAME:
-            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            long_name = data.tobytes().rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif info.type == tarfile.XHDTYPE:
-            for line in data.decode("utf-8", "surrogateescape").splitlines():
+            for line in data.tobytes().decode("utf-8", "surrogateescape").splitlines():
                 key, _, value = line.partition(" ")[2].partition("=")
                 if key == "path":
                     long_name = value
@@ -61,8 +106,8 @@ def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, bytes]]:
             long_name = None
 
 
-def iter_records(stream: BinaryIO, where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive members by WebDataset key (basename up to its first dot): yield (key, {suffix: bytes})."""
+def iter_records(stream: BinaryIO, where: str) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """Group consecutive members by WebDataset key (basename up to its first dot): yield (key, {suffix: data})."""
     key, record = None, {}
     for name, data in iter_members(stream, where):
         prefix, _, base = name.rpartition("/")
