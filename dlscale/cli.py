@@ -3,6 +3,8 @@
     dlscale pack SRC --out DIR            DeepLense .npy folders -> WebDataset shards + manifest
     dlscale shards verify DIR | info DIR  check checksums and counts / print a summary
     dlscale simulate --preset model_ii    built-in lensing simulator -> shards
+    dlscale train --stage S --data DIR --run-dir RUN [--section.key=value ...] [--resume auto]
+    dlscale eval --run-dir RUN [--data DIR] [--split val|test]
 """
 from __future__ import annotations
 
@@ -57,7 +59,18 @@ def simulate_main(argv: list[str]) -> int:
     return run(argv)
 
 
-COMMANDS = {"pack": pack_main, "shards": shards_main, "simulate": simulate_main}
+def train_main(argv: list[str]) -> int:
+    from dlscale.train import main as run
+    return run(argv)
+
+
+def eval_main(argv: list[str]) -> int:
+    from dlscale.train import eval_main as run
+    return run(argv)
+
+
+COMMANDS = {"pack": pack_main, "shards": shards_main, "simulate": simulate_main, "train": train_main,
+            "eval": eval_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.linear_model import LogisticRegression
@@ -158,3 +160,80 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names:
              title="One-vs-rest ROC")
     axes.legend(loc="lower right", fontsize="small")
     return figure
+
+
+# ---- the evaluation loop: scores collected per rank, gathered once after the loop --------------------------------
+
+def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype,
+            max_samples: int | None = None, n_examples: int = 8) -> dict[str, np.ndarray]:
+    """Run `model` over `loader` without gradients; return this rank's per-sample outputs as numpy arrays.
+
+    Keys: ids (N,3), labels, features, and where the model has the head: probs, recon_mse (per sample), regression
+    and target; `examples`/`recon_examples` hold the first `n_examples` inputs and reconstructions.
+    """
+    parts: dict[str, list[np.ndarray]] = {}
+    seen = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            images = batch["image"].to(device, dtype, non_blocking=True)
+            out = model(images)
+            rows = {"ids": batch["ids"], "labels": batch["label"], "features": out["features"]}
+            if "logits" in out:
+                rows["probs"] = torch.softmax(out["logits"].float(), dim=1)
+            if "recon" in out:
+                rows["recon_mse"] = (out["recon"].float() - images.float()).square().flatten(1).mean(1)
+                if seen < n_examples:
+                    rows["examples"] = images[:n_examples - seen]
+                    rows["recon_examples"] = out["recon"][:n_examples - seen]
+            if "regression" in out and "target" in batch:
+                rows["regression"], rows["target"] = out["regression"], batch["target"]
+            for key, value in rows.items():
+                parts.setdefault(key, []).append(value.detach().float().cpu().numpy() if value.is_floating_point()
+                                                 else value.cpu().numpy())
+            seen += len(batch["label"])
+            if max_samples is not None and seen >= max_samples:
+                break
+    model.train(was_training)
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All ranks' arrays concatenated (one collective, after the loop; ranks without samples take part too),
+    ordered by sample id so results do not depend on the world size. Examples stay those of rank 0."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        parts = [arrays]
+    else:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, arrays)
+    keys = sorted({k for p in parts for k in p if k not in ("examples", "recon_examples")})
+    out = {k: np.concatenate([p[k] for p in parts if k in p]) for k in keys}
+    if "ids" in out and len(out["ids"]):
+        order = np.lexsort(out["ids"].T[::-1])
+        out = {k: v[order] for k, v in out.items()}
+    for k in ("examples", "recon_examples"):
+        if k in parts[0]:
+            out[k] = parts[0][k]
+    return out
+
+
+def summarize(scores: dict[str, np.ndarray], probe_train: dict[str, np.ndarray] | None, class_names: Sequence[str],
+              prefix: str = "val", target_names: Sequence[str] = (), n_bootstrap: int = 200,
+              seed: int = 0) -> dict[str, object]:
+    """Flat metrics (DESIGN.md names) from gathered scores: `<prefix>/accuracy`, `<prefix>/auc_*`,
+    `<prefix>/recon_mse`, `<prefix>/mae/<target>`, `probe/accuracy`, `probe/auc_macro`, `<prefix>/n_samples`."""
+    metrics: dict[str, object] = {f"{prefix}/n_samples": int(len(scores["labels"]))}
+    if "probs" in scores:
+        cls = classification_metrics(scores["probs"], scores["labels"], class_names, n_bootstrap, seed)
+        metrics.update({f"{prefix}/{k}": v for k, v in cls.items() if k != "n_samples"})
+    if "recon_mse" in scores:
+        metrics[f"{prefix}/recon_mse"] = float(scores["recon_mse"].mean())
+    if "regression" in scores:
+        metrics.update({f"{prefix}/{k}": v for k, v in
+                        regression_metrics(scores["regression"], scores["target"], target_names).items()})
+    if probe_train is not None:
+        probe = linear_probe(probe_train["features"], probe_train["labels"], scores["features"], scores["labels"],
+                             class_names, seed)
+        metrics.update({f"probe/{k}": v for k, v in probe.items()})
+    return metrics

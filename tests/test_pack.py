@@ -12,7 +12,7 @@ from dlscale.data.stream import StreamConfig, eval_loader
 
 SOURCES = {
     "common-test": lambda root: write_common_test(root, {"train": 4, "val": 3}),
-    "model": lambda root: write_model(root, n_train=5, n_test=2),
+    "model": lambda root: write_model(root, n_train=10, n_test=2),   # val: 0.1 of train per class
     "model-iv": lambda root: write_model_iv(root, n=3),
 }
 
@@ -96,7 +96,7 @@ def test_source_val_split_is_kept(tmp_path, cli, records):
     write_common_test(tmp_path / "src", {"train": 4, "val": 2})
     manifest = pack_ok(cli, tmp_path / "src", tmp_path / "out", "--val-fraction", "0.5")
     assert manifest["splits"]["val"]["samples"] == 6
-    assert all(s.meta["source_file"].startswith("val/") for s in records(tmp_path / "out", "val"))
+    assert all(s.meta["source_file"].startswith("dataset/val/") for s in records(tmp_path / "out", "val"))
 
 
 def test_samples_inside_a_shard_mix_classes(tmp_path, cli, records):

@@ -1,0 +1,74 @@
+"""What a person reads: TensorBoard logging (rank 0), the ROC figure file and a results table."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dlscale.evaluate import roc_figure
+
+
+def scalar_items(metrics: Mapping[str, object]) -> dict[str, float]:
+    """The finite scalar entries of a metrics dict (lists such as the confusion matrix are left out)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def log_evaluation(writer, step: int, metrics: Mapping[str, object], scores: Mapping[str, np.ndarray],
+                   class_names: Sequence[str], prefix: str = "val") -> None:
+    """Scalars, ROC figure, per-class PR curves and an input/reconstruction grid, at `step`."""
+    for key, value in scalar_items(metrics).items():
+        writer.add_scalar(key, value, step)
+    if "probs" in scores:
+        writer.add_figure(f"{prefix}/roc", roc_figure({prefix: (scores["probs"], scores["labels"])}, class_names),
+                          step)
+        for k, name in enumerate(class_names):
+            writer.add_pr_curve(f"{prefix}/pr/{name}", scores["labels"] == k, scores["probs"][:, k], step)
+    if "recon_examples" in scores:
+        from torchvision.utils import make_grid
+        pairs = torch.from_numpy(np.concatenate([scores["examples"], scores["recon_examples"]]))[:, :1]
+        grid = make_grid(pairs, nrow=len(scores["examples"]), normalize=True, scale_each=True)
+        writer.add_image(f"{prefix}/inputs_top_reconstructions_bottom", grid, step)
+
+
+def save_roc(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]) -> None:
+    roc_figure(curves, class_names).savefig(path, dpi=120)
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    """JSON without NaN tokens (strict parsers reject them): non-finite numbers become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(dict(data)), indent=1))
+    tmp.replace(path)
+
+
+def metrics_table(metrics: Mapping[str, object], class_names: Sequence[str], prefix: str = "val") -> str:
+    """A short aligned summary of the headline numbers."""
+    rows = [("samples", metrics.get(f"{prefix}/n_samples")), ("accuracy", metrics.get(f"{prefix}/accuracy")),
+            ("macro AUC", metrics.get(f"{prefix}/auc_macro")),
+            *((f"AUC {c}", metrics.get(f"{prefix}/auc/{c}")) for c in class_names),
+            ("recon MSE", metrics.get(f"{prefix}/recon_mse")), ("probe accuracy", metrics.get("probe/accuracy")),
+            ("probe macro AUC", metrics.get("probe/auc_macro"))]
+    lines = []
+    for name, value in rows:
+        if value is None:
+            continue
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        if name == "macro AUC" and f"{prefix}/auc_macro_ci_low" in metrics:
+            lo, hi = metrics[f"{prefix}/auc_macro_ci_low"], metrics[f"{prefix}/auc_macro_ci_high"]
+            if isinstance(lo, float) and math.isfinite(lo):
+                text += f"  (95% CI {lo:.3f}-{hi:.3f})"
+        lines.append(f"  {name:<16} {text}")
+    return "\n".join(lines)
