@@ -57,6 +57,7 @@ class ScheduleConfig:
     batches_per_epoch: int | None = None  # per rank; default: the train split once per epoch
     log_every: int = 20                   # steps between log lines / TensorBoard scalars
     checkpoint_every: int = 500           # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2             # newest checkpoints kept on disk (older tags are deleted)
     eval_every_epochs: int = 0            # 0 = evaluate only at the end
 
 

@@ -21,11 +21,17 @@ FORMAT = "dlscale-encoder/1"
 def save_encoder(path: Path, encoder: nn.Module, encoder_cfg: EncoderConfig, info: dict) -> None:
     """Write encoder.pt atomically (a crash never leaves a half-written file)."""
     payload = {"format": FORMAT, "encoder_config": dataclasses.asdict(encoder_cfg),
-               "state_dict": {k: v.detach().float().cpu() for k, v in encoder.state_dict().items()}, **info}
+               "state_dict": cpu_state_dict(encoder), **info}
     payload["encoder_config"]["weights_path"] = None
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def cpu_state_dict(module: nn.Module) -> dict:
+    """State dict on CPU with floating tensors in fp32 (bf16 training still exports fp32 weights)."""
+    return {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()) if torch.is_tensor(v) else v
+            for k, v in module.state_dict().items()}
 
 
 def read_encoder_file(path: str | Path) -> dict:

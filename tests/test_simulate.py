@@ -248,7 +248,7 @@ def test_model_i_noise_gives_poisson_counts_around_the_model():
     sim = LensSimulator(config, "cpu", torch.float64)
     params = sim.sample("no_sub", 64, sim.generators(0)[0])
     model = sim.render(params)
-    counts = sim.add_noise(model, params, sim.generators(0)[1])
+    counts = sim.add_noise(model.clone(), params, sim.generators(0)[1])
     assert torch.equal(counts, counts.round()) and counts.min() >= 0
     # counts = Poisson(clip(t * (model + N(0, bkg^2 + model/t)), 0)), as DeepLenseSim: where the clip is negligible,
     # mean t * model and variance 2 t model + (t bkg)^2

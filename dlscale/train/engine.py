@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from dlscale.data.shards import load_manifest
 from dlscale.data.stream import ShardSet, TrainStream, _loader, batches_per_epoch, eval_loader
 from dlscale.dist import DistInfo, dist_info, setup_logging
 from dlscale.evaluate import collect, gather, summarize
-from dlscale.export import read_encoder_file, save_encoder
+from dlscale.export import cpu_state_dict, read_encoder_file, save_encoder
 from dlscale.models import build_model
 from dlscale.report import log_evaluation, metrics_table, save_roc, scalar_items, write_json
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device
@@ -192,6 +193,11 @@ class Trainer:
             return
         self.engine.save_checkpoint(str(self.run_dir / CHECKPOINTS), tag=tag, client_state=self.client_state())
         self.last_checkpoint = tag
+        dist.barrier()   # every rank has written its part before old tags go
+        if self.info.is_main:
+            tags = sorted(p for p in (self.run_dir / CHECKPOINTS).glob("step*") if p.is_dir())
+            for old in tags[:-max(1, self.cfg.schedule.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> None:
         ckpt = self.run_dir / CHECKPOINTS
@@ -318,7 +324,7 @@ class Trainer:
                     "targets": list(self.cfg.data.targets), "target_stats": self.stats}
             save_encoder(self.run_dir / "encoder.pt", self.module.encoder, encoder_cfg, info)
             tmp = self.run_dir / "model.pt.tmp"
-            torch.save({k: v.float().cpu() for k, v in self.module.state_dict().items()}, tmp)
+            torch.save(cpu_state_dict(self.module), tmp)
             os.replace(tmp, self.run_dir / "model.pt")
             hparams = {k: v for k, v in flatten(to_dict(self.cfg)).items() if isinstance(v, (int, float, str, bool))}
             self.writer.add_hparams(hparams, {k: v for k, v in scalar_items(metrics).items()
