@@ -129,6 +129,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return _coerce(next(a for a in args if a is not type(None)), value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):   # YAML 1.1 reads "3e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     expected = origin or tp
     if expected is Any or isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool)):
         if origin is list and args and args[0] is float:

@@ -23,9 +23,14 @@ class DistInfo:
 
 
 def dist_info(local_rank_arg: int | None = None) -> DistInfo:
-    """Rank layout from the environment (torchrun / deepspeed set RANK etc.; SLURM sets SLURM_PROCID etc.)."""
+    """Rank layout of this process: an existing process group (e.g. Ray Train's), else the environment
+    (torchrun / deepspeed set RANK etc.; SLURM sets SLURM_PROCID etc.), else a world of one."""
+    import torch.distributed as dist
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    elif "RANK" in env and "WORLD_SIZE" in env:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:

@@ -1,6 +1,7 @@
 """Everything DeepSpeed-specific in one place: process group start, ds_config generation, engine creation."""
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -29,12 +30,21 @@ def init_distributed(info: DistInfo, device: torch.device) -> None:
     """Start (or join) the process group: nccl on GPUs, gloo on CPU. Works under torchrun, the deepspeed launcher,
     SLURM (srun) and Ray Train (which has already created the group); a bare `python` run is a world of one."""
     import deepspeed
+    if torch.distributed.is_initialized():   # Ray Train, or an earlier run in this process: join it
+        deepspeed.init_distributed(auto_mpi_discovery=False)
+        return
     export_env(info)
     if device.type == "cpu":
         _skip_cpu_shm_build()
     else:
         torch.cuda.set_device(info.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+    atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _skip_cpu_shm_build() -> None:

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from dlscale.train.weighting import DynamicWeightAverage, build_weighting
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
+EvaluationCallback = Callable[[int, dict, Path], None]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -126,8 +128,8 @@ def git_description() -> str:
 class Trainer:
     """Holds the engine, streams and the tiny checkpointed state (epoch, batch in epoch) of one run."""
 
-    def __init__(self, cfg: Config, info: DistInfo, resume: bool):
-        self.cfg, self.info, self.resume = cfg, info, resume
+    def __init__(self, cfg: Config, info: DistInfo, resume: bool, on_evaluation: EvaluationCallback | None = None):
+        self.cfg, self.info, self.resume, self.on_evaluation = cfg, info, resume, on_evaluation
         self.run_dir = Path(cfg.run_dir)
         self.device = pick_device(cfg.device)
         check_run_dir(self.run_dir, resume)
@@ -305,7 +307,10 @@ class Trainer:
         self.sums, self.count = {t: 0.0 for t in self.tasks}, 0
         every = self.cfg.schedule.eval_every_epochs
         if every and self.epoch % every == 0 and self.epoch < self.cfg.schedule.epochs:
-            self.evaluate(probe=False)
+            self.save_checkpoint()   # the evaluated state, so a sweep can report and later restore it
+            metrics, _ = self.evaluate(probe=False)
+            if self.on_evaluation is not None:
+                self.on_evaluation(self.epoch, metrics, self.run_dir / CHECKPOINTS)
 
     # ---- evaluation and export -------------------------------------------------------------------------------
     def evaluate(self, split: str | None = None, probe: bool = True) -> tuple[dict, dict]:
@@ -317,6 +322,8 @@ class Trainer:
     def finish(self) -> dict:
         self.save_checkpoint()
         metrics, scores = self.evaluate()
+        if self.on_evaluation is not None:
+            self.on_evaluation(self.epoch, metrics, self.run_dir / CHECKPOINTS)
         if self.info.is_main:
             encoder_cfg = self.cfg.model.encoder
             info = {"classes": list(CLASSES), "image_shape": list(self.image_shape),
@@ -338,17 +345,36 @@ class Trainer:
 
 def evaluate_split(model, cfg: Config, manifest: dict, info: DistInfo, device, dtype, split: str,
                    stats: dict | None, probe: bool, writer=None, step: int = 0) -> tuple[dict, dict]:
-    """Evaluate `model` on `split`; rank 0 writes metrics.json, scores_<split>.npz, the ROC figure and
-    TensorBoard entries; other ranks return empty dicts."""
-    run_dir = Path(cfg.run_dir)
+    """Evaluate `model` on `split` (every sample once across ranks) and, with `probe`, fit the linear probe.
+
+    Every rank returns the same metrics; rank 0 writes metrics.json, scores_<split>.npz, the ROC figure and the
+    TensorBoard entries. A failure on rank 0 is shared with the other ranks, so none waits forever.
+    """
     scores = gather(collect(model, eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, split), device, dtype))
     train_features = None
     if probe and cfg.eval.probe_samples > 0:
         per_rank = -(-cfg.eval.probe_samples // info.world)
         train_features = gather(collect(model, eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, "train"),
                                         device, dtype, max_samples=per_rank, n_examples=0))
-    if not info.is_main:
-        return {}, {}
+    outcome: list = [None]
+    if info.is_main:
+        try:
+            outcome = [_report_split(cfg, manifest, split, scores, train_features, stats, writer, step)]
+        except Exception as err:
+            outcome = [f"evaluation on rank 0 failed: {type(err).__name__}: {err}"]
+            if info.world > 1:
+                dist.broadcast_object_list(outcome, src=0)
+            raise
+    if info.world > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], str):
+        raise RuntimeError(outcome[0])
+    return outcome[0], scores
+
+
+def _report_split(cfg: Config, manifest: dict, split: str, scores: dict, train_features: dict | None,
+                  stats: dict | None, writer, step: int) -> dict:
+    run_dir = Path(cfg.run_dir)
     expected = manifest["splits"][split]["samples"]
     if len(scores["labels"]) != expected:
         raise RuntimeError(f"evaluated {len(scores['labels'])} samples of split {split!r}, the manifest has "
@@ -365,7 +391,7 @@ def evaluate_split(model, cfg: Config, manifest: dict, info: DistInfo, device, d
                  {cfg.stage: (scores["probs"], scores["labels"])}, CLASSES)
     if writer is not None:
         log_evaluation(writer, step, metrics, scores, CLASSES, split)
-    return metrics, scores
+    return metrics
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -378,17 +404,24 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def run(cfg: Config, resume: bool = False, local_rank: int | None = None) -> dict:
-    """Train one stage end to end (train, checkpoint, evaluate, export); return the final metrics (rank 0)."""
+def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
+        on_evaluation: EvaluationCallback | None = None) -> dict:
+    """Train one stage end to end (train, checkpoint, evaluate, export); return the final metrics (every rank).
+
+    `on_evaluation(epoch, metrics, checkpoint_dir)` is called on every rank after each evaluation (Ray Tune
+    reports through it). The process group outlives the call (DeepSpeed caches its groups), so runs can follow
+    each other in one process.
+    """
     cfg.validate()
     info = dist_info(local_rank)
     setup_logging(info.rank)
-    trainer = Trainer(cfg, info, resume)
+    trainer = None
     try:
+        trainer = Trainer(cfg, info, resume, on_evaluation)
         trainer.train()
         return trainer.finish()
     finally:
-        if trainer.writer is not None:
+        if trainer is not None and trainer.writer is not None:
             trainer.writer.close()
 
 
