@@ -166,6 +166,7 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self.epoch, self.batch_in_epoch, self.last_checkpoint = 0, 0, None
         self.sums, self.count = {t: 0.0 for t in self.tasks}, 0   # this epoch's loss sums (DWA needs epoch means)
+        self.train_seconds, self.train_samples = 0.0, 0            # throughput of this process's training
         self.writer = None
         if info.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -234,6 +235,7 @@ class Trainer:
             bar = tqdm(total=self.batches, initial=skip, desc=f"{cfg.stage} epoch {self.epoch + 1}/"
                        f"{cfg.schedule.epochs}", unit="batch", disable=not self.info.is_main, leave=False)
             window_start, wait, window_samples = time.perf_counter(), 0.0, 0
+            epoch_start, epoch_samples = time.perf_counter(), 0
             loader = iter(_loader(self.stream, cfg.data))
             for index in range(self.batches):
                 fetch_start = time.perf_counter()
@@ -247,6 +249,7 @@ class Trainer:
                 self.count += 1
                 self.batch_in_epoch = index + 1
                 window_samples += len(batch["label"]) * self.info.world
+                epoch_samples += len(batch["label"]) * self.info.world
                 bar.update(1)
                 step = self.engine.global_steps
                 boundary = self.engine.is_gradient_accumulation_boundary()
@@ -261,6 +264,8 @@ class Trainer:
                     else:                # the epoch's end state (DWA update, epoch counter) belongs in it
                         save_after_epoch = True
             bar.close()
+            self.train_seconds += time.perf_counter() - epoch_start
+            self.train_samples += epoch_samples
             self.end_epoch()
             if save_after_epoch:
                 self.save_checkpoint()
@@ -322,6 +327,11 @@ class Trainer:
     def finish(self) -> dict:
         self.save_checkpoint()
         metrics, scores = self.evaluate()
+        metrics["throughput/samples_per_s"] = self.train_samples / max(self.train_seconds, 1e-9)
+        metrics.update({f"train/weight_{task}": w for task, w in self.module.weighting.weights.items()})
+        if self.info.is_main:
+            write_json(self.run_dir / "metrics.json", {**json.loads((self.run_dir / "metrics.json").read_text()),
+                                                       **metrics})
         if self.on_evaluation is not None:
             self.on_evaluation(self.epoch, metrics, self.run_dir / CHECKPOINTS)
         if self.info.is_main:
