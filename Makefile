@@ -3,12 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS = 0
 export OMP_WAIT_POLICY = PASSIVE
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -21,6 +20,14 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The main job: simulated data -> shards -> autoencoder -> ResNet/CNN -> multi-task -> runs/quickstart/report.md
+demo: install
+	$(VENV)/bin/dlscale quickstart --out runs/quickstart
+
+# Benchmarks (not part of `make test`): bench/results.json
+bench: install
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,6 +5,7 @@
     dlscale simulate --preset model_ii    built-in lensing simulator -> shards
     dlscale train --stage S --data DIR --run-dir RUN [--section.key=value ...] [--resume auto]
     dlscale eval --run-dir RUN [--data DIR] [--split val|test]
+    dlscale quickstart [--out runs/quickstart] [--scale small|full] [--force]   the whole pipeline, with a report
 """
 from __future__ import annotations
 
@@ -69,8 +70,13 @@ def eval_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def quickstart_main(argv: list[str]) -> int:
+    from dlscale.quickstart import quickstart_main as run
+    return run(argv)
+
+
 COMMANDS = {"pack": pack_main, "shards": shards_main, "simulate": simulate_main, "train": train_main,
-            "eval": eval_main}
+            "eval": eval_main, "quickstart": quickstart_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,8 +160,15 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> Config:
-    """Defaults < YAML file < dotted overrides (`section.key=value`, values parsed as YAML) < keyword arguments."""
-    tree = to_dict(Config())
+    """The training config: defaults < YAML file < dotted overrides (`section.key=value`) < keyword arguments."""
+    return load_dataclass(Config(), yaml_path, overrides, **top)
+
+
+def load_dataclass(defaults: Any, yaml_path: str | Path | None = None, overrides: list[str] | None = None,
+                   **top: Any) -> Any:
+    """Any typed config tree: `defaults` (an instance) < YAML file < dotted overrides (values parsed as YAML)
+    < keyword arguments; unknown keys and wrong types raise naming the dotted key."""
+    tree = to_dict(defaults)
     if yaml_path:
         path = Path(yaml_path)
         if not path.is_file():
@@ -178,7 +185,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
         _set_dotted(update, key, yaml.safe_load(raw))
         tree = _merge(tree, update)
     tree.update({k: v for k, v in top.items() if v is not None})
-    return from_dict(Config, tree)
+    return from_dict(type(defaults), tree)
 
 
 def save_config(cfg: Config, path: Path) -> None:
