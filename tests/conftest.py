@@ -124,3 +124,131 @@ def deadline():
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)
     return limit
+
+
+# ---- Training fixtures (tests/test_train.py, tests/test_train_dist.py) --------------------------------------------
+# A toy dataset that any working training stage separates, and real launches (torchrun, deepspeed) as subprocesses.
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+# what the launchers set for their workers; a leftover value (an earlier in-process run sets them) must not leak
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def separable_image(rng: np.random.Generator, label: int, side: int) -> np.ndarray:
+    """(1, side, side) float32: dim noise in [0, 0.2) plus a centred bright square whose size encodes the class
+    (side/4, side/2, 3 side/4). Separable after any per-image normalisation and unchanged by flips/rotations."""
+    x = rng.random((1, side, side), dtype=np.float32) * 0.2
+    half = side * (label + 1) // 8
+    x[:, side // 2 - half:side // 2 + half, side // 2 - half:side // 2 + half] += 1.0
+    return x
+
+
+@pytest.fixture(scope="session")
+def make_separable(tmp_path_factory):
+    """`make_separable(train=240, val=61, side=32, overflow=None)` -> a dataset directory of `separable_image`s in
+    shards of 50 (records of 8), so splits end in short shards and records. Metadata holds `theta_E` (arcsec),
+    which follows the class. `overflow=i` multiplies train sample i by 1e30: its squared error overflows float32.
+    Datasets are written once per argument set and shared by the session."""
+    from dlscale.data.shards import DatasetWriter
+    made: dict[tuple, Path] = {}
+
+    def make(train: int = 240, val: int = 61, side: int = 32, overflow: int | None = None) -> Path:
+        key = (train, val, side, overflow)
+        if key not in made:
+            out = tmp_path_factory.mktemp("separable") / "data"
+            rng = np.random.default_rng(1)
+            with DatasetWriter(out, (1, side, side), {"kind": "test"}, shard_size=50, samples_per_record=8) as w:
+                for split, n in (("train", train), ("val", val)):
+                    for i in range(n):
+                        label = i % len(CLASSES)
+                        img = separable_image(rng, label, side)
+                        if split == "train" and i == overflow:
+                            img *= np.float32(1e30)
+                        w.add(split, img, label, {"class": CLASSES[label], "source_file": f"{split}/{i}",
+                                                  "theta_E": 0.5 + 0.3 * label + 0.05 * float(rng.standard_normal())})
+            made[key] = out
+        return made[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def separable_data(make_separable) -> Path:
+    """The default toy dataset: 240 train / 61 val images of 1x32x32, three classes."""
+    return make_separable()
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    """`free_ports(n)` -> n distinct free TCP ports on 127.0.0.1 for launchers' rendezvous, drawn below the kernel's
+    ephemeral range (32768+), so connections that other processes open meanwhile cannot take them first."""
+    import random
+    import socket
+
+    def pick(n: int) -> list[int]:
+        ports: list[int] = []
+        while len(ports) < n:
+            port = random.randrange(20000, 32000)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            if port not in ports and port != 29500:   # 29500: the launchers' default, maybe in use by a user
+                ports.append(port)
+        return ports
+    return pick
+
+
+class Launch:
+    """A command (a launcher and its ranks) in its own process group, output in `log`; `wait` kills it on timeout."""
+
+    def __init__(self, argv: list, log: Path, cwd: Path):
+        env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+        env.update(DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.argv, self.log = [str(a) for a in argv], log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:   # the group is ours only while its leader lives (after that its id may be reused)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{' '.join(self.argv[:4])} ... still running after {timeout} s; output ends:\n"
+                                 f"{self.output()[-3000:]}") from None
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """`launch(argv, log, cwd)` starts a `Launch`; any still running at the end of the session are killed."""
+    started: list[Launch] = []
+
+    def start(argv: list, log: Path, cwd: Path) -> Launch:
+        started.append(Launch(argv, log, cwd))
+        return started[-1]
+    yield start
+    for launched in started:
+        launched.kill()
+
+
+@pytest.fixture(scope="session")
+def venv_bin() -> Path:
+    """Directory of this interpreter's console scripts (torchrun, deepspeed)."""
+    return Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_args() -> list[str]:
+    """Training overrides that keep a CPU test run to seconds: small encoder, 16-image batches, no workers."""
+    return ["--model.encoder.name=small", "--model.encoder.width=8", "--data.batch_size=16", "--data.num_workers=0",
+            "--data.shuffle_buffer=64", "--schedule.log_every=5", "--eval.n_bootstrap=20", "--eval.probe_samples=96"]

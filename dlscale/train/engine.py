@@ -281,7 +281,7 @@ class Trainer:
             keys = ShardSet(self.cfg.data_dir, "train", self.cfg.data).describe(batch["ids"][:8])
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.engine.global_steps} (epoch {self.epoch}, batch {self.batch_in_epoch}"
-                f"): {({k: float(v) for k, v in losses.items()})} on some rank; this rank's batch starts with "
+                f"): {({k: float(v.detach()) for k, v in losses.items()})} on some rank; this rank's batch starts with "
                 f"{keys}. Nothing was saved; last good checkpoint: {self.last_checkpoint}")
         self.engine.backward(total)
         self.engine.step()
@@ -315,7 +315,7 @@ class Trainer:
             self.save_checkpoint()   # the evaluated state, so a sweep can report and later restore it
             metrics, _ = self.evaluate(probe=False)
             if self.on_evaluation is not None:
-                self.on_evaluation(self.epoch, metrics, self.run_dir / CHECKPOINTS)
+                self.on_evaluation(self.epoch, {**metrics, **self.weight_metrics()}, self.run_dir / CHECKPOINTS)
 
     # ---- evaluation and export -------------------------------------------------------------------------------
     def evaluate(self, split: str | None = None, probe: bool = True) -> tuple[dict, dict]:
@@ -324,17 +324,18 @@ class Trainer:
         return evaluate_split(self.module, cfg, self.manifest, self.info, self.device, self.dtype, split,
                               self.stats, probe, self.writer, self.engine.global_steps)
 
+    def weight_metrics(self) -> dict[str, float]:
+        """The effective loss weights now, as metrics `train/weight_<task>` (the same on every rank)."""
+        return {f"train/weight_{task}": w for task, w in self.module.weighting.weights.items()}
+
     def finish(self) -> dict:
         self.save_checkpoint()
         metrics, scores = self.evaluate()
         metrics["throughput/samples_per_s"] = self.train_samples / max(self.train_seconds, 1e-9)
-        metrics.update({f"train/weight_{task}": w for task, w in self.module.weighting.weights.items()})
+        metrics.update(self.weight_metrics())
         if self.info.is_main:
             write_json(self.run_dir / "metrics.json", {**json.loads((self.run_dir / "metrics.json").read_text()),
                                                        **metrics})
-        if self.on_evaluation is not None:
-            self.on_evaluation(self.epoch, metrics, self.run_dir / CHECKPOINTS)
-        if self.info.is_main:
             encoder_cfg = self.cfg.model.encoder
             info = {"classes": list(CLASSES), "image_shape": list(self.image_shape),
                     "normalize": self.cfg.data.normalize, "stage": self.cfg.stage,
@@ -343,13 +344,13 @@ class Trainer:
             tmp = self.run_dir / "model.pt.tmp"
             torch.save(cpu_state_dict(self.module), tmp)
             os.replace(tmp, self.run_dir / "model.pt")
-            hparams = {k: v for k, v in flatten(to_dict(self.cfg)).items() if isinstance(v, (int, float, str, bool))}
-            self.writer.add_hparams(hparams, {k: v for k, v in scalar_items(metrics).items()
-                                              if not k.endswith("n_samples")}, run_name=".")
+            write_hparams(self.writer, self.cfg, metrics)
             self.writer.close()
             print(f"\n{self.cfg.stage} finished: {self.run_dir}\n"
                   f"{metrics_table(metrics, CLASSES, self.cfg.eval.split)}\n  encoder          "
                   f"{self.run_dir / 'encoder.pt'}", flush=True)
+        if self.on_evaluation is not None:   # last: a sweep scheduler may end the process inside the callback
+            self.on_evaluation(self.epoch, metrics, self.run_dir / CHECKPOINTS)
         return metrics
 
 
@@ -404,6 +405,14 @@ def _report_split(cfg: Config, manifest: dict, split: str, scores: dict, train_f
     return metrics
 
 
+def write_hparams(writer, cfg: Config, metrics: dict) -> None:
+    """The run's TensorBoard hparams record (in the writer's own directory): every scalar config value, dotted,
+    against the scalar metrics. Sweeps write it for trials stopped before `finish`."""
+    hparams = {k: v for k, v in flatten(to_dict(cfg)).items() if isinstance(v, (int, float, str, bool))}
+    writer.add_hparams(hparams, {k: v for k, v in scalar_items(metrics).items() if not k.endswith("n_samples")},
+                       run_name=".")
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -442,7 +451,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, split: str = 
     run_dir = Path(run_dir)
     if not (run_dir / "model.pt").is_file():
         raise FileNotFoundError(f"{run_dir}: no model.pt; only finished runs can be evaluated")
-    cfg = load_config(run_dir / "config.yaml", data_dir=data_dir)
+    cfg = load_config(run_dir / "config.yaml", data_dir=data_dir, run_dir=str(run_dir))   # the run may have moved
     info = dist_info(local_rank)
     setup_logging(info.rank)
     device = pick_device(cfg.device)
