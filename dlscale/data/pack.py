@@ -49,7 +49,7 @@ def assign_splits(files: list[SourceFile], val_fraction: float, seed: int) -> li
     out = [f for f in files if f.split != "train"]
     for name in CLASSES:
         train = [f for f in files if f.split == "train" and f.class_name == name]
-        n_val = int(round(val_fraction * len(train)))
+        n_val = max(1, int(round(val_fraction * len(train)))) if len(train) >= 2 else 0   # tiny sets keep a val
         is_val = np.zeros(len(train), dtype=bool)
         is_val[rng.permutation(len(train))[:n_val]] = True
         out += [SourceFile(f.path, "val" if v else "train", f.class_name) for f, v in zip(train, is_val)]
