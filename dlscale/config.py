@@ -134,10 +134,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if origin is tuple and isinstance(value, (list, tuple)):   # YAML has no tuples: [low, high] -> (low, high)
+        if len(value) != len(args):
+            raise ValueError(f"config key {key!r}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if origin is list and isinstance(value, list) and args:
+        return [_coerce(args[0], v, key) for v in value]
     expected = origin or tp
     if expected is Any or isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool)):
-        if origin is list and args and args[0] is float:
-            return [float(v) for v in value]
         return value
     raise ValueError(f"config key {key!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
@@ -182,11 +186,33 @@ def load_dataclass(defaults: Any, yaml_path: str | Path | None = None, overrides
         if not sep:
             raise ValueError(f"override {item!r}: expected --section.key=value")
         update: dict = {}
+        if not key or key.startswith("-"):
+            raise ValueError(f"override {item!r}: expected --section.key=value")
         _set_dotted(update, key, yaml.safe_load(raw))
         tree = _merge(tree, update)
     tree.update({k: v for k, v in top.items() if v is not None})
     return from_dict(type(defaults), tree)
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(plain(to_dict(cfg)), sort_keys=False))
+
+
+def plain(tree: Any) -> Any:
+    """Tuples as lists, recursively, so the tree dumps as plain YAML/JSON and loads back unchanged."""
+    if isinstance(tree, dict):
+        return {k: plain(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [plain(v) for v in tree]
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

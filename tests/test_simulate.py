@@ -18,16 +18,16 @@ from lenstronomy.SimulationAPI.sim_api import SimAPI
 
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import MANIFEST, decode_record, load_manifest, verify
-from dlscale.data.simulate import (CosmologyConfig, LensParams, LensSimulator, add_line_deflections,
-                                   add_point_mass_deflections, deflection_scale, einstein_radius_arcsec,
-                                   lensing_distances_mpc, load_config, preset_config, sersic_ellipse,
-                                   shear_deflection, sie_deflection, simulate_main)
+from dlscale.data.simulate import (CosmologyConfig, LensParams, LensSimulator, SimulatorConfig, add_line_deflections,
+                                   add_point_mass_deflections, add_shear_deflection, deflection_scale,
+                                   einstein_radius_arcsec, lensing_distances_mpc, load_config, preset_config,
+                                   sersic_ellipse, sie_deflection, simulate_main)
 from dlscale.data.tario import iter_records
 
 F64_TOL, F32_TOL = 1e-5, 2e-5          # max |ours - lenstronomy| / peak
 
 
-def small_config(preset: str = "model_i", n_pix: int = 33, **lens) -> object:
+def small_config(preset: str = "model_i", n_pix: int = 33, **lens) -> SimulatorConfig:
     config = preset_config(preset)
     config.instrument.n_pix = n_pix
     for key, value in lens.items():
@@ -91,8 +91,9 @@ def test_sie_and_shear_deflections_match_lenstronomy(dtype, tol):
         ref = np.stack(LensModel(["SIE"]).alpha(x, y, [dict(theta_E=theta_E, e1=e1, e2=e2, center_x=cx,
                                                                  center_y=cy)]))
         assert max_rel_error(ours, ref) < tol, (theta_E, e1, e2)
-    ours = np.stack([a.double().numpy()[0] for a in shear_deflection(xt, yt, col([0.05]).to(dtype),
-                                                                     col([-0.02]).to(dtype))])
+    alpha = [torch.zeros(1, len(x), dtype=dtype) for _ in range(2)]
+    add_shear_deflection(*alpha, xt, yt, col([0.05]).to(dtype), col([-0.02]).to(dtype))
+    ours = np.stack([a.double().numpy()[0] for a in alpha])
     ref = np.stack(LensModel(["SHEAR"]).alpha(x, y, [dict(gamma1=0.05, gamma2=-0.02)]))
     assert max_rel_error(ours, ref) < tol
 
@@ -133,10 +134,12 @@ def test_sersic_matches_lenstronomy():
 # -- whole images ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("class_name", CLASSES)
-@pytest.mark.parametrize("dtype,tol,supersampling", [(torch.float64, F64_TOL, 1), (torch.float64, F64_TOL, 2),
-                                                     (torch.float32, F32_TOL, 1)])
-def test_noiseless_images_match_lenstronomy(class_name, dtype, tol, supersampling):
-    config = small_config(randomize=True)
+@pytest.mark.parametrize("dtype,tol,supersampling,one_image_chunks", [
+    (torch.float64, F64_TOL, 1, False), (torch.float64, F64_TOL, 2, True), (torch.float32, F32_TOL, 1, False)])
+def test_noiseless_images_match_lenstronomy(class_name, dtype, tol, supersampling, one_image_chunks, monkeypatch):
+    if one_image_chunks:      # the CPU point-mass loops then run image by image
+        monkeypatch.setattr("dlscale.data.simulate.CPU_CHUNK_VALUES", 1)
+    config = small_config(randomize=True, center_x=0.07, center_y=-0.04)
     config.instrument.supersampling = supersampling
     sim = LensSimulator(config, "cpu", dtype)
     params = sim.sample(class_name, 2, sim.generators(5)[0])
@@ -145,6 +148,7 @@ def test_noiseless_images_match_lenstronomy(class_name, dtype, tol, supersamplin
         assert max_rel_error(images[b], lenstronomy_image(sim, params, b)) < tol
 
 
+@pytest.mark.filterwarnings("ignore:Cosmology is provided")
 def test_model_ii_matches_lenstronomy_sim_api():
     """Magnitude -> amplitude, z_source_convention=2.5 deflection scaling, PSF cut at 5 sigma, background noise."""
     band = {"read_noise": 4.2, "pixel_scale": 0.101, "ccd_gain": 3.1, "exposure_time": 565.0, "sky_brightness": 22.35,
@@ -185,6 +189,8 @@ def test_same_seed_gives_identical_images_and_other_seeds_differ():
     other, _ = sim.simulate("cdm", 4, *sim.generators(8))
     assert np.array_equal(first, again) and meta_first == meta_again
     assert not np.array_equal(first, other)
+    as_float64 = LensSimulator(small_config(), "cpu", torch.float64)
+    assert as_float64.metadata(as_float64.sample("cdm", 4, as_float64.generators(7)[0])) == meta_first
 
 
 def test_no_sub_image_equals_cdm_image_with_masses_zeroed():
@@ -230,16 +236,21 @@ def test_cdm_and_axion_follow_the_deeplense_physics():
 def test_metadata_is_json_and_complete():
     sim = LensSimulator(small_config(randomize=True), "cpu")
     gens = sim.generators(0)
+    metas = {}
     for class_name in CLASSES:
-        _, metas = sim.simulate(class_name, 2, *gens)
-        meta = json.loads(json.dumps(metas[0]))
+        metas[class_name] = json.loads(json.dumps(sim.simulate(class_name, 2, *gens)[1]))[0]
         for key in ("class", "preset", "theta_E", "e1", "e2", "gamma1", "gamma2", "source_x", "source_y",
                     "source_amp", "source_R_sersic", "source_n_sersic", "source_e1", "source_e2", "subhalo_count",
-                    "subhalo_masses", "subhalo_x", "subhalo_y", "axion_mass", "exposure_time", "substructure_mass"):
-            assert key in meta, (class_name, key)
-        assert meta["class"] == class_name and meta["preset"] == "model_i"
-    assert metas[0]["subhalo_count"] == 100 and metas[0]["substructure_mass"] == pytest.approx(3e10)
-    assert 1e-24 <= metas[0]["axion_mass"] <= 1e-22
+                    "subhalo_masses", "subhalo_x", "subhalo_y", "axion_mass", "exposure_time", "substructure_mass",
+                    "vortex_points", "vortex_angle", "vortex_half_length"):
+            assert key in metas[class_name], (class_name, key)
+        assert metas[class_name]["class"] == class_name and metas[class_name]["preset"] == "model_i"
+    cdm, axion = metas["cdm"], metas["axion"]
+    assert cdm["subhalo_count"] == 25 and len(cdm["subhalo_masses"]) == len(cdm["subhalo_x"]) == 25
+    assert cdm["substructure_mass"] == pytest.approx(sum(cdm["subhalo_masses"])) and cdm["axion_mass"] is None
+    assert axion["vortex_points"] == 100 and axion["substructure_mass"] == pytest.approx(3e10)
+    assert 1e-24 <= axion["axion_mass"] <= 1e-22
+    assert metas["no_sub"]["substructure_mass"] == 0 and metas["no_sub"]["subhalo_masses"] == []
 
 
 def test_model_i_noise_gives_poisson_counts_around_the_model():
@@ -262,17 +273,28 @@ def test_model_i_noise_gives_poisson_counts_around_the_model():
 
 def test_config_yaml_and_cli_overrides(tmp_path):
     path = tmp_path / "sim.yaml"
-    path.write_text("preset: model_iii\nlens:\n  theta_E: 1.1\n  e_range: [-0.1, 0.1]\ninstrument.n_pix: 48\n")
-    config = load_config(None, path, {"lens.theta_E": "1.3", "supersampling": "2", "noise": "true"})
+    path.write_text("preset: model_iii\nlens:\n  theta_E: 1.1\n  e_range: [-0.1, 0.1]\ninstrument:\n  n_pix: 48\n")
+    config = load_config(None, path, ["--lens.theta_E=1.3", "--instrument.supersampling=2", "--instrument.noise=true"])
     assert config.preset == "model_iii" and config.instrument.n_pix == 48 and config.lens.e_range == (-0.1, 0.1)
     assert config.lens.theta_E == 1.3 and config.instrument.supersampling == 2 and config.instrument.noise is True
-    with pytest.raises(ValueError, match="e1.*ambiguous.*lens.e1"):
-        load_config("model_i", None, {"e1": "0.1"})
+    with pytest.raises(ValueError, match="unknown config key 'e1'"):
+        load_config("model_i", None, ["--e1=0.1"])
+    with pytest.raises(ValueError, match="lens.theta_E_range.*expected 2 values"):
+        load_config("model_i", None, ["--lens.theta_E_range=[1, 2, 3]"])
+
+
+def test_print_config_round_trips_through_yaml(tmp_path, capsys):
+    overrides = ["--lens.theta_E_range=[1, 2]", "--instrument.n_pix=48"]
+    assert simulate_main(["--preset", "model_ii", "--print-config", *overrides]) == 0
+    path = tmp_path / "printed.yaml"
+    path.write_text(capsys.readouterr().out)
+    expected = load_config("model_ii", None, overrides)
+    assert load_config(None, path) == expected
 
 
 def run_cli(out: Path, *extra: str) -> int:
     return simulate_main(["--preset", "model_ii", "--n-per-class", "10", "--out", str(out), "--batch-size", "4",
-                          "--n_pix=16", *extra])
+                          "--instrument.n_pix=16", *extra])
 
 
 def test_cli_writes_a_dataset_with_right_counts(tmp_path):
@@ -292,15 +314,37 @@ def test_cli_writes_a_dataset_with_right_counts(tmp_path):
     assert len({m["theta_E"] for m in metas}) > 1                               # randomised lenses
 
 
+def read_split(data_dir: Path, split: str) -> tuple[np.ndarray, list[dict]]:
+    manifest = load_manifest(data_dir)
+    images, metas = [], []
+    for shard in manifest["splits"][split]["shards"]:
+        with open(data_dir / shard["name"], "rb") as f:
+            for key, record in iter_records(f, shard["name"]):
+                batch, _, meta = decode_record(record, manifest["record_layout"], tuple(manifest["image_shape"]), 3,
+                                               key)
+                images.append(batch)
+                metas += meta
+    return np.concatenate(images), metas
+
+
+def test_cli_worker_processes_write_the_same_dataset(tmp_path):
+    assert run_cli(tmp_path / "one", "--seed", "5") == 0
+    assert run_cli(tmp_path / "two", "--seed", "5", "--workers", "2") == 0
+    for split in ("train", "val"):
+        (images_one, metas_one), (images_two, metas_two) = (read_split(tmp_path / d, split) for d in ("one", "two"))
+        assert np.array_equal(images_one, images_two) and metas_one == metas_two
+
+
 @pytest.mark.parametrize("extra,field", [
     (["--preset", "model_x"], "preset"),
     (["--n-per-class", "0"], "--n-per-class"),
     (["--lens.e1=0.8", "--lens.e2=0.7"], "lens.(e1, e2)"),
-    (["--psf_fwhm=-0.1"], "instrument.psf_fwhm"),
-    (["--cdm_mass_range=-1,1e10"], "substructure.cdm_mass_range"),
+    (["--instrument.psf_fwhm=-0.1"], "instrument.psf_fwhm"),
+    (["--substructure.cdm_mass_range=[-1, 1e10]"], "substructure.cdm_mass_range"),
     (["--splits", "train=0.5,val=0.2"], "--splits"),
     (["--lens.theta_E=abc"], "lens.theta_E"),
     (["--no_such_field=1"], "no_such_field"),
+    (["--workers", "0"], "--workers"),
 ])
 def test_cli_bad_input_raises_and_writes_nothing(tmp_path, extra, field):
     out = tmp_path / "sim"

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dlscale.config import Config, save_config, to_dict
+from dlscale.config import Config, flatten, save_config, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
 from dlscale.data.stream import ShardSet, TrainStream, _loader, batches_per_epoch, eval_loader
@@ -411,16 +411,6 @@ def write_hparams(writer, cfg: Config, metrics: dict) -> None:
     hparams = {k: v for k, v in flatten(to_dict(cfg)).items() if isinstance(v, (int, float, str, bool))}
     writer.add_hparams(hparams, {k: v for k, v in scalar_items(metrics).items() if not k.endswith("n_samples")},
                        run_name=".")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
