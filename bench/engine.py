@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--zero-stage", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(None, [f"--model.encoder.name={a.encoder}", f"--data.batch_size={a.batch_size}",
-                             "--deepspeed.zero_stage=1"], stage="supervised", data_dir="-", run_dir="-")
+                             f"--deepspeed.zero_stage={a.zero_stage}"], stage="supervised", data_dir="-", run_dir="-")
     device = pick_device(a.device)
     init_distributed(DistInfo(0, 1, 0), device)
     shape = (1, a.image_size, a.image_size)
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         plain.append(timed_steps(plain_step, batches, a.steps))
         ds.append(timed_steps(ds_step, batches, a.steps))
     result = {"device": str(device), "encoder": a.encoder, "batch_size": a.batch_size, "image": list(shape),
+              "zero_stage": a.zero_stage,
               "precision": precision, "plain_step_s": round(min(plain), 4), "deepspeed_step_s": round(min(ds), 4),
               "ratio_deepspeed_vs_plain": round(min(ds) / min(plain), 3)}
     json.dump(result, sys.stdout, indent=1)
