@@ -6,6 +6,8 @@
     dlscale train --stage S --data DIR --run-dir RUN [--section.key=value ...] [--resume auto]
     dlscale eval --run-dir RUN [--data DIR] [--split val|test]
     dlscale quickstart [--out runs/quickstart] [--scale small|full] [--force]   the whole pipeline, with a report
+    dlscale tune --data DIR --out DIR [--config tune/multitask.yaml] [--trials N] [--workers-per-trial K]
+                 [--gpus-per-trial G] [--cpus-per-trial C] [--address auto|HOST:PORT] [--resume]   Ray Tune sweep
 """
 from __future__ import annotations
 
@@ -75,8 +77,13 @@ def quickstart_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def tune_main(argv: list[str]) -> int:
+    from dlscale.sweep import tune_main as run
+    return run(argv)
+
+
 COMMANDS = {"pack": pack_main, "shards": shards_main, "simulate": simulate_main, "train": train_main,
-            "eval": eval_main, "quickstart": quickstart_main}
+            "eval": eval_main, "quickstart": quickstart_main, "tune": tune_main}
 
 
 def main(argv: list[str] | None = None) -> int:

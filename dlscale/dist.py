@@ -40,6 +40,22 @@ def dist_info(local_rank_arg: int | None = None) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+                      "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
+def forget_launcher() -> None:
+    """Make this process a world of one whatever its parent was launched with: drop inherited rank variables (a Ray
+    Tune trial of a sweep started under SLURM or torchrun, or after an in-process run exported them: concurrent
+    trials would otherwise all join one job or all listen on one MASTER_PORT). A process group already started in
+    this process (by an earlier run) is its world of one: its variables stay, DeepSpeed reads them when joining."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return
+    for name in LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
+
+
 def export_env(info: DistInfo, master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
     """Fill the torch.distributed variables (for SLURM or single-process runs) so DeepSpeed/torch can rendezvous."""
     os.environ.setdefault("RANK", str(info.rank))

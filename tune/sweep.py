@@ -1,0 +1,12 @@
+"""Ray Tune sweep of the multi-task loss weighting; the same as `dlscale tune` (all logic in dlscale/sweep.py).
+
+    python tune/sweep.py --data shards/ --out sweeps/weighting [--config tune/multitask.yaml] [--trials 24]
+    python tune/sweep.py --data shards/ --out sweeps/w --address auto --workers-per-trial 4 --gpus-per-trial 4
+    python tune/sweep.py --out sweeps/weighting --resume
+"""
+import sys
+
+from dlscale.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["tune", *sys.argv[1:]]))
