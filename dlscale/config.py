@@ -146,7 +146,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ValueError(f"config key {key!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -188,7 +188,7 @@ def load_dataclass(defaults: Any, yaml_path: str | Path | None = None, overrides
         update: dict = {}
         if not key or key.startswith("-"):
             raise ValueError(f"override {item!r}: expected --section.key=value")
-        _set_dotted(update, key, yaml.safe_load(raw))
+        set_dotted(update, key, yaml.safe_load(raw))
         tree = _merge(tree, update)
     tree.update({k: v for k, v in top.items() if v is not None})
     return from_dict(type(defaults), tree)

@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from dlscale.config import Config, _set_dotted, from_dict, save_config, to_dict
+from dlscale.config import Config, set_dotted, from_dict, save_config, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: s
         if key.startswith("sweep."):
             settings[key.removeprefix("sweep.")] = yaml.safe_load(raw)
         else:
-            _set_dotted(base, key, yaml.safe_load(raw))
+            set_dotted(base, key, yaml.safe_load(raw))
     if trials is not None:
         settings["trials"] = trials
     if data_dir is not None:
@@ -246,8 +246,8 @@ def _check_weight_key(where: str, task: str, probes: list, base: Config) -> None
 
 
 def model_tasks(cfg: Config) -> tuple[str, ...]:
-    from dlscale.models.multitask import _stage_tasks
-    return _stage_tasks(cfg.stage, cfg.model.tasks, len(cfg.data.targets))
+    from dlscale.models.multitask import stage_tasks
+    return stage_tasks(cfg.stage, cfg.model.tasks, len(cfg.data.targets))
 
 
 def trial_config(base: Config, params: Mapping[str, Any], run_dir: str | Path | None = None) -> Config:
@@ -260,7 +260,7 @@ def trial_config(base: Config, params: Mapping[str, Any], run_dir: str | Path | 
         if key.startswith(WEIGHT_KEY):
             ratios[key.removeprefix(WEIGHT_KEY)] = float(value)
         else:
-            _set_dotted(tree, key, value)
+            set_dotted(tree, key, value)
     if run_dir is not None:
         tree["run_dir"] = str(run_dir)
     cfg = from_dict(Config, tree)

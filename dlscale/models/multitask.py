@@ -89,7 +89,7 @@ def build_model(
     if tuple(image_shape)[0] != encoder_cfg.in_channels:
         raise ValueError(f"image_shape {tuple(image_shape)} has {image_shape[0]} channels, "
                          f"encoder in_channels is {encoder_cfg.in_channels}")
-    chosen = _stage_tasks(stage, tasks, n_reg_targets)
+    chosen = stage_tasks(stage, tasks, n_reg_targets)
     encoder = build_encoder(encoder_cfg)
     channels = encoder.out_channels
     return MultiTaskModel(
@@ -101,7 +101,7 @@ def build_model(
     )
 
 
-def _stage_tasks(stage: str, tasks: Sequence[str] | None, n_reg_targets: int) -> tuple[str, ...]:
+def stage_tasks(stage: str, tasks: Sequence[str] | None, n_reg_targets: int) -> tuple[str, ...]:
     """Validate the tasks asked for against the stage; return them in `TASKS` order."""
     if tasks is not None:
         unknown = sorted(set(tasks) - set(TASKS))
