@@ -1,7 +1,7 @@
 """Script form of `dlscale pack`: DeepLense .npy folders -> WebDataset shards + manifest.
 
     python shards/pack.py dataset --out shards/common                       # common test (no/sphere/vort)
-    python shards/pack.py . --layout model --out shards/model_i --workers 4 # Model_I + Model_I_test
+    python shards/pack.py Model_I --out shards/model_i --workers 4          # Model_I + Model_I_test beside it
 """
 import sys
 

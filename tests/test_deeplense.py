@@ -46,6 +46,23 @@ def test_model_layout_is_detected_with_train_and_test_splits(tmp_path):
     assert all(split == ("test" if rel.startswith("Model_II_test/") else "train") for rel, split in splits.items())
 
 
+def test_model_folder_itself_is_read_with_its_test_folder_beside_it(tmp_path):
+    write_model(tmp_path, "Model_II", n_train=3, n_test=2, size=8)
+    layout, files, _ = discover(tmp_path / "Model_II")
+    assert layout == "model"
+    assert Counter(f.split for f in files) == {"train": 9, "test": 6}
+    test_file = next(f for f in files if f.split == "test")
+    _, meta = read_sample(test_file, tmp_path / "Model_II")
+    assert meta["source_file"].startswith("Model_II_test/")
+
+
+def test_folder_with_several_models_asks_for_one(tmp_path):
+    write_model(tmp_path, "Model_I", n_train=2, n_test=1, size=8)
+    write_model(tmp_path, "Model_II", n_train=2, n_test=1, size=8)
+    with pytest.raises(ValueError, match="several models.*Model_I, Model_II"):
+        discover(tmp_path)
+
+
 def test_model_int64_counts_are_read_exactly_as_1hw_float32(tmp_path):
     write_model(tmp_path, n_train=2, n_test=1, dtype=np.int64)
     _, samples = read_all(tmp_path)

@@ -99,7 +99,9 @@ def to_chw(image: np.ndarray, path: Path) -> np.ndarray:
 def read_sample(source: SourceFile, root: Path) -> tuple[np.ndarray, dict]:
     """Read one source file: float32 (C,H,W) image and its metadata. Raises BadFileError."""
     image, mass = split_image_and_mass(load_npy(source.path), source.path)
-    meta = {"class": source.class_name, "source_file": str(source.path.relative_to(root))}
+    # relative to the packed folder; Model_X_test sits beside Model_X, so fall back to their parent
+    relative = source.path.relative_to(root if source.path.is_relative_to(root) else root.parent)
+    meta = {"class": source.class_name, "source_file": str(relative)}
     if mass is not None:
         meta["axion_mass"] = mass
     return to_chw(image, source.path), meta
@@ -120,7 +122,7 @@ def _class_dirs(folder: Path) -> list[tuple[Path, str]]:
 def detect_layout(src: Path) -> str:
     """Guess the layout of a DeepLense folder from its directory names."""
     names = {p.name for p in src.iterdir() if p.is_dir()}
-    if any(_MODEL_DIR.match(n) for n in names):
+    if _MODEL_DIR.match(src.name) or any(_MODEL_DIR.match(n) for n in names):
         return "model"
     if names & set(SPLIT_DIRS):
         split = src / sorted(names & set(SPLIT_DIRS))[0]
@@ -143,7 +145,14 @@ def discover(src: Path, layout: str = "auto") -> tuple[str, list[SourceFile], in
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}")
     if layout == "model":
-        model_dirs = [p for p in sorted(src.iterdir()) if p.is_dir() and _MODEL_DIR.match(p.name)]
+        if _MODEL_DIR.match(src.name) and not src.name.endswith("_test"):   # pointed at Model_X itself
+            model_dirs = [src] + [p for p in [src.parent / f"{src.name}_test"] if p.is_dir()]
+        else:
+            model_dirs = [p for p in sorted(src.iterdir()) if p.is_dir() and _MODEL_DIR.match(p.name)]
+        models = sorted({p.name.removesuffix("_test") for p in model_dirs})
+        if len(models) > 1:
+            raise ValueError(f"{src}: holds several models ({', '.join(models)}); pack one at a time, e.g. "
+                             f"dlscale pack {src / models[0]} --out ...")
         groups = [(p, "test" if p.name.endswith("_test") else "train") for p in model_dirs] or [(src, "train")]
     else:
         groups = [(src / s, s) for s in SPLIT_DIRS if (src / s).is_dir()]
