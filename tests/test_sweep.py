@@ -6,6 +6,7 @@ resumed sweep, the 2-worker trial and the bad inputs. Every Ray started here is 
 """
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def ray_descendants() -> list[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "ray" in cmdline:
+        if re.search(r"^ray::|/ray/|raylet|gcs_server", cmdline):   # not any command line holding "ray"
             found.append(cmdline)
     return found
 
