@@ -75,7 +75,8 @@ def ray_descendants() -> list[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if re.search(r"^ray::|/ray/|raylet|gcs_server", cmdline):   # not any command line holding "ray"
+        # Ray's own processes; not the eval-stream tests' multiprocessing fork server (its sys.path names ray/)
+        if re.search(r"^ray::|/ray/|raylet|gcs_server", cmdline) and "multiprocessing.forkserver" not in cmdline:
             found.append(cmdline)
     return found
 
