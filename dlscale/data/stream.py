@@ -278,14 +278,15 @@ def train_loader(data_dir: Path | str, cfg: StreamConfig, rank: int = 0, world: 
                  split: str = "train", batches: int | None = None) -> DataLoader:
     shards = ShardSet(data_dir, split, cfg)
     n = batches or batches_per_epoch(shards.num_samples, cfg.batch_size, world)
-    return _loader(TrainStream(shards, rank, world, n, seed), cfg)
+    return make_loader(TrainStream(shards, rank, world, n, seed), cfg)
 
 
 def eval_loader(data_dir: Path | str, cfg: StreamConfig, rank: int = 0, world: int = 1,
                 split: str = "val") -> DataLoader:
-    return _loader(EvalStream(ShardSet(data_dir, split, cfg), rank, world), cfg)
+    return make_loader(EvalStream(ShardSet(data_dir, split, cfg), rank, world), cfg)
 
 
-def _loader(dataset: IterableDataset, cfg: StreamConfig) -> DataLoader:
+def make_loader(dataset: IterableDataset, cfg: StreamConfig) -> DataLoader:
+    """A DataLoader over a stream that batches itself (a new iterator per epoch re-reads `set_epoch`)."""
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)

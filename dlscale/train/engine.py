@@ -32,7 +32,7 @@ from tqdm import tqdm
 from dlscale.config import Config, flatten, save_config, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
-from dlscale.data.stream import ShardSet, TrainStream, _loader, batches_per_epoch, eval_loader
+from dlscale.data.stream import ShardSet, TrainStream, batches_per_epoch, eval_loader, make_loader
 from dlscale.dist import DistInfo, dist_info, setup_logging
 from dlscale.evaluate import collect, gather, summarize
 from dlscale.export import cpu_state_dict, read_encoder_file, save_encoder
@@ -236,7 +236,7 @@ class Trainer:
                        f"{cfg.schedule.epochs}", unit="batch", disable=not self.info.is_main, leave=False)
             window_start, wait, window_samples = time.perf_counter(), 0.0, 0
             epoch_start, epoch_samples = time.perf_counter(), 0
-            loader = iter(_loader(self.stream, cfg.data))
+            loader = iter(make_loader(self.stream, cfg.data))
             for index in range(self.batches):
                 fetch_start = time.perf_counter()
                 batch = next(loader)
