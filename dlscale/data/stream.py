@@ -259,14 +259,19 @@ class EvalStream(IterableDataset):
             for record in self.shards.records(index):
                 pending.append(record)
                 held += len(record[1])
-                while held >= bs:
-                    images, labels, ids, targets = _concat(pending)
-                    yield _batch(images[:bs], labels[:bs], ids[:bs], None if targets is None else targets[:bs],
-                                 self.shards.cfg, None)
-                    pending = [(images[bs:], labels[bs:], ids[bs:], None if targets is None else targets[bs:])]
-                    held -= bs
+                if held < bs:
+                    continue
+                joined, start = _concat(pending), 0   # one concatenation per record, then views of it
+                while held - start >= bs:
+                    yield _batch(*_rows(joined, start, start + bs), self.shards.cfg, None)
+                    start += bs
+                pending, held = [_rows(joined, start, held)], held - start
         if held:
             yield _batch(*_concat(pending), self.shards.cfg, None)
+
+
+def _rows(tensors: tuple, start: int, stop: int) -> tuple:
+    return tuple(None if t is None else t[start:stop] for t in tensors)
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world: int) -> int:

@@ -129,7 +129,7 @@ class Trainer:
     """Holds the engine, streams and the tiny checkpointed state (epoch, batch in epoch) of one run."""
 
     def __init__(self, cfg: Config, info: DistInfo, resume: bool, on_evaluation: EvaluationCallback | None = None):
-        self.cfg, self.info, self.resume, self.on_evaluation = cfg, info, resume, on_evaluation
+        self.cfg, self.info, self.on_evaluation = cfg, info, on_evaluation
         self.run_dir = Path(cfg.run_dir)
         self.device = pick_device(cfg.device)
         check_run_dir(self.run_dir, resume)
@@ -161,7 +161,7 @@ class Trainer:
                                                                            info.world)
         self.stream = TrainStream(shards, info.rank, info.world, self.batches, cfg.seed)
         total_steps = cfg.schedule.epochs * self.batches // cfg.deepspeed.grad_accum
-        self.engine, self.precision, self.ds_config = make_engine(model.to(self.device), cfg, info.world,
+        self.engine, self.precision, _ = make_engine(model.to(self.device), cfg, info.world,
                                                                   self.device, total_steps)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         self.epoch, self.batch_in_epoch, self.last_checkpoint = 0, 0, None
@@ -275,17 +275,21 @@ class Trainer:
         out = self.engine(images)
         losses = task_losses(out, batch, images, self.stats)
         total, weights = self.module.weighting(losses)
-        bad = (~torch.isfinite(total.detach())).float().reshape(1)   # every rank stops together, none hangs
+        # One device->host copy per step, before backward is queued: the all-ranks NaN flag and the loss values.
+        values = torch.stack([total.detach(), *(v.detach() for v in losses.values())]).float()
+        bad = (~torch.isfinite(values).all()).float().reshape(1)   # every rank stops together, none hangs
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
+        flag, total_value, *loss_values = torch.cat([bad, values]).tolist()
+        host_losses = dict(zip(losses, loss_values))
+        if flag:
             keys = ShardSet(self.cfg.data_dir, "train", self.cfg.data).describe(batch["ids"][:8])
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.engine.global_steps} (epoch {self.epoch}, batch {self.batch_in_epoch}"
-                f"): {({k: float(v.detach()) for k, v in losses.items()})} on some rank; this rank's batch starts with "
-                f"{keys}. Nothing was saved; last good checkpoint: {self.last_checkpoint}")
+                f"): {host_losses} on some rank; this rank's batch starts with {keys}. Nothing was saved; last good "
+                f"checkpoint: {self.last_checkpoint}")
         self.engine.backward(total)
         self.engine.step()
-        return {k: float(v.detach()) for k, v in losses.items()}, float(total.detach()), weights
+        return host_losses, total_value, weights
 
     def log_train(self, step: int, total: float, losses: dict, weights: dict, samples_per_s: float,
                   wait_fraction: float) -> None:
