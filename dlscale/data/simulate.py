@@ -55,7 +55,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from dlscale.config import load_dataclass, plain
+from dlscale.configtree import load_dataclass, plain
 from dlscale.data.classes import CLASSES
 
 log = logging.getLogger(__name__)
