@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dlscale.data.classes import CLASSES  # noqa: E402
-from dlscale.data.simulate import LensSimulator, preset_config  # noqa: E402
+from dlscale.sim import LensSimulator, preset_config  # noqa: E402
 
 PRESETS = ("model_i", "model_ii", "model_iii")
 

@@ -58,7 +58,7 @@ def shards_main(argv: list[str]) -> int:
 
 
 def simulate_main(argv: list[str]) -> int:
-    from dlscale.data.simulate import simulate_main as run
+    from dlscale.sim import simulate_main as run
     return run(argv)
 
 

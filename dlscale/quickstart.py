@@ -82,7 +82,7 @@ def is_done(run_dir: Path) -> bool:
 
 
 def make_data(out: Path, scale: Scale, seed: int, force: bool) -> Path:
-    from dlscale.data.simulate import simulate_main
+    from dlscale.sim import simulate_main
     data = out / "data"
     if (data / "manifest.json").is_file() and not force:
         log.info("reusing the simulated dataset in %s", data)

@@ -13,7 +13,7 @@ import pytest
 
 from dlscale.cli import COMMANDS, main
 from dlscale.config import Config
-from dlscale.data.simulate import SimulatorConfig
+from dlscale.sim import SimulatorConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 STARTS = ("dlscale ", "deepspeed ", "torchrun ", "DS_ACCELERATOR=", "sbatch ")

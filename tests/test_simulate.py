@@ -18,10 +18,11 @@ from lenstronomy.SimulationAPI.sim_api import SimAPI
 
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import MANIFEST, decode_record, load_manifest, verify
-from dlscale.data.simulate import (CosmologyConfig, LensParams, LensSimulator, SimulatorConfig, add_line_deflections,
-                                   add_point_mass_deflections, add_shear_deflection, deflection_scale,
-                                   einstein_radius_arcsec, lensing_distances_mpc, load_config, preset_config,
-                                   sersic_ellipse, sie_deflection, simulate_main)
+from dlscale.sim import LensParams, LensSimulator, SimulatorConfig, load_config, preset_config, simulate_main
+from dlscale.sim.config import CosmologyConfig
+from dlscale.sim.physics import (add_line_deflections, add_point_mass_deflections, add_shear_deflection,
+                                 deflection_scale, einstein_radius_arcsec, lensing_distances_mpc, sersic_ellipse,
+                                 sie_deflection)
 from dlscale.data.tario import iter_records
 
 F64_TOL, F32_TOL = 1e-5, 2e-5          # max |ours - lenstronomy| / peak
@@ -138,7 +139,7 @@ def test_sersic_matches_lenstronomy():
     (torch.float64, F64_TOL, 1, False), (torch.float64, F64_TOL, 2, True), (torch.float32, F32_TOL, 1, False)])
 def test_noiseless_images_match_lenstronomy(class_name, dtype, tol, supersampling, one_image_chunks, monkeypatch):
     if one_image_chunks:      # the CPU point-mass loops then run image by image
-        monkeypatch.setattr("dlscale.data.simulate.CPU_CHUNK_VALUES", 1)
+        monkeypatch.setattr("dlscale.sim.simulator.CPU_CHUNK_VALUES", 1)
     config = small_config(randomize=True, center_x=0.07, center_y=-0.04)
     config.instrument.supersampling = supersampling
     sim = LensSimulator(config, "cpu", dtype)

@@ -1,0 +1,213 @@
+"""Simulator configuration: one typed dataclass tree per preset; preset < YAML file < CLI overrides; validated once
+(every field named with its expected range when it is outside it)."""
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dlscale.configtree import load_dataclass
+
+@dataclass
+class InstrumentConfig:
+    n_pix: int = 150                                    # image side (pixels)
+    pixel_scale: float = 0.05                           # arcsec per pixel
+    supersampling: int = 1                              # sub-pixels per pixel side for the surface brightness
+    psf_fwhm: float = 0.087                             # Gaussian PSF FWHM (arcsec); 0 = no PSF
+    psf_truncation: float = 3.0                         # kernel radius in PSF sigmas (lenstronomy's `truncation`)
+    exposure_time: tuple[float, float] = (1e3, 10 ** 3.5)   # s, log-uniform between the bounds (equal = fixed)
+    background_rms: float = 0.01                        # Gaussian background per pixel (counts/s)
+    noise: bool = True                                  # False = noiseless model images
+    poisson_noise: bool = True                          # source shot noise, Gaussian approximation (lenstronomy)
+    output_counts: bool = True                          # images = Poisson(exposure_time * flux) counts, as Model I
+    zero_point: float = 25.0                            # magnitude of 1 count/s; used when source.magnitude is set
+
+
+@dataclass
+class LensConfig:
+    theta_E: float = 1.2815                             # SIE Einstein radius (arcsec, product-averaged)
+    e1: float = 0.1
+    e2: float = 0.0
+    gamma1: float = 0.05                                # external shear
+    gamma2: float = 0.0
+    center_x: float = 0.0                               # arcsec
+    center_y: float = 0.0
+    z_lens: float = 0.5
+    z_source: float = 1.0
+    z_source_convention: float | None = None            # lenstronomy: lens parameters quoted for a source here;
+                                                        # all deflections scale by beta(z_source)/beta(convention)
+    randomize: bool = False                             # draw theta_E, e1, e2, gamma1, gamma2 from the ranges below
+    theta_E_range: tuple[float, float] = (0.8, 1.8)     # arcsec
+    e_range: tuple[float, float] = (-0.2, 0.2)          # for e1 and e2 independently
+    gamma_range: tuple[float, float] = (-0.1, 0.1)      # for gamma1 and gamma2 independently
+
+
+@dataclass
+class SourceConfig:
+    amplitude: float = 20.0                             # Sersic surface brightness at R_sersic (counts/s/arcsec^2)
+    magnitude: float | None = None                      # if set, overrides amplitude via instrument.zero_point
+    R_sersic: float = 0.25                              # arcsec, product-averaged half-light radius
+    n_sersic: float = 1.0
+    e1: float = -0.1
+    e2: float = 0.1
+    position_range: tuple[float, float] = (-0.35, 0.35)  # source centre x and y, uniform (arcsec)
+
+
+@dataclass
+class SubstructureConfig:
+    cdm_count: int = 25                                 # subhalos per cdm image (DeepLenseSim: always 25)
+    cdm_mass_range: tuple[float, float] = (1e6, 1e10)   # Msun
+    cdm_mass_slope: float = -0.9                        # dN/dm ~ m^slope
+    cdm_radius_range: tuple[float, float] = (0.25, 2.0)  # arcsec from the lens centre, uniform in radius
+    vortex_mass: float = 3e10                           # Msun, total
+    vortex_points: int = 100                            # point masses the vortex line is made of
+    axion_mass_range: tuple[float, float] = (1e-24, 1e-22)  # eV, log-uniform
+    vortex_half_length_ref: float = 0.03                # arcsec at m = 1e-22 eV; scales as 1/m
+
+
+@dataclass
+class CosmologyConfig:
+    H0: float = 70.0                                    # km/s/Mpc
+    Om0: float = 0.3                                    # flat: Ode0 = 1 - Om0
+    distances: str = "deeplensesim"                     # point-mass theta_E: "deeplensesim" | "angular" (see top)
+
+
+@dataclass
+class SimulatorConfig:
+    preset: str = "model_i"
+    instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
+    lens: LensConfig = field(default_factory=LensConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    substructure: SubstructureConfig = field(default_factory=SubstructureConfig)
+    cosmology: CosmologyConfig = field(default_factory=CosmologyConfig)
+
+    def validate(self) -> "SimulatorConfig":
+        validate_config(self)
+        return self
+
+
+def _background_rms(read_noise: float, exposure_s: float, n_exposures: int, sky_mag: float, zero_point: float,
+                    pixel_scale: float) -> float:
+    """lenstronomy's per-pixel background sigma (counts/s) from read noise and sky brightness (mag/arcsec^2)."""
+    total_s = exposure_s * n_exposures
+    sky_counts = 10 ** (-0.4 * (sky_mag - zero_point)) * pixel_scale ** 2 * total_s
+    return math.sqrt(n_exposures * read_noise ** 2 + sky_counts) / total_s
+
+
+def _model_i() -> SimulatorConfig:
+    """DeepLenseSim Model I: 150x150, 0.05"/px, PSF 0.087" cut at 3 sigma, amp 20, Poisson counts."""
+    return SimulatorConfig(preset="model_i")
+
+
+def _model_ii() -> SimulatorConfig:
+    """DeepLenseSim Model II: Euclid VIS with lenstronomy 1.9.2's values (0.101"/px, PSF 0.16", 4 x 565 s, sky 22.35,
+    zero point 24.0, read noise 4.2), source magnitude 20, deflections for z_source_convention=2.5 (x0.634).
+
+    Noiseless like the shipped set (its code saved model + model, i.e. twice these fluxes); set
+    `instrument.noise=true` for Euclid noise. lenstronomy's SimAPI cuts its PSF at 5 sigma.
+    """
+    return SimulatorConfig(
+        preset="model_ii",
+        instrument=InstrumentConfig(n_pix=64, pixel_scale=0.101, psf_fwhm=0.16, psf_truncation=5.0,
+                                    exposure_time=(4 * 565.0, 4 * 565.0),
+                                    background_rms=_background_rms(4.2, 565.0, 4, 22.35, 24.0, 0.101),
+                                    noise=False, output_counts=False, zero_point=24.0),
+        source=SourceConfig(magnitude=20.0),
+        lens=LensConfig(z_source_convention=2.5))
+
+
+def _model_iii() -> SimulatorConfig:
+    """Model III as we read it (never published as code): Model II's pipeline with HST WFC3 F160W
+    (lenstronomy: 0.08"/px, PSF 0.08", 5400 s, sky 22.3, zero point 25.96, read noise 4). Noiseless like Model II."""
+    return SimulatorConfig(
+        preset="model_iii",
+        instrument=InstrumentConfig(n_pix=64, pixel_scale=0.08, psf_fwhm=0.08, psf_truncation=5.0,
+                                    exposure_time=(5400.0, 5400.0),
+                                    background_rms=_background_rms(4.0, 5400.0, 1, 22.3, 25.96, 0.08),
+                                    noise=False, output_counts=False, zero_point=25.96),
+        source=SourceConfig(magnitude=20.0),
+        lens=LensConfig(z_source_convention=2.5))
+
+
+PRESETS: dict[str, typing.Callable[[], SimulatorConfig]] = {
+    "model_i": _model_i, "model_ii": _model_ii, "model_iii": _model_iii}
+
+
+def preset_config(name: str) -> SimulatorConfig:
+    """The default configuration of a preset (model_i, model_ii, model_iii)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def load_config(preset: str | None = None, yaml_path: Path | str | None = None,
+                overrides: list[str] | None = None) -> SimulatorConfig:
+    """Preset defaults < YAML file (config sections; may name the preset) < `--section.field=value` overrides;
+    validated. The same typed-config machinery as training (`dlscale.config`)."""
+    if preset is None and yaml_path is not None and Path(yaml_path).is_file():
+        loaded = yaml.safe_load(Path(yaml_path).read_text())
+        preset = loaded.get("preset") if isinstance(loaded, dict) else None
+    if preset is None:
+        raise ValueError(f"preset: none given; expected one of {', '.join(PRESETS)}")
+    config = load_dataclass(preset_config(str(preset)), yaml_path, overrides)
+    if config.preset != preset:
+        raise ValueError(f"preset {config.preset!r} in {yaml_path} differs from --preset {preset!r}")
+    return config.validate()
+
+
+def validate_config(c: SimulatorConfig) -> None:
+    """Raise ValueError naming the first field outside its physical range."""
+    def need(ok: bool, key: str, expected: str, value: object) -> None:
+        if not ok:
+            raise ValueError(f"{key} = {value!r}: expected {expected}")
+
+    def need_range(key: str, pair: tuple[float, float], low: float = -math.inf, strict: bool = False) -> None:
+        lo, hi = pair
+        ok = all(math.isfinite(v) for v in pair) and (lo > low if strict else lo >= low) and lo <= hi
+        need(ok, key, f"finite (low, high) with low {'>' if strict else '>='} {low} and low <= high", pair)
+
+    def need_ellipticity(key: str, e1: float, e2: float) -> None:
+        need(math.hypot(e1, e2) < 1, key, "|e| = sqrt(e1^2 + e2^2) < 1 (axis ratio q > 0)", (e1, e2))
+
+    need(c.preset in PRESETS, "preset", f"one of {', '.join(PRESETS)}", c.preset)
+    i, lens, s, sub, cos = c.instrument, c.lens, c.source, c.substructure, c.cosmology
+    need(i.n_pix >= 1, "instrument.n_pix", "an integer >= 1", i.n_pix)
+    need(i.pixel_scale > 0, "instrument.pixel_scale", "> 0 arcsec", i.pixel_scale)
+    need(i.supersampling >= 1, "instrument.supersampling", "an integer >= 1", i.supersampling)
+    need(i.psf_fwhm >= 0, "instrument.psf_fwhm", ">= 0 arcsec (0 = no PSF)", i.psf_fwhm)
+    need(i.psf_truncation > 0, "instrument.psf_truncation", "> 0 sigmas", i.psf_truncation)
+    need_range("instrument.exposure_time", i.exposure_time, 0.0, strict=True)
+    need(i.background_rms >= 0, "instrument.background_rms", ">= 0 counts/s", i.background_rms)
+    need(lens.theta_E > 0, "lens.theta_E", "> 0 arcsec", lens.theta_E)
+    need_ellipticity("lens.(e1, e2)", lens.e1, lens.e2)
+    need(0 < lens.z_lens < lens.z_source, "lens.(z_lens, z_source)", "0 < z_lens < z_source",
+         (lens.z_lens, lens.z_source))
+    need(lens.z_source_convention is None or lens.z_source_convention > lens.z_lens, "lens.z_source_convention",
+         "None or > z_lens", lens.z_source_convention)
+    need_range("lens.theta_E_range", lens.theta_E_range, 0.0, strict=True)
+    need_range("lens.e_range", lens.e_range)
+    need(max(map(abs, lens.e_range)) * math.sqrt(2) < 1, "lens.e_range",
+         "|e| < 1 for every (e1, e2) drawn, i.e. max |bound| < 1/sqrt(2)", lens.e_range)
+    need_range("lens.gamma_range", lens.gamma_range)
+    need(s.amplitude >= 0, "source.amplitude", ">= 0", s.amplitude)
+    need(s.magnitude is None or math.isfinite(s.magnitude), "source.magnitude", "None or finite", s.magnitude)
+    need(s.R_sersic > 0, "source.R_sersic", "> 0 arcsec", s.R_sersic)
+    need(s.n_sersic > 0, "source.n_sersic", "> 0", s.n_sersic)
+    need_ellipticity("source.(e1, e2)", s.e1, s.e2)
+    need_range("source.position_range", s.position_range)
+    need(sub.cdm_count >= 0, "substructure.cdm_count", "an integer >= 0", sub.cdm_count)
+    need_range("substructure.cdm_mass_range", sub.cdm_mass_range, 0.0, strict=True)
+    need(math.isfinite(sub.cdm_mass_slope), "substructure.cdm_mass_slope", "finite", sub.cdm_mass_slope)
+    need_range("substructure.cdm_radius_range", sub.cdm_radius_range, 0.0)
+    need(sub.vortex_mass >= 0, "substructure.vortex_mass", ">= 0 Msun", sub.vortex_mass)
+    need(sub.vortex_points >= 1, "substructure.vortex_points", "an integer >= 1", sub.vortex_points)
+    need_range("substructure.axion_mass_range", sub.axion_mass_range, 0.0, strict=True)
+    need(sub.vortex_half_length_ref >= 0, "substructure.vortex_half_length_ref", ">= 0 arcsec",
+         sub.vortex_half_length_ref)
+    need(cos.H0 > 0, "cosmology.H0", "> 0 km/s/Mpc", cos.H0)
+    need(0 <= cos.Om0 <= 1, "cosmology.Om0", "0 <= Om0 <= 1", cos.Om0)
+    need(cos.distances in ("deeplensesim", "angular"), "cosmology.distances", "'deeplensesim' or 'angular'",
+         cos.distances)

@@ -1,0 +1,152 @@
+"""`dlscale simulate`: batch planning (classes in turn, splits in order), an optional CPU worker pool, and writing
+every batch through `DatasetWriter` into a new shard dataset."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import multiprocessing
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from dlscale.configtree import plain
+from dlscale.data.classes import CLASSES
+from dlscale.sim.config import PRESETS, SimulatorConfig, load_config
+from dlscale.sim.simulator import LensSimulator
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def parse_splits(text: str) -> dict[str, float]:
+    """'train=0.9,val=0.1' -> {'train': 0.9, 'val': 0.1}; fractions > 0 summing to 1."""
+    splits: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in SPLITS or name in splits:
+            raise ValueError(f"--splits {text!r}: split {name!r} unknown or repeated; expected names from {SPLITS}")
+        try:
+            splits[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--splits {text!r}: {value!r} is not a fraction") from None
+        if not 0 < splits[name] <= 1:
+            raise ValueError(f"--splits {text!r}: fraction of {name} must be in (0, 1]")
+    if abs(sum(splits.values()) - 1) > 1e-6:
+        raise ValueError(f"--splits {text!r}: fractions sum to {sum(splits.values())}, expected 1")
+    return splits
+
+
+def split_counts(n_per_class: int, splits: dict[str, float]) -> dict[str, int]:
+    """Images per class in each split; rounding goes to the first split."""
+    counts = {name: int(round(n_per_class * frac)) for name, frac in splits.items()}
+    first = next(iter(counts))
+    counts[first] = n_per_class - sum(c for name, c in counts.items() if name != first)
+    if counts[first] < 0:
+        raise ValueError(f"--splits {splits}: does not divide {n_per_class} images per class")
+    return counts
+
+
+def simulate_main(argv: list[str] | None = None) -> int:
+    """`dlscale simulate`: simulate `--n-per-class` images of every class into a new shard dataset."""
+    from dlscale.data.shards import DatasetWriter
+
+    p = argparse.ArgumentParser(prog="dlscale simulate", allow_abbrev=False,
+                                description="Simulate lensing images (no_sub, cdm, axion) into WebDataset shards. "
+                                            "Any config field can be set with --section.field=value, "
+                                            "e.g. --lens.randomize=true; --print-config lists them.")
+    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (or `preset:` in --config)")
+    p.add_argument("--n-per-class", type=int, help="images per class, all splits together (required)")
+    p.add_argument("--out", type=Path, help="new dataset directory (required)")
+    p.add_argument("--splits", default="train=0.9,val=0.1", help="fractions per split, e.g. train=0.8,val=0.1,test=0.1")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="simulation precision")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="images per batch (default 32 on CPU, 1024 on a GPU)")
+    p.add_argument("--workers", type=int, default=1, help="CPU: simulating processes of one thread each (the same "
+                                                          "images whatever the number); 1 = this process")
+    p.add_argument("--shard-size", type=int, default=2048, help="samples per shard")
+    p.add_argument("--samples-per-record", type=int, default=256, help="1 = classic one-sample WebDataset records")
+    p.add_argument("--config", type=Path, help="YAML with config sections (instrument, lens, source, ...)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    args, extra = p.parse_known_args(argv)
+
+    config = load_config(args.preset, args.config, extra)
+    if args.print_config:
+        print(yaml.safe_dump(plain(dataclasses.asdict(config)), sort_keys=False), end="")
+        return 0
+    if args.n_per_class is None or args.n_per_class < 1:
+        raise ValueError(f"--n-per-class = {args.n_per_class}: expected an integer >= 1")
+    if args.out is None:
+        raise ValueError("--out: required (a new dataset directory)")
+    for name in ("batch_size", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} = {getattr(args, name)}: expected an integer >= 1")
+    counts = split_counts(args.n_per_class, parse_splits(args.splits))
+    dtype = getattr(torch, args.dtype)
+    sim = LensSimulator(config, args.device, dtype)
+    if args.workers > 1 and sim.device.type == "cuda":
+        raise ValueError("--workers: CPU only; one process drives a GPU (use a larger --batch-size)")
+    batch_size = args.batch_size or (1024 if sim.device.type == "cuda" else 32)
+    n = config.instrument.n_pix
+    source = {"kind": "simulator", "preset": config.preset, "config": plain(dataclasses.asdict(config)),
+              "seed": args.seed, "n_per_class": args.n_per_class, "splits": counts, "batch_size": batch_size,
+              "device": sim.device.type, "dtype": args.dtype}
+    writer = DatasetWriter(args.out, (1, n, n), source, shard_size=args.shard_size,
+                           samples_per_record=args.samples_per_record, seed=args.seed)
+    jobs = list(enumerate(plan_batches(counts, batch_size)))
+    pool = None
+    if args.workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(args.workers, _start_worker, (config, args.dtype, args.seed))
+    try:
+        results = pool.imap(_worker_batch, jobs) if pool else (_simulate_batch(sim, args.seed, job) for job in jobs)
+        with writer, tqdm(total=len(CLASSES) * args.n_per_class, unit="img", desc="simulate") as bar:
+            for (_, (class_name, pieces)), (images, metas) in zip(jobs, results):
+                labels = np.full(len(images), CLASSES.index(class_name), dtype=np.int64)
+                start = 0
+                for split, k in pieces:
+                    writer.add_batch(split, images[start:start + k], labels[start:start + k], metas[start:start + k])
+                    start += k
+                bar.update(len(images))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    log.info("wrote %s: %s per class", args.out, ", ".join(f"{s} {c}" for s, c in counts.items()))
+    return 0
+
+
+def _simulate_batch(sim: LensSimulator, seed: int, job: tuple[int, tuple[str, list[tuple[str, int]]]]
+                    ) -> tuple[np.ndarray, list[dict]]:
+    index, (class_name, pieces) = job
+    return sim.simulate(class_name, sum(k for _, k in pieces), *sim.generators(seed, index))
+
+
+_worker: dict = {}      # the simulator of a --workers process, made once by _start_worker
+
+
+def _start_worker(config: SimulatorConfig, dtype: str, seed: int) -> None:
+    torch.set_num_threads(1)
+    _worker.update(sim=LensSimulator(config, "cpu", getattr(torch, dtype)), seed=seed)
+
+
+def _worker_batch(job: tuple[int, tuple[str, list[tuple[str, int]]]]) -> tuple[np.ndarray, list[dict]]:
+    return _simulate_batch(_worker["sim"], _worker["seed"], job)
+
+
+def plan_batches(counts: dict[str, int], batch_size: int) -> typing.Iterator[tuple[str, list[tuple[str, int]]]]:
+    """Yield (class, [(split, count), ...]) batches taking the classes in turn, so no shard is one class; each
+    class's images fill the splits in order."""
+    names, bounds = list(counts), np.cumsum(list(counts.values()))
+    for start in range(0, int(bounds[-1]), batch_size):
+        stop = min(start + batch_size, int(bounds[-1]))
+        edges = [start, *(int(b) for b in bounds if start < b < stop), stop]
+        pieces = [(names[int(np.searchsorted(bounds, a, side="right"))], b - a) for a, b in zip(edges, edges[1:])]
+        for class_name in CLASSES:
+            yield class_name, pieces
