@@ -1,4 +1,4 @@
-"""WebDataset shards with a manifest (format ``dlscale-shards/1``, DESIGN.md section 5): write, pack, verify, info.
+"""WebDataset shards with a manifest (format ``dlscale-shards/1``): write, pack, verify, info.
 
 A dataset directory holds ``<split>-%06d.tar`` shards and ``manifest.json``. Records are *stacked*: one tar record
 holds up to ``samples_per_record`` samples as ``images.npy`` (float32 (n,C,H,W)), ``labels.npy`` (int64 (n,)) and
@@ -8,6 +8,10 @@ WebDataset tool expects. Samples are shuffled inside each shard, so no shard is 
 
 Writes are atomic: everything goes to a hidden sibling directory that is renamed into place at the end, so a crash
 or Ctrl-C never leaves a dataset that looks complete.
+
+A manifest is data from outside: its shard names must be plain ``<split>-NNNNNN.tar`` file names, so a crafted one
+cannot make a reader leave the dataset directory (``../x.tar``, an absolute path) or smuggle shell syntax into a
+``pipe:`` URL.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -31,6 +36,7 @@ from dlscale.data.tario import CorruptShardError, add_member, iter_records, npy_
 FORMAT = "dlscale-shards/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+SHARD_NAME = re.compile(r"(?P<split>[a-z]+)-[0-9]{6,}\.tar")   # what `shard_name` writes
 log = logging.getLogger(__name__)
 
 
@@ -207,7 +213,28 @@ def load_manifest(data_dir: Path | str) -> dict:
     for key in ("record_layout", "classes", "image_shape", "splits"):
         if key not in manifest:
             raise ValueError(f"{path}: missing key {key!r}")
+    check_shard_entries(manifest["splits"], path)
     return manifest
+
+
+def check_shard_entries(splits: object, path: Path) -> None:
+    """Every split is a known one and lists its shards by plain `<split>-NNNNNN.tar` names, each once."""
+    if not isinstance(splits, dict):
+        raise ValueError(f"{path}: 'splits' is a {type(splits).__name__}, expected an object of split -> info")
+    seen: set[str] = set()
+    for split, info in splits.items():
+        if split not in SPLITS:
+            raise ValueError(f"{path}: split {split!r}: expected one of {SPLITS}")
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list):
+            raise ValueError(f"{path}: splits.{split}: expected an object with a 'shards' list")
+        for i, shard in enumerate(shards):
+            name = shard.get("name") if isinstance(shard, dict) else None
+            match = SHARD_NAME.fullmatch(name) if isinstance(name, str) else None
+            if match is None or match["split"] != split or name in seen:
+                why = "listed twice" if name in seen else f"expected a plain file name like {shard_name(split, i)!r}"
+                raise ValueError(f"{path}: splits.{split}.shards[{i}] name {name!r}: {why}")
+            seen.add(name)
 
 
 def decode_record(record: dict[str, np.ndarray], layout: dict, image_shape: tuple[int, ...], n_classes: int,

@@ -65,7 +65,11 @@ class ShardSet:
         self.image_shape = tuple(self.manifest["image_shape"])
 
     def _url(self, name: str) -> str:
-        url = self.cfg.url_template.format(name=name) if self.cfg.url_template else str(self.data_dir / name)
+        template = self.cfg.url_template
+        if not template:
+            return str(self.data_dir / name)
+        import shlex   # a name goes into a shell command line as one quoted word, whatever it holds
+        url = template.format(name=shlex.quote(name) if template.startswith("pipe:") else name)
         if url.startswith("pipe:") and not self.cfg.allow_pipe:
             raise ValueError(f"shard URL {url!r} runs a shell command; set data.allow_pipe=true to allow it")
         return url
