@@ -1,0 +1,275 @@
+"""Training straight from the simulator: fresh lenses every step, nothing on disk, every batch reproducible.
+
+`SimulationStream` stands in for the shard `TrainStream`: the same batch dict (`image` normalised and augmented,
+`label`, `ids`, optional `target`), the same per-worker quota, `set_epoch`. A batch is a pure function of (seed,
+epoch, global batch index), and rank r's i-th batch of an epoch is global batch i * world + r: ranks never share
+images, a resumed run regenerates the same batches, and the images do not depend on the number of DataLoader workers
+(worker w makes the rank's batches w, w + W, w + 2W, ..., which the DataLoader hands out in order). Generators come
+from SeedSequence(seed, spawn_key=(STREAM_KEY, epoch, index)), a key `dlscale simulate` never uses, so the training
+stream cannot repeat an evaluation set's images whatever the seeds.
+
+Class balance, per batch of B images over the K classes: each class gets floor(B / K) images, and the B mod K
+classes starting at class index (global batch index mod K) one more, so the remainder rotates and any K consecutive
+global batches hold exactly equal counts. Each class is simulated as one sub-batch, then the batch is shuffled.
+
+Regression targets are simulator metadata keys (`theta_E`, `e1`, `gamma1`, `exposure_time`, `substructure_mass`,
+... as `dlscale simulate` writes them), or `log10_<key>` for a positive one. Every image of the mixed-class stream
+needs a finite value, so keys that only one class has (`axion_mass`, `vortex_*`: None for no_sub and cdm) and
+`log10_substructure_mass` (0 for no_sub) are refused when the stream is built, never mid-run.
+
+Where it runs: on CPU in DataLoader workers of one torch thread each; on CUDA in the training process on the
+training device (`simulation_loader` uses no workers there), so images never go through the host.
+
+The fixed evaluation set is simulated once by `prepare_eval_set` into a standard shard dataset through the
+`dlscale simulate` writer, so the evaluation code reads it unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dlscale.configtree import dump_yaml, flatten, from_dict, plain, set_dotted, to_dict
+from dlscale.data.classes import CLASSES
+from dlscale.data.shards import MANIFEST, load_manifest
+from dlscale.data.stream import StreamConfig, augment, make_loader, normalize
+from dlscale.io import write_text
+from dlscale.sim.config import SimulatorConfig, preset_config
+from dlscale.sim.simulator import LensSimulator
+from dlscale.sim.write import simulate_main
+
+log = logging.getLogger(__name__)
+STREAM_KEY = 0x51A57            # first spawn-key word of every training-stream batch seed
+EVAL_BATCH_SIZE = 32            # simulation batch of the evaluation set: part of its identity, whatever the device
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class SimulationSourceConfig:
+    """Training images simulated on the fly (`data.simulator`); the preset and overrides are checked on load."""
+    preset: str = "model_ii"                                  # model_i | model_ii | model_iii
+    overrides: dict[str, Any] = field(default_factory=dict)   # dotted simulator keys, e.g. {"lens.randomize": true}
+    device: str = "auto"                                      # auto: the training device's type | cpu | cuda
+    eval_per_class: int = 1000                                # fixed evaluation set (val split), images per class
+    probe_per_class: int = 500                                # its train split for the linear probe; 0 = none
+    eval_seed: int = 1_000_003                                # seed of the evaluation set
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"data.simulator.device={self.device!r}: expected one of {DEVICES}")
+        if self.eval_per_class < 1 or self.probe_per_class < 0:
+            raise ValueError(f"data.simulator.eval_per_class={self.eval_per_class} / probe_per_class="
+                             f"{self.probe_per_class}: expected >= 1 / >= 0")
+        self.simulator_config()
+
+    def simulator_config(self) -> SimulatorConfig:
+        """The preset with `overrides` over it, validated; an error names the offending key."""
+        try:
+            tree = to_dict(preset_config(self.preset))
+        except ValueError as err:
+            raise ValueError(f"data.simulator.preset: {err}") from None
+        where = f"data.simulator.overrides (preset {self.preset})"
+        try:
+            for key, value in flatten(self.overrides).items():   # dotted keys, or sections as nested mappings
+                if key == "preset":
+                    raise ValueError("'preset' is not an override; set data.simulator.preset")
+                set_dotted(tree, key, value)
+            return from_dict(SimulatorConfig, tree).validate()
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+
+
+def simulation_device(requested: str, training: torch.device | str) -> torch.device:
+    """Where to simulate: `auto` follows the training device; cuda needs a CUDA training device (no host trip)."""
+    training = torch.device(training)
+    requested = training.type if requested == "auto" else requested
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested != "cuda" or training.type != "cuda":
+        raise ValueError(f"data.simulator.device={requested!r} with training on {training}: expected auto or cpu "
+                         "(cuda simulates on the CUDA training device only)")
+    return training
+
+
+def target_value(meta: dict, key: str) -> float | None:
+    """One image's regression target: metadata `key`, or log10 of it for `log10_<key>`; None if not finite."""
+    log10 = key.startswith("log10_") and key not in meta
+    value = meta.get(key[len("log10_"):] if log10 else key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = (math.log10(value) if value > 0 else math.nan) if log10 else float(value)
+    return value if math.isfinite(value) else None
+
+
+def check_targets(sim: LensSimulator, keys: list[str]) -> None:
+    """Refuse, before training, a target that some class lacks (one drawn image per class shows it)."""
+    metas = {c: sim.metadata(sim.sample(c, 1, torch.Generator().manual_seed(0)))[0] for c in CLASSES}
+    numeric = sorted({k for m in metas.values() for k in m if target_value(m, k) is not None})
+    for key in keys:
+        base = key[len("log10_"):] if key.startswith("log10_") and key not in metas[CLASSES[0]] else key
+        if base not in metas[CLASSES[0]]:
+            raise ValueError(f"data.targets: {key!r} is not simulator metadata; numeric keys: {', '.join(numeric)} "
+                             "(or log10_<key> of a positive one)")
+        lacking = [c for c in CLASSES if target_value(metas[c], key) is None]
+        if lacking:
+            having = [c for c in CLASSES if c not in lacking]
+            raise ValueError(f"data.targets: {key!r} has no finite value for class {', '.join(lacking)} (defined for "
+                             f"{', '.join(having) or 'no class'}); a target must exist for every image of the "
+                             "mixed-class stream")
+
+
+class SimulationStream(IterableDataset):
+    """Freshly simulated training batches, `batches_per_epoch` per rank; call `set_epoch` before each epoch."""
+
+    def __init__(self, source: SimulationSourceConfig, cfg: StreamConfig, rank: int = 0, world: int = 1,
+                 batches_per_epoch: int = 100, seed: int = 0, device: torch.device | str = "cpu"):
+        if not 0 <= rank < world or batches_per_epoch < 1:
+            raise ValueError(f"rank {rank} of world {world}, batches_per_epoch {batches_per_epoch}: expected "
+                             "0 <= rank < world and batches_per_epoch >= 1")
+        self.source, self.cfg, self.rank, self.world = source, cfg, rank, world
+        self.batches_per_epoch, self.seed, self.epoch = batches_per_epoch, seed, 0
+        self.device = simulation_device(source.device, device)
+        self.config = source.simulator_config()
+        self.sim = LensSimulator(self.config, str(self.device))
+        n = self.config.instrument.n_pix
+        self.image_shape = (1, n, n)
+        if cfg.targets:
+            check_targets(self.sim, list(cfg.targets))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def class_counts(self, index: int) -> list[int]:
+        """Images of each class (CLASSES order) in global batch `index` (the rule in the module docstring)."""
+        base, extra = divmod(self.cfg.batch_size, len(CLASSES))
+        return [base + ((j - index) % len(CLASSES) < extra) for j in range(len(CLASSES))]
+
+    def batch(self, epoch: int, index: int) -> dict:
+        """Global batch `index` of `epoch`: the same tensors every time on a given device type."""
+        states = np.random.SeedSequence(self.seed, spawn_key=(STREAM_KEY, epoch, index)).generate_state(3, np.uint64)
+        params_seed, noise_seed, order_seed = (int(s) >> 1 for s in states)
+        params_gen, order_gen = torch.Generator().manual_seed(params_seed), torch.Generator().manual_seed(order_seed)
+        noise_gen = torch.Generator(device=self.device).manual_seed(noise_seed)
+        images, labels, targets = [], [], []
+        for label, (name, n) in enumerate(zip(CLASSES, self.class_counts(index))):
+            if n:
+                params = self.sim.sample(name, n, params_gen)
+                images.append(self.sim.add_noise(self.sim.render(params), params, noise_gen))
+                labels.append(torch.full((n,), label, dtype=torch.int64))
+                if self.cfg.targets:
+                    targets.append(self._targets(self.sim.metadata(params), epoch, index))
+        bs = self.cfg.batch_size
+        order = torch.randperm(bs, generator=order_gen)
+        image = normalize(torch.cat(images).index_select(0, order.to(self.device)), self.cfg.normalize, inplace=True)
+        if self.cfg.augment:
+            image = augment(image, order_gen)
+        ids = torch.stack([torch.full((bs,), epoch), torch.full((bs,), index), torch.arange(bs)], 1)
+        batch = {"image": image, "label": torch.cat(labels)[order].to(self.device), "ids": ids}
+        if targets:
+            batch["target"] = torch.from_numpy(np.concatenate(targets))[order].to(self.device)
+        return batch
+
+    def _targets(self, metas: list[dict], epoch: int, index: int) -> np.ndarray:
+        values = np.array([[target_value(m, k) for k in self.cfg.targets] for m in metas], dtype=np.float64)
+        if not np.isfinite(values).all():   # NaN from None: a value the build-time check did not see
+            bad = self.cfg.targets[int(np.argwhere(~np.isfinite(values))[0, 1])]
+            raise ValueError(f"data.targets: {bad!r} not finite for a {metas[0]['class']} image of epoch {epoch} "
+                             f"batch {index}")
+        return values.astype(np.float32)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            if self.device.type == "cuda":
+                raise RuntimeError("a CUDA simulation stream runs in the training process: use simulation_loader "
+                                   "(num_workers=0), not DataLoader workers")
+            torch.set_num_threads(1)
+        for local in range(worker, self.batches_per_epoch, workers):   # TrainStream's quota per worker
+            yield self.batch(self.epoch, local * self.world + self.rank)
+
+    def sample_keys(self, ids: torch.Tensor) -> list[str]:
+        """Human-readable sample keys ("epoch 2:batch 17:sample 5") for ids from a batch."""
+        return [f"epoch {e}:batch {b}:sample {p}" for e, b, p in ids.tolist()]
+
+    def describe(self) -> dict:
+        """Everything that regenerates this stream's batches bit for bit (for the run directory)."""
+        return {"kind": "simulation", "simulator": plain(to_dict(self.config)), "seed": self.seed,
+                "seed_key": [STREAM_KEY, "epoch", "global batch"], "batch_size": self.cfg.batch_size,
+                "batches_per_epoch": self.batches_per_epoch, "world": self.world,
+                "global_batch": "local batch * world + rank", "classes": list(CLASSES),
+                "normalize": self.cfg.normalize, "augment": self.cfg.augment, "targets": list(self.cfg.targets),
+                "device": self.device.type, "dtype": "float32", "torch": torch.__version__}
+
+
+def simulation_loader(stream: SimulationStream) -> DataLoader:
+    """`make_loader` on CPU; on CUDA no workers and no pinning (the batches already sit on the training device)."""
+    if stream.device.type == "cpu":
+        return make_loader(stream, stream.cfg)
+    return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=False)
+
+
+# ---- The fixed evaluation set ------------------------------------------------------------------------------------
+
+def eval_set_identity(source: SimulationSourceConfig, batch_size: int = EVAL_BATCH_SIZE) -> dict:
+    """What an evaluation set's manifest `source` must hold to be reused (the simulation device is not part of it:
+    it changes noise bits, not the distribution)."""
+    splits = {"val": source.eval_per_class, **({"train": source.probe_per_class} if source.probe_per_class else {})}
+    return {"kind": "simulator", "config": plain(to_dict(source.simulator_config())), "seed": source.eval_seed,
+            "splits": splits, "batch_size": batch_size, "dtype": "float32"}
+
+
+def _identity_differences(held: dict, wanted: dict) -> list[str]:
+    there, here = flatten(plain(held)), flatten(wanted)
+    return [f"{k}: {there.get(k, '(absent)')!r} there, {here[k]!r} wanted" for k in here if there.get(k) != here[k]]
+
+
+def _reusable(out_dir: Path, wanted: dict) -> bool:
+    """True if `out_dir` holds the wanted set; False if it holds no manifest; raises if it holds another set."""
+    if not (out_dir / MANIFEST).is_file():
+        return False
+    held = load_manifest(out_dir).get("source", {})
+    differences = _identity_differences(held, wanted)
+    if differences:
+        raise ValueError(f"{out_dir}: holds an evaluation set made differently ({'; '.join(differences[:6])}"
+                         f"{' ...' if len(differences) > 6 else ''}); delete it or use another directory")
+    return True
+
+
+def prepare_eval_set(source: SimulationSourceConfig, out_dir: Path | str, workers: int = 1, device: str = "cpu",
+                     batch_size: int = EVAL_BATCH_SIZE, shard_size: int = 2048, samples_per_record: int = 256) -> Path:
+    """Simulate the fixed evaluation set once (val: `eval_per_class`, train: `probe_per_class` images per class) with
+    the `dlscale simulate` writer; an existing set of the same config, seed, counts and batch size is reused as is.
+    Raw images, as every shard dataset: the eval stream normalises them as the training stream does its own."""
+    out_dir = Path(out_dir)
+    wanted = eval_set_identity(source, batch_size)
+    if _reusable(out_dir, wanted):
+        log.info("%s: reusing the evaluation set (same simulator config and seed)", out_dir)
+        return out_dir
+    total = sum(wanted["splits"].values())
+    splits = ",".join(f"{name}={n / total!r}" for name, n in wanted["splits"].items())   # val first takes rounding
+    config = source.simulator_config()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.config-") as tmp:
+        config_path = write_text(Path(tmp) / "simulator.yaml", dump_yaml(config))
+        argv = ["--preset", config.preset, "--config", str(config_path), "--n-per-class", str(total),
+                "--splits", splits, "--out", str(out_dir), "--seed", str(source.eval_seed), "--device", device,
+                "--batch-size", str(batch_size), "--workers", str(workers), "--shard-size", str(shard_size),
+                "--samples-per-record", str(samples_per_record)]
+        try:
+            simulate_main(argv)
+        except ValueError:
+            if _reusable(out_dir, wanted):   # another process wrote the same set meanwhile
+                return out_dir
+            raise
+    if not _reusable(out_dir, wanted):
+        raise RuntimeError(f"{out_dir}: `dlscale simulate` finished without a manifest")
+    log.info("%s: simulated the evaluation set (%s per class)", out_dir, wanted["splits"])
+    return out_dir
