@@ -1,12 +1,22 @@
 """Hostile or broken input: crafted manifests, huge claimed allocations, inconsistent counts, unphysical simulator
 settings, a full disk and the leftovers of a killed run. Each must end in a clear error naming the culprit."""
 import contextlib
+import io
 import json
+import pickle
+import tarfile
 
+import numpy as np
 import pytest
 
-from dlscale.data.shards import MANIFEST, load_manifest
+from deeplense_fixtures import write_common_test, write_model
+from dlscale.data import deeplense
+from dlscale.data.deeplense import BadFileError, load_npy
+from dlscale.data.shards import MANIFEST, load_manifest, verify
 from dlscale.data.stream import ShardSet, StreamConfig
+from dlscale.data.tario import CorruptShardError, iter_members
+
+PETA = 2 ** 50      # elements no machine has: asking numpy for them fails at once, never really allocates
 
 
 def edit_manifest(data_dir, edit) -> None:
@@ -69,3 +79,117 @@ def test_name_in_a_pipe_template_is_one_quoted_shell_word(small_set, tmp_path):
     with contextlib.suppress(Exception), shards.open(0) as f:           # cat fails: no such file
         f.read(512)
     assert not pwned.exists()
+
+
+# ---- 7: sizes claimed by files are checked before anything is allocated ----------------------------------------
+
+def write_npy_header(path, descr: str, shape: tuple, payload: bytes = b"") -> None:
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+        f.write(payload)
+
+
+class _Reduce:
+    """Pickles as the call `func(*args)` (plus a BUILD with `state`): what a crafted object .npy can ask for."""
+
+    def __init__(self, func, args, state=None):
+        self.value = (func, args) if state is None else (func, args, state)
+
+    def __reduce__(self):
+        return self.value
+
+
+def write_object_npy(path, obj) -> None:
+    """An object-array .npy file whose pickle is `obj`'s (np.save would pickle it the same way)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": (2,)})
+        pickle.dump(obj, f, protocol=3)
+
+
+_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]     # numpy's own array rebuild function (numpy 1 and 2)
+HOSTILE = {
+    "header-shape": lambda p: write_npy_header(p, "<f8", (2 ** 25, 2 ** 25), b"\0" * 64),
+    "header-void": lambda p: write_npy_header(p, "|V1000000000", (1,), b"\0" * 64),
+    "pickle-reconstruct": lambda p: write_object_npy(p, _Reduce(_reconstruct, (np.ndarray, (PETA,), np.dtype("f8")))),
+    "pickle-ndarray": lambda p: write_object_npy(p, _Reduce(np.ndarray, ((PETA,), np.dtype("f8")))),
+    "pickle-setstate": lambda p: write_object_npy(p, _Reduce(_reconstruct, (np.ndarray, (0,), np.dtype("O")),
+                                                             (1, (PETA,), np.dtype("O"), False, [0]))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_file_claiming_a_huge_array_is_a_bad_file_naming_it(tmp_path, case):
+    path = tmp_path / "axion_sim_0.npy"
+    HOSTILE[case](path)
+    with pytest.raises(BadFileError) as err:
+        load_npy(path)
+    assert str(path) in str(err.value) and ("larger than an image may be" in str(err.value)
+                                            or "the file holds 64 after its header" in str(err.value))
+
+
+def test_header_claiming_more_bytes_than_the_file_holds_is_refused_before_reading(tmp_path):
+    path = tmp_path / "0.npy"
+    write_npy_header(path, "<f8", (100, 100), b"\0" * 64)
+    with pytest.raises(BadFileError, match=r"0\.npy.*claims 80,000 bytes of float64 \(100, 100\), the file holds 64"):
+        load_npy(path)
+
+
+def test_image_above_the_element_limit_is_refused_naming_the_limit(tmp_path, monkeypatch):
+    plain, pair = tmp_path / "0.npy", tmp_path / "1.npy"
+    np.save(plain, np.zeros((20, 20)))
+    arr = np.empty(2, dtype=object)
+    arr[0], arr[1] = np.zeros((20, 20)), 1e-23
+    np.save(pair, arr, allow_pickle=True)
+    assert load_npy(plain).shape == (20, 20) and load_npy(pair)[0].shape == (20, 20)
+    monkeypatch.setattr(deeplense, "MAX_IMAGE_ELEMENTS", 399)
+    for path in (plain, pair):
+        with pytest.raises(BadFileError, match=r"shape \(20, 20\).*larger than an image may be \(399 elements\)"):
+            load_npy(path)
+
+
+def test_unpickled_arrays_are_plain_numpy_arrays_with_their_values(tmp_path):
+    image = np.arange(12.0).reshape(3, 4)
+    for order in ("C", "F"):
+        arr = np.empty(2, dtype=object)
+        arr[0], arr[1] = np.asarray(image, order=order), 2.5e-23
+        np.save(tmp_path / "pair.npy", arr, allow_pickle=True)
+        loaded = load_npy(tmp_path / "pair.npy")
+        assert type(loaded) is np.ndarray and loaded[1] == 2.5e-23
+        np.testing.assert_array_equal(loaded[0], image)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pack_stops_at_a_hostile_file_naming_it_and_skip_bad_lists_it(tmp_path, cli, workers):
+    write_model(tmp_path / "src", n_train=3, n_test=1)
+    bad = {case: tmp_path / f"src/Model_I/{folder}/{folder}_sim_{i}.npy" for case, folder, i in
+           [("header-shape", "cdm", 1), ("pickle-reconstruct", "axion", 2), ("pickle-setstate", "no_sub", 0)]}
+    for case, path in bad.items():
+        HOSTILE[case](path)
+    result = cli("pack", tmp_path / "src", "--out", tmp_path / "out", "--workers", workers)
+    assert result.code == 2 and "larger than an image may be" in result.err
+    assert any(str(path) in result.err for path in bad.values())
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+    result = cli("pack", tmp_path / "src", "--out", tmp_path / "out", "--workers", workers, "--skip-bad")
+    assert result.code == 0, result.err
+    rejected = json.loads((tmp_path / "out/rejected.json").read_text())
+    assert sorted(r["file"] for r in rejected) == sorted(str(p) for p in bad.values())
+    assert all("larger than an image may be" in r["reason"] for r in rejected)
+
+
+def test_tar_member_claiming_a_petabyte_is_a_truncated_shard(tmp_path):
+    info = tarfile.TarInfo("k.images.npy")
+    info.size = PETA
+    stream = io.BytesIO(info.tobuf(tarfile.GNU_FORMAT) + b"\0" * 1000)
+    with pytest.raises(CorruptShardError, match=f"shard: truncated \\(wanted {PETA} bytes, got 1000\\)"):
+        list(iter_members(stream, "shard"))
+
+
+def test_verify_reports_a_shard_whose_member_claims_a_petabyte(small_set):
+    shard = small_set / "val-000000.tar"
+    data = bytearray(shard.read_bytes())
+    info = tarfile.TarInfo.frombuf(bytes(data[:512]), "utf-8", "surrogateescape")
+    info.size = PETA
+    data[:512] = info.tobuf(tarfile.GNU_FORMAT)
+    shard.write_bytes(bytes(data))
+    problems = verify(small_set)
+    assert any(p.startswith(f"{shard}: truncated") for p in problems), problems

@@ -1,12 +1,19 @@
-"""Readers for the real DeepLense dataset layouts (DESIGN.md section 4).
+"""Readers for the real DeepLense dataset layouts (common test set, Models I-III, Model IV).
 
 Plain arrays are read with ``allow_pickle=False``. The axion files of Models I-III are pickled object arrays
 (``[image, axion_mass_eV]``, or a 0-d array wrapping the image); they go through `RestrictedUnpickler`, which admits
 numpy arrays, dtypes and plain numbers only, so a crafted file cannot run code.
+
+Nothing is allocated on a file's say-so: a .npy header's claimed size is checked against the file's size and
+`MAX_IMAGE_ELEMENTS` before numpy reads it, and every array a pickle asks numpy to build is checked the same way
+before it exists, so a crafted or damaged file is a `BadFileError` naming it (``--skip-bad`` lists it), never a
+multi-GiB allocation that kills the pack.
 """
 from __future__ import annotations
 
+import functools
 import io
+import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -15,10 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from dlscale.data.classes import ALIASES, canonical_class
+from dlscale.data.tario import read_npy_header
 
 LAYOUTS = ("common-test", "model", "model-iv")
 SPLIT_DIRS = ("train", "val", "test")
 _MODEL_DIR = re.compile(r"^Model_[A-Za-z0-9]+(_test)?$")
+MAX_IMAGE_ELEMENTS = 2 ** 26    # elements of one source array (an 8192 x 8192 image); float64 at most 8 bytes each
+PICKLE_OVERHEAD_BYTES = 1 << 20   # what an object-array file may hold beyond its arrays' bytes
 
 
 class BadFileError(ValueError):
@@ -32,8 +42,51 @@ class SourceFile:
     class_name: str     # canonical class name
 
 
+def check_array_size(shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """ValueError unless an array of `shape` and `dtype` fits `MAX_IMAGE_ELEMENTS` (elements and float64 bytes)."""
+    count = math.prod(shape)
+    if count > MAX_IMAGE_ELEMENTS or count * dtype.itemsize > 8 * MAX_IMAGE_ELEMENTS:
+        raise ValueError(f"an array of shape {shape} and dtype {dtype} ({count:,} elements, {count * dtype.itemsize:,} "
+                         f"bytes) is larger than an image may be ({MAX_IMAGE_ELEMENTS:,} elements)")
+
+
+def _shape(value) -> tuple[int, ...]:
+    shape = (value,) if isinstance(value, int) else tuple(value)
+    if not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise ValueError(f"array shape {value!r}: expected non-negative integers")
+    return shape
+
+
+class _CheckedArray(np.ndarray):
+    """What pickled arrays are built as: `__new__` and `__setstate__` (the pickle's BUILD, which sets the real shape
+    after `_reconstruct` made an empty array) check the size before numpy allocates it."""
+
+    def __new__(cls, shape, dtype=float, *args, **kwargs):   # a pickle calling ndarray(shape, dtype) directly
+        check_array_size(_shape(shape), np.dtype(dtype))
+        return super().__new__(cls, shape, dtype, *args, **kwargs)
+
+    def __setstate__(self, state) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError(f"array state {type(state).__name__}: expected numpy's 4/5-tuple")
+        check_array_size(_shape(state[-4]), np.dtype(state[-3]))
+        super().__setstate__(state)
+
+
+def _reconstruct(subtype, shape, dtype):
+    if subtype is not _CheckedArray:
+        raise pickle.UnpicklingError(f"_reconstruct of {subtype!r}: only numpy arrays are allowed")
+    check_array_size(_shape(shape), np.dtype(dtype))
+    return np.ndarray.__new__(_CheckedArray, _shape(shape), np.dtype(dtype))
+
+
+def _checked_scalar(scalar, dtype, *args):
+    check_array_size((1,), np.dtype(dtype))
+    return scalar(dtype, *args)
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler for DeepLense object arrays: numpy arrays, dtypes and scalars only."""
+    """Unpickler for DeepLense object arrays: numpy arrays, dtypes and scalars only, each array size-checked before
+    numpy allocates it (see `_CheckedArray`)."""
 
     ALLOWED = {
         ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -45,25 +98,40 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refused to load {module}.{name} (only numpy arrays and numbers are allowed)")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if name == "scalar":
+            return functools.partial(_checked_scalar, found)
+        # _frombuffer only views bytes the file holds, so it stays as it is
+        return {"ndarray": _CheckedArray, "_reconstruct": _reconstruct}.get(name, found)
 
 
 def load_npy(path: Path) -> np.ndarray:
-    """Load a .npy file; object arrays through `RestrictedUnpickler`, plain arrays never unpickled."""
+    """Load a .npy file; object arrays through `RestrictedUnpickler`, plain arrays never unpickled. Every size is
+    checked before anything is allocated (see the module docstring)."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            _, _, dtype = read_header(f)
-            if not dtype.hasobject:
+            header = read_npy_header(f)
+            check_array_size(header.shape, header.dtype)
+            payload = size - header.offset
+            if not header.dtype.hasobject:
+                if header.nbytes > payload:
+                    raise ValueError(f"header claims {header.nbytes:,} bytes of {header.dtype} {header.shape}, "
+                                     f"the file holds {payload:,} after its header")
                 f.seek(0)
                 return np.load(f, allow_pickle=False)
-            obj = RestrictedUnpickler(io.BufferedReader(f)).load()
+            if payload > 8 * MAX_IMAGE_ELEMENTS + PICKLE_OVERHEAD_BYTES:
+                raise ValueError(f"object array of {payload:,} bytes is larger than an image may be "
+                                 f"({MAX_IMAGE_ELEMENTS:,} elements)")
+            pickled = f.read()
+        obj = RestrictedUnpickler(io.BytesIO(pickled)).load()
+    except MemoryError:
+        raise BadFileError(f"{path}: cannot read .npy (MemoryError: it asks for more memory than there is)") from None
     except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError, IndexError) as err:
         raise BadFileError(f"{path}: cannot read .npy ({type(err).__name__}: {err})") from None
     if not isinstance(obj, np.ndarray):
         raise BadFileError(f"{path}: object .npy holds a {type(obj).__name__}, expected a numpy array")
-    return obj
+    return np.asarray(obj)
 
 
 def split_image_and_mass(arr: np.ndarray, path: Path) -> tuple[np.ndarray, float | None]:

@@ -4,17 +4,25 @@ Writing goes through `tarfile` (USTAR, fixed mtime, so shards are ordinary tars 
 parses the 512-byte headers with `tarfile.TarInfo.frombuf` but streams the member bytes itself: `tarfile`'s stream
 mode (what WebDataset uses) parses ~20k samples/s here, a plain sequential reader ~10x that, and it works the same
 on local files and on `pipe:` streams.
+
+Sizes claimed by headers are never trusted before the bytes exist: a member larger than `CHUNK_BYTES` is read
+piecewise (a header claiming petabytes ends as "truncated", not as a failed allocation), and `read_npy_header`, the
+one .npy header parser of the package (shard members and DeepLense source files), reports the payload size a header
+claims so callers can check it against the bytes actually there.
 """
 from __future__ import annotations
 
 import io
+import math
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 
 BLOCK = 512
+CHUNK_BYTES = 1 << 26            # members above this are read piecewise, never allocated up front
 
 
 class CorruptShardError(ValueError):
@@ -30,15 +38,23 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None
 
 
 def _read_exact(stream: BinaryIO, n: int, where: str) -> np.ndarray:
-    """Read exactly n bytes into a fresh writable uint8 buffer (arrays then view it without another copy)."""
-    data = np.empty(n, dtype=np.uint8)   # unlike bytearray(n), not zero-filled first
-    view, got = memoryview(data), 0
-    while got < n:   # pipes may return short reads
-        step = stream.readinto(view[got:])
-        if not step:
-            raise CorruptShardError(f"{where}: truncated (wanted {n} bytes, got {got})")
-        got += step
-    return data
+    """Read exactly n bytes into a fresh writable uint8 buffer (arrays then view it without another copy).
+
+    Above `CHUNK_BYTES` the bytes are read in chunks, each allocated only once the previous one is full, so a tar
+    header claiming a huge member costs at most one chunk before the stream ends and the member is reported
+    truncated."""
+    parts, got = [], 0
+    while got < n or not parts:
+        part = np.empty(min(CHUNK_BYTES, n - got), dtype=np.uint8)   # unlike bytearray(n), not zero-filled first
+        view, filled = memoryview(part), 0
+        while filled < len(part):   # pipes may return short reads
+            step = stream.readinto(view[filled:])
+            if not step:
+                raise CorruptShardError(f"{where}: truncated (wanted {n} bytes, got {got + filled})")
+            filled += step
+        parts.append(part)
+        got += filled
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class ReadIntoAdapter:
@@ -62,21 +78,44 @@ class ReadIntoAdapter:
         self.stream.close()
 
 
+@dataclass(frozen=True)
+class NpyHeader:
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype
+    offset: int                 # bytes before the payload
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)          # Python ints: np.prod would wrap around for a crafted shape
+
+    @property
+    def nbytes(self) -> int:
+        """Payload size the header claims (for object arrays: the size of the pointers, not of the pickle)."""
+        return self.count * self.dtype.itemsize
+
+
+def read_npy_header(f: BinaryIO) -> NpyHeader:
+    """Parse the .npy header at the start of `f` (nothing of the payload is read); ValueError if it is not one."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    return NpyHeader(tuple(int(s) for s in shape), bool(fortran), dtype, f.tell())
+
+
 def npy_from_buffer(data: np.ndarray, where: str) -> np.ndarray:
     """View a .npy member as a numpy array without copying; object dtypes (pickle) are refused."""
-    f = io.BytesIO(data[:4096].tobytes())
     try:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
+        header = read_npy_header(io.BytesIO(data[:4096].tobytes()))
     except ValueError as err:
         raise CorruptShardError(f"{where}: not a .npy member ({err})") from None
-    if dtype.hasobject:
+    if header.dtype.hasobject:
         raise CorruptShardError(f"{where}: object array refused (shards never hold pickles)")
-    count = int(np.prod(shape))
-    if len(data) - f.tell() != count * dtype.itemsize:
-        raise CorruptShardError(f"{where}: .npy payload of {len(data) - f.tell()} bytes, expected {count * dtype.itemsize}")
-    return np.frombuffer(data, dtype, count, f.tell()).reshape(shape, order="F" if fortran else "C")
+    if len(data) - header.offset != header.nbytes:
+        raise CorruptShardError(f"{where}: .npy payload of {len(data) - header.offset} bytes, expected "
+                                f"{header.nbytes} for {header.dtype} {header.shape}")
+    return np.frombuffer(data, header.dtype, header.count, header.offset).reshape(
+        header.shape, order="F" if header.fortran_order else "C")
 
 
 def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -92,6 +131,8 @@ def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, np.ndarray
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         except tarfile.HeaderError as err:
             raise CorruptShardError(f"{where}: bad tar header ({err})") from None
+        if info.size < 0:
+            raise CorruptShardError(f"{where}: bad tar header (member size {info.size})")
         data = _read_exact(stream, info.size, where)
         _read_exact(stream, -info.size % BLOCK, where)
         if info.type == tarfile.GNUTYPE_LONGNAME:
