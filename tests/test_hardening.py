@@ -193,3 +193,58 @@ def test_verify_reports_a_shard_whose_member_claims_a_petabyte(small_set):
     shard.write_bytes(bytes(data))
     problems = verify(small_set)
     assert any(p.startswith(f"{shard}: truncated") for p in problems), problems
+
+
+# ---- 8: verify checks the manifest's counts against the shards' contents ----------------------------------------
+
+def test_verify_detects_a_split_total_that_disagrees_with_its_shards(small_set, cli):
+    edit_manifest(small_set, lambda m: m["splits"]["train"].update(samples=11))
+    result = cli("shards", "verify", small_set)
+    assert result.code == 1
+    assert (f"FAIL {small_set / MANIFEST}: split 'train': 11 samples, but its shard entries add up to 10"
+            in result.out)
+    assert result.out.count("FAIL") == 1
+
+
+def test_verify_detects_class_counts_that_disagree_with_the_shards_labels(small_set, cli, records):
+    truth = {c: n for c, n in json.loads((small_set / MANIFEST).read_text())["splits"]["val"]["class_counts"].items()}
+    labels = [s.label for s in records(small_set, "val")]
+    assert truth == {"no_sub": labels.count(0), "cdm": labels.count(1), "axion": labels.count(2)}
+    swapped = {**truth, "no_sub": truth["cdm"], "cdm": truth["no_sub"]}     # same total, wrong classes
+    assert swapped != truth
+    edit_manifest(small_set, lambda m: m["splits"]["val"].update(class_counts=swapped))
+    result = cli("shards", "verify", small_set)
+    assert result.code == 1
+    assert f"FAIL {small_set / MANIFEST}: split 'val': its shards hold per class {truth}, the manifest says {swapped}" \
+        in result.out
+
+
+def test_verify_detects_a_record_count_that_disagrees_naming_the_shard(small_set, cli):
+    edit_manifest(small_set, lambda m: m["splits"]["train"]["shards"][0].update(records=1))
+    result = cli("shards", "verify", small_set)
+    assert result.code == 1
+    assert f"FAIL {small_set / 'train-000000.tar'}: 4 samples in 2 records, manifest says 4 in 1" in result.out
+
+
+def test_verify_of_an_unreadable_split_still_checks_its_class_counts_add_up(small_set):
+    def edit(m):
+        m["splits"]["val"]["class_counts"]["axion"] += 1
+    edit_manifest(small_set, edit)
+    (small_set / "val-000000.tar").unlink()
+    problems = verify(small_set)
+    assert f"{small_set / 'val-000000.tar'}: missing" in problems
+    assert f"{small_set / MANIFEST}: split 'val': class_counts add up to 5, not to its 4 samples" in problems
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["splits"]["train"]["shards"][1].update(samples="4"),
+     "splits.train.shards[1] (train-000001.tar): samples = '4': expected an integer >= 0"),
+    (lambda m: m["splits"]["val"].update(samples=-1), "splits.val: samples = -1: expected an integer >= 0"),
+    (lambda m: m["splits"]["val"].pop("class_counts"), "splits.val.class_counts: expected an object"),
+    (lambda m: m["splits"]["train"]["shards"][0].pop("sha256"), "shards[0] (train-000000.tar) sha256 None"),
+])
+def test_manifest_with_a_malformed_count_is_refused_naming_the_field(small_set, edit, message):
+    edit_manifest(small_set, edit)
+    with pytest.raises(ValueError) as err:
+        load_manifest(small_set)
+    assert str(small_set / MANIFEST) in str(err.value) and message in str(err.value)

@@ -228,6 +228,12 @@ def check_shard_entries(splits: object, path: Path) -> None:
         shards = info.get("shards") if isinstance(info, dict) else None
         if not isinstance(shards, list):
             raise ValueError(f"{path}: splits.{split}: expected an object with a 'shards' list")
+        _need_count(info, "samples", f"{path}: splits.{split}")
+        counts = info.get("class_counts")
+        if not isinstance(counts, dict):
+            raise ValueError(f"{path}: splits.{split}.class_counts: expected an object of class -> count")
+        for name in counts:
+            _need_count(counts, name, f"{path}: splits.{split}.class_counts")
         for i, shard in enumerate(shards):
             name = shard.get("name") if isinstance(shard, dict) else None
             match = SHARD_NAME.fullmatch(name) if isinstance(name, str) else None
@@ -235,6 +241,17 @@ def check_shard_entries(splits: object, path: Path) -> None:
                 why = "listed twice" if name in seen else f"expected a plain file name like {shard_name(split, i)!r}"
                 raise ValueError(f"{path}: splits.{split}.shards[{i}] name {name!r}: {why}")
             seen.add(name)
+            for key in ("samples", "records"):
+                _need_count(shard, key, f"{path}: splits.{split}.shards[{i}] ({name})")
+            if not isinstance(shard.get("sha256"), str):
+                raise ValueError(f"{path}: splits.{split}.shards[{i}] ({name}) sha256 {shard.get('sha256')!r}: "
+                                 "expected a hex string")
+
+
+def _need_count(entry: dict, key: str, where: str) -> None:
+    value = entry.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{where}: {key} = {value!r}: expected an integer >= 0")
 
 
 def decode_record(record: dict[str, np.ndarray], layout: dict, image_shape: tuple[int, ...], n_classes: int,
@@ -262,33 +279,60 @@ def decode_record(record: dict[str, np.ndarray], layout: dict, image_shape: tupl
 
 
 def verify(data_dir: Path | str) -> list[str]:
-    """Recompute every shard's checksum and counts; return the problems found (empty list = dataset intact)."""
+    """Recompute every shard's checksum and contents and compare them with the manifest: samples and records per
+    shard, samples and per-class counts per split. Return the problems found (empty list = dataset intact)."""
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
-    shape, n_classes = tuple(manifest["image_shape"]), len(manifest["classes"])
+    classes = manifest["classes"]
     problems = []
     for split, info in manifest["splits"].items():
+        where = f"{data_dir / MANIFEST}: split {split!r}"
+        listed = sum(shard["samples"] for shard in info["shards"])
+        if info["samples"] != listed:
+            problems.append(f"{where}: {info['samples']} samples, but its shard entries add up to {listed}")
+        unknown = sorted(set(info["class_counts"]) - set(classes))
+        if unknown:
+            problems.append(f"{where}: class_counts names {unknown}, not among the classes {classes}")
+        claimed = {c: info["class_counts"].get(c, 0) for c in classes}
+        held: Counter = Counter()
+        readable = True
         for shard in info["shards"]:
-            path = data_dir / shard["name"]
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-                continue
-            if sha256_file(path) != shard["sha256"]:
-                problems.append(f"{path}: sha256 differs from the manifest")
-            samples = records = 0
-            try:
-                with open(path, "rb") as f:
-                    for key, record in iter_records(f, str(path)):
-                        images, _, _ = decode_record(record, manifest["record_layout"], shape, n_classes,
-                                                     f"{path}:{key}")
-                        samples, records = samples + len(images), records + 1
-            except CorruptShardError as err:
-                problems.append(str(err))
-                continue
-            if (samples, records) != (shard["samples"], shard["records"]):
-                problems.append(f"{path}: {samples} samples in {records} records, manifest says "
-                                f"{shard['samples']} in {shard['records']}")
+            labels = _verify_shard(data_dir / shard["name"], shard, manifest, problems)
+            readable = readable and labels is not None
+            held.update(labels.tolist() if labels is not None else ())
+        found = {c: held.get(i, 0) for i, c in enumerate(classes)}
+        if readable and found != claimed:
+            problems.append(f"{where}: its shards hold per class {found}, the manifest says {claimed}")
+        elif not readable and sum(claimed.values()) != info["samples"]:
+            problems.append(f"{where}: class_counts add up to {sum(claimed.values())}, not to its "
+                            f"{info['samples']} samples")
     return problems
+
+
+def _verify_shard(path: Path, shard: dict, manifest: dict, problems: list[str]) -> np.ndarray | None:
+    """Check one shard against its manifest entry, adding to `problems`; its labels, or None if it cannot be read."""
+    if not path.is_file():
+        problems.append(f"{path}: missing")
+        return None
+    if sha256_file(path) != shard["sha256"]:
+        problems.append(f"{path}: sha256 differs from the manifest")
+    shape, n_classes = tuple(manifest["image_shape"]), len(manifest["classes"])
+    labels, records = [], 0
+    try:
+        with open(path, "rb") as f:
+            for key, record in iter_records(f, str(path)):
+                _, record_labels, _ = decode_record(record, manifest["record_layout"], shape, n_classes,
+                                                    f"{path}:{key}")
+                labels.append(record_labels)
+                records += 1
+    except CorruptShardError as err:
+        problems.append(str(err))
+        return None
+    found = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+    if (len(found), records) != (shard["samples"], shard["records"]):
+        problems.append(f"{path}: {len(found)} samples in {records} records, manifest says "
+                        f"{shard['samples']} in {shard['records']}")
+    return found
 
 
 def summary_table(manifest: dict) -> str:
