@@ -1,20 +1,26 @@
 """Image encoders shared by every training stage.
 
 Each encoder maps (B, in_channels, H, W) to a feature map (B, out_channels, h, w) with h = ceil(H / downsample),
-so the decoder can rebuild the input and the heads can pool it. Nothing is ever downloaded: lensing images are
-not ImageNet photographs, and cluster nodes often have no internet; pretrained weights come from a local file.
+so the decoder can rebuild the input and the heads can pool it, whatever the backbone (a ViT's patch tokens are
+that map on the patch grid). Nothing is ever downloaded: lensing images are not ImageNet photographs, and cluster
+nodes often have no internet; pretrained weights come from a local file.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import resnet18
 
-ENCODER_NAMES: tuple[str, ...] = ("resnet18", "small")
+VIT_ARCHITECTURES: dict[str, str] = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224"}
+"""Our ViT names -> the timm architecture (depth, width, heads) they take; image and patch size are ours."""
+
+ENCODER_NAMES: tuple[str, ...] = ("resnet18", "small", *VIT_ARCHITECTURES, "convnext_nano")
 
 
 @dataclass
@@ -22,13 +28,17 @@ class EncoderConfig:
     """Which encoder to build and how to adapt it to lensing images."""
 
     name: str = "resnet18"
-    """Encoder family: `resnet18` (torchvision, randomly initialised) or `small` (a few conv blocks, for CPU tests)."""
+    """Encoder family: `resnet18` (torchvision), `small` (a few conv blocks, for CPU tests), `vit_tiny` /
+    `vit_small` (timm ViT-Ti/S at the image size) or `convnext_nano` (timm); all randomly initialised."""
     in_channels: int = 1
     """Image channels: 1 for DeepLense Models I-III and the common test, 3 for some Model IV copies."""
     small_input_stem: bool = False
     """resnet18 only: 3x3 stride-1 stem without max-pool, which keeps detail on 64x64 inputs at ~16x the FLOPs."""
     width: int = 32
     """small only: channels of the first block; each following block doubles them."""
+    patch_size: int | None = None
+    """ViT only: side of the square patches, dividing both image sides. None: the divisor in 8..16 nearest to
+    side / 15, i.e. 8 for 64x64 images (8x8 grid), 10 for 150x150 (15x15 grid)."""
     weights_path: str | None = None
     """Local encoder state dict (or a full model state dict holding `encoder.*` keys) to start from."""
 
@@ -78,6 +88,94 @@ class SmallEncoder(nn.Sequential):
         self.downsample: int = 2 ** (len(channels) - 1)
 
 
+def default_patch_size(height: int, width: int) -> int:
+    """The patch side in 8..16 dividing both sides that is nearest to side / 15: 8 up to 120 pixels (64x64 -> an 8x8
+    grid), 10 for the 150x150 DeepLense images (15x15). Small lensing images need small patches: timm's 16 would
+    leave 16 coarse tokens on a 64x64 image."""
+    common, target = math.gcd(height, width), max(height, width) / 15
+    fitting = [p for p in range(8, 17) if common % p == 0]
+    if not fitting:
+        raise ValueError(f"no default patch size for {height}x{width} images (none of 8..16 divides both sides): "
+                         "set model.encoder.patch_size")
+    return min(fitting, key=lambda p: (abs(p - target), p))
+
+
+def check_patch_size(patch_size: int, height: int, width: int, field: str = "model.encoder.patch_size") -> None:
+    """Raise naming `field` unless `patch_size` divides both image sides (ViTs and MAE masks tile the image)."""
+    if patch_size < 1 or height % patch_size or width % patch_size:
+        common = math.gcd(height, width)
+        choices = [p for p in range(2, min(common, 32) + 1) if common % p == 0]
+        raise ValueError(f"{field}={patch_size} must divide the image size {height}x{width}; "
+                         f"divisors that fit: {choices or 'none (crop or pad the images)'}")
+
+
+class ViTEncoder(nn.Module):
+    """timm Vision Transformer without class token or classifier; its patch tokens form the feature map.
+
+    Submodule names are timm's (`patch_embed`, `pos_embed`, `blocks`, `norm`). No class token: the heads pool the
+    patch tokens (a class token would be trained by attention alone, and MAE reconstructs patches only).
+    """
+
+    def __init__(self, architecture: str, image_shape: tuple[int, int, int], patch_size: int | None = None) -> None:
+        super().__init__()
+        import timm  # imported here: it takes a while and only ViT/ConvNeXt runs need it
+
+        channels, height, width = image_shape
+        patch_size = default_patch_size(height, width) if patch_size is None else patch_size
+        check_patch_size(patch_size, height, width)
+        vit = timm.create_model(architecture, pretrained=False, img_size=(height, width), patch_size=patch_size,
+                                in_chans=channels, num_classes=0, class_token=False, global_pool="")
+        if vit.num_prefix_tokens:
+            raise ValueError(f"timm {architecture} still has {vit.num_prefix_tokens} prefix tokens")
+        self.patch_embed, self.pos_embed, self.pos_drop = vit.patch_embed, vit.pos_embed, vit.pos_drop
+        self.norm_pre, self.blocks, self.norm = vit.norm_pre, vit.blocks, vit.norm
+        self.patch_size: int = patch_size
+        self.grid_size: tuple[int, int] = (height // patch_size, width // patch_size)
+        self.out_channels: int = vit.embed_dim
+        self.downsample: int = patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def _transform(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.norm_pre(self.pos_drop(tokens))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self._transform(self.patch_embed(x) + self.pos_embed)           # (B, N, D), N in row-major order
+        return tokens.transpose(1, 2).reshape(x.shape[0], self.out_channels, *self.grid_size)
+
+    def forward_visible(self, x: torch.Tensor, keep_index: torch.Tensor) -> torch.Tensor:
+        """Encode only the patches `keep_index` (B, n_keep) names, with their position embeddings: the MAE encoder,
+        whose cost scales with the visible patches. Returns (B, n_keep, D) tokens in `keep_index` order."""
+        tokens = self.patch_embed(x) + self.pos_embed
+        index = keep_index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        return self._transform(torch.gather(tokens, 1, index))
+
+
+class ConvNeXtEncoder(nn.Module):
+    """timm ConvNeXt-Nano trunk; the head's LayerNorm is applied to the map instead of to the pooled vector.
+
+    Inputs are zero-padded to a multiple of 32 (150 -> 160), so the map side is ceil(H / 32) like the other CNNs'
+    (the stride-4 stem would otherwise drop the border pixels).
+    """
+
+    def __init__(self, in_channels: int = 1) -> None:
+        super().__init__()
+        import timm
+
+        net = timm.create_model("convnext_nano", pretrained=False, in_chans=in_channels, num_classes=0)
+        self.stem, self.stages, self.norm = net.stem, net.stages, net.head.norm
+        self.out_channels: int = net.num_features
+        self.downsample: int = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad_h, pad_w = (-x.shape[-2]) % self.downsample, (-x.shape[-1]) % self.downsample
+        if pad_h or pad_w:
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return self.norm(self.stages(self.stem(x)))
+
+
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     """Load a local state dict into `encoder`; raise naming the file and every key that does not fit.
 
@@ -110,14 +208,31 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     encoder.load_state_dict(state)
 
 
-def build_encoder(cfg: EncoderConfig) -> nn.Module:
-    """Build the encoder `cfg` names, loading `cfg.weights_path` if given."""
+def build_encoder(cfg: EncoderConfig, image_shape: tuple[int, int, int] | None = None) -> nn.Module:
+    """Build the encoder `cfg` names, loading `cfg.weights_path` if given.
+
+    `image_shape` (C, H, W) is needed by the ViTs (their position embeddings fix the patch grid); the CNNs take
+    any size and ignore it.
+    """
+    if cfg.name not in ENCODER_NAMES:
+        raise ValueError(f"unknown encoder {cfg.name!r}: expected one of {', '.join(ENCODER_NAMES)}")
+    if cfg.patch_size is not None and cfg.name not in VIT_ARCHITECTURES:
+        raise ValueError(f"model.encoder.patch_size={cfg.patch_size} applies to ViT encoders "
+                         f"({', '.join(VIT_ARCHITECTURES)}), not to {cfg.name!r}: leave it unset")
+    if image_shape is not None and tuple(image_shape)[0] != cfg.in_channels:
+        raise ValueError(f"image_shape {tuple(image_shape)} has {image_shape[0]} channels, "
+                         f"model.encoder.in_channels is {cfg.in_channels}")
     if cfg.name == "resnet18":
         encoder: nn.Module = ResNetEncoder(cfg.in_channels, cfg.small_input_stem)
     elif cfg.name == "small":
         encoder = SmallEncoder(cfg.in_channels, cfg.width)
+    elif cfg.name == "convnext_nano":
+        encoder = ConvNeXtEncoder(cfg.in_channels)
     else:
-        raise ValueError(f"unknown encoder {cfg.name!r}: expected one of {', '.join(ENCODER_NAMES)}")
+        if image_shape is None:
+            raise ValueError(f"encoder {cfg.name!r} needs the image shape (C, H, W): its position embeddings "
+                             "fix the patch grid; pass image_shape to build_encoder")
+        encoder = ViTEncoder(VIT_ARCHITECTURES[cfg.name], tuple(image_shape), cfg.patch_size)
     if cfg.weights_path is not None:
         load_encoder_weights(encoder, cfg.weights_path)
     return encoder

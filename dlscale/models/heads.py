@@ -15,28 +15,45 @@ def global_pool(feature_map: torch.Tensor) -> torch.Tensor:
 
 
 class Decoder(nn.Module):
-    """Rebuild an image of exactly `out_shape` from a feature map `scale` times smaller.
+    """Rebuild an image of exactly `out_shape` from a feature map `scale` times smaller, at a fraction of the
+    encoder's cost (reconstruction is a pretext task: this decoder is thrown away after pre-training).
 
-    Each of log2(scale) stages doubles the size (bilinear upsample + conv, which avoids the checkerboard artefacts
-    of transposed convs) and halves the channels. A last bilinear resize lands on sizes that are not multiples of
-    `scale` (150x150 from a 5x5 map). No final activation: inputs may be normalised to [0, 1] or standardised.
+    A 1x1 conv first narrows the map to `width` channels. Each of the d = floor(log2(scale / out_stride)) doublings
+    but the last is a bilinear upsample + one 3x3 conv (no checkerboard artefacts) halving the channels down to
+    `min_channels`; the last is a sub-pixel conv (3x3 conv to 4x the image channels + pixel shuffle), so no layer
+    runs at full resolution. A bilinear resize then lands on `out_shape`: it covers scales that are not powers of
+    two (a ViT's patch 10), sizes that are not multiples of `scale` (150x150 from a 5x5 map) and `out_stride` > 1,
+    which reconstructs at 1/out_stride of the resolution and upsamples (cheaper still, but fine detail is then not
+    learned). No final activation: inputs may be normalised to [0, 1] or standardised.
     """
 
-    def __init__(
-        self, in_channels: int, out_shape: tuple[int, int, int], scale: int = 32, min_channels: int = 16
-    ) -> None:
+    def __init__(self, in_channels: int, out_shape: tuple[int, int, int], scale: int = 32, width: int = 32,
+                 min_channels: int = 8, out_stride: int = 1) -> None:
         super().__init__()
-        if scale < 1 or scale & (scale - 1):
-            raise ValueError(f"decoder scale must be a power of two, got {scale}")
+        if scale < 1 or out_stride < 1:
+            raise ValueError(f"decoder scale and out_stride must be >= 1, got scale={scale}, out_stride={out_stride}")
+        if width < 1 or min_channels < 1:
+            raise ValueError(f"decoder width and min_channels must be >= 1, got {width} and {min_channels}")
         self.out_shape = tuple(out_shape)
-        stages: list[nn.Module] = []
-        channels = in_channels
-        for _ in range(scale.bit_length() - 1):
+        image_channels = self.out_shape[0]
+        channels = min(width, in_channels)
+        stages: list[nn.Module] = [nn.Conv2d(in_channels, channels, kernel_size=1, bias=False),
+                                   nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        doublings = max(scale // out_stride, 1).bit_length() - 1
+        for _ in range(doublings - 1):
             next_channels = max(channels // 2, min_channels)
             stages += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                        conv_bn_relu(channels, next_channels)]
             channels = next_channels
-        stages.append(nn.Conv2d(channels, self.out_shape[0], kernel_size=3, padding=1))
+        if doublings:
+            last = nn.Conv2d(channels, 4 * image_channels, kernel_size=3, padding=1)
+            with torch.no_grad():   # the 4 sub-pixels start equal: no checkerboard at initialisation
+                last.weight.copy_(last.weight.view(image_channels, 4, -1)[:, :1].expand(-1, 4, -1)
+                                  .reshape_as(last.weight))
+                last.bias.copy_(last.bias.view(image_channels, 4)[:, :1].expand(-1, 4).reshape(-1))
+            stages += [last, nn.PixelShuffle(2)]
+        else:
+            stages.append(nn.Conv2d(channels, image_channels, kernel_size=3, padding=1))
         self.stages = nn.Sequential(*stages)
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
