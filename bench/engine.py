@@ -17,10 +17,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 import torch.nn.functional as F
 
-from dlscale.config import load_config
 from dlscale.dist import DistInfo
-from dlscale.models import build_model
-from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device
+from dlscale.train.config import load_config
+from dlscale.train.deepspeed_setup import init_distributed, make_engine, prepare_process
+from dlscale.train.model import build_model
 
 
 def timed_steps(step, batches, n: int) -> float:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cfg = load_config(None, [f"--model.encoder.name={a.encoder}", f"--data.batch_size={a.batch_size}",
                              f"--deepspeed.zero_stage={a.zero_stage}"], stage="supervised", data_dir="-", run_dir="-")
-    device = pick_device(a.device)
+    device = prepare_process(a.device)
     init_distributed(DistInfo(0, 1, 0), device)
     shape = (1, a.image_size, a.image_size)
     batches = [(torch.rand(a.batch_size, *shape, device=device), torch.randint(0, 3, (a.batch_size,), device=device))

@@ -6,7 +6,7 @@
     dlscale train --stage S --data DIR --run-dir RUN [--section.key=value ...] [--resume auto]
     dlscale eval --run-dir RUN [--data DIR] [--split val|test]
     dlscale quickstart [--out runs/quickstart] [--scale small|full] [--force]   the whole pipeline, with a report
-    dlscale tune --data DIR --out DIR [--config tune/multitask.yaml] [--trials N] [--workers-per-trial K]
+    dlscale tune --data DIR --out DIR [--config SWEEP.yaml] [--trials N] [--workers-per-trial K]
                  [--gpus-per-trial G] [--cpus-per-trial C] [--address auto|HOST:PORT] [--resume]   Ray Tune sweep
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Evaluation metrics on gathered scores: classification (accuracy, ROC AUC with a bootstrap CI), regression,
 linear probes on frozen features, and the ROC figure.
 
-Functions take numpy arrays already gathered from every rank; metric names are the flat keys of DESIGN.md
-section 7 (without the `val/` or `probe/` prefix, which the caller adds). Values are plain Python numbers and
+Functions take numpy arrays already gathered from every rank; metric names are the flat keys the engine logs
+(without the `val/` or `probe/` prefix, which the caller adds). Values are plain Python numbers and
 lists, ready for metrics.json and TensorBoard.
 """
 
@@ -168,9 +168,10 @@ def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.d
             max_samples: int | None = None, n_examples: int = 8) -> dict[str, np.ndarray]:
     """Run `model` over `loader` without gradients; return this rank's per-sample outputs as numpy arrays.
 
-    Keys: ids (N,3), labels, features, and where the model has the head: probs, recon_mse (per sample), regression
-    and target; `examples`/`recon_examples` hold the first `n_examples` inputs and reconstructions.
+    Keys: ids (N,3), labels, features, and whatever the model's tasks collect (`Task.collect`: probs, recon_mse,
+    regression + target, ...); the first `n_examples` images of the tasks that show some (`Task.examples`).
     """
+    tasks = getattr(model, "task_specs", {}).values()
     parts: dict[str, list[np.ndarray]] = {}
     seen = 0
     was_training = model.training
@@ -180,15 +181,10 @@ def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.d
             images = batch["image"].to(device, dtype, non_blocking=True)
             out = model(images)
             rows = {"ids": batch["ids"], "labels": batch["label"], "features": out["features"]}
-            if "logits" in out:
-                rows["probs"] = torch.softmax(out["logits"].float(), dim=1)
-            if "recon" in out:
-                rows["recon_mse"] = (out["recon"].float() - images.float()).square().flatten(1).mean(1)
+            for task in tasks:
+                rows.update(task.collect(out, images, batch))
                 if seen < n_examples:
-                    rows["examples"] = images[:n_examples - seen]
-                    rows["recon_examples"] = out["recon"][:n_examples - seen]
-            if "regression" in out and "target" in batch:
-                rows["regression"], rows["target"] = out["regression"], batch["target"]
+                    rows.update({k: v[:n_examples - seen] for k, v in task.examples(out, images).items()})
             for key, value in rows.items():
                 parts.setdefault(key, []).append(value.detach().float().cpu().numpy() if value.is_floating_point()
                                                  else value.cpu().numpy())
@@ -221,7 +217,7 @@ def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def summarize(scores: dict[str, np.ndarray], probe_train: dict[str, np.ndarray] | None, class_names: Sequence[str],
               prefix: str = "val", target_names: Sequence[str] = (), n_bootstrap: int = 200,
               seed: int = 0) -> dict[str, object]:
-    """Flat metrics (DESIGN.md names) from gathered scores: `<prefix>/accuracy`, `<prefix>/auc_*`,
+    """Flat metrics from gathered scores: `<prefix>/accuracy`, `<prefix>/auc_*`,
     `<prefix>/recon_mse`, `<prefix>/mae/<target>`, `probe/accuracy`, `probe/auc_macro`, `<prefix>/n_samples`."""
     metrics: dict[str, object] = {f"{prefix}/n_samples": int(len(scores["labels"]))}
     if "probs" in scores:

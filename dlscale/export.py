@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dlscale import io
 from dlscale.models import EncoderConfig, build_encoder
 
 FORMAT = "dlscale-encoder/1"
@@ -22,10 +22,7 @@ def save_encoder(path: Path, encoder: nn.Module, encoder_cfg: EncoderConfig, inf
     """Write encoder.pt atomically (a crash never leaves a half-written file)."""
     payload = {"format": FORMAT, "encoder_config": dataclasses.asdict(encoder_cfg),
                "state_dict": cpu_state_dict(encoder), **info}
-    payload["encoder_config"]["weights_path"] = None
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    io.save_torch(path, payload)
 
 
 def cpu_state_dict(module: nn.Module) -> dict:
@@ -46,11 +43,18 @@ def read_encoder_file(path: str | Path) -> dict:
     return payload
 
 
+def encoder_config(payload: dict) -> EncoderConfig:
+    """The architecture of an exported encoder (fields of older dlscale versions that no longer exist dropped)."""
+    known = {f.name for f in dataclasses.fields(EncoderConfig)}
+    return EncoderConfig(**{k: v for k, v in payload["encoder_config"].items() if k in known})
+
+
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Build the exported encoder, load its weights, put it in eval mode; its metadata is in `.dlscale`
     (classes, image_shape, normalize, stage). Accepts the file or the run directory that holds it."""
     payload = read_encoder_file(path)
-    encoder = build_encoder(EncoderConfig(**payload["encoder_config"]))
+    shape = payload.get("image_shape")
+    encoder = build_encoder(encoder_config(payload), tuple(shape) if shape else None)
     encoder.load_state_dict(payload["state_dict"])
     encoder.dlscale = {k: v for k, v in payload.items() if k not in ("state_dict",)}
     return encoder.to(device).eval()

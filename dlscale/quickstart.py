@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dlscale.config import load_config
 from dlscale.data.classes import CLASSES
 from dlscale.report import save_roc
 
 log = logging.getLogger(__name__)
 STAGES = ("autoencoder", "supervised", "multitask")
 
-# The notebook project dlscale starts from (common-test data, 3,500 images per class): DESIGN.md section 9.
+# The notebook project dlscale starts from (DeepLense common-test data, 3,500 images per class).
 SEED_RESULTS = {
     "autoencoder": {"probe/accuracy": 0.34},
     "supervised": {"accuracy": 0.62, "auc_macro": 0.81},
@@ -72,7 +71,7 @@ SCALES = {
 def stage_overrides(stage: str, scale: Scale, out: Path) -> list[str]:
     extra = [f"--schedule.epochs={scale.stage_epochs[stage]}"]
     if stage == "multitask":
-        extra += ["--loss.method=fixed", "--loss.weights={recon: 1.0, classification: 1.0}",
+        extra += ["--loss.method=fixed", "--loss.fixed.weights={recon: 1.0, classification: 1.0}",
                   "--init-from", str(out / "autoencoder" / "encoder.pt")]
     return scale.train + extra
 

@@ -1,7 +1,6 @@
 """What a person reads: TensorBoard logging (rank 0), the ROC figure file and a results table."""
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,21 +36,6 @@ def log_evaluation(writer, step: int, metrics: Mapping[str, object], scores: Map
 
 def save_roc(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]) -> None:
     roc_figure(curves, class_names).savefig(path, dpi=120)
-
-
-def write_json(path: Path, data: Mapping) -> None:
-    """JSON without NaN tokens (strict parsers reject them): non-finite numbers become null."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(dict(data)), indent=1))
-    tmp.replace(path)
 
 
 def metrics_table(metrics: Mapping[str, object], class_names: Sequence[str], prefix: str = "val") -> str:

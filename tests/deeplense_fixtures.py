@@ -1,4 +1,4 @@
-"""Small folders written in the real DeepLense layouts (DESIGN.md section 4), with class-dependent images."""
+"""Small folders written in the real DeepLense layouts, with class-dependent images."""
 from __future__ import annotations
 
 import pickle

@@ -1,4 +1,4 @@
-"""DeepLense layouts: detection, reading, canonical class indices, and safe .npy loading (DESIGN.md sections 3-4)."""
+"""DeepLense layouts: detection, reading, canonical class indices, and safe .npy loading."""
 import json
 from collections import Counter
 

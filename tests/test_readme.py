@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dlscale.cli import COMMANDS, main
-from dlscale.config import Config
+from dlscale.train.config import Config
 from dlscale.sim import SimulatorConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from dlscale.models import EncoderConfig, build_model
+from dlscale.models import EncoderConfig
+from dlscale.train.model import build_model
 from dlscale.train.weighting import DynamicWeightAverage, UncertaintyWeighting, build_weighting
 
 
@@ -61,7 +62,8 @@ def test_uncertainty_total_and_gradients_follow_kendall_form():
 
 def test_uncertainty_weights_are_trained_by_the_model_optimizer():
     weighting = build_weighting("uncertainty", TASKS)
-    model = build_model("multitask", EncoderConfig(name="small", width=8), (1, 32, 32), weighting=weighting)
+    model = build_model("multitask", EncoderConfig(name="small", width=8), (1, 32, 32))
+    model.weighting = weighting
     assert any(p is weighting.log_variances for p in model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     out = model(torch.rand(4, 1, 32, 32))
@@ -82,7 +84,7 @@ def test_dwa_weights_are_one_for_the_first_two_epochs():
 
 
 def test_dwa_weights_follow_hand_computed_example():
-    dwa = DynamicWeightAverage(TASKS, temperature=2.0)
+    dwa = build_weighting("dwa", TASKS, temperature=2.0)
     dwa.end_epoch({"recon": 2.0, "classification": 1.0})
     dwa.end_epoch({"recon": 1.0, "classification": 1.0})
     # r = (0.5, 1.0); w = 2 * softmax(r / 2) = 2 * (e^0.25, e^0.5) / (e^0.25 + e^0.5) = (0.875647, 1.124353)
@@ -102,8 +104,9 @@ def test_dwa_refuses_non_positive_epoch_means():
 
 def test_dwa_history_survives_a_model_checkpoint_round_trip():
     def model_with_dwa():
-        return build_model("multitask", EncoderConfig(name="small", width=8), (1, 32, 32),
-                           weighting=DynamicWeightAverage(TASKS))
+        model = build_model("multitask", EncoderConfig(name="small", width=8), (1, 32, 32))
+        model.weighting = DynamicWeightAverage(TASKS)
+        return model
 
     trained = model_with_dwa()
     trained.weighting.end_epoch({"recon": 2.0, "classification": 1.0})

@@ -1,6 +1,6 @@
-"""Ray Tune sweep of the multi-task loss weighting; the same as `dlscale tune` (all logic in dlscale/sweep.py).
+"""Ray Tune sweep of the multi-task loss weighting; the same as `dlscale tune` (all logic in dlscale/sweep/).
 
-    python tune/sweep.py --data shards/ --out sweeps/weighting [--config tune/multitask.yaml] [--trials 24]
+    python tune/sweep.py --data shards/ --out sweeps/weighting [--config my_sweep.yaml] [--trials 24]
     python tune/sweep.py --data shards/ --out sweeps/w --address auto --workers-per-trial 4 --gpus-per-trial 4
     python tune/sweep.py --out sweeps/weighting --resume
 """

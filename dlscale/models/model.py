@@ -1,121 +1,49 @@
-"""One module holding a shared encoder, any subset of task heads and the loss weighting.
+"""The model every stage trains: one shared encoder plus an `nn.ModuleDict` of task heads (and the loss weighting).
 
-Keeping the weighting inside the model means its learned parameters (uncertainty log-variances) and state (DWA
-loss history) are trained, sharded and checkpointed by the same DeepSpeed engine as the network.
+It knows nothing about particular tasks: each registered task (`dlscale.train.tasks`) builds its head and turns
+the encoder's feature map into its outputs. Keeping the weighting inside the model means its learned parameters
+(uncertainty log-variances) and state (DWA history, FAMO logits) are trained, sharded and checkpointed by the same
+DeepSpeed engine as the network.
 """
-
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from dlscale.models.encoders import EncoderConfig, build_encoder
-from dlscale.models.heads import ClassifierHead, Decoder, RegressionHead, global_pool
-
-TASKS: tuple[str, ...] = ("recon", "classification", "regression")
-"""Task names, in the order losses are reported; also the keys of the loss dict given to the weighting."""
-
-STAGE_TASKS: dict[str, tuple[str, ...] | None] = {
-    "autoencoder": ("recon",),
-    "supervised": ("classification",),
-    "multitask": None,  # chosen by the caller
-}
+from dlscale.models.heads import global_pool
 
 
-class MultiTaskModel(nn.Module):
-    """Shared encoder plus optional decoder, classifier and regressor.
+class TaskModel(nn.Module):
+    """`forward(images, batch=None)` returns a dict: `features` (pooled encoder features (B, C), whenever the clean
+    image's feature map was computed) plus every task's outputs (`recon`, `logits`, `regression`, ...).
+    `batch` is the training batch (labels, views, ...) or None at evaluation and inference time."""
 
-    `forward(x)` returns a dict: `features` (pooled, (B, C)) always, and `recon` (B, *image_shape), `logits`
-    (B, n_classes), `regression` (B, n_targets) for the heads present.
-    """
-
-    def __init__(
-        self,
-        encoder: nn.Module,
-        decoder: nn.Module | None = None,
-        classifier: nn.Module | None = None,
-        regressor: nn.Module | None = None,
-        weighting: nn.Module | None = None,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, tasks: Mapping[str, object], weighting: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder = encoder
-        self.decoder = decoder
-        self.classifier = classifier
-        self.regressor = regressor
+        self.task_specs = dict(tasks)
+        self.heads = nn.ModuleDict({name: task.build_head() for name, task in self.task_specs.items()})
         self.weighting = weighting
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """Tasks this model has a head for, in `TASKS` order."""
-        heads = {"recon": self.decoder, "classification": self.classifier, "regression": self.regressor}
-        return tuple(task for task in TASKS if heads[task] is not None)
+        """The task names, in the order losses are reported."""
+        return tuple(self.task_specs)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feature_map = self.encoder(x)
-        out = {"features": global_pool(feature_map)}
-        if self.decoder is not None:
-            out["recon"] = self.decoder(feature_map)
-        if self.classifier is not None:
-            out["logits"] = self.classifier(feature_map)
-        if self.regressor is not None:
-            out["regression"] = self.regressor(feature_map)
+    def forward(self, images: torch.Tensor, batch: dict | None = None) -> dict[str, torch.Tensor]:
+        need_map = batch is None or any(task.uses_feature_map for task in self.task_specs.values())
+        feature_map = self.encoder(images) if need_map else None
+        out = {} if feature_map is None else {"features": global_pool(feature_map)}
+        for name, task in self.task_specs.items():
+            out.update(task.forward(self.heads[name], feature_map, images, batch, self))
         return out
+
+    def losses(self, out: dict[str, torch.Tensor], images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Each task's unweighted loss."""
+        return {name: task.loss(out, images, batch) for name, task in self.task_specs.items()}
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled encoder features (B, C), without running the heads: the input of linear probes."""
         return global_pool(self.encoder(x))
-
-
-def build_model(
-    stage: str,
-    encoder_cfg: EncoderConfig,
-    image_shape: tuple[int, int, int],
-    n_classes: int = 3,
-    n_reg_targets: int = 0,
-    tasks: Sequence[str] | None = None,
-    weighting: nn.Module | None = None,
-    classifier_dropout: float = 0.0,
-) -> MultiTaskModel:
-    """Build the model of a training stage.
-
-    `autoencoder`: encoder + decoder; `supervised`: encoder + classifier; `multitask`: encoder + the heads named in
-    `tasks` (default: recon and classification, plus regression when `n_reg_targets` > 0). `tasks` given with
-    another stage must equal that stage's tasks.
-    """
-    if stage not in STAGE_TASKS:
-        raise ValueError(f"unknown stage {stage!r}: expected one of {', '.join(STAGE_TASKS)}")
-    if tuple(image_shape)[0] != encoder_cfg.in_channels:
-        raise ValueError(f"image_shape {tuple(image_shape)} has {image_shape[0]} channels, "
-                         f"encoder in_channels is {encoder_cfg.in_channels}")
-    chosen = stage_tasks(stage, tasks, n_reg_targets)
-    encoder = build_encoder(encoder_cfg)
-    channels = encoder.out_channels
-    return MultiTaskModel(
-        encoder,
-        decoder=Decoder(channels, image_shape, scale=encoder.downsample) if "recon" in chosen else None,
-        classifier=ClassifierHead(channels, n_classes, classifier_dropout) if "classification" in chosen else None,
-        regressor=RegressionHead(channels, n_reg_targets) if "regression" in chosen else None,
-        weighting=weighting,
-    )
-
-
-def stage_tasks(stage: str, tasks: Sequence[str] | None, n_reg_targets: int) -> tuple[str, ...]:
-    """Validate the tasks asked for against the stage; return them in `TASKS` order."""
-    if tasks is not None:
-        unknown = sorted(set(tasks) - set(TASKS))
-        if unknown:
-            raise ValueError(f"unknown tasks {unknown}: expected some of {', '.join(TASKS)}")
-    fixed = STAGE_TASKS[stage]
-    if fixed is not None:
-        if tasks is not None and set(tasks) != set(fixed):
-            raise ValueError(f"stage {stage!r} trains tasks {list(fixed)}, got tasks {list(tasks)}")
-        return fixed
-    if tasks is None:
-        tasks = ("recon", "classification") + (("regression",) if n_reg_targets > 0 else ())
-    if not tasks:
-        raise ValueError("stage 'multitask' needs at least one task")
-    if "regression" in tasks and n_reg_targets < 1:
-        raise ValueError("task 'regression' needs n_reg_targets >= 1")
-    return tuple(task for task in TASKS if task in tasks)

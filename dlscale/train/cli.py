@@ -1,41 +1,71 @@
-"""`dlscale train` / `launch/train.py` and `dlscale eval` argument handling (the same under every launcher)."""
+"""`dlscale train` / `launch/train.py` and `dlscale eval` argument handling (the same under every launcher).
+
+These are process entry points: they set the process up (DeepSpeed accelerator, logging) and print the results
+table; the library below them only logs.
+"""
 from __future__ import annotations
 
 import argparse
 
-from dlscale.config import load_config
+from dlscale.configtree import dump_yaml
+from dlscale.data.classes import CLASSES
+from dlscale.dist import dist_info, setup_logging
+from dlscale.train.config import load_config
+from dlscale.train.stages import STAGES
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="dlscale train", description="Train one stage. Any config key can be set as --section.key=value, "
-        "e.g. --model.encoder.name=small --optim.lr=3e-4 --deepspeed.zero_stage=2.")
-    p.add_argument("--stage", choices=["autoencoder", "supervised", "multitask"])
+        "e.g. --model.encoder.name=small --optim.lr=3e-4 --deepspeed.zero_stage=2; --print-config lists them.")
+    p.add_argument("--stage", choices=list(STAGES), help="; ".join(f"{k}: {v.description}" for k, v in
+                                                                 STAGES.items()))
     p.add_argument("--data", help="dataset directory (manifest.json + shards)")
     p.add_argument("--run-dir", help="new run directory (or the one to resume)")
     p.add_argument("--config", help="YAML config file")
-    p.add_argument("--init-from", help="encoder.pt or a finished run directory to start the encoder from")
+    p.add_argument("--init-from", help="encoder.pt, a finished run directory or an encoder state dict to start from")
     p.add_argument("--resume", choices=["auto"], help="continue from the latest complete checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
         p.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
-    from dlscale.train.engine import run
     cfg = load_config(args.config, rest, stage=args.stage, data_dir=args.data, run_dir=args.run_dir,
                       init_from=args.init_from)
-    run(cfg, resume=args.resume == "auto", local_rank=args.local_rank)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from dlscale.train.deepspeed_setup import prepare_process
+    info = dist_info(args.local_rank)
+    setup_logging(info.rank)
+    prepare_process(cfg.device)
+    from dlscale.report import metrics_table
+    from dlscale.train.engine import run
+    metrics = run(cfg, resume=args.resume == "auto", local_rank=args.local_rank)
+    if info.is_main:
+        print(f"\n{cfg.stage} finished: {cfg.run_dir}\n{metrics_table(metrics, CLASSES, cfg.eval.split)}\n"
+              f"  encoder          {cfg.run_dir}/encoder.pt", flush=True)
     return 0
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dlscale eval", description="Evaluate a finished run on a dataset split; "
-                                "writes metrics.json, scores_<split>.npz and the ROC figure into the run directory.")
+    p = argparse.ArgumentParser(prog="dlscale eval", description="Evaluate a finished run on a dataset split. On the "
+                                "run's own data it writes metrics.json, scores_<split>.npz and the ROC figure into "
+                                "the run directory; on other data (--data) into RUN/eval/<dataset>-<split>/.")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--data", help="dataset directory (default: the one the run trained on)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = p.parse_args(argv)
-    from dlscale.train.engine import evaluate_run
-    evaluate_run(args.run_dir, args.data, args.split, args.local_rank)
+    from dlscale.train.deepspeed_setup import prepare_process
+    info = dist_info(args.local_rank)
+    setup_logging(info.rank)
+    prepare_process()
+    from dlscale.report import metrics_table
+    from dlscale.train.evaluation import evaluate_run
+    metrics, out_dir = evaluate_run(args.run_dir, args.data, args.split, args.local_rank)
+    if info.is_main:
+        print(f"{args.run_dir} on {args.data or 'its own data'} [{args.split}] -> {out_dir}\n"
+              f"{metrics_table(metrics, CLASSES, args.split)}", flush=True)
     return 0

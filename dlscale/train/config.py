@@ -1,35 +1,51 @@
-"""Typed configuration tree: defaults < YAML file < `--section.key=value` overrides, validated once.
+"""The training config schema: a tree of typed dataclasses, loaded as defaults < stage defaults < YAML file <
+`--section.key=value` overrides, validated once, written into the run directory as config.yaml.
 
-The resolved tree is written to the run directory as config.yaml and reloads unchanged (`load_config`).
+The loader itself is generic (`dlscale.configtree`); this module holds only the training schema and the
+translation of config files written by dlscale 0.1 (their `loss.weights`, `loss.temperature` and
+`model.encoder.weights_path` keys), so old run directories still load.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlscale.configtree import dump_yaml, flatten, from_dict, load_dataclass, plain, set_dotted, to_dict  # noqa: F401
+from dlscale.configtree import from_dict, merge, overrides_tree, read_yaml, to_dict
 from dlscale.data.stream import StreamConfig
 from dlscale.models import EncoderConfig
-
-STAGES = ("autoencoder", "supervised", "multitask")
+from dlscale.train.stages import STAGES, get_stage
+from dlscale.train.weighting import build_weighting, weighting_class
+from dlscale.train.weighting.classic import DWAConfig, FixedConfig
+from dlscale.train.weighting.famo import FAMOConfig
 
 
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="resnet18"))
-    tasks: list[str] | None = None        # multitask heads; default recon + classification (+ regression if targets)
+    tasks: list[str] | None = None
+    """Tasks of stages that let the run choose (multitask); default recon + classification (+ regression if
+    data.targets)."""
     classifier_dropout: float = 0.0
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-task options, e.g. {mae: {mask_ratio: 0.6}} (each task's `Config` lists its fields)."""
 
 
 @dataclass
 class LossConfig:
-    method: str = "fixed"                 # fixed | uncertainty (Kendall et al. 2018) | dwa (Liu et al. 2019)
-    weights: dict[str, float] | None = None   # fixed only: per task, e.g. {recon: 0.1, classification: 1.0}
-    temperature: float = 2.0              # dwa only
+    method: str = "fixed"
+    """fixed | uncertainty (Kendall et al. 2018) | dwa (Liu et al. 2019) | famo (Liu et al. 2023) | upgrad
+    (Quinton & Rey 2024, gradient-based) | any registered weighting."""
+    fixed: FixedConfig = field(default_factory=FixedConfig)
+    dwa: DWAConfig = field(default_factory=DWAConfig)
+    famo: FAMOConfig = field(default_factory=FAMOConfig)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Options of weightings registered outside dlscale: {method: {field: value}}."""
+
+    def method_options(self) -> Any:
+        """The options of the chosen method (its config section)."""
+        return getattr(self, self.method) if hasattr(self, self.method) and self.method != "options" \
+            else self.options.get(self.method)
 
 
 @dataclass
@@ -44,7 +60,7 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 1                   # 0, 1 or 2 (stage 3 shards parameters; eval streams are uneven, see DESIGN)
+    zero_stage: int = 1                   # 0, 1 or 2 (stage 3 would shard parameters the uneven eval stream needs)
     precision: str = "auto"               # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
     grad_accum: int = 1                   # gradient accumulation steps
     config_file: str | None = None        # a ds_config JSON used as is (its batch sizes must agree with data.*)
@@ -69,12 +85,12 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    stage: str = "supervised"             # autoencoder | supervised | multitask
+    stage: str = "supervised"             # a name of the stage table (dlscale.train.stages)
     data_dir: str = ""                    # dataset directory (manifest.json + shards)
     run_dir: str = ""                     # output directory of this run
     seed: int = 0
     device: str = "auto"                  # auto | cpu | cuda
-    init_from: str | None = None          # encoder.pt or a run directory whose encoder starts this run
+    init_from: str | None = None          # encoder.pt, a run directory or an encoder state dict to start from
     data: StreamConfig = field(default_factory=StreamConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -84,8 +100,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
-        if self.stage not in STAGES:
-            raise ValueError(f"stage={self.stage!r}: expected one of {', '.join(STAGES)}")
+        get_stage(self.stage)
+        weighting_class(self.loss.method)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
         if self.deepspeed.zero_stage not in (0, 1, 2):
@@ -99,10 +115,43 @@ class Config:
         return self
 
 
+def run_tasks(cfg: Config) -> tuple[str, ...]:
+    """The tasks a run of this config trains."""
+    from dlscale.train.stages import stage_tasks
+    return stage_tasks(cfg.stage, cfg.model.tasks, len(cfg.data.targets))
+
+
+def check_weighting(cfg: Config) -> None:
+    """Build the configured weighting once for the run's tasks: bad options raise here, before anything starts."""
+    build_weighting(cfg.loss.method, run_tasks(cfg), cfg.loss.method_options())
+
+
+def migrate(tree: dict) -> dict:
+    """Config trees written by dlscale 0.1 in today's form (only keys present are moved)."""
+    loss, encoder = tree.get("loss"), (tree.get("model") or {}).get("encoder")
+    if isinstance(loss, dict):
+        if "weights" in loss:
+            loss.setdefault("fixed", {})["weights"] = loss.pop("weights")
+        if "temperature" in loss:
+            loss.setdefault("dwa", {})["temperature"] = loss.pop("temperature")
+    if isinstance(encoder, dict) and "weights_path" in encoder and "weights_path" not in _encoder_fields():
+        path = encoder.pop("weights_path")
+        if path and not tree.get("init_from"):
+            tree["init_from"] = path
+    return tree
+
+
+def _encoder_fields() -> set[str]:
+    import dataclasses
+    return {f.name for f in dataclasses.fields(EncoderConfig)}
+
+
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> Config:
-    """The training config: defaults < YAML file < dotted overrides (`section.key=value`) < keyword arguments."""
-    return load_dataclass(Config(), yaml_path, overrides, **top)
-
-
-def save_config(cfg: Any, path: Path) -> None:
-    path.write_text(dump_yaml(cfg))
+    """The training config: defaults < the stage's defaults < YAML file < dotted overrides (`section.key=value`)
+    < keyword arguments (None: not given). Unknown keys and wrong types raise naming the dotted key."""
+    given = migrate(read_yaml(yaml_path)) if yaml_path else {}
+    given = merge(given, migrate(overrides_tree(overrides)))
+    given.update({k: v for k, v in top.items() if v is not None})
+    stage = given.get("stage", Config.stage)
+    stage_defaults = STAGES[stage].defaults if isinstance(stage, str) and stage in STAGES else {}
+    return from_dict(Config, merge(merge(to_dict(Config()), stage_defaults), given))

@@ -10,20 +10,27 @@ from pathlib import Path
 
 import torch
 
-from dlscale.config import Config
 from dlscale.dist import DistInfo, export_env
 
 log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str) -> torch.device:
-    """auto -> cuda when a GPU is visible, else cpu. On CPU, DeepSpeed's accelerator must be chosen before import."""
-    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+    """auto -> cuda when a GPU is visible, else cpu."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no GPU is visible; use device=cpu or auto")
-    if not use_cuda:
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
     return torch.device("cuda") if use_cuda else torch.device("cpu")
+
+
+def prepare_process(requested_device: str = "auto") -> torch.device:
+    """Once per process, at its entry point, before DeepSpeed is imported: choose DeepSpeed's accelerator (the CPU
+    one where there is no GPU) and skip its CPU shared-memory op build. Returns the device."""
+    device = pick_device(requested_device)
+    if device.type == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        _skip_cpu_shm_build()
+    return device
 
 
 def init_distributed(info: DistInfo, device: torch.device) -> None:
@@ -34,9 +41,7 @@ def init_distributed(info: DistInfo, device: torch.device) -> None:
         deepspeed.init_distributed(auto_mpi_discovery=False)
         return
     export_env(info)
-    if device.type == "cpu":
-        _skip_cpu_shm_build()
-    else:
+    if device.type == "cuda":
         torch.cuda.set_device(info.local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
     atexit.register(_destroy_group)
@@ -48,7 +53,7 @@ def _destroy_group() -> None:
 
 
 def _skip_cpu_shm_build() -> None:
-    """DeepSpeed >= 0.14 JIT-compiles `deepspeed_shm_comm` (70-90 s of g++) at its first CPU process group. It only
+    """The one DeepSpeed work-around, checked against deepspeed 0.19: DeepSpeed >= 0.14 JIT-compiles `deepspeed_shm_comm` (70-90 s of g++) at its first CPU process group. It only
     speeds up inference all-reduce, which dlscale never uses, so mark it incompatible before the group starts."""
     import deepspeed.ops
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
@@ -56,7 +61,7 @@ def _skip_cpu_shm_build() -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
-def resolve_precision(cfg: Config, device: torch.device) -> str:
+def resolve_precision(cfg, device: torch.device) -> str:
     precision = cfg.deepspeed.precision
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -65,7 +70,7 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return precision
 
 
-def ds_config(cfg: Config, world: int, precision: str) -> dict:
+def ds_config(cfg, world: int, precision: str) -> dict:
     """The ds_config for this run: from `deepspeed.config_file` if given, else generated from the YAML."""
     micro, accum = cfg.data.batch_size, cfg.deepspeed.grad_accum
     if cfg.deepspeed.config_file:
@@ -104,7 +109,7 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
-def make_engine(model: torch.nn.Module, cfg: Config, world: int, device: torch.device, total_steps: int):
+def make_engine(model: torch.nn.Module, cfg, world: int, device: torch.device, total_steps: int):
     """Wrap the model in a DeepSpeed engine with torch AdamW (fused on CUDA) and warm-up + cosine schedule."""
     import deepspeed
     precision = resolve_precision(cfg, device)

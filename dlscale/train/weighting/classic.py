@@ -1,59 +1,49 @@
-"""Combine per-task losses into the one loss the engine back-propagates.
-
-Every weighting is an `nn.Module` living inside the model (`MultiTaskModel.weighting`), so learned weights are
-updated by the engine's optimizer and any state is saved in the engine's checkpoints with the module.
-`forward(losses)` takes `{task: scalar loss}` with exactly the weighting's tasks and returns
-`(total, {task: effective weight})`; the weights are plain floats for logging and checkpoint client state.
-"""
-
+"""The classic loss weightings: fixed weights, homoscedastic uncertainty (Kendall 2018), DWA (Liu 2019)."""
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-WEIGHTING_METHODS: tuple[str, ...] = ("fixed", "uncertainty", "dwa")
+from dlscale.train.weighting.base import LossWeighting, register_weighting
 
 
-class LossWeighting(nn.Module):
-    """Common part: the task list and the check that a loss dict holds exactly those tasks."""
-
-    def __init__(self, tasks: Sequence[str]) -> None:
-        super().__init__()
-        if not tasks or len(set(tasks)) != len(tasks):
-            raise ValueError(f"loss weighting needs distinct task names, got {list(tasks)}")
-        self.tasks: tuple[str, ...] = tuple(tasks)
-
-    def check_tasks(self, values: Mapping[str, Any], what: str = "losses") -> None:
-        """Raise naming the missing and unexpected tasks unless `values` has exactly this weighting's tasks."""
-        missing = sorted(set(self.tasks) - set(values))
-        unexpected = sorted(set(values) - set(self.tasks))
-        if missing or unexpected:
-            raise ValueError(f"{what} must have tasks {list(self.tasks)}: missing {missing}, unexpected {unexpected}")
-
-    def weighted_sum(
-        self, losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """sum_t w_t * L_t for constant weights (fixed and DWA)."""
-        self.check_tasks(losses)
-        total = sum(weights[task] * losses[task] for task in self.tasks)
-        return total, dict(weights)
+@dataclass
+class FixedConfig:
+    weights: dict[str, float] | None = None
+    """Per-task weights, e.g. {recon: 0.1, classification: 1.0}; default 1 for every task."""
 
 
+@dataclass
+class DWAConfig:
+    temperature: float = 2.0
+    """Softmax temperature T of the loss-ratio weights (larger: more even weights)."""
+
+
+@register_weighting
 class FixedWeighting(LossWeighting):
     """Constant, user-chosen weights: total = sum_t w_t * L_t."""
+    name = "fixed"
+    Config = FixedConfig
 
-    def __init__(self, weights: Mapping[str, float]) -> None:
-        super().__init__(list(weights))
-        self.weights = {task: float(weight) for task, weight in weights.items()}
+    def __init__(self, tasks: Sequence[str], options: FixedConfig | None = None) -> None:
+        super().__init__(tasks, options or FixedConfig())
+        weights = self.options.weights if self.options.weights is not None else {t: 1.0 for t in self.tasks}
+        if set(weights) != set(self.tasks):
+            raise ValueError(f"fixed loss weights (loss.fixed.weights) are given for {sorted(weights)}, the model "
+                             f"trains {list(self.tasks)}")
+        self._weights = {task: float(weights[task]) for task in self.tasks}
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.weighted_sum(losses, self.weights)
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict(self._weights)
 
 
+@register_weighting
 class UncertaintyWeighting(LossWeighting):
     """Homoscedastic-uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018), weights learned with the model.
 
@@ -67,7 +57,9 @@ class UncertaintyWeighting(LossWeighting):
     so tasks are balanced by their loss scale. The total can go negative; only its gradient matters.
     """
 
-    def __init__(self, tasks: Sequence[str]) -> None:
+    name = "uncertainty"
+
+    def __init__(self, tasks: Sequence[str], options: Any = None) -> None:
         super().__init__(tasks)
         self.log_variances = nn.Parameter(torch.zeros(len(self.tasks)))
 
@@ -84,6 +76,7 @@ class UncertaintyWeighting(LossWeighting):
         return (precision * task_losses + self.log_variances).sum(), self.weights
 
 
+@register_weighting
 class DynamicWeightAverage(LossWeighting):
     """Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019): favour the tasks whose loss falls slowest.
 
@@ -94,11 +87,14 @@ class DynamicWeightAverage(LossWeighting):
     state: it travels in `state_dict()` / `load_state_dict()` and hence in the engine's checkpoints.
     """
 
-    def __init__(self, tasks: Sequence[str], temperature: float = 2.0) -> None:
-        super().__init__(tasks)
-        if not temperature > 0:
-            raise ValueError(f"DWA temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+    name = "dwa"
+    Config = DWAConfig
+
+    def __init__(self, tasks: Sequence[str], options: DWAConfig | None = None) -> None:
+        super().__init__(tasks, options or DWAConfig())
+        if not self.options.temperature > 0:
+            raise ValueError(f"loss.dwa.temperature must be > 0, got {self.options.temperature}")
+        self.temperature = float(self.options.temperature)
         self.history: list[dict[str, float]] = []
         """Per-task mean losses of the last two finished epochs, oldest first."""
 
@@ -113,7 +109,7 @@ class DynamicWeightAverage(LossWeighting):
         exps = [math.exp(value - peak) for value in scaled]
         return {task: len(self.tasks) * e / sum(exps) for task, e in zip(self.tasks, exps)}
 
-    def end_epoch(self, mean_losses: Mapping[str, float]) -> dict[str, float]:
+    def end_epoch(self, mean_losses: Mapping[str, float]) -> dict[str, float]:  # type: ignore[override]
         """Record an epoch's all-reduced per-task mean losses; return the weights for the next epoch."""
         self.check_tasks(mean_losses, "mean_losses")
         means = {task: float(mean_losses[task]) for task in self.tasks}
@@ -123,9 +119,6 @@ class DynamicWeightAverage(LossWeighting):
         self.history = (self.history + [means])[-2:]
         return self.weights
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.weighted_sum(losses, self.weights)
-
     def get_extra_state(self) -> dict[str, Any]:
         return {"history": [dict(epoch) for epoch in self.history]}
 
@@ -134,25 +127,3 @@ class DynamicWeightAverage(LossWeighting):
         for epoch in history:
             self.check_tasks(epoch, "saved DWA history")
         self.history = history
-
-
-def build_weighting(
-    method: str,
-    tasks: Sequence[str],
-    weights: Mapping[str, float] | None = None,
-    temperature: float = 2.0,
-) -> LossWeighting:
-    """Build the weighting `method` names for `tasks`. `weights` (fixed only) default to 1 for every task."""
-    if method not in WEIGHTING_METHODS:
-        raise ValueError(f"unknown loss weighting {method!r}: expected one of {', '.join(WEIGHTING_METHODS)}")
-    if weights is not None and method != "fixed":
-        raise ValueError(f"loss weights are only used by the 'fixed' weighting, not {method!r}")
-    if method == "fixed":
-        if weights is None:
-            weights = {task: 1.0 for task in tasks}
-        if set(weights) != set(tasks):
-            raise ValueError(f"fixed loss weights are given for {sorted(weights)}, the model trains {list(tasks)}")
-        return FixedWeighting({task: weights[task] for task in tasks})
-    if method == "uncertainty":
-        return UncertaintyWeighting(tasks)
-    return DynamicWeightAverage(tasks, temperature)

@@ -1,0 +1,163 @@
+"""Evaluation of a run, shared by training (`Trainer.finish`, sweeps) and `dlscale eval`.
+
+Every sample of the split is scored exactly once across ranks; scores are gathered once, after the loop; rank 0
+computes the metrics (scikit-learn), fits the linear probe, writes metrics.json, scores_<split>.npz, the ROC
+figure and TensorBoard entries, and shares the metrics with every rank. A failure on rank 0 is shared too, so no
+rank waits forever.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dlscale.configtree import flatten, to_dict
+from dlscale.data.classes import CLASSES
+from dlscale.data.stream import eval_loader
+from dlscale.dist import DistInfo
+from dlscale.evaluate import collect, gather, summarize
+from dlscale.report import log_evaluation, save_roc, scalar_items
+from dlscale.train.artifacts import METRICS, update_metrics
+from dlscale.train.config import Config, load_config, run_tasks
+from dlscale.train.model import build_model
+from dlscale.train.weighting import build_weighting
+
+log = logging.getLogger(__name__)
+LEGACY_HEADS = {"decoder.": "heads.recon.", "classifier.": "heads.classification.",
+                "regressor.": "heads.regression."}
+
+
+def build_run_model(cfg: Config, image_shape: tuple[int, ...], stats: dict | None) -> torch.nn.Module:
+    """The model (encoder, heads, loss weighting) a run of `cfg` trains: the one function training and
+    `dlscale eval` both build it with."""
+    model = build_model(cfg.stage, cfg.model.encoder, image_shape, len(CLASSES), len(cfg.data.targets),
+                        cfg.model.tasks, cfg.model.classifier_dropout, cfg.data.targets, stats,
+                        cfg.model.task_options)
+    model.weighting = build_weighting(cfg.loss.method, model.tasks, cfg.loss.method_options())
+    return model
+
+
+def upgrade_state_dict(state: dict) -> dict:
+    """model.pt of dlscale 0.1 (attributes decoder/classifier/regressor) in today's form (heads.<task>)."""
+    out = {}
+    for key, value in state.items():
+        old = next((prefix for prefix in LEGACY_HEADS if key.startswith(prefix)), None)
+        out[LEGACY_HEADS[old] + key[len(old):] if old else key] = value
+    return out
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation reads and where it writes (rank 0)."""
+    cfg: Config
+    manifest: dict
+    info: DistInfo
+    device: torch.device
+    dtype: torch.dtype
+    out_dir: Path
+    writer: object = None
+
+
+def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0) -> tuple[dict, dict]:
+    """Metrics of `model` on the whole `split` and, with `probe`, the linear probe on frozen train features."""
+    cfg, info = ev.cfg, ev.info
+    scores = gather(collect(model, eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, split), ev.device,
+                            ev.dtype))
+    train_features = None
+    if probe and cfg.eval.probe_samples > 0:
+        per_rank = -(-cfg.eval.probe_samples // info.world)
+        train_features = gather(collect(model, eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, "train"),
+                                        ev.device, ev.dtype, max_samples=per_rank, n_examples=0))
+    outcome: list = [None]
+    if info.is_main:
+        try:
+            outcome = [report_split(ev, split, scores, train_features, step)]
+        except Exception as err:
+            outcome = [f"evaluation on rank 0 failed: {type(err).__name__}: {err}"]
+            if info.world > 1:
+                dist.broadcast_object_list(outcome, src=0)
+            raise
+    if info.world > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], str):
+        raise RuntimeError(outcome[0])
+    return outcome[0], scores
+
+
+def report_split(ev: Evaluation, split: str, scores: dict, train_features: dict | None, step: int) -> dict:
+    expected = ev.manifest["splits"][split]["samples"]
+    if len(scores["labels"]) != expected:
+        raise RuntimeError(f"evaluated {len(scores['labels'])} samples of split {split!r}, the manifest has "
+                           f"{expected}: the eval stream lost or repeated samples")
+    cfg = ev.cfg
+    metrics = summarize(scores, train_features, CLASSES, split, cfg.data.targets, cfg.eval.n_bootstrap, cfg.seed)
+    metrics["step"] = step
+    update_metrics(ev.out_dir / METRICS, metrics)
+    np.savez(ev.out_dir / f"scores_{split}.npz", **{k: v for k, v in scores.items() if k != "features"})
+    if "probs" in scores:
+        save_roc(ev.out_dir / ("roc.png" if split == "val" else f"roc_{split}.png"),
+                 {cfg.stage: (scores["probs"], scores["labels"])}, CLASSES)
+    if ev.writer is not None:
+        log_evaluation(ev.writer, step, metrics, scores, CLASSES, split)
+    return metrics
+
+
+def write_hparams(writer, cfg: Config, metrics: dict) -> None:
+    """The run's TensorBoard hparams record (in the writer's own directory): every scalar config value, dotted,
+    against the scalar metrics. Sweeps write it for trials stopped before the run finished."""
+    hparams = {k: v for k, v in flatten(to_dict(cfg)).items() if isinstance(v, (int, float, str, bool))}
+    writer.add_hparams(hparams, {k: v for k, v in scalar_items(metrics).items() if not k.endswith("n_samples")},
+                       run_name=".")
+
+
+def load_run(run_dir: str | Path, data_dir: str | None = None) -> tuple[Config, torch.nn.Module, dict]:
+    """A finished run's config (pointed at `data_dir` if given), its model with the trained weights, and its
+    exported encoder's metadata."""
+    from dlscale.export import read_encoder_file
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.pt").is_file():
+        raise FileNotFoundError(f"{run_dir}: no model.pt; only finished runs can be evaluated")
+    cfg = load_config(run_dir / "config.yaml", data_dir=data_dir, run_dir=str(run_dir))   # the run may have moved
+    info = read_encoder_file(run_dir)
+    shape = tuple(info["image_shape"])
+    model = build_run_model(cfg, shape, info.get("target_stats"))
+    model.load_state_dict(upgrade_state_dict(torch.load(run_dir / "model.pt", map_location="cpu",
+                                                        weights_only=True)))
+    log.info("loaded %s (stage %s, tasks %s)", run_dir, cfg.stage, "+".join(run_tasks(cfg)))
+    return cfg, model, info
+
+
+def eval_dir(run_dir: Path, cfg_data_dir: str, data_dir: str | None, split: str) -> Path:
+    """Where `dlscale eval` writes: the run directory itself for the run's own dataset, else
+    RUN/eval/<dataset>-<split>/, so the record of the run's own validation is never replaced."""
+    if data_dir is None or Path(data_dir).resolve() == Path(cfg_data_dir).resolve():
+        return run_dir
+    return run_dir / "eval" / f"{Path(data_dir).resolve().name}-{split}"
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | None = None, split: str = "val",
+                 local_rank: int | None = None) -> tuple[dict, Path]:
+    """`dlscale eval`: reload a finished run and evaluate it on `split` of `data_dir` (default: its own data);
+    returns (metrics, the directory they were written to)."""
+    from dlscale.dist import dist_info
+    from dlscale.train.data import load_dataset
+    from dlscale.train.deepspeed_setup import init_distributed, pick_device
+    run_dir = Path(run_dir)
+    trained_on = load_config(run_dir / "config.yaml").data_dir if (run_dir / "config.yaml").is_file() else ""
+    cfg, model, _ = load_run(run_dir, data_dir)
+    manifest, _ = load_dataset(cfg)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{cfg.data_dir}: no split {split!r} (has {', '.join(manifest['splits'])})")
+    info = dist_info(local_rank)
+    device = pick_device(cfg.device)
+    init_distributed(info, device)
+    out_dir = eval_dir(run_dir, trained_on, data_dir, split)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ev = Evaluation(cfg, manifest, info, device, torch.float32, out_dir)
+    metrics, _ = evaluate_split(model.to(device), ev, split, probe=True)
+    return metrics, out_dir

@@ -1,0 +1,111 @@
+"""What a task is: one training objective on the shared encoder, self-contained so that a new objective is one file.
+
+A task owns its head (built from the run's `TaskContext`), the model outputs it produces, its loss, the batch
+entries that loss reads, and what evaluation collects from it. The model (`dlscale.models.TaskModel`) runs the
+encoder once and hands the feature map to every task; the engine sums the task losses through the loss weighting
+and never names a task.
+
+    @register_task
+    class Denoise(Task):
+        name = "denoise"
+        def build_head(self): return Decoder(self.ctx.encoder_channels, self.ctx.image_shape,
+                                             self.ctx.encoder_downsample)
+        def forward(self, head, feature_map, images, batch, model): return {"denoised": head(feature_map)}
+        def loss(self, out, images, batch): return F.mse_loss(out["denoised"], batch["clean"])
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dlscale.configtree import from_dict
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What heads and losses need to know about the run: data, encoder and the task's own options."""
+    image_shape: tuple[int, int, int]
+    encoder_channels: int
+    encoder_downsample: int
+    n_classes: int = 3
+    targets: tuple[str, ...] = ()             # regression target names (metadata keys)
+    target_stats: dict | None = None          # {"mean": [...], "std": [...]} of the targets on the train split
+    classifier_dropout: float = 0.0
+    options: Any = None                       # an instance of the task's `Config` (model.task_options.<task>)
+    encoder: nn.Module | None = field(default=None, compare=False, repr=False)
+
+
+class Task:
+    """Base class of a registered task (see the module docstring for a whole example)."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type | None] = None
+    """Dataclass of the task's options, set as `model.task_options.<name>.<field>` (None: no options)."""
+    batch_keys: ClassVar[tuple[str, ...]] = ()
+    """Batch entries the loss reads besides `image` (e.g. `label`, `target`); a stream lacking one is refused."""
+    uses_feature_map: ClassVar[bool] = True
+    """False for tasks that run the encoder on inputs of their own (masked images, views): the clean image's
+    feature map is then only computed when another task or evaluation needs it."""
+
+    def __init__(self, ctx: TaskContext) -> None:
+        self.ctx = ctx
+
+    def build_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, head: nn.Module, feature_map: torch.Tensor | None, images: torch.Tensor,
+                batch: dict | None, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Model outputs of this task. `batch` is None at inference/evaluation time (images only)."""
+        raise NotImplementedError
+
+    def loss(self, out: dict[str, torch.Tensor], images: torch.Tensor, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def collect(self, out: dict[str, torch.Tensor], images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-sample arrays evaluation gathers from this task's outputs (default: nothing)."""
+        return {}
+
+    def examples(self, out: dict[str, torch.Tensor], images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A few images evaluation shows in TensorBoard (default: none)."""
+        return {}
+
+    @classmethod
+    def available(cls, n_targets: int) -> bool:
+        """Whether the task can train on this data (regression needs targets)."""
+        return True
+
+
+TASKS: dict[str, type[Task]] = {}
+"""Registered tasks by name, in registration order: the order losses are reported in."""
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator adding a task to the registry (a test or a user's launch script may add its own)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__}: a task needs a `name`")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: expected one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_options(name: str, values: dict | None) -> Any:
+    """The typed options of task `name` from `model.task_options.<name>` (unknown keys raise naming them)."""
+    cls = task_class(name)
+    if cls.Config is None:
+        if values:
+            raise ValueError(f"model.task_options.{name}: task {name!r} has no options, got {sorted(values)}")
+        return None
+    return from_dict(cls.Config, dict(values or {}), f"model.task_options.{name}.")
+
+
+def options_dict(options: Any) -> dict:
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
