@@ -15,6 +15,7 @@ from dlscale.data.deeplense import BadFileError, load_npy
 from dlscale.data.shards import MANIFEST, load_manifest, verify
 from dlscale.data.stream import ShardSet, StreamConfig
 from dlscale.data.tario import CorruptShardError, iter_members
+from dlscale.sim import LensSimulator, load_config, simulate_main
 
 PETA = 2 ** 50      # elements no machine has: asking numpy for them fails at once, never really allocates
 
@@ -248,3 +249,59 @@ def test_manifest_with_a_malformed_count_is_refused_naming_the_field(small_set, 
     with pytest.raises(ValueError) as err:
         load_manifest(small_set)
     assert str(small_set / MANIFEST) in str(err.value) and message in str(err.value)
+
+
+# ---- 9: the simulator refuses unphysical settings and never writes a non-finite image -----------------------------
+
+def simulate(out, *extra):
+    return simulate_main(["--preset", "model_i", "--n-per-class", "4", "--out", str(out), "--batch-size", "2",
+                          "--instrument.n_pix=9", *extra])
+
+
+@pytest.mark.parametrize("override,key,expected", [
+    ("--source.magnitude=-80", "source.magnitude", "[0, 40] mag"),
+    ("--lens.theta_E=.inf", "lens.theta_E", "(0, 100] arcsec"),
+    ("--instrument.pixel_scale=.nan", "instrument.pixel_scale", "(0, 10] arcsec"),
+    ("--source.R_sersic=1e-300", "source.R_sersic", "[0.0001, 100] arcsec"),
+    ("--instrument.exposure_time=[1000, .inf]", "instrument.exposure_time", "both finite in (0, 1e+08] s"),
+    ("--cosmology.H0=-70", "cosmology.H0", "[10, 500] km/s/Mpc"),
+    ("--lens.z_source=1e9", "lens.z_source", "(0, 20]"),
+    ("--substructure.vortex_points=0", "substructure.vortex_points", "[1, 100000]"),
+])
+def test_unphysical_override_is_refused_naming_key_and_range(tmp_path, override, key, expected):
+    with pytest.raises(ValueError) as err:
+        simulate(tmp_path / "sim", override)
+    assert str(err.value).startswith(f"{key} = ") and expected in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_preset_and_the_readme_settings_pass_validation():
+    for preset in ("model_i", "model_ii", "model_iii"):
+        load_config(preset, None, ["--lens.randomize=true", "--instrument.supersampling=2", "--instrument.noise=true"])
+
+
+@pytest.mark.parametrize("spoil,what", [("nan", "NaN/Inf pixels"), ("negative", "negative counts")])
+def test_batch_with_non_finite_pixels_stops_the_run_naming_class_batch_and_keys(tmp_path, monkeypatch, spoil, what):
+    real = LensSimulator.add_noise
+
+    def add_noise(self, images, p, generator):
+        images = real(self, images, p, generator)
+        if p.class_name == "axion":
+            images[-1, 0, 4, 4] = float("nan") if spoil == "nan" else -5.0
+        return images
+    monkeypatch.setattr(LensSimulator, "add_noise", add_noise)
+    with pytest.raises(ValueError) as err:
+        simulate(tmp_path / "sim")
+    message = str(err.value)
+    assert message.startswith(f"class axion, batch 2: 1 {what}") and "of 162 pixels in float32" in message
+    assert "source.magnitude=None" in message and "lens.theta_E=1.2815" in message and "nothing was written" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_poisson_overflow_of_an_extreme_but_in_range_source_is_caught(tmp_path):
+    """Each value in range, together far too bright: the counts pass int64 and torch's Poisson draw wraps."""
+    extreme = ["--source.magnitude=0", "--instrument.zero_point=50", "--source.R_sersic=1e-4", "--source.n_sersic=10",
+               "--instrument.exposure_time=[1e8, 1e8]", "--source.position_range=[0, 0]"]
+    with pytest.raises(ValueError, match=r"class no_sub, batch 0: .*(NaN/Inf pixels|negative counts)"):
+        simulate(tmp_path / "sim", *extreme)
+    assert list(tmp_path.iterdir()) == []

@@ -158,56 +158,89 @@ def load_config(preset: str | None = None, yaml_path: Path | str | None = None,
     return config.validate()
 
 
+class Range(typing.NamedTuple):
+    low: float
+    high: float
+    unit: str = ""
+    open_low: bool = False           # low itself excluded
+
+    def holds(self, value: object) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (value > self.low if self.open_low else value >= self.low) and value <= self.high)
+
+    def __str__(self) -> str:
+        return f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}]{' ' + self.unit if self.unit else ''}"
+
+
+# Every number of the config (pairs: both bounds, low <= high). Wide enough for any real survey, lens or source;
+# narrow enough that the physics stays finite in float32, so a typo such as source.magnitude=-80 or an infinite
+# Einstein radius fails here, naming the key, instead of becoming a dataset of NaN images.
+RANGES: dict[str, Range] = {
+    "instrument.n_pix": Range(1, 8192, "pixels"),
+    "instrument.pixel_scale": Range(0, 10, "arcsec", open_low=True),
+    "instrument.supersampling": Range(1, 16),
+    "instrument.psf_fwhm": Range(0, 10, "arcsec (0 = no PSF)"),
+    "instrument.psf_truncation": Range(0, 20, "PSF sigmas", open_low=True),
+    "instrument.exposure_time": Range(0, 1e8, "s", open_low=True),
+    "instrument.background_rms": Range(0, 1e6, "counts/s"),
+    "instrument.zero_point": Range(0, 50, "mag"),
+    "lens.theta_E": Range(0, 100, "arcsec", open_low=True),
+    "lens.e1": Range(-1, 1), "lens.e2": Range(-1, 1),
+    "lens.gamma1": Range(-1, 1), "lens.gamma2": Range(-1, 1),
+    "lens.center_x": Range(-100, 100, "arcsec"), "lens.center_y": Range(-100, 100, "arcsec"),
+    "lens.z_lens": Range(0, 20, open_low=True), "lens.z_source": Range(0, 20, open_low=True),
+    "lens.z_source_convention": Range(0, 20, "(or None)", open_low=True),
+    "lens.theta_E_range": Range(0, 100, "arcsec", open_low=True),
+    "lens.e_range": Range(-1, 1), "lens.gamma_range": Range(-1, 1),
+    "source.amplitude": Range(0, 1e10, "counts/s/arcsec^2"),
+    "source.magnitude": Range(0, 40, "mag (or None)"),
+    "source.R_sersic": Range(1e-4, 100, "arcsec"),
+    "source.n_sersic": Range(0.2, 10),
+    "source.e1": Range(-1, 1), "source.e2": Range(-1, 1),
+    "source.position_range": Range(-100, 100, "arcsec"),
+    "substructure.cdm_count": Range(0, 10_000),
+    "substructure.cdm_mass_range": Range(0, 1e15, "Msun", open_low=True),
+    "substructure.cdm_mass_slope": Range(-10, 10),
+    "substructure.cdm_radius_range": Range(0, 100, "arcsec"),
+    "substructure.vortex_mass": Range(0, 1e15, "Msun"),
+    "substructure.vortex_points": Range(1, 100_000),
+    "substructure.axion_mass_range": Range(0, 1, "eV", open_low=True),
+    "substructure.vortex_half_length_ref": Range(0, 100, "arcsec"),
+    "cosmology.H0": Range(10, 500, "km/s/Mpc"),
+    "cosmology.Om0": Range(0, 1),
+}
+OPTIONAL = {"lens.z_source_convention", "source.magnitude"}     # None = not used
+
+
 def validate_config(c: SimulatorConfig) -> None:
-    """Raise ValueError naming the first field outside its physical range."""
+    """Raise ValueError naming the first field outside its range (`RANGES`) or combination that is unphysical."""
     def need(ok: bool, key: str, expected: str, value: object) -> None:
         if not ok:
             raise ValueError(f"{key} = {value!r}: expected {expected}")
-
-    def need_range(key: str, pair: tuple[float, float], low: float = -math.inf, strict: bool = False) -> None:
-        lo, hi = pair
-        ok = all(math.isfinite(v) for v in pair) and (lo > low if strict else lo >= low) and lo <= hi
-        need(ok, key, f"finite (low, high) with low {'>' if strict else '>='} {low} and low <= high", pair)
 
     def need_ellipticity(key: str, e1: float, e2: float) -> None:
         need(math.hypot(e1, e2) < 1, key, "|e| = sqrt(e1^2 + e2^2) < 1 (axis ratio q > 0)", (e1, e2))
 
     need(c.preset in PRESETS, "preset", f"one of {', '.join(PRESETS)}", c.preset)
-    i, lens, s, sub, cos = c.instrument, c.lens, c.source, c.substructure, c.cosmology
-    need(i.n_pix >= 1, "instrument.n_pix", "an integer >= 1", i.n_pix)
-    need(i.pixel_scale > 0, "instrument.pixel_scale", "> 0 arcsec", i.pixel_scale)
-    need(i.supersampling >= 1, "instrument.supersampling", "an integer >= 1", i.supersampling)
-    need(i.psf_fwhm >= 0, "instrument.psf_fwhm", ">= 0 arcsec (0 = no PSF)", i.psf_fwhm)
-    need(i.psf_truncation > 0, "instrument.psf_truncation", "> 0 sigmas", i.psf_truncation)
-    need_range("instrument.exposure_time", i.exposure_time, 0.0, strict=True)
-    need(i.background_rms >= 0, "instrument.background_rms", ">= 0 counts/s", i.background_rms)
-    need(lens.theta_E > 0, "lens.theta_E", "> 0 arcsec", lens.theta_E)
+    for key, bounds in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(c, section), name)
+        if value is None and key in OPTIONAL:
+            continue
+        if isinstance(value, tuple):
+            need(len(value) == 2 and all(map(bounds.holds, value)) and value[0] <= value[1], key,
+                 f"(low, high) with low <= high, both finite in {bounds}", value)
+        else:
+            need(bounds.holds(value), key, f"a finite number in {bounds}", value)
+    i, lens, s, cos = c.instrument, c.lens, c.source, c.cosmology
+    need((i.n_pix * i.supersampling) ** 2 <= 2 ** 26, "instrument.(n_pix, supersampling)",
+         "(n_pix * supersampling)^2 <= 2^26 sub-pixels per image", (i.n_pix, i.supersampling))
     need_ellipticity("lens.(e1, e2)", lens.e1, lens.e2)
-    need(0 < lens.z_lens < lens.z_source, "lens.(z_lens, z_source)", "0 < z_lens < z_source",
-         (lens.z_lens, lens.z_source))
+    need(lens.z_lens < lens.z_source, "lens.(z_lens, z_source)", "0 < z_lens < z_source", (lens.z_lens, lens.z_source))
     need(lens.z_source_convention is None or lens.z_source_convention > lens.z_lens, "lens.z_source_convention",
          "None or > z_lens", lens.z_source_convention)
-    need_range("lens.theta_E_range", lens.theta_E_range, 0.0, strict=True)
-    need_range("lens.e_range", lens.e_range)
     need(max(map(abs, lens.e_range)) * math.sqrt(2) < 1, "lens.e_range",
          "|e| < 1 for every (e1, e2) drawn, i.e. max |bound| < 1/sqrt(2)", lens.e_range)
-    need_range("lens.gamma_range", lens.gamma_range)
-    need(s.amplitude >= 0, "source.amplitude", ">= 0", s.amplitude)
-    need(s.magnitude is None or math.isfinite(s.magnitude), "source.magnitude", "None or finite", s.magnitude)
-    need(s.R_sersic > 0, "source.R_sersic", "> 0 arcsec", s.R_sersic)
-    need(s.n_sersic > 0, "source.n_sersic", "> 0", s.n_sersic)
     need_ellipticity("source.(e1, e2)", s.e1, s.e2)
-    need_range("source.position_range", s.position_range)
-    need(sub.cdm_count >= 0, "substructure.cdm_count", "an integer >= 0", sub.cdm_count)
-    need_range("substructure.cdm_mass_range", sub.cdm_mass_range, 0.0, strict=True)
-    need(math.isfinite(sub.cdm_mass_slope), "substructure.cdm_mass_slope", "finite", sub.cdm_mass_slope)
-    need_range("substructure.cdm_radius_range", sub.cdm_radius_range, 0.0)
-    need(sub.vortex_mass >= 0, "substructure.vortex_mass", ">= 0 Msun", sub.vortex_mass)
-    need(sub.vortex_points >= 1, "substructure.vortex_points", "an integer >= 1", sub.vortex_points)
-    need_range("substructure.axion_mass_range", sub.axion_mass_range, 0.0, strict=True)
-    need(sub.vortex_half_length_ref >= 0, "substructure.vortex_half_length_ref", ">= 0 arcsec",
-         sub.vortex_half_length_ref)
-    need(cos.H0 > 0, "cosmology.H0", "> 0 km/s/Mpc", cos.H0)
-    need(0 <= cos.Om0 <= 1, "cosmology.Om0", "0 <= Om0 <= 1", cos.Om0)
     need(cos.distances in ("deeplensesim", "angular"), "cosmology.distances", "'deeplensesim' or 'angular'",
          cos.distances)

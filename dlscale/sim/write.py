@@ -107,7 +107,8 @@ def simulate_main(argv: list[str] | None = None) -> int:
     try:
         results = pool.imap(_worker_batch, jobs) if pool else (_simulate_batch(sim, args.seed, job) for job in jobs)
         with writer, tqdm(total=len(CLASSES) * args.n_per_class, unit="img", desc="simulate") as bar:
-            for (_, (class_name, pieces)), (images, metas) in zip(jobs, results):
+            for (index, (class_name, pieces)), (images, metas) in zip(jobs, results):
+                check_batch(images, class_name, index, config, args.dtype)
                 labels = np.full(len(images), CLASSES.index(class_name), dtype=np.int64)
                 start = 0
                 for split, k in pieces:
@@ -120,6 +121,26 @@ def simulate_main(argv: list[str] | None = None) -> int:
             pool.join()
     log.info("wrote %s: %s per class", args.out, ", ".join(f"{s} {c}" for s, c in counts.items()))
     return 0
+
+
+# what decides how bright and how strongly lensed an image is: named when a batch comes out non-finite
+BRIGHTNESS_KEYS = ("source.magnitude", "source.amplitude", "instrument.zero_point", "source.R_sersic",
+                   "source.n_sersic", "instrument.exposure_time", "instrument.pixel_scale", "instrument.output_counts",
+                   "lens.theta_E", "lens.randomize", "lens.theta_E_range")
+
+
+def check_batch(images: np.ndarray, class_name: str, index: int, config: SimulatorConfig, dtype: str) -> None:
+    """Refuse a batch with NaN/Inf pixels (or negative counts: a Poisson draw past int64) before it is written,
+    naming the class, the batch and the config values that set the image scale. `validate_config` keeps every
+    single value in range; this catches the combinations that still overflow."""
+    bad = int(np.count_nonzero(~np.isfinite(images)))
+    negative = int(np.count_nonzero(images < 0)) if config.instrument.output_counts else 0
+    if bad or negative:
+        values = ", ".join(f"{key}={getattr(getattr(config, key.split('.')[0]), key.split('.')[1])!r}"
+                           for key in BRIGHTNESS_KEYS)
+        what = f"{bad} NaN/Inf pixels" if bad else f"{negative} negative counts (a Poisson draw beyond int64)"
+        raise ValueError(f"class {class_name}, batch {index}: {what} of {images.size} pixels in {dtype}; "
+                         f"check {values}; nothing was written")
 
 
 def _simulate_batch(sim: LensSimulator, seed: int, job: tuple[int, tuple[str, list[tuple[str, int]]]]
