@@ -128,8 +128,8 @@ def check_targets(sim: LensSimulator, keys: list[str]) -> None:
 class SimulationStream(IterableDataset):
     """Freshly simulated training batches, `batches_per_epoch` per rank; call `set_epoch` before each epoch."""
 
-    def __init__(self, source: SimulationSourceConfig, cfg: StreamConfig, rank: int = 0, world: int = 1,
-                 batches_per_epoch: int = 100, seed: int = 0, device: torch.device | str = "cpu"):
+    def __init__(self, source: SimulationSourceConfig, cfg: StreamConfig, rank: int, world: int,
+                 batches_per_epoch: int, seed: int = 0, device: torch.device | str = "cpu"):
         if not 0 <= rank < world or batches_per_epoch < 1:
             raise ValueError(f"rank {rank} of world {world}, batches_per_epoch {batches_per_epoch}: expected "
                              "0 <= rank < world and batches_per_epoch >= 1")
@@ -201,7 +201,8 @@ class SimulationStream(IterableDataset):
 
     def describe(self) -> dict:
         """Everything that regenerates this stream's batches bit for bit (for the run directory)."""
-        return {"kind": "simulation", "simulator": plain(to_dict(self.config)), "seed": self.seed,
+        return {"kind": "simulation", "source": plain(to_dict(self.source)),
+                "simulator": plain(to_dict(self.config)), "seed": self.seed,
                 "seed_key": [STREAM_KEY, "epoch", "global batch"], "batch_size": self.cfg.batch_size,
                 "batches_per_epoch": self.batches_per_epoch, "world": self.world,
                 "global_batch": "local batch * world + rank", "classes": list(CLASSES),
