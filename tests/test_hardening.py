@@ -1,9 +1,14 @@
 """Hostile or broken input: crafted manifests, huge claimed allocations, inconsistent counts, unphysical simulator
 settings, a full disk and the leftovers of a killed run. Each must end in a clear error naming the culprit."""
 import contextlib
+import errno
 import io
 import json
+import logging
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -12,6 +17,7 @@ import pytest
 from deeplense_fixtures import write_common_test, write_model
 from dlscale.data import deeplense
 from dlscale.data.deeplense import BadFileError, load_npy
+from dlscale.data.partial import OWNER, DiskFullError
 from dlscale.data.shards import MANIFEST, load_manifest, verify
 from dlscale.data.stream import ShardSet, StreamConfig
 from dlscale.data.tario import CorruptShardError, iter_members
@@ -305,3 +311,90 @@ def test_poisson_overflow_of_an_extreme_but_in_range_source_is_caught(tmp_path):
     with pytest.raises(ValueError, match=r"class no_sub, batch 0: .*(NaN/Inf pixels|negative counts)"):
         simulate(tmp_path / "sim", *extreme)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- 10: a full disk and the leftovers of a killed run --------------------------------------------------------
+
+def fail_after(calls: int):
+    """A stand-in for a write that succeeds `calls` times, then finds the disk full."""
+    count = {"n": 0}
+
+    def write(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    return write
+
+
+def assert_nothing_left(parent):
+    assert sorted(p.name for p in parent.iterdir() if p.name != "src") == []
+
+
+def test_full_disk_while_packing_a_shard_is_one_clear_error_naming_the_directory(tmp_path, cli, monkeypatch):
+    write_common_test(tmp_path / "src", {"train": 3, "val": 2})
+    real = __import__("dlscale.data.shards", fromlist=["add_member"]).add_member
+    budget = fail_after(9)      # three one-sample shards of 3 members each, then the disk is full
+
+    def add_member(*args):
+        budget()
+        real(*args)
+    monkeypatch.setattr("dlscale.data.shards.add_member", add_member)
+    result = cli("pack", tmp_path / "src", "--out", tmp_path / "out", "--shard-size", "1", "--samples-per-record", "1")
+    assert result.code == 2 and "Traceback" not in result.err
+    assert (f"{tmp_path}: no space left on device while writing shard train-000003.tar of {tmp_path / 'out'}"
+            in result.err)
+    assert "needed" in result.err and "KiB written so far" in result.err and "free" in result.err
+    assert_nothing_left(tmp_path)
+
+
+def test_full_disk_at_the_manifest_names_it(tmp_path, cli, monkeypatch):
+    write_common_test(tmp_path / "src", {"train": 2, "val": 1})
+    monkeypatch.setattr("dlscale.data.shards.write_json", lambda *a: fail_after(0)())
+    result = cli("pack", tmp_path / "src", "--out", tmp_path / "out")
+    assert result.code == 2
+    assert f"{tmp_path}: no space left on device while writing the manifest of {tmp_path / 'out'}" in result.err
+    assert_nothing_left(tmp_path)
+
+
+def test_full_disk_while_simulating_is_a_disk_full_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("dlscale.data.shards.add_member", lambda *a: fail_after(0)())
+    with pytest.raises(DiskFullError) as err:
+        simulate(tmp_path / "sim")
+    assert err.value.errno == errno.ENOSPC and isinstance(err.value, OSError)
+    assert f"{tmp_path}: no space left on device while writing shard train-000000.tar" in str(err.value)
+    assert_nothing_left(tmp_path)
+
+
+KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from dlscale.data.shards import DatasetWriter
+with DatasetWriter(sys.argv[1], (1, 4, 4), {"kind": "test"}, shard_size=2) as writer:
+    for i in range(5):
+        writer.add("train", np.zeros((1, 4, 4), np.float32), 0, {})
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_next_writer_removes_what_a_killed_one_left_but_keeps_live_and_foreign_ones(tmp_path, caplog):
+    with subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "out")]) as killed:
+        assert killed.wait(timeout=120) == -9
+    stale = tmp_path / f".out.partial-{killed.pid}"
+    assert sorted(p.name for p in stale.iterdir()) == [OWNER, "train-000000.tar", "train-000001.tar"]
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as live_process:
+        try:
+            live = tmp_path / f".other.partial-{live_process.pid}"
+            live.mkdir()
+            foreign = tmp_path / f".third.partial-{killed.pid}"     # a dead pid here, but another node's run
+            foreign.mkdir()
+            (foreign / OWNER).write_text(json.dumps({"host": "another-node", "pid": killed.pid}))
+            with caplog.at_level(logging.WARNING, logger="dlscale.data.partial"):
+                from dlscale.data.shards import DatasetWriter
+                with DatasetWriter(tmp_path / "next", (1, 4, 4), {"kind": "test"}) as writer:
+                    writer.add("train", np.zeros((1, 4, 4), np.float32), 0, {})
+            assert not stale.exists() and live.is_dir() and foreign.is_dir()
+            assert f"removed {stale}: left by process {killed.pid}, which no longer runs" in caplog.text
+            assert caplog.text.count("removed") == 1
+            assert sorted(p.name for p in (tmp_path / "next").iterdir()) == [MANIFEST, "train-000000.tar"]
+        finally:
+            live_process.kill()

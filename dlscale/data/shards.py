@@ -7,7 +7,8 @@ holds up to ``samples_per_record`` samples as ``images.npy`` (float32 (n,C,H,W))
 WebDataset tool expects. Samples are shuffled inside each shard, so no shard is one class.
 
 Writes are atomic: everything goes to a hidden sibling directory that is renamed into place at the end, so a crash
-or Ctrl-C never leaves a dataset that looks complete.
+or Ctrl-C never leaves a dataset that looks complete; the next writer removes what a killed one left (`partial`), and
+a full disk is a `DiskFullError` naming the directory and the sizes.
 
 A manifest is data from outside: its shard names must be plain ``<split>-NNNNNN.tar`` file names, so a crafted one
 cannot make a reader leave the dataset directory (``../x.tar``, an absolute path) or smuggle shell syntax into a
@@ -31,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from dlscale.data.classes import CLASSES
-from dlscale.data.tario import CorruptShardError, add_member, iter_records, npy_from_buffer
+from dlscale.data.partial import OWNER, claim, disk_full_reported, partial_dir, remove_stale_partials
+from dlscale.data.tario import BLOCK, CorruptShardError, add_member, iter_records, npy_from_buffer
+from dlscale.io import write_json, write_text
 
 FORMAT = "dlscale-shards/1"
 MANIFEST = "manifest.json"
@@ -89,12 +92,14 @@ class DatasetWriter:
         self.mtime = int(time.time())
         self.splits: dict[str, _SplitState] = {}
         self.rejected: list[dict] = []
-        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
+        self.tmp_dir = partial_dir(self.out_dir)
+        self.written = 0                 # shard bytes in tmp_dir so far
 
     def __enter__(self) -> "DatasetWriter":
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir()
+        remove_stale_partials(self.out_dir.parent)
+        with disk_full_reported(self.out_dir.parent, f"the partial directory {self.tmp_dir}", BLOCK, 0):
+            claim(self.tmp_dir)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -135,15 +140,18 @@ class DatasetWriter:
         name = shard_name(split, len(state.shards))
         path = self.tmp_dir / name
         step = self.samples_per_record
-        with open(path, "wb") as f:
+        members = [(f"{split}-{len(state.shards):06d}-{r:06d}.{suffix}", data)
+                   for r, start in enumerate(range(0, len(samples), step))
+                   for suffix, data in self._record_members(samples[start:start + step])]
+        needed = sum(BLOCK + -(-len(data) // BLOCK) * BLOCK for _, data in members) + 2 * BLOCK
+        with disk_full_reported(self.out_dir.parent, f"shard {name} of {self.out_dir}", needed, self.written), \
+                open(path, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for r, start in enumerate(range(0, len(samples), step)):
-                    chunk = samples[start:start + step]
-                    key = f"{split}-{len(state.shards):06d}-{r:06d}"
-                    for suffix, data in self._record_members(chunk):
-                        add_member(tar, f"{key}.{suffix}", data, self.mtime)
+                for member, data in members:
+                    add_member(tar, member, data, self.mtime)
             f.flush()
             os.fsync(f.fileno())
+        self.written += path.stat().st_size
         state.shards.append({"name": name, "samples": len(samples), "records": -(-len(samples) // step),
                              "bytes": path.stat().st_size, "sha256": sha256_file(path)})
 
@@ -175,9 +183,13 @@ class DatasetWriter:
             "rejected": len(self.rejected),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        if self.rejected:
-            (self.tmp_dir / "rejected.json").write_text(json.dumps(self.rejected, indent=1))
-        (self.tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        rejected = json.dumps(self.rejected, indent=1)
+        with disk_full_reported(self.out_dir.parent, f"the manifest of {self.out_dir}",
+                                len(json.dumps(manifest, indent=1)) + len(rejected), self.written):
+            if self.rejected:
+                write_text(self.tmp_dir / "rejected.json", rejected)
+            write_json(self.tmp_dir / MANIFEST, manifest)
+        (self.tmp_dir / OWNER).unlink()
         if self.out_dir.is_dir():   # an empty directory the user made beforehand
             check_output_dir(self.out_dir)
             self.out_dir.rmdir()
