@@ -5,7 +5,6 @@ import errno
 import io
 import json
 import logging
-import os
 import pickle
 import subprocess
 import sys
@@ -15,10 +14,10 @@ import numpy as np
 import pytest
 
 from deeplense_fixtures import write_common_test, write_model
-from dlscale.data import deeplense
+from dlscale.data import deeplense, shards as shards_module
 from dlscale.data.deeplense import BadFileError, load_npy
 from dlscale.data.partial import OWNER, DiskFullError
-from dlscale.data.shards import MANIFEST, load_manifest, verify
+from dlscale.data.shards import MANIFEST, DatasetWriter, load_manifest, verify
 from dlscale.data.stream import ShardSet, StreamConfig
 from dlscale.data.tario import CorruptShardError, iter_members
 from dlscale.sim import LensSimulator, load_config, simulate_main
@@ -332,7 +331,7 @@ def assert_nothing_left(parent):
 
 def test_full_disk_while_packing_a_shard_is_one_clear_error_naming_the_directory(tmp_path, cli, monkeypatch):
     write_common_test(tmp_path / "src", {"train": 3, "val": 2})
-    real = __import__("dlscale.data.shards", fromlist=["add_member"]).add_member
+    real = shards_module.add_member
     budget = fail_after(9)      # three one-sample shards of 3 members each, then the disk is full
 
     def add_member(*args):
@@ -389,7 +388,6 @@ def test_next_writer_removes_what_a_killed_one_left_but_keeps_live_and_foreign_o
             foreign.mkdir()
             (foreign / OWNER).write_text(json.dumps({"host": "another-node", "pid": killed.pid}))
             with caplog.at_level(logging.WARNING, logger="dlscale.data.partial"):
-                from dlscale.data.shards import DatasetWriter
                 with DatasetWriter(tmp_path / "next", (1, 4, 4), {"kind": "test"}) as writer:
                     writer.add("train", np.zeros((1, 4, 4), np.float32), 0, {})
             assert not stale.exists() and live.is_dir() and foreign.is_dir()

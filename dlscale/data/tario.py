@@ -126,7 +126,8 @@ def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, np.ndarray
         if header == bytes(BLOCK):
             return
         if len(header) != BLOCK:   # a shard cut at a member boundary ends without the end-of-archive block
-            raise CorruptShardError(f"{where}: truncated ({'no end-of-archive block' if not header else 'partial header'})")
+            what = "no end-of-archive block" if not header else "partial header"
+            raise CorruptShardError(f"{where}: truncated ({what})")
         try:
             info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         except tarfile.HeaderError as err:
