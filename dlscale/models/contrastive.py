@@ -57,7 +57,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather
                          f"{tuple(z2.shape)}")
     if temperature <= 0:
         raise ValueError(f"nt_xent temperature must be > 0, got {temperature}")
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)    # float32 even in bf16 runs
     queries = torch.cat([z1, z2])                                       # (2B, D)
     if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         rank = dist.get_rank()
@@ -70,7 +70,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather
     own = torch.cat([local, local + n])                                 # each query's own column among the keys
     positive = torch.cat([local + n, local])                            # its other view's column
     logits = queries @ keys.T / temperature
-    logits = logits.masked_fill(F.one_hot(own, 2 * n).bool(), float("-inf"))
+    logits = logits.masked_fill(own[:, None] == torch.arange(2 * n, device=z1.device), float("-inf"))
     return F.cross_entropy(logits, positive)
 
 
@@ -124,7 +124,7 @@ def byol_tau(step: int, total_steps: int, base_tau: float = 0.996) -> float:
 
 def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """2 - 2 cos(prediction, target), averaged over the batch; the target carries no gradient."""
-    return (2.0 - 2.0 * F.cosine_similarity(prediction, target.detach(), dim=-1)).mean()
+    return (2.0 - 2.0 * F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1)).mean()
 
 
 class BYOLHead(nn.Module):

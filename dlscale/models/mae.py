@@ -98,6 +98,7 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     if pred.shape != target.shape or mask.shape != pred.shape[:2]:
         raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and mask {tuple(mask.shape)} "
                          "must be (B, N, P), (B, N, P) and (B, N)")
+    pred, target = pred.float(), target.float()     # float32 even in bf16 runs
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True, correction=0)
