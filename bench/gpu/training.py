@@ -1,0 +1,170 @@
+"""Part 3 of the GPU check: training on one GPU through the real entry point (torchrun -m dlscale.train), bf16,
+next to the same model in a plain PyTorch loop; `engine_run` also serves parts 4 and 5.
+
+Each run gets a slice of the part's time and a step count chosen to fit it: the plain loop runs first and gives
+the step time, the engine's start-up + evaluation cost is a guess updated after every run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from harness import GpuMemorySampler, tail
+from runinfo import run_figures
+
+FULL = {"n_per_class": 8000, "batch": 512, "workers": 8, "plain_seconds": 5.0, "min_run_s": 35.0,
+        "probe_samples": 2048, "n_bootstrap": 20, "max_steps": 20000}
+TINY = {"n_per_class": 30, "n_pix": 16, "batch": 8, "workers": 0, "plain_seconds": 0.2, "steps": 3,
+        "probe_samples": 24, "n_bootstrap": 10}
+ENGINE_VS_PLAIN_GUESS = 1.25          # engine step time over the plain loop's, before it is measured
+DEFAULT_STEP_S = 0.05                 # a guess when the plain loop gave nothing
+
+
+def sizes(check) -> dict:
+    return TINY if check.tiny else FULL
+
+
+def encoder_settings(name: str) -> dict:
+    """resnet18 with the 3x3 stride-1 stem (no max-pool) on these small images; other encoders as they come."""
+    return {"name": name, "small_input_stem": True} if name == "resnet18" else {"name": name}
+
+
+def plan_runs(check, entry: dict) -> list[tuple[str, str]]:
+    """supervised and multitask ResNet18 first, then every further stage `--stage` offers, then vit_small."""
+    stages = check.train_stages()
+    if check.tiny:
+        return [("supervised", "resnet18")]
+    runs = [(s, "resnet18") for s in ("supervised", "multitask") if s in stages]
+    runs += [(s, "resnet18") for s in stages if s not in ("supervised", "multitask")]
+    encoders = check.encoders or []
+    if "vit_small" in encoders:
+        runs.append(("supervised", "vit_small"))
+    else:
+        entry.setdefault("items", {})["supervised/vit_small"] = {
+            "status": "skipped", "skipped": f"no vit_small encoder here (encoders: {', '.join(encoders) or '?'})"}
+    return runs
+
+
+def make_data(check, item: dict, slice_s: float) -> Path:
+    """64x64 Model-II-like shards through `dlscale simulate` on the check's device."""
+    size = sizes(check)
+    out = check.work / "data64"
+    shutil.rmtree(out, ignore_errors=True)
+    n = size["n_per_class"] if check.tiny else int(min(size["n_per_class"], max(2000, slice_s * 40)))
+    args = ["simulate", "--preset", "model_ii", "--n-per-class", n, "--out", out, "--seed", 0,
+            "--device", check.device]
+    args += ["--splits", "train=0.8,val=0.2", f"--instrument.n_pix={size['n_pix']}"] if check.tiny else \
+        ["--splits", "train=0.9,val=0.1", "--batch-size", 4096]
+    result = check.report.run(check.cli(*args), slice_s, check.env, "simulate 64x64 shards")
+    item["settings"] = {"preset": "model_ii", "n_per_class": n, "device": check.device, "command": "dlscale " +
+                        " ".join(map(str, args))}
+    if not result.ok:
+        raise RuntimeError(f"{result.failure()}\n{tail(result.output)}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    images = sum(s["samples"] for s in manifest["splits"].values())
+    item["figures"] = {"images": images, "image_shape": manifest["image_shape"], "wall_s": result.seconds,
+                       "images_per_s_cli": images / result.seconds}
+    return out
+
+
+def training_part(check, entry: dict, slice_s: float) -> None:
+    if not check.cuda and not check.tiny:
+        entry["skipped"] = "no CUDA"
+        return
+    deadline = time.monotonic() + slice_s
+    size = sizes(check)
+    runs = plan_runs(check, entry)
+    entry["settings"] = {"device": check.device, "precision": check.precision, "batch": size["batch"],
+                         "num_workers": size["workers"], "launcher": "torchrun --standalone --nproc_per_node 1",
+                         "runs": [f"{s}/{e}" for s, e in runs]}
+    holder: dict = {}
+    data_item = check.report.item(entry, "data", lambda item: holder.update(
+        data=make_data(check, item, max(30.0, 0.15 * slice_s))))
+    if "data" not in holder:
+        for stage, encoder in runs:
+            entry["items"][f"{stage}/{encoder}"] = {"status": "skipped", "skipped": "no data (see item data)"}
+        return
+    shape = tuple(data_item["figures"]["image_shape"])
+    for i, (stage, encoder) in enumerate(runs):
+        share = (deadline - time.monotonic()) / (len(runs) - i)
+        check.report.item(entry, f"{stage}/{encoder}", lambda item, s=stage, e=encoder, t=share: engine_run(
+            check, item, s, e, holder["data"], shape, t))
+    entry["figures"] = headline(entry["items"])
+
+
+def headline(items: dict) -> dict:
+    """The figures a reader looks for first, per run that produced them."""
+    keys = ("samples_per_s_steady", "data_wait_fraction", "step_time_s", "engine_vs_plain_step_ratio",
+            "peak_memory_mib")
+    return {name: {k: item["figures"][k] for k in keys if k in item["figures"]}
+            for name, item in items.items() if item.get("figures", {}).get("samples_per_s_steady")}
+
+
+def plain_loop(check, stage: str, encoder: str, shape: tuple, batch: int, seconds: float, timeout_s: float) -> dict:
+    args = {"stage": stage, "encoder": encoder_settings(encoder), "shape": list(shape), "batch": batch,
+            "precision": check.precision, "device": check.device, "seconds": seconds,
+            "warmup_steps": 1 if check.tiny else 5, "min_steps": 2 if check.tiny else 10}
+    result = check.report.run(check.probe("plain-loop", args), timeout_s, check.env, f"plain loop {stage}/{encoder}")
+    found = result.results()
+    if not found:
+        return {"error": f"plain-loop probe: {result.failure()}", "output_tail": tail(result.output)}
+    return found
+
+
+def engine_run(check, item: dict, stage: str, encoder: str, data: Path, shape: tuple, slice_s: float,
+               extra: tuple[str, ...] = (), name: str | None = None) -> None:
+    """One `torchrun -m dlscale.train` run sized to `slice_s`, with its plain-loop twin; figures into `item`."""
+    size = sizes(check)
+    start = time.monotonic()
+    if not check.tiny and slice_s < size["min_run_s"]:
+        item["skipped"] = f"budget: {slice_s:.0f} s left for this run, needs >= {size['min_run_s']:.0f} s"
+        return
+    batch = size["batch"]
+    plain = plain_loop(check, stage, encoder, shape, batch, size["plain_seconds"],
+                       timeout_s=max(20.0, 0.3 * slice_s))
+    item["plain"] = plain
+    base = plain.get("bf16_weights") or plain.get("fp32") or {}
+    if check.tiny:
+        steps = size["steps"]
+    else:
+        step_s = base["step_s"] * ENGINE_VS_PLAIN_GUESS if "step_s" in base else DEFAULT_STEP_S
+        train_s = 0.85 * (slice_s - (time.monotonic() - start) - check.overhead_s)
+        steps = int(min(size["max_steps"], max(20, train_s / step_s)))
+    log_every = max(1, steps // 10)
+    run_dir = check.work / "runs" / (name or f"{stage}-{encoder}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    enc = encoder_settings(encoder)
+    args = ["--stage", stage, "--data", str(data), "--run-dir", str(run_dir), "--seed=0",
+            f"--device={check.device}", f"--deepspeed.precision={check.precision}",
+            *(f"--model.encoder.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in enc.items()),
+            f"--data.batch_size={batch}", f"--data.num_workers={size['workers']}", "--schedule.epochs=1",
+            f"--schedule.batches_per_epoch={steps}", f"--schedule.log_every={log_every}",
+            f"--schedule.checkpoint_every={steps + 1000}", f"--optim.warmup_steps={max(1, min(50, steps // 5))}",
+            f"--eval.probe_samples={size['probe_samples']}", f"--eval.n_bootstrap={size['n_bootstrap']}", *extra]
+    item["settings"] = {"stage": stage, "encoder": enc, "image": list(shape), "batch": batch, "steps": steps,
+                        "precision": check.precision, "device": check.device, "num_workers": size["workers"],
+                        "command": "torchrun --standalone --nproc_per_node 1 -m dlscale.train " + " ".join(args)}
+    sampler = GpuMemorySampler() if check.cuda and shutil.which("nvidia-smi") else None
+    if sampler:
+        sampler.start()
+    left = slice_s - (time.monotonic() - start)
+    result = check.report.run(check.train_cmd(args), max(left * 1.5, left + 30), check.env,
+                              f"train {name or stage + '/' + encoder}")
+    memory = sampler.figures() if sampler else {}
+    figures = run_figures(run_dir, result.output, batch)
+    if "peak_memory_mib" not in figures and memory:
+        figures.update(memory)
+    figures["wall_s"] = result.seconds
+    if figures.get("samples_per_s"):
+        figures["startup_eval_export_s"] = result.seconds - steps * batch / figures["samples_per_s"]
+        if result.ok:    # the next runs plan with the largest start-up + evaluation cost seen so far
+            check.overheads.append(figures["startup_eval_export_s"])
+            check.overhead_s = max(check.overheads)
+    if figures.get("step_time_s") and base.get("step_s"):
+        figures["engine_vs_plain_step_ratio"] = figures["step_time_s"] / base["step_s"]
+        figures["plain_variant"] = base.get("variant")
+    item["figures"] = figures
+    if not result.ok:
+        raise RuntimeError(f"{result.failure()}\n{tail(result.output)}")

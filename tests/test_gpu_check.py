@@ -1,0 +1,126 @@
+"""The prepared GPU check (bench/gpu/check.py) on the CPU: `--tiny` runs every GPU part's code path in tiny form,
+so what runs on the GPU machine has run here first; the guards, budget and watchdog behave as documented."""
+import json
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "bench" / "gpu" / "check.py"
+PARTS = ("environment", "simulator", "training", "sim_stream", "quickstart")
+sys.path.insert(0, str(CHECK.parent))
+
+from harness import Budget, Report  # noqa: E402
+
+
+def errors_in(value, where: str = "") -> list[str]:
+    """Every place in the report that holds an "error" entry."""
+    if isinstance(value, dict):
+        found = [f"{where}: {value['error']}"] if "error" in value else []
+        return found + [e for k, v in value.items() for e in errors_in(v, f"{where}/{k}")]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in errors_in(v, f"{where}[{i}]")]
+    return []
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc = subprocess.run([sys.executable, str(CHECK), "--tiny", "--out", str(out), "--budget-s", "300"],
+                          capture_output=True, text=True, timeout=600)
+    report = json.loads((out / "gpu_check.json").read_text())
+    return proc, report, out
+
+
+def test_tiny_check_on_cpu_reports_every_part_without_errors(tiny_report):
+    proc, report, out = tiny_report
+    assert errors_in(report["parts"]) == [], proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(report["parts"]) == set(PARTS)
+    for name, part in report["parts"].items():
+        assert part["status"] in ("ok", "skipped"), name
+        if part["status"] == "skipped":
+            assert isinstance(part["skipped"], str) and part["skipped"], name
+        else:
+            assert part.get("figures") or any(i.get("figures") for i in part.get("items", {}).values()), name
+        assert 0 <= part["elapsed_s"] <= report["elapsed_s"]
+    assert report["mode"] == "tiny" and report["summary"]["ok"] >= 3
+    log = (out / "gpu_check.log").read_text()
+    assert all(f"== part {name}" in log for name in PARTS)
+
+
+def test_tiny_check_measures_the_cpu_paths(tiny_report):
+    _, report, _ = tiny_report
+    env = report["parts"]["environment"]["items"]
+    assert env["torch"]["cuda_available"] is False
+    assert env["process_group"] == {**env["process_group"], "backend": "gloo", "world_size": 1, "all_reduce_ok": True}
+    assert env["deepspeed"]["version"] == metadata.version("deepspeed")
+    assert env["bf16"]["ok"] is True
+
+    sim = report["parts"]["simulator"]["items"]
+    assert {k for k in sim} == {f"{p}/{c}" for p in ("model_i", "model_ii") for c in ("no_sub", "cdm", "axion")}
+    assert sim["model_i/cdm"]["image"] == [1, 150, 150] and sim["model_ii/axion"]["image"] == [1, 64, 64]
+    for figures in sim.values():
+        assert figures["images_per_s"] > 0 and figures["cpu_1thread_images_per_s"] > 0
+        assert figures["seconds_per_1e6_images"] == pytest.approx(1e6 / figures["images_per_s"], rel=1e-3)
+
+    training = report["parts"]["training"]
+    run = training["items"]["supervised/resnet18"]
+    assert run["settings"]["steps"] == 3 and run["settings"]["device"] == "cpu"
+    assert "--model.encoder.small_input_stem=true" in run["settings"]["command"]
+    figures = run["figures"]
+    assert figures["samples_per_s"] > 0 and figures["step_time_s"] > 0
+    assert 0 <= figures["data_wait_fraction"] <= 1
+    assert figures["metrics"]["step"] == 3 and 0 <= figures["metrics"]["val/accuracy"] <= 1
+    assert run["plain"]["fp32"]["step_s"] > 0
+    assert figures["engine_vs_plain_step_ratio"] == pytest.approx(
+        figures["step_time_s"] / run["plain"]["fp32"]["step_s"], rel=0.01)
+    assert training["figures"]["supervised/resnet18"]["step_time_s"] == figures["step_time_s"]
+
+    stream = report["parts"]["sim_stream"]
+    assert stream["status"] == "ok" or "data.source" in stream["skipped"] or stream["skipped"] == "no CUDA"
+    assert report["parts"]["quickstart"]["skipped"] == "no CUDA"
+
+
+def test_a_failing_part_is_recorded_and_the_next_one_runs(tmp_path):
+    report = Report(tmp_path, {"mode": "test"})
+
+    def broken(entry, slice_s):
+        raise ValueError("simulated failure")
+
+    def item_fails(entry, slice_s):
+        report.item(entry, "good", lambda item: item.update(figures={"x": 1.0}))
+        report.item(entry, "bad", lambda item: 1 / 0)
+
+    report.part("first", 10.0, broken)
+    report.part("second", 10.0, item_fails)
+    report.part("third", 10.0, lambda entry, slice_s: entry.update(figures={"y": 2.0}))
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    first, second, third = (saved["parts"][k] for k in ("first", "second", "third"))
+    assert first["status"] == "error" and first["error"] == "ValueError: simulated failure"
+    assert "broken" in first["traceback"]
+    assert second["status"] == "error" and second["errors_in"] == ["bad"]
+    assert second["items"]["good"]["status"] == "ok" and "ZeroDivisionError" in second["items"]["bad"]["error"]
+    assert third["status"] == "ok" and third["figures"] == {"y": 2.0}
+    assert saved["summary"] == {"error": 2, "ok": 1, "items_ok": 1, "items_error": 1}
+
+
+def test_budget_gives_unused_time_to_later_parts():
+    budget = Budget(100.0, {"a": 1.0, "b": 1.0, "c": 2.0})
+    assert budget.slice_for("a") == pytest.approx(25.0, abs=0.5)
+    budget.start -= 10.0               # part a took 10 s of its 25
+    assert budget.slice_for("b") == pytest.approx(90.0 / 3, abs=0.5)
+    budget.start -= 60.0               # part b overran: c gets what is left
+    assert budget.slice_for("c") == pytest.approx(30.0, abs=0.5)
+
+
+def test_watchdog_stops_a_check_past_its_budget_and_says_where(tmp_path):
+    proc = subprocess.run([sys.executable, str(CHECK), "--out", str(tmp_path), "--budget-s", "1", "--grace-s", "1"],
+                          capture_output=True, text=True, timeout=120)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert proc.returncode == 3
+    assert report["stopped_by_watchdog"] is True
+    assert report["parts"]["environment"]["error"].startswith("watchdog:")
