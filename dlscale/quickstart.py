@@ -174,9 +174,7 @@ def quickstart(out: Path, scale_name: str = "small", force: bool = False, seed: 
             continue
         log.info("training stage %s", stage)
         train_stage(stage, data, out, scale, seed)
-    report = write_report(out, data)
-    print(f"\n{report.read_text()}", flush=True)
-    return report
+    return write_report(out, data)
 
 
 def quickstart_main(argv: list[str] | None = None) -> int:
@@ -186,5 +184,6 @@ def quickstart_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo every step even if it finished before")
     a = p.parse_args(argv)
-    quickstart(a.out, a.scale, a.force, a.seed)
+    report = quickstart(a.out, a.scale, a.force, a.seed)
+    print(f"\n{report.read_text()}", flush=True)
     return 0

@@ -118,3 +118,97 @@ def test_dwa_history_survives_a_model_checkpoint_round_trip():
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.weighting.weights == trained.weighting.weights
     assert resumed.weighting.weights != {"recon": 1.0, "classification": 1.0}
+
+
+# ---- FAMO (Liu et al. 2023) ---------------------------------------------------------------------------------------
+
+def famo_step(famo, recon: float, classification: float):
+    """One training forward: the total, the weights, and d total / d L_i (the gradient weights)."""
+    values = {"recon": torch.tensor(recon, requires_grad=True),
+              "classification": torch.tensor(classification, requires_grad=True)}
+    total, weights = famo(values)
+    total.backward()
+    return total, weights, {t: v.grad.item() for t, v in values.items()}
+
+
+def test_famo_starts_with_equal_logits_and_gradient_weights_c_z_over_loss():
+    famo = build_weighting("famo", TASKS)
+    total, weights, grads = famo_step(famo, 4.0, 1.0)
+    # z = (1/2, 1/2); c = 1 / (0.5/4 + 0.5/1) = 1.6; w = c z / L = (0.2, 0.8); total = c sum z log L
+    assert famo.logits == [0.0, 0.0]
+    assert weights == pytest.approx({"recon": 0.2, "classification": 0.8}, rel=1e-6)
+    assert grads == pytest.approx(weights, rel=1e-6)
+    assert total.item() == pytest.approx(1.6 * 0.5 * (math.log(4.0) + math.log(1.0)), rel=1e-6)
+
+
+def test_famo_logits_follow_the_papers_update_rule():
+    beta, gamma = 0.5, 0.1
+    famo = build_weighting("famo", TASKS, lr=beta, weight_decay=gamma, eps=1e-12)
+    famo_step(famo, 4.0, 1.0)
+    famo_step(famo, 2.0, 0.9)     # recon's log-loss fell by log 2, classification's by log(1/0.9)
+    gain = [math.log(4.0 / 2.0), math.log(1.0 / 0.9)]
+    z = [0.5, 0.5]
+    mean = sum(zi * g for zi, g in zip(z, gain))
+    delta = [zi * (g - mean) for zi, g in zip(z, gain)]          # J_softmax(xi)^T gain
+    expected = [0.0 - beta * (d + gamma * 0.0) for d in delta]    # xi <- xi - beta (delta + gamma xi)
+    assert famo.logits == pytest.approx(expected, rel=1e-6)   # the losses are float32
+    # the task that improved less (classification) gains weight
+    assert famo.z[1] > 0.5 > famo.z[0]
+    famo_step(famo, 2.0, 0.9)     # no change: only the decay acts on the logits
+    assert famo.logits == pytest.approx([x - beta * gamma * x for x in expected], rel=1e-6)
+
+
+def test_famo_state_survives_a_model_checkpoint_round_trip():
+    def model_with_famo():
+        model = build_model("multitask", EncoderConfig(name="small", width=8), (1, 32, 32))
+        model.weighting = build_weighting("famo", TASKS)
+        return model
+
+    trained = model_with_famo()
+    famo_step(trained.weighting, 4.0, 1.0)
+    famo_step(trained.weighting, 2.0, 0.9)
+    buffer = io.BytesIO()
+    torch.save(trained.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = model_with_famo()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.weighting.logits == trained.weighting.logits != [0.0, 0.0]
+    assert resumed.weighting.previous == trained.weighting.previous
+
+
+def test_famo_options_are_checked_naming_the_key():
+    with pytest.raises(ValueError, match="unknown config key 'loss.famo.step'"):
+        build_weighting("famo", TASKS, {"step": 0.1})
+    with pytest.raises(ValueError, match="loss.famo.min_losses"):
+        build_weighting("famo", TASKS, min_losses={"recon": 0.0})
+
+
+# ---- UPGrad through torchjd: the backward hook ----------------------------------------------------------------------
+
+class PlainEngine:
+    """What the backward hook uses of a DeepSpeed engine: `.module` and `.backward(loss)`."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def test_upgrad_backward_gives_the_encoder_torchjds_aggregate_of_the_task_gradients():
+    from torchjd.aggregation import UPGrad
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.encoder = torch.nn.Linear(3, 2)
+    x = torch.randn(8, 3)
+    features = model.encoder(x)
+    losses = {"recon": features[:, 0].square().mean(), "classification": (1 - features.sum(1)).square().mean()}
+    jacobian = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], list(
+        model.encoder.parameters()), retain_graph=True)]) for t in TASKS])
+    weighting = build_weighting("upgrad", TASKS)
+    total, _ = weighting(losses)
+    weighting.backward(PlainEngine(model), losses, total)
+    got = torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
+    assert torch.allclose(got, UPGrad()(jacobian), atol=1e-5)
+    weights = weighting.weights
+    assert set(weights) == set(TASKS) and all(w > 0 for w in weights.values())
