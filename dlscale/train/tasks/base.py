@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dlscale.configtree import from_dict
+from dlscale.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -79,22 +80,11 @@ class Task:
         return True
 
 
-TASKS: dict[str, type[Task]] = {}
+TASKS: Registry[Task] = Registry("task")
 """Registered tasks by name, in registration order: the order losses are reported in."""
-
-
-def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator adding a task to the registry (a test or a user's launch script may add its own)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__}: a task needs a `name`")
-    TASKS[cls.name] = cls
-    return cls
-
-
-def task_class(name: str) -> type[Task]:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}: expected one of {', '.join(TASKS)}")
-    return TASKS[name]
+register_task = TASKS.register
+"""Class decorator adding a task to the registry (a test or a user's launch script may add its own)."""
+task_class = TASKS.get_class
 
 
 def task_options(name: str, values: dict | None) -> Any:

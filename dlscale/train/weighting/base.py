@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dlscale.configtree import from_dict
+from dlscale.registry import Registry
 
 
 class LossWeighting(nn.Module):
@@ -65,21 +66,10 @@ class LossWeighting(nn.Module):
         engine.backward(total)
 
 
-WEIGHTINGS: dict[str, type[LossWeighting]] = {}
-
-
-def register_weighting(cls: type[LossWeighting]) -> type[LossWeighting]:
-    """Class decorator adding a weighting to the registry (a test or a user's launch script may add its own)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__}: a loss weighting needs a `name`")
-    WEIGHTINGS[cls.name] = cls
-    return cls
-
-
-def weighting_class(method: str) -> type[LossWeighting]:
-    if method not in WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {method!r}: expected one of {', '.join(WEIGHTINGS)}")
-    return WEIGHTINGS[method]
+WEIGHTINGS: Registry[LossWeighting] = Registry("loss weighting")
+register_weighting = WEIGHTINGS.register
+"""Class decorator adding a weighting to the registry (a test or a user's launch script may add its own)."""
+weighting_class = WEIGHTINGS.get_class
 
 
 def build_weighting(method: str, tasks: Sequence[str], options: Any = None, **fields: Any) -> LossWeighting:
