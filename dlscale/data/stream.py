@@ -28,6 +28,7 @@ from dlscale.data.tario import CorruptShardError, ReadIntoAdapter, iter_records
 
 log = logging.getLogger(__name__)
 NORMALIZATIONS = ("minmax", "standardize", "log", "none")
+RESIZE_MODES = ("interpolate", "crop")
 EPS = 1e-8
 
 
@@ -43,12 +44,27 @@ class StreamConfig:
     allow_pipe: bool = False             # allow `pipe:` shard URLs (they run shell commands)
     url_template: str | None = None      # shard location, e.g. "pipe:aws s3 cp s3://bucket/set/{name} -"; default: data dir
     targets: list[str] = field(default_factory=list)   # metadata keys returned as regression targets ("target")
+    resize: int | None = None            # batches become resize x resize: another image size than the encoder's
+    resize_mode: str = "interpolate"     # interpolate (bilinear, antialiased) | crop (centre crop of larger images)
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"data.normalize={self.normalize!r}: expected one of {NORMALIZATIONS}")
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("data.batch_size must be >= 1, data.num_workers and data.shuffle_buffer >= 0")
+        if self.resize is not None and self.resize < 1 or self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"data.resize={self.resize!r} / data.resize_mode={self.resize_mode!r}: expected a side "
+                             f">= 1 (or null) and a mode among {RESIZE_MODES}")
+
+    def output_shape(self, shape) -> tuple[int, ...]:
+        """(C, H, W) of the batches made from stored images of `shape`: what the model sees."""
+        shape = tuple(int(s) for s in shape)
+        if self.resize is None:
+            return shape
+        if self.resize_mode == "crop" and min(shape[1:]) < self.resize:
+            raise ValueError(f"data.resize={self.resize} with resize_mode=crop: images are {list(shape)}, smaller "
+                             "than the crop; use data.resize_mode=interpolate")
+        return (shape[0], self.resize, self.resize)
 
 
 class ShardSet:
@@ -123,6 +139,18 @@ def normalize(images: torch.Tensor, method: str, inplace: bool = False) -> torch
     return flat.sub_(lo).mul_(1.0 / (hi - lo + EPS)).view_as(images)
 
 
+def resize(images: torch.Tensor, side: int, mode: str = "interpolate") -> torch.Tensor:
+    """(B,C,H,W) -> (B,C,side,side): bilinear with antialiasing (`interpolate`), or the centre `crop`."""
+    h, w = images.shape[-2:]
+    if (h, w) == (side, side):
+        return images
+    if mode == "crop":
+        top, left = (h - side) // 2, (w - side) // 2
+        return images[..., top:top + side, left:left + side].contiguous()
+    return torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", align_corners=False,
+                                           antialias=True)
+
+
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Apply one of the 8 dihedral transforms (90-degree rotations x optional flip) per image.
 
@@ -145,7 +173,9 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _batch(images, labels, ids, targets, cfg: StreamConfig, generator: torch.Generator | None) -> dict:
-    """Finish a batch whose tensors the caller owns (normalised in place)."""
+    """Finish a batch whose tensors the caller owns (resized, then normalised in place)."""
+    if cfg.resize is not None:
+        images = resize(images, cfg.resize, cfg.resize_mode)
     images = normalize(images, cfg.normalize, inplace=True)
     if generator is not None and cfg.augment:
         images = augment(images, generator)

@@ -73,5 +73,7 @@ def check_init(path: str | Path, payload: dict, encoder_cfg: EncoderConfig, imag
                              f"--model.encoder.{key}={theirs[key]!r}")
     shape = tuple(payload.get("image_shape", image_shape))
     if shape != tuple(image_shape) or tuple(payload.get("classes", classes)) != tuple(classes):
+        hint = f"; set --data.resize={shape[1]} to bring the images to its size" \
+            if shape[0] == image_shape[0] and shape[1] == shape[2] and shape != tuple(image_shape) else ""
         raise ValueError(f"init_from {path}: trained on images {payload.get('image_shape')} / classes "
-                         f"{payload.get('classes')}, this data has {list(image_shape)} / {list(classes)}")
+                         f"{payload.get('classes')}, this data has {list(image_shape)} / {list(classes)}{hint}")
