@@ -36,6 +36,13 @@ class MAEConfig:
     decoder_heads: int = 4
     """ViT only: attention heads of the decoder blocks (must divide decoder_dim)."""
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"MAE mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if min(self.decoder_dim, self.decoder_depth, self.decoder_heads) < 1:
+            raise ValueError(f"MAE decoder_dim, decoder_depth and decoder_heads must be >= 1, got "
+                             f"{self.decoder_dim}, {self.decoder_depth}, {self.decoder_heads}")
+
 
 def random_masking(batch: int, n_patches: int, ratio: float, generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,12 +96,8 @@ def mask_patches(images: torch.Tensor, mask: torch.Tensor, patch_size: int) -> t
     return images.masked_fill(hidden.reshape(b, 1, height, width), 0.0)
 
 
-def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = False,
-                      eps: float = 1e-6) -> torch.Tensor:
-    """Mean squared error over the hidden patches only (`mask` (B, N) True); `pred`, `target` (B, N, P).
-
-    `norm_pix`: each target patch is standardised over its own pixels first (flat patches: eps keeps it finite).
-    """
+def _patch_errors(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool,
+                  eps: float) -> torch.Tensor:
     if pred.shape != target.shape or mask.shape != pred.shape[:2]:
         raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and mask {tuple(mask.shape)} "
                          "must be (B, N, P), (B, N, P) and (B, N)")
@@ -103,9 +106,24 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True, correction=0)
         target = (target - mean) / (var + eps).sqrt()
-    per_patch = (pred - target).square().mean(dim=-1)
-    weight = mask.to(per_patch.dtype)
-    return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
+    return (pred - target).square().mean(dim=-1)     # (B, N)
+
+
+def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = False,
+                      eps: float = 1e-6) -> torch.Tensor:
+    """Mean squared error over the hidden patches only (`mask` (B, N) True); `pred`, `target` (B, N, P).
+
+    `norm_pix`: each target patch is standardised over its own pixels first (flat patches: eps keeps it finite).
+    """
+    weight = mask.float()
+    return (_patch_errors(pred, target, mask, norm_pix, eps) * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def masked_patch_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = False,
+                       eps: float = 1e-6) -> torch.Tensor:
+    """Per image (B,): the mean squared error of its hidden patches, as `masked_patch_loss` scores them."""
+    weight = mask.float()
+    return (_patch_errors(pred, target, mask, norm_pix, eps) * weight).sum(1) / weight.sum(1).clamp_min(1.0)
 
 
 class MAEDecoder(nn.Module):

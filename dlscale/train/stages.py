@@ -37,6 +37,9 @@ register_stage("autoencoder", Stage(("recon",), "encoder + decoder, reconstructi
 register_stage("supervised", Stage(("classification",), "encoder + classifier, cross-entropy"))
 register_stage("multitask", Stage(None, "shared encoder, several task heads under a loss weighting",
                                   default_tasks=("recon", "classification"), when_available=("regression",)))
+register_stage("mae", Stage(("mae",), "masked autoencoder: rebuild hidden patches (ViT: visible patches only)"))
+register_stage("contrastive", Stage(("contrastive",), "SimCLR (NT-Xent, negatives from every rank) or BYOL on two "
+                                                      "random lensing views"))
 
 
 def get_stage(name: str) -> Stage:

@@ -1,5 +1,6 @@
 """Registered training tasks: each is one self-contained part (head, outputs, loss, batch needs, evaluation)."""
 from dlscale.train.tasks.base import TASKS, Task, TaskContext, register_task, task_class, task_options
 from dlscale.train.tasks import supervised  # noqa: F401  (registers recon, classification, regression)
+from dlscale.train.tasks import mae, contrastive  # noqa: F401,E401  (registers mae, contrastive)
 
 __all__ = ["TASKS", "Task", "TaskContext", "register_task", "task_class", "task_options"]
