@@ -85,9 +85,9 @@ def test_decoder_reaches_sizes_that_are_not_multiples_of_its_scale():
     assert decoder(torch.randn(1, 16, 10, 12)).shape == (1, 2, 75, 93)
 
 
-def test_decoder_rejects_scale_that_is_not_a_power_of_two():
-    with pytest.raises(ValueError, match="power of two"):
-        Decoder(16, (1, 64, 64), scale=6)
+def test_decoder_takes_scales_that_are_not_powers_of_two():
+    """A ViT's patch 10 on 150x150 images: its 15x15 token map is the decoder's input."""
+    assert Decoder(16, (1, 150, 150), scale=10)(torch.randn(1, 16, 15, 15)).shape == (1, 1, 150, 150)
 
 
 def test_unknown_encoder_name_lists_known_names():
