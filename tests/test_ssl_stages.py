@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import dlscale
 from dlscale.cli import main
 from dlscale.models import EncoderConfig
 from dlscale.train.model import build_model
@@ -54,7 +55,12 @@ def test_ssl_stage_trains_evaluates_and_exports(runs, separable_data, tiny_args,
     assert f"stage {stage}, tasks {stage}" in log
     state = torch.load(run_dir / "model.pt", weights_only=True)
     assert state[f"heads.{stage}._extra_state"] == {"draws": 3}
-    assert (run_dir / "encoder.pt").is_file()
+    encoder = dlscale.load_encoder(run_dir / "encoder.pt")          # the exported encoder rebuilds (ViT too)
+    with torch.no_grad():
+        feature_map = encoder(torch.rand(2, 1, 32, 32))
+    assert feature_map.shape == (2, encoder.out_channels, 32 // encoder.downsample, 32 // encoder.downsample)
+    assert torch.equal(encoder.state_dict()[next(iter(encoder.state_dict()))],
+                       state[f"encoder.{next(iter(encoder.state_dict()))}"])
     if stage == "mae":
         scores = dict(np.load(run_dir / "scores_val.npz"))
         assert len(scores["mae_masked_mse"]) == 61 and (scores["mae_masked_mse"] > 0).all()
