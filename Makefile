@@ -7,7 +7,7 @@ export DS_BUILD_OPS = 0
 export OMP_WAIT_POLICY = PASSIVE
 export RAY_USAGE_STATS_ENABLED = 0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-prepare clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: install
 # Benchmarks (not part of `make test`): bench/results.json
 bench: install
 	$(PY) bench/run_all.py
+
+# The wheels the GPU machine lacks (deepspeed, webdataset, ...) into .whl/ for bench/gpu/run.sh: bench/README.md
+gpu-prepare: install
+	bash bench/gpu/prepare.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

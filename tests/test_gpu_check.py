@@ -124,3 +124,85 @@ def test_watchdog_stops_a_check_past_its_budget_and_says_where(tmp_path):
     assert proc.returncode == 3
     assert report["stopped_by_watchdog"] is True
     assert report["parts"]["environment"]["error"].startswith("watchdog:")
+
+
+class FakeMachine:
+    """Stands in for every command of a full (GPU) check: what each would print or write, from its arguments, so
+    the full-size planning and orchestration run here; `commands` records what the check asked for."""
+
+    HELP = "usage: dlscale train [--stage {autoencoder,supervised,multitask}] [--print-config]\n"
+    CONFIG = "data:\n  source: shards\n  simulator:\n    preset: model_ii\n    eval_per_class: 1000\n" \
+             "loss:\n  method: fixed\n  fixed:\n    weights: null\n"
+
+    def __init__(self):
+        self.commands: list[list[str]] = []
+
+    def __call__(self, report, cmd, timeout_s, env=None, log_name=None, cwd=None):
+        from harness import RESULT_PREFIX, CommandResult
+        self.commands.append(cmd)
+        lines: list[dict] = []
+        value = dict(zip(cmd, cmd[1:]))
+        if cmd[1].endswith("probes.py"):
+            args = json.loads(cmd[3])
+            if cmd[2] == "env":
+                lines = [{"name": "torch", "cuda_available": True, "device_name": "Fake GPU", "torch": "2.11"},
+                         {"name": "dlscale", "encoders": ["resnet18", "small", "vit_small"]}, {"name": "bf16"},
+                         {"name": "process_group"}, {"name": "packages"}, {"name": "deepspeed", "version": "0"}]
+            elif cmd[2] == "simulator":
+                lines = [{"name": f"{p}/{c}", "class": c, "images_per_s": 1e5, "seconds_per_1e6_images": 10.0}
+                         for p in args["batches"] for c in ("no_sub", "cdm", "axion")]
+            else:
+                lines = [{"name": v, "variant": v, "step_s": 0.02} for v in ("bf16_weights", "autocast_bf16")]
+        elif cmd[-1] == "--help":
+            lines = self.HELP if "dlscale.train" in cmd else "usage: --out OUT --scale {full} --seed --force"
+        elif cmd[-1] == "--print-config":
+            lines = self.CONFIG
+        elif "simulate" in cmd:
+            out = Path(value["--out"])
+            out.mkdir(parents=True)
+            side = 150 if value["--preset"] == "model_i" else 64
+            (out / "manifest.json").write_text(json.dumps({"image_shape": [1, side, side], "splits": {
+                "train": {"samples": 900}, "val": {"samples": 100}}}))
+        elif "dlscale.train" in cmd:
+            run = Path(value["--run-dir"])
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({"throughput/samples_per_s": 5000.0, "val/accuracy": 0.9}))
+            (run / "log.txt").write_text("".join(f"step {i}: loss 1, {s} samples/s, {w}% waiting for data\n"
+                                                 for i, (s, w) in enumerate([(100, 90), (6000, 5), (6400, 3)])))
+        elif "quickstart" in cmd:
+            (Path(value["--out"]) / "report.md").write_text("# dlscale quickstart report\n")
+        output = lines if isinstance(lines, str) else "".join(RESULT_PREFIX + json.dumps(x) + "\n" for x in lines)
+        return CommandResult(cmd, 0, output, 1.0, False)
+
+
+def test_full_check_plans_every_gpu_run_through_the_cli(tmp_path, monkeypatch):
+    import check
+    from harness import Report
+    fake = FakeMachine()
+    monkeypatch.setattr(Report, "run", lambda self, *a, **k: fake(self, *a, **k))
+    monkeypatch.setattr("shutil.which", lambda name: None)          # no nvidia-smi here
+    assert check.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert errors_in(report["parts"]) == [] and all(p["status"] == "ok" for p in report["parts"].values())
+
+    trains = [c for c in fake.commands if "torch.distributed.run" in c]
+    assert all(c[c.index("-m", 2) + 1] == "dlscale.train" and "--deepspeed.precision=bf16" in c
+               and "--device=cuda" in c for c in trains)
+    training = report["parts"]["training"]["items"]
+    assert set(training) == {"data", "supervised/resnet18", "multitask/resnet18", "autoencoder/resnet18",
+                             "supervised/vit_small"}
+    run = training["supervised/resnet18"]
+    assert run["settings"]["batch"] == 512 and 20 <= run["settings"]["steps"] <= 20000
+    assert run["figures"]["throughput_source"] == "log"
+    assert run["figures"]["samples_per_s_steady"] == 6200 and run["figures"]["data_wait_fraction"] == 0.04
+    assert run["figures"]["engine_vs_plain_step_ratio"] == pytest.approx(512 / 6200 / 0.02, rel=1e-3)
+
+    stream = report["parts"]["sim_stream"]
+    assert "--data.source=simulate" in stream["settings"]["overrides"]
+    assert "--data.simulator.preset=model_ii" in stream["settings"]["overrides"]
+    quickstart = report["parts"]["quickstart"]
+    assert [k for k in quickstart["items"]] == ["simulate", "autoencoder", "supervised", "multitask", "report"]
+    multitask = next(c for c in trains if "multitask" in c and "--init-from" in c)
+    assert "--loss.fixed.weights={recon: 1.0, classification: 1.0}" in multitask
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# dlscale quickstart report")
+    assert report["parts"]["simulator"]["settings"]["batches"] == {"model_i": 1024, "model_ii": 4096}

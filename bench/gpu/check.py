@@ -37,7 +37,7 @@ from training import training_part
 HERE = Path(__file__).resolve().parent
 PARTS = {"environment": environment_part, "simulator": simulator_part, "training": training_part,
          "sim_stream": sim_stream_part, "quickstart": quickstart_part}
-WEIGHTS = {"environment": 0.05, "simulator": 0.12, "training": 0.53, "sim_stream": 0.10, "quickstart": 0.20}
+WEIGHTS = {"environment": 0.04, "simulator": 0.10, "training": 0.48, "sim_stream": 0.10, "quickstart": 0.28}
 
 
 class Check:
@@ -53,6 +53,8 @@ class Check:
         self.encoders: list[str] | None = None
         self.overhead_s = 10.0 if self.tiny else 35.0   # engine start-up + eval + export per run (a guess at first)
         self.overheads: list[float] = []
+        self.engine_factor = 2.0               # engine step time over the plain loop's (a cautious first guess)
+        self.engine_ratios: list[float] = []
         self._help: dict[str, Future] = {}
         self._pool = ThreadPoolExecutor(max_workers=2)
         path = os.environ.get("PYTHONPATH")
@@ -163,6 +165,9 @@ def setup_logging(out: Path) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     log.propagate = False
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
     for handler in (logging.FileHandler(out / "gpu_check.log", mode="a"), logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)
         log.addHandler(handler)
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     check = Check(args, report)
     report.data["work"] = str(check.work)
     grace = args.grace_s if args.grace_s is not None else max(20.0, 0.05 * args.budget_s)
-    report.start_watchdog(args.budget_s + grace)
+    watchdog = report.start_watchdog(args.budget_s + grace)
     check.prefetch_help()
     chosen = ["environment", *(args.only or [name for name in PARTS if name != "environment"])]
     budget = Budget(args.budget_s, {name: WEIGHTS[name] for name in PARTS if name in chosen})
@@ -199,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             report.data["parts"][name] = {"status": "skipped", "skipped": "not chosen (--only)"}
     for name in budget.weights:
         report.part(name, budget.slice_for(name), lambda entry, slice_s, fn=PARTS[name]: fn(check, entry, slice_s))
+    watchdog.cancel()
     report.data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
     report.write()
     if not args.work:

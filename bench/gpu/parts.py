@@ -12,6 +12,13 @@ from training import engine_run, headline
 ENV_RESULTS = ("torch", "bf16", "process_group", "dlscale", "packages", "deepspeed")
 
 
+def with_status(found: dict | None, result) -> dict:
+    """A probe's result as an item; one the probe never printed is an error naming how the probe ended."""
+    if found is None:
+        return {"status": "error", "error": f"not reported: {result.failure()}", "output_tail": tail(result.output, 1500)}
+    return {"status": "error" if "error" in found else "ok", **found}
+
+
 def nvidia_smi() -> dict:
     out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_mode,memory.total,memory.used",
                           "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
@@ -27,8 +34,7 @@ def environment_part(check, entry: dict, slice_s: float) -> None:
     result = check.report.run(check.probe("env", {}), max(30.0, slice_s), check.env, "environment probe")
     found = result.results()
     for name in ENV_RESULTS:
-        entry.setdefault("items", {})[name] = found.get(name) or {
-            "error": f"not reported: {result.failure()}", "output_tail": tail(result.output, 1500)}
+        entry.setdefault("items", {})[name] = with_status(found.get(name), result)
     torch_item = found.get("torch") or {}
     if "cuda_available" in torch_item:
         check.cuda = bool(torch_item["cuda_available"])
@@ -37,7 +43,7 @@ def environment_part(check, entry: dict, slice_s: float) -> None:
     check.encoders = (found.get("dlscale") or {}).get("encoders")
     if shutil.which("nvidia-smi"):
         check.report.item(entry, "nvidia_smi", lambda item: item.update(nvidia_smi()))
-    entry["items"]["repository"] = {"git": check.git_description(), "root": str(check.root)}
+    entry["items"]["repository"] = {"status": "ok", "git": check.git_description(), "root": str(check.root)}
     entry["figures"] = {"cuda": check.cuda, "device": check.device, "precision": check.precision,
                         "device_name": torch_item.get("device_name"), "torch": torch_item.get("torch"),
                         "deepspeed": (found.get("deepspeed") or {}).get("version")}
@@ -65,8 +71,7 @@ def simulator_part(check, entry: dict, slice_s: float) -> None:
     for preset in args["batches"]:
         for class_name in ("no_sub", "cdm", "axion"):
             key = f"{preset}/{class_name}"
-            entry.setdefault("items", {})[key] = found.get(key) or {
-                "error": f"not reported: {result.failure()}", "output_tail": tail(result.output, 1500)}
+            entry.setdefault("items", {})[key] = with_status(found.get(key), result)
     rates = [v for v in found.values() if "images_per_s" in v]
     if rates:
         entry["figures"] = {"slowest_images_per_s": min(v["images_per_s"] for v in rates),

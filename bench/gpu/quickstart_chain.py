@@ -22,7 +22,6 @@ EPOCHS = {"autoencoder": 1, "supervised": 2, "multitask": 2}
 FULL_SCALE = ["--model.encoder.name=resnet18", "--model.encoder.small_input_stem=true", "--data.batch_size=128",
               "--data.num_workers=8", "--optim.lr=1e-3", "--optim.warmup_steps=50", "--eval.probe_samples=2000",
               "--eval.n_bootstrap=50", "--schedule.log_every=10", "--schedule.checkpoint_every=100000"]
-MIN_SLICE_S = 60.0
 REPORT_TIMEOUT_S = 90.0       # the report-only quickstart call; longer means it did not reuse the chain's steps
 
 
@@ -30,8 +29,10 @@ def quickstart_part(check, entry: dict, slice_s: float) -> None:
     if not check.cuda:
         entry["skipped"] = "no CUDA"
         return
-    if slice_s < MIN_SLICE_S and not check.tiny:
-        entry["skipped"] = f"budget: {slice_s:.0f} s left, needs >= {MIN_SLICE_S:.0f} s"
+    needed = 30 + len(STAGES) * (check.overhead_s + 10)   # simulate + report, and each stage's start-up + eval
+    if slice_s < needed and not check.tiny:
+        entry["skipped"] = (f"budget: {slice_s:.0f} s left, the chain needs about {needed:.0f} s ({len(STAGES)} "
+                            f"stages at ~{check.overhead_s:.0f} s start-up + evaluation each)")
         return
     deadline = time.monotonic() + slice_s
     out = check.work / "quickstart"
@@ -80,7 +81,9 @@ def run_chain(check, entry: dict, out: Path, n: int, deadline: float) -> None:
     if "error" in check.report.item(entry, "simulate", simulate):
         return
     for i, stage in enumerate(STAGES):
-        share = (deadline - time.monotonic() - 20) / (len(STAGES) - i)    # 20 s kept for the report call
+        # an even share of what is left (20 s kept for the report call), but never less than a stage's start-up +
+        # evaluation as part 3 measured it: this is the last part, the watchdog stops an overrun
+        share = max((deadline - time.monotonic() - 20) / (len(STAGES) - i), check.overhead_s + 30)
         item = check.report.item(entry, stage, lambda item, s=stage, t=share: train_stage(check, item, s, out, t))
         if "error" in item:
             return

@@ -14,12 +14,12 @@ from pathlib import Path
 from harness import GpuMemorySampler, tail
 from runinfo import run_figures
 
-FULL = {"n_per_class": 8000, "batch": 512, "workers": 8, "plain_seconds": 5.0, "min_run_s": 35.0,
+FULL = {"n_per_class": 8000, "batch": 512, "workers": 8, "plain_seconds": 2.5, "min_run_s": 35.0,
         "probe_samples": 2048, "n_bootstrap": 20, "max_steps": 20000}
 TINY = {"n_per_class": 30, "n_pix": 16, "batch": 8, "workers": 0, "plain_seconds": 0.2, "steps": 3,
         "probe_samples": 24, "n_bootstrap": 10}
-ENGINE_VS_PLAIN_GUESS = 1.25          # engine step time over the plain loop's, before it is measured
 DEFAULT_STEP_S = 0.05                 # a guess when the plain loop gave nothing
+MIN_OVERHEAD_S = 10.0                 # floor of the planned start-up + evaluation + export time of a run
 
 
 def sizes(check) -> dict:
@@ -47,12 +47,13 @@ def plan_runs(check, entry: dict) -> list[tuple[str, str]]:
     return runs
 
 
-def make_data(check, item: dict, slice_s: float) -> Path:
-    """64x64 Model-II-like shards through `dlscale simulate` on the check's device."""
+def make_data(check, item: dict, part_slice_s: float) -> Path:
+    """64x64 Model-II-like shards through `dlscale simulate` on the check's device, sized to the part's time."""
     size = sizes(check)
     out = check.work / "data64"
     shutil.rmtree(out, ignore_errors=True)
-    n = size["n_per_class"] if check.tiny else int(min(size["n_per_class"], max(2000, slice_s * 40)))
+    n = size["n_per_class"] if check.tiny else int(min(size["n_per_class"], max(2000, part_slice_s * 30)))
+    slice_s = max(30.0, 0.15 * part_slice_s)
     args = ["simulate", "--preset", "model_ii", "--n-per-class", n, "--out", out, "--seed", 0,
             "--device", check.device]
     args += ["--splits", "train=0.8,val=0.2", f"--instrument.n_pix={size['n_pix']}"] if check.tiny else \
@@ -81,7 +82,7 @@ def training_part(check, entry: dict, slice_s: float) -> None:
                          "runs": [f"{s}/{e}" for s, e in runs]}
     holder: dict = {}
     data_item = check.report.item(entry, "data", lambda item: holder.update(
-        data=make_data(check, item, max(30.0, 0.15 * slice_s))))
+        data=make_data(check, item, slice_s)))
     if "data" not in holder:
         for stage, encoder in runs:
             entry["items"][f"{stage}/{encoder}"] = {"status": "skipped", "skipped": "no data (see item data)"}
@@ -129,7 +130,7 @@ def engine_run(check, item: dict, stage: str, encoder: str, data: Path, shape: t
     if check.tiny:
         steps = size["steps"]
     else:
-        step_s = base["step_s"] * ENGINE_VS_PLAIN_GUESS if "step_s" in base else DEFAULT_STEP_S
+        step_s = base["step_s"] * check.engine_factor if "step_s" in base else DEFAULT_STEP_S
         train_s = 0.85 * (slice_s - (time.monotonic() - start) - check.overhead_s)
         steps = int(min(size["max_steps"], max(20, train_s / step_s)))
     log_every = max(1, steps // 10)
@@ -161,10 +162,13 @@ def engine_run(check, item: dict, stage: str, encoder: str, data: Path, shape: t
         figures["startup_eval_export_s"] = result.seconds - steps * batch / figures["samples_per_s"]
         if result.ok:    # the next runs plan with the largest start-up + evaluation cost seen so far
             check.overheads.append(figures["startup_eval_export_s"])
-            check.overhead_s = max(check.overheads)
+            check.overhead_s = max(MIN_OVERHEAD_S, *check.overheads)
     if figures.get("step_time_s") and base.get("step_s"):
         figures["engine_vs_plain_step_ratio"] = figures["step_time_s"] / base["step_s"]
         figures["plain_variant"] = base.get("variant")
+        if result.ok:    # and with the largest engine/plain step ratio seen (data loading included)
+            check.engine_ratios.append(figures["engine_vs_plain_step_ratio"])
+            check.engine_factor = max(1.0, *check.engine_ratios)
     item["figures"] = figures
     if not result.ok:
         raise RuntimeError(f"{result.failure()}\n{tail(result.output)}")
