@@ -7,6 +7,8 @@ encoder.pt (every write atomic, through `dlscale.io`).
     RUN/metrics.json   every evaluation's metrics, merged (the last value of each key wins)
     RUN/model.pt       the whole model's state dict (fp32, CPU): `dlscale eval` reloads it
     RUN/encoder.pt     the exported encoder: `dlscale.load_encoder(path)`
+    RUN/simulation.json  (data.source=simulate) the simulator config and seeds of the training stream
+    RUN/eval_data/     (data.source=simulate without data_dir) the fixed evaluation set simulated once
     RUN/checkpoints/   DeepSpeed tags (dlscale.train.checkpoint)
 """
 from __future__ import annotations
@@ -32,12 +34,15 @@ def check_new(run_dir: Path, resume: bool) -> None:
                          "--run-dir")
 
 
-def create(run_dir: Path, cfg) -> None:
-    """Rank 0, once everything was validated: the directory, its checkpoint folder, config.yaml and git.txt."""
+def create(run_dir: Path, cfg, stream=None) -> None:
+    """Rank 0, once everything was validated: the directory, its checkpoint folder, config.yaml, git.txt and, for
+    a simulated training stream, simulation.json (everything that regenerates its batches bit for bit)."""
     from dlscale.train.checkpoint import CHECKPOINTS
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     io.write_text(run_dir / "config.yaml", dump_yaml(cfg))
     io.write_text(run_dir / "git.txt", git_description() + "\n")
+    if hasattr(stream, "describe"):
+        io.write_json(run_dir / "simulation.json", stream.describe())
 
 
 def git_description() -> str:

@@ -14,10 +14,24 @@ from typing import Any
 from dlscale.configtree import from_dict, merge, overrides_tree, read_yaml, to_dict
 from dlscale.data.stream import StreamConfig
 from dlscale.models import EncoderConfig
+from dlscale.sim.stream import SimulationSourceConfig
 from dlscale.train.stages import STAGES, get_stage
 from dlscale.train.weighting import build_weighting, weighting_class
 from dlscale.train.weighting.classic import DWAConfig, FixedConfig
 from dlscale.train.weighting.famo import FAMOConfig
+
+
+SOURCES = ("shards", "simulate")
+
+
+@dataclass
+class DataConfig(StreamConfig):
+    """Where training batches come from, and how they are made (the stream fields)."""
+    source: str = "shards"
+    """shards: the dataset in `data_dir`; simulate: fresh simulated lenses every step (`data.simulator`), an epoch
+    being `schedule.batches_per_epoch` batches; evaluation then uses `data_dir` if given, else a fixed set simulated
+    once into RUN/eval_data."""
+    simulator: SimulationSourceConfig = field(default_factory=SimulationSourceConfig)
 
 
 @dataclass
@@ -91,7 +105,7 @@ class Config:
     seed: int = 0
     device: str = "auto"                  # auto | cpu | cuda
     init_from: str | None = None          # encoder.pt, a run directory or an encoder state dict to start from
-    data: StreamConfig = field(default_factory=StreamConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -110,7 +124,12 @@ class Config:
             raise ValueError(f"deepspeed.precision={self.deepspeed.precision!r}: expected auto, fp32, bf16 or fp16")
         if self.schedule.epochs < 1 or self.deepspeed.grad_accum < 1:
             raise ValueError("schedule.epochs and deepspeed.grad_accum must be >= 1")
-        if not self.data_dir or not self.run_dir:
+        if self.data.source not in SOURCES:
+            raise ValueError(f"data.source={self.data.source!r}: expected one of {', '.join(SOURCES)}")
+        if self.data.source == "simulate" and not self.schedule.batches_per_epoch:
+            raise ValueError("data.source=simulate: set schedule.batches_per_epoch (an epoch of fresh simulated "
+                             "lenses has no natural length)")
+        if not self.run_dir or (not self.data_dir and self.data.source == "shards"):
             raise ValueError("data_dir (--data) and run_dir (--run-dir) are required")
         return self
 

@@ -24,11 +24,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dlscale.data.classes import CLASSES
-from dlscale.data.stream import make_loader
 from dlscale.dist import DistInfo, dist_info
 from dlscale.train import artifacts, checkpoint
 from dlscale.train.config import Config, check_weighting
-from dlscale.train.data import describe_ids, load_dataset, target_stats, train_stream
+from dlscale.train.data import (EVAL_DATA, describe_ids, epoch_loader, load_dataset, prepare_eval_set,
+                                simulated_eval_set, stream_image_shape, target_stats, train_stream)
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device
 from dlscale.train.evaluation import Evaluation, build_run_model, evaluate_split, write_hparams
 from dlscale.train.model import init_encoder
@@ -98,7 +98,7 @@ class Trainer:
                        f"{cfg.schedule.epochs}", unit="batch", disable=not self.info.is_main, leave=False)
             window_start, wait, window_samples = time.perf_counter(), 0.0, 0
             epoch_start, epoch_samples = time.perf_counter(), 0
-            loader = iter(make_loader(self.stream, cfg.data))
+            loader = iter(epoch_loader(self.stream, cfg))
             for index in range(self.batches):
                 fetch_start = time.perf_counter()
                 batch = next(loader)
@@ -142,7 +142,7 @@ class Trainer:
         flag, total_value, *loss_values = torch.cat([bad, values]).tolist()
         host_losses = dict(zip(losses, loss_values))
         if flag:
-            keys = describe_ids(self.cfg, batch["ids"][:8])
+            keys = describe_ids(self.stream, batch["ids"][:8])
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.engine.global_steps} (epoch {self.epoch}, batch {self.batch_in_epoch}"
                 f"): {host_losses} on some rank; this rank's batch starts with {keys}. Nothing was saved; last good "
@@ -193,7 +193,10 @@ class Trainer:
             artifacts.save_model(self.run_dir, self.module)
             artifacts.export_encoder(self.run_dir, self.module, self.cfg.model.encoder, {
                 "classes": list(CLASSES), "image_shape": list(image_shape), "normalize": self.cfg.data.normalize,
-                "stage": self.cfg.stage, "targets": list(self.cfg.data.targets), "target_stats": self.stats})
+                "stage": self.cfg.stage, "targets": list(self.cfg.data.targets), "target_stats": self.stats,
+                "data": {"dir": str(self.cfg.data_dir), "source": self.evaluation.manifest.get("source"),
+                         "image_shape": self.evaluation.manifest["image_shape"], "resize": self.cfg.data.resize,
+                         "resize_mode": self.cfg.data.resize_mode}})
         metrics, _ = evaluate_split(self.module, self.evaluation, self.cfg.eval.split, probe=True,
                                     step=self.engine.global_steps)
         metrics["throughput/samples_per_s"] = self.train_samples / max(self.train_seconds, 1e-9)
@@ -219,17 +222,26 @@ def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
     check_weighting(cfg)
     info, device, run_dir = dist_info(local_rank), pick_device(cfg.device), Path(cfg.run_dir)
     artifacts.check_new(run_dir, resume)
-    manifest, image_shape = load_dataset(cfg)
+    simulated_eval = simulated_eval_set(cfg)
+    if simulated_eval:
+        cfg.data_dir = str(run_dir / EVAL_DATA)   # recorded in config.yaml
+    else:
+        load_dataset(cfg)
+    stream, batches = train_stream(cfg, info, device)
+    image_shape = stream_image_shape(stream)
     torch.manual_seed(cfg.seed)
-    stats = target_stats(cfg)
+    stats = target_stats(cfg, stream)
     model = build_run_model(cfg, image_shape, stats)
     if cfg.init_from:
         init_encoder(model.encoder, cfg.init_from, cfg.model.encoder, image_shape, CLASSES)
     init_distributed(info, device)
     dist.barrier()   # every rank has checked the run directory before rank 0 creates it
     if info.is_main:
-        artifacts.create(run_dir, cfg)
+        artifacts.create(run_dir, cfg, stream)
+        if simulated_eval:
+            prepare_eval_set(cfg)
     dist.barrier()
+    manifest, _ = load_dataset(cfg)
     writer = None
     with artifacts.run_log(run_dir if info.is_main else None):
         try:
@@ -237,7 +249,6 @@ def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
                 log.info("encoder initialised from %s", cfg.init_from)
             if info.world > 1 and device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # (SyncBatchNorm has no CPU kernel)
-            stream, batches = train_stream(cfg, info)
             total_steps = cfg.schedule.epochs * batches // cfg.deepspeed.grad_accum
             engine, precision, _ = make_engine(model.to(device), cfg, info.world, device, total_steps)
             if info.is_main:
