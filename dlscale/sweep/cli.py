@@ -94,5 +94,7 @@ def _check_state_api() -> None:
 
 
 def _check_dataset(cfg: Config) -> None:
-    from dlscale.train.data import load_dataset
-    load_dataset(cfg)
+    """The dataset fits the model (trials training from the simulator without one simulate their own eval set)."""
+    if cfg.data_dir:
+        from dlscale.train.data import load_dataset
+        load_dataset(cfg)

@@ -108,8 +108,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: s
     if len(run_tasks(base_cfg)) < 2:
         raise ValueError(f"{path}: train.stage {base_cfg.stage!r} trains {list(run_tasks(base_cfg))}; dlscale tune "
                          "sweeps the loss weighting of several tasks (e.g. the multitask stage)")
-    if not base_cfg.data_dir:
-        raise ValueError("no dataset: pass --data DIR")
+    if not base_cfg.data_dir and base_cfg.data.source == "shards":
+        raise ValueError("no dataset: pass --data DIR (or train from the simulator: --data.source=simulate)")
     check_trial_config(base_cfg)
     space = check_space(tree.get("space"), base_cfg)
     if settings.scheduler == "asha":
