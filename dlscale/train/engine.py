@@ -54,6 +54,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.tasks = self.module.tasks
         self.epoch, self.batch_in_epoch, self.last_checkpoint = 0, 0, None
+        self.samples_seen = 0   # over all ranks, since the start of the run: the data position across world sizes
         self.sums, self.count = {t: 0.0 for t in self.tasks}, 0   # this epoch's loss sums (epoch-end hook)
         self.train_seconds, self.train_samples = 0.0, 0            # throughput of this process's training
 
@@ -69,7 +70,9 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.engine.global_steps,
                 "epoch_loss_sums": self.sums, "epoch_batches": self.count, "seed": self.cfg.seed,
-                "world": self.info.world, "target_stats": self.stats, "loss_weights": self.module.weighting.weights}
+                "world": self.info.world, "target_stats": self.stats, "loss_weights": self.module.weighting.weights,
+                "batch_size": self.cfg.data.batch_size, "samples_seen": self.samples_seen,
+                "samples_in_epoch": self.batch_in_epoch * self.cfg.data.batch_size * self.info.world}
 
     def save_checkpoint(self) -> None:
         if checkpoint.tag_for(self.engine.global_steps) == self.last_checkpoint:
@@ -79,14 +82,19 @@ class Trainer:
 
     def resume(self) -> None:
         loaded = checkpoint.load(self.engine, self.run_dir / checkpoint.CHECKPOINTS, self.info.world,
-                                 self.cfg.deepspeed.zero_stage)
+                                 self.info.is_main)
         if loaded is None:
             return
-        self.last_checkpoint, client = loaded
-        self.epoch, self.batch_in_epoch = client["epoch"], client["batch_in_epoch"]
-        self.sums, self.count = client["epoch_loss_sums"], client["epoch_batches"]
-        log.info("resumed from %s (epoch %d, batch %d, step %d)", self.last_checkpoint, self.epoch,
-                 self.batch_in_epoch, client["step"])
+        self.last_checkpoint, client, saved_world = loaded
+        at = checkpoint.position(client, self.info.world, self.info.rank, self.cfg.data.batch_size, self.batches,
+                                 self.cfg.deepspeed.grad_accum)
+        if at.converted:   # the engine counted the old layout's steps: move it to this layout's schedule
+            checkpoint.set_step(self.engine, at.step, at.epoch * self.batches + at.batch_in_epoch)
+        self.epoch, self.batch_in_epoch, self.samples_seen = at.epoch, at.batch_in_epoch, at.samples_seen
+        self.sums, self.count = at.sums, at.count
+        log.info("resumed from %s (epoch %d, batch %d, step %d)%s", self.last_checkpoint, self.epoch,
+                 self.batch_in_epoch, at.step, f", written by {saved_world} rank(s) at their step {client['step']}; "
+                 f"{at.samples_seen} samples seen, learning rate {self.engine.get_lr()[0]:.6g}" if at.converted else "")
 
     # ---- training --------------------------------------------------------------------------------------------
     def train(self) -> None:
@@ -110,6 +118,7 @@ class Trainer:
                     self.sums[task] += value
                 self.count, self.batch_in_epoch = self.count + 1, index + 1
                 samples = len(batch["label"]) * self.info.world
+                self.samples_seen += samples
                 window_samples, epoch_samples = window_samples + samples, epoch_samples + samples
                 bar.update(1)
                 step, boundary = self.engine.global_steps, self.engine.is_gradient_accumulation_boundary()
