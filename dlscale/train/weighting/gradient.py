@@ -30,7 +30,7 @@ class UPGrad(LossWeighting):
             from torchjd.aggregation import UPGradWeighting
         except ImportError as err:
             raise ValueError(f"loss.method=upgrad needs torchjd with its QP solver: pip install "
-                             f"'torchjd[quadprog_projector]' ({err})") from None
+                             f"'torchjd[quadprog-projector]' ({err})") from None
         self.weighting = UPGradWeighting()
         self._last = {task: 1.0 for task in self.tasks}
 
