@@ -76,7 +76,8 @@ def test_byol_resumes_to_the_same_parameters_target_network_included(runs, separ
     shutil.copytree(whole, resumed)
     for name in ("model.pt", "encoder.pt", "metrics.json"):
         (resumed / name).unlink()
-    (resumed / "checkpoints" / "latest").write_text("step00000006")   # as if killed after step 6 (epoch 2, batch 2)
+    shutil.rmtree(resumed / "checkpoints" / "step00000008")           # as if killed after step 6 (epoch 2, batch 2)
+    (resumed / "checkpoints" / "latest").write_text("step00000006")
     train("contrastive", separable_data, resumed, *args, "--resume", "auto")
     assert "resumed from step00000006 (epoch 1, batch 2" in (resumed / "log.txt").read_text()
     a = torch.load(whole / "model.pt", weights_only=True)
