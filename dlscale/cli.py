@@ -6,6 +6,8 @@
     dlscale train --stage S --data DIR --run-dir RUN [--section.key=value ...] [--resume auto]
     dlscale eval --run-dir RUN [--data DIR] [--split val|test]
     dlscale quickstart [--out runs/quickstart] [--scale small|full] [--force]   the whole pipeline, with a report
+    dlscale transfer --encoder A [--encoder B ...] --data DIR --out OUT [--labels-per-class 10,100,1000,all]
+                     [--repeats R] [--methods probe,finetune,scratch,random] [--epochs E]   label efficiency study
     dlscale tune --data DIR --out DIR [--config SWEEP.yaml] [--trials N] [--workers-per-trial K]
                  [--gpus-per-trial G] [--cpus-per-trial C] [--address auto|HOST:PORT] [--resume]   Ray Tune sweep
 """
@@ -77,13 +79,18 @@ def quickstart_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def transfer_main(argv: list[str]) -> int:
+    from dlscale.transfer.cli import transfer_main as run
+    return run(argv)
+
+
 def tune_main(argv: list[str]) -> int:
     from dlscale.sweep import tune_main as run
     return run(argv)
 
 
 COMMANDS = {"pack": pack_main, "shards": shards_main, "simulate": simulate_main, "train": train_main,
-            "eval": eval_main, "quickstart": quickstart_main, "tune": tune_main}
+            "eval": eval_main, "quickstart": quickstart_main, "transfer": transfer_main, "tune": tune_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -229,6 +229,7 @@ class TrainStream(IterableDataset):
     def __init__(self, shards: ShardSet, rank: int, world: int, batches_per_epoch: int, seed: int = 0):
         self.shards, self.rank, self.world = shards, rank, world
         self.batches_per_epoch, self.seed, self.epoch = batches_per_epoch, seed, 0
+        self.image_shape = shards.cfg.output_shape(shards.image_shape)   # of the batches (after data.resize)
         self.max_failures = 10 * len(shards.urls) + 10
 
     def set_epoch(self, epoch: int) -> None:

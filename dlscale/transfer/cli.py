@@ -1,0 +1,54 @@
+"""`dlscale transfer` argument handling (a process entry point: it sets the process up and prints the table).
+
+    dlscale transfer --encoder runs/ae --encoder runs/mae/encoder.pt --data data/sim_ii --out runs/transfer
+    dlscale transfer --encoder runs/model_i_ae --data data/model_ii --out runs/i_to_ii --data.resize=150
+    dlscale transfer --encoder runs/ae --data data/sim --out runs/reg --targets theta_E --labels-per-class 100,all
+"""
+from __future__ import annotations
+
+import argparse
+
+from dlscale.transfer.runner import METHODS, TransferConfig
+from dlscale.transfer.subsets import parse_sizes
+
+
+def transfer_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="dlscale transfer", description="Label efficiency of pretrained encoders: linear probe, fine-tuning, "
+        "the same architecture from scratch and at random initialisation, on nested label subsets. Training config "
+        "overrides (--section.key=value, e.g. --data.batch_size=32 --optim.lr=3e-4 --data.resize=150) set the "
+        "fine-tune and scratch runs and the probes' data stream.")
+    p.add_argument("--encoder", action="append", required=True, help="encoder.pt or run directory (repeatable)")
+    p.add_argument("--data", required=True, help="dataset directory (manifest.json + shards)")
+    p.add_argument("--out", required=True, help="output directory (finished runs in it are reused)")
+    p.add_argument("--labels-per-class", default="10,100,1000,all", help="N values, e.g. 10,100,1000,all")
+    p.add_argument("--repeats", type=int, default=3, help="label subsets (seeds) per N")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"some of {','.join(METHODS)}")
+    p.add_argument("--split", default="val", choices=["val", "test"], help="evaluation split")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tune and scratch epochs")
+    p.add_argument("--min-batches-per-epoch", type=int, default=5, help="floor of an epoch on a small subset")
+    p.add_argument("--targets", default="", help="regression targets from the sample metadata, e.g. theta_E")
+    p.add_argument("--ranks", type=int, default=None, help="training ranks (default: every GPU, or 2 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap draws of each CI")
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+    if bad:
+        p.error(f"unrecognised arguments {bad}; training config overrides look like --section.key=value")
+    from dlscale.quickstart import local_ranks
+    cfg = TransferConfig(args.encoder, args.data, args.out, parse_sizes(args.labels_per_class), args.repeats,
+                         [m.strip() for m in args.methods.split(",") if m.strip()], args.split, args.epochs,
+                         [t.strip() for t in args.targets.split(",") if t.strip()],
+                         args.ranks if args.ranks is not None else local_ranks(), args.seed, args.n_bootstrap,
+                         args.min_batches_per_epoch, rest)
+    from dlscale.train.deepspeed_setup import prepare_process
+    prepare_process(_device(rest))
+    from dlscale.transfer.report import table
+    from dlscale.transfer.runner import run_transfer
+    results = run_transfer(cfg)
+    print("\n".join(["", *table(results), "", f"report: {cfg.out}/report.md"]), flush=True)
+    return 0
+
+
+def _device(overrides: list[str]) -> str:
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("--device=")), "auto")

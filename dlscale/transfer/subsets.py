@@ -1,0 +1,146 @@
+"""Labelled subsets of the train split: stratified, seeded and nested, written as small shard datasets.
+
+For repeat `r`, each class's train samples are put in one random order (seeded by (seed, r)); the subset of N labels
+per class is the first N of every class's order, so the 10 lie inside the 100, which lie inside the 1000. Only the
+train split is ever drawn from; evaluation uses the whole eval split, which no subset touches.
+
+Why a dataset and not a stream filter: the subset then trains through the unchanged DeepSpeed engine, its manifest
+counts are exact (an epoch is the subset, not the split with most samples skipped), and at N <= 1000 per class it
+costs one read of the train split per repeat. The subset's train shards are written with `DatasetWriter` (the
+source's record layout, its metadata kept, so regression targets come along); the eval split's shards are hard
+links of the source's (copies across filesystems), under their plain `<split>-NNNNNN.tar` names. The directory is
+built as a hidden `.NAME.partial-PID` sibling and renamed into place, so it is complete or absent.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dlscale import io
+from dlscale.data.classes import CLASSES
+from dlscale.data.partial import partial_dir, remove_stale_partials
+from dlscale.data.shards import MANIFEST, DatasetWriter, decode_record, load_manifest
+from dlscale.data.stream import ShardSet, StreamConfig
+from dlscale.data.tario import iter_records
+
+log = logging.getLogger(__name__)
+ALL = "all"
+
+
+def train_index(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N, 3) as the streams report them, labels (N,)) of every train sample, ordered by id."""
+    shards = ShardSet(data_dir, "train", StreamConfig(num_workers=0))
+    ids, labels = [], []
+    for index in range(len(shards.urls)):
+        for _, record_labels, record_ids, _ in shards.records(index):
+            ids.append(record_ids.numpy())
+            labels.append(record_labels.numpy())
+    if not ids:
+        raise ValueError(f"{data_dir}: the train split holds no samples")
+    ids, labels = np.concatenate(ids), np.concatenate(labels)
+    order = np.lexsort(ids.T[::-1])
+    return ids[order], labels[order]
+
+
+def parse_sizes(text: str) -> list[int | str]:
+    """`10,100,1000,all` -> [10, 100, 1000, "all"] (ascending, each once)."""
+    sizes: list[int | str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if item == ALL:
+            sizes.append(ALL)
+        elif item.isdigit() and int(item) > 0:
+            sizes.append(int(item))
+        else:
+            raise ValueError(f"--labels-per-class {text!r}: {item!r} is neither a count >= 1 nor 'all'")
+    numbers = sorted(set(s for s in sizes if s != ALL))
+    return numbers + ([ALL] if ALL in sizes else [])
+
+
+def check_sizes(sizes: Sequence[int | str], labels: np.ndarray, data_dir: str | Path) -> None:
+    """Every N must be available in every class of the train split."""
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    for n in sizes:
+        if n != ALL and n > counts.min():
+            short = CLASSES[int(counts.argmin())]
+            raise ValueError(f"--labels-per-class {n}: the train split of {data_dir} has only {counts.min()} "
+                             f"samples of class {short!r} (per class: {dict(zip(CLASSES, counts.tolist()))})")
+
+
+def nested_subsets(labels: np.ndarray, sizes: Sequence[int | str], seed: int, repeat: int) -> dict:
+    """{N: sorted indices into `labels`} with exactly N per class (all samples for "all"), nested in N."""
+    rng = np.random.default_rng([seed, repeat])
+    orders = [rng.permutation(np.flatnonzero(labels == k)) for k in range(len(CLASSES))]
+    return {n: np.arange(len(labels)) if n == ALL else np.sort(np.concatenate([o[:n] for o in orders]))
+            for n in sizes}
+
+
+def subset_name(n: int | str, repeat: int) -> str:
+    return f"n{n}-r{repeat}"
+
+
+def write_subset(data_dir: str | Path, ids: np.ndarray, out_dir: str | Path, eval_split: str,
+                 provenance: dict) -> Path:
+    """A dataset at `out_dir`: the train samples `ids` (with their metadata) and `data_dir`'s `eval_split`."""
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    manifest = load_manifest(data_dir)
+    if eval_split not in manifest["splits"]:
+        raise ValueError(f"{data_dir}: no {eval_split!r} split to evaluate on (has {', '.join(manifest['splits'])})")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out_dir.parent)
+    staging = partial_dir(out_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    layout = manifest["record_layout"]
+    source = {"kind": "label_subset", "of": str(data_dir), "split": "train", **provenance,
+              "source": manifest.get("source")}
+    try:
+        with DatasetWriter(staging, tuple(manifest["image_shape"]), source,
+                           samples_per_record=layout["samples_per_record"],
+                           classes=tuple(manifest["classes"])) as writer:
+            _copy_train_samples(data_dir, manifest, ids, writer)
+        for shard in manifest["splits"][eval_split]["shards"]:
+            _link(data_dir / shard["name"], staging / shard["name"])
+        written = io.read_json(staging / MANIFEST)
+        written["splits"][eval_split] = copy.deepcopy(manifest["splits"][eval_split])
+        io.write_json(staging / MANIFEST, written)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _copy_train_samples(data_dir: Path, manifest: dict, ids: np.ndarray, writer: DatasetWriter) -> None:
+    wanted: dict[tuple[int, int], list[int]] = {}
+    for shard, record, position in np.asarray(ids).tolist():
+        wanted.setdefault((shard, record), []).append(position)
+    shards = ShardSet(data_dir, "train", StreamConfig(num_workers=0))
+    found = 0
+    for index in sorted({shard for shard, _ in wanted}):
+        name = shards.shards[index]["name"]
+        with shards.open(index) as stream:
+            for r, (key, record) in enumerate(iter_records(stream, name)):
+                positions = wanted.get((index, r))
+                if not positions:
+                    continue
+                images, labels, metas = decode_record(record, manifest["record_layout"], manifest["image_shape"],
+                                                      len(manifest["classes"]), f"{name}:{key}")
+                for p in positions:
+                    writer.add("train", images[p], int(labels[p]), metas[p])
+                found += len(positions)
+    if found != len(ids):
+        raise RuntimeError(f"{data_dir}: found {found} of the {len(ids)} subset samples in the train shards")
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:          # another filesystem, or links not allowed: a copy holds the same bytes
+        shutil.copyfile(src, dst)

@@ -1,0 +1,123 @@
+"""Fine-tuning and from-scratch runs of a transfer study, through the DeepSpeed engine (`dlscale.train.run`).
+
+Every run of the study goes into one plan (plan-<name>.json); the plan is trained by one launch: on all local ranks
+through torchrun (`python -m dlscale.transfer.training PLAN`, each rank going through the runs in order; the
+process group outlives each run), or in this process with one rank. One launch, not one per run: process and
+DeepSpeed start-up cost more than a small run's training. Finished runs (model.pt, metrics.json and the scores of
+the eval split) are kept and skipped when the command is repeated; a run directory left unfinished is removed
+first, so the engine starts it afresh.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dlscale import io
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedRun:
+    """One `dlscale train` run: its stage, data, directory, starting encoder and config overrides."""
+    run_dir: str
+    data_dir: str
+    stage: str
+    init_from: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def scores_file(run_dir: str | Path, split: str) -> Path:
+    return Path(run_dir) / f"scores_{split}.npz"
+
+
+def is_finished(run: PlannedRun, split: str) -> bool:
+    run_dir = Path(run.run_dir)
+    return all(p.is_file() for p in (run_dir / "model.pt", run_dir / "metrics.json", scores_file(run_dir, split)))
+
+
+def train_all(runs: list[PlannedRun], plan_path: Path, split: str, ranks: int) -> None:
+    """Train the runs of the plan not finished yet, on `ranks` local ranks (1: in this process)."""
+    todo = [r for r in runs if not is_finished(r, split)]
+    log.info("%d of %d fine-tune/scratch runs finished before; %d to train on %d rank(s)", len(runs) - len(todo),
+             len(runs), len(todo), ranks)
+    if not todo:
+        return
+    for run in todo:
+        if Path(run.run_dir).exists():
+            log.warning("removing the unfinished run directory %s (started before, never finished)", run.run_dir)
+            shutil.rmtree(run.run_dir)
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    io.write_json(plan_path, {"runs": [dataclasses.asdict(r) for r in todo]})
+    if ranks <= 1:
+        train_planned(todo)
+        return
+    from dlscale.dist import LAUNCHER_VARIABLES
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "dlscale.transfer.training", str(plan_path)]
+    done = subprocess.run(command, env=env)
+    if done.returncode:
+        unfinished = [r.run_dir for r in todo if not is_finished(r, split)]
+        raise RuntimeError(f"training the plan {plan_path} on {ranks} ranks exited with {done.returncode}; "
+                           f"{len(unfinished)} run(s) unfinished, first {unfinished[:1]} (its log.txt says why)")
+
+
+def train_planned(runs: list[PlannedRun], local_rank: int | None = None) -> None:
+    """Train `runs` one after another in this process (every rank of a launch calls this with the same list)."""
+    from dlscale.dist import dist_info
+    from dlscale.train.config import load_config
+    from dlscale.train.engine import run as train
+    for i, planned in enumerate(runs, 1):
+        cfg = load_config(None, planned.overrides, stage=planned.stage, data_dir=planned.data_dir,
+                          run_dir=planned.run_dir, init_from=planned.init_from)
+        if dist_info(local_rank).is_main:
+            log.info("transfer run %d/%d: %s (%s%s)", i, len(runs), planned.run_dir, planned.stage,
+                     f", from {planned.init_from}" if planned.init_from else ", from scratch")
+        train(cfg, local_rank=local_rank)
+
+
+def read_scores(run: PlannedRun, split: str) -> dict[str, np.ndarray]:
+    """ids, labels, probs (and regression, target) of a finished run on the eval split, in id order."""
+    path = scores_file(run.run_dir, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run did not finish (see {Path(run.run_dir) / 'log.txt'})")
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of each rank of a torchrun launch: `python -m dlscale.transfer.training PLAN`."""
+    p = argparse.ArgumentParser(prog="python -m dlscale.transfer.training")
+    p.add_argument("plan", type=Path)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    args = p.parse_args(argv)
+    from dlscale.dist import dist_info, setup_logging
+    from dlscale.train.deepspeed_setup import prepare_process
+    setup_logging(dist_info(args.local_rank).rank)
+    runs = [PlannedRun(**r) for r in io.read_json(args.plan)["runs"]]
+    devices = {_device(r) for r in runs}
+    prepare_process(devices.pop() if len(devices) == 1 else "auto")
+    train_planned(runs, args.local_rank)
+    return 0
+
+
+def _device(run: PlannedRun) -> str:
+    for item in run.overrides:
+        if item.startswith("--device="):
+            return item.split("=", 1)[1]
+    return "auto"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
