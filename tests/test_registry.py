@@ -67,7 +67,7 @@ class Recording(LossWeighting):
         self.local_sums, self.local_count = {t: 0.0 for t in self.tasks}, 0
         self._write()
 
-    def backward(self, engine, losses, total):
+    def backward(self, engine, losses, total, images, batch):
         self.backward_calls += 1
         engine.backward(2.0 * total)
         self._write()

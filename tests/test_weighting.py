@@ -198,17 +198,19 @@ class PlainEngine:
 def test_upgrad_backward_gives_the_encoder_torchjds_aggregate_of_the_task_gradients():
     from torchjd.aggregation import UPGrad
     torch.manual_seed(0)
-    model = torch.nn.Module()
-    model.encoder = torch.nn.Linear(3, 2)
-    x = torch.randn(8, 3)
-    features = model.encoder(x)
-    losses = {"recon": features[:, 0].square().mean(), "classification": (1 - features.sum(1)).square().mean()}
-    jacobian = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], list(
-        model.encoder.parameters()), retain_graph=True)]) for t in TASKS])
+    model = build_model("multitask", EncoderConfig(name="small", width=4), (1, 16, 16))
+    images, batch = torch.rand(6, 1, 16, 16), {"label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    shared = list(model.encoder.parameters())
+    out = model(images, batch)
+    losses = model.losses(out, images, batch)
+    jacobian = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(losses[t], shared,
+                                                                               retain_graph=True)]) for t in TASKS])
+    statistics = {k: v.clone() for k, v in model.named_buffers()}
     weighting = build_weighting("upgrad", TASKS)
     total, _ = weighting(losses)
-    weighting.backward(PlainEngine(model), losses, total)
-    got = torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
+    weighting.backward(PlainEngine(model), losses, total, images, batch)
+    got = torch.cat([p.grad.flatten() for p in shared])
     assert torch.allclose(got, UPGrad()(jacobian), atol=1e-5)
+    assert all(torch.equal(v, statistics[k]) for k, v in model.named_buffers())   # BN statistics moved once
     weights = weighting.weights
     assert set(weights) == set(TASKS) and all(w > 0 for w in weights.values())

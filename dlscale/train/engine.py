@@ -156,7 +156,7 @@ class Trainer:
                 f"non-finite loss at step {self.engine.global_steps} (epoch {self.epoch}, batch {self.batch_in_epoch}"
                 f"): {host_losses} on some rank; this rank's batch starts with {keys}. Nothing was saved; last good "
                 f"checkpoint: {self.last_checkpoint}")
-        self.module.weighting.backward(self.engine, losses, total)
+        self.module.weighting.backward(self.engine, losses, total, images, batch)
         self.engine.step()
         return host_losses, total_value, weights
 

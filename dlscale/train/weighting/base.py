@@ -7,8 +7,9 @@ branches on the method:
 - `forward(losses)`: `{task: scalar loss}` -> `(total, {task: effective weight as float})`;
 - `end_epoch(mean_losses)`: once per epoch on every rank, with each task's epoch-mean loss all-reduced across
   ranks (DWA's rule);
-- `backward(engine, losses, total)`: back-propagate; the default is `engine.backward(total)`. Gradient-based
-  methods override it (they may look at per-task gradients of `engine.module.encoder`'s parameters first).
+- `backward(engine, losses, total, images, batch)`: back-propagate; the default is `engine.backward(total)`.
+  Gradient-based methods override it (they may take per-task gradients of `engine.module`'s encoder first, on a
+  forward of their own of `images` / `batch`).
 
 Each method has a typed options dataclass `Config`, set as `loss.<method>.<field>` (built-in methods) or
 `loss.options.<method>.<field>` (methods registered outside dlscale).
@@ -61,7 +62,8 @@ class LossWeighting(nn.Module):
     def end_epoch(self, mean_losses: Mapping[str, float]) -> None:
         """Epoch-end hook (all-reduced per-task means); nothing by default."""
 
-    def backward(self, engine, losses: Mapping[str, torch.Tensor], total: torch.Tensor) -> None:
+    def backward(self, engine, losses: Mapping[str, torch.Tensor], total: torch.Tensor, images: torch.Tensor,
+                 batch: dict) -> None:
         """Back-propagation hook; gradient-based methods replace it."""
         engine.backward(total)
 

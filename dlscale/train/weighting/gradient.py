@@ -1,13 +1,15 @@
 """UPGrad (Quinton & Rey 2024, through torchjd): a gradient-based weighting that never lets one task's update
 work against another's on the shared encoder.
 
-In the backward hook each task's gradient on the encoder parameters is computed (K extra backward passes through
-the encoder), averaged across ranks, and torchjd's UPGrad weighting turns their Gramian into task weights w; the
-engine then back-propagates sum_i w_i L_i once. On the encoder that gradient is exactly UPGrad's aggregate
-J^T w; each head gets w_i times its own task's gradient. Because the final backward is the engine's ordinary one,
-DeepSpeed's gradient reduction and partitioning are untouched: ZeRO 0 and 1 are tested, ZeRO 2 works the same way
-(its reduction hooks fire on the engine's backward only). Per-task gradients are taken in the training precision
-(fp32 or bf16; fp16's loss scaling is not applied to them).
+In the backward hook each task's gradient on the encoder parameters is computed, averaged across ranks, and
+torchjd's UPGrad weighting turns their Gramian into task weights w; the engine then back-propagates sum_i w_i L_i
+once. On the encoder that gradient is exactly UPGrad's aggregate J^T w; each head gets w_i times its own task's
+gradient. The per-task gradients come from a second forward of the model (`torch.func.functional_call` with copies
+of the buffers, so BatchNorm statistics move once per step) and K backward passes: DeepSpeed hooks the outputs of
+its own forward and would take gradients through them for its backward. Because the final backward is the engine's
+ordinary one, DeepSpeed's reduction and partitioning are untouched: ZeRO 0, 1 and 2 are tested. Cost per step:
+one more forward and K more backward passes. Per-task gradients are taken in the training precision (fp32 or bf16;
+fp16's loss scaling is not applied to them).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.func import functional_call
 
 from dlscale.train.weighting.base import LossWeighting, register_weighting
 
@@ -48,13 +51,18 @@ class UPGrad(LossWeighting):
         gramian = jacobian.double() @ jacobian.double().T
         return self.weighting(gramian).to(jacobian.dtype)
 
-    def backward(self, engine, losses: Mapping[str, torch.Tensor], total: torch.Tensor) -> None:
-        shared = [p for p in engine.module.encoder.parameters() if p.requires_grad]
+    def backward(self, engine, losses: Mapping[str, torch.Tensor], total: torch.Tensor, images: torch.Tensor,
+                 batch: dict) -> None:
+        module = engine.module
+        shared = [name for name, p in module.named_parameters() if name.startswith("encoder.") and p.requires_grad]
+        state = {**dict(module.named_parameters()), **{k: v.clone() for k, v in module.named_buffers()}}
+        out = functional_call(module, state, (images, batch))   # a graph of our own: no engine hooks, BN stats kept
+        again = module.losses(out, images, batch)
         rows = []
         for task in self.tasks:
-            grads = torch.autograd.grad(losses[task], shared, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
-                                   for g, p in zip(grads, shared)]))
+            grads = torch.autograd.grad(again[task], [state[n] for n in shared], retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(state[n])).flatten().float()
+                                   for g, n in zip(grads, shared)]))
         jacobian = torch.stack(rows)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(jacobian)
