@@ -3,10 +3,14 @@
 Train: each DataLoader worker draws shards with replacement from an RNG seeded by (seed, epoch, rank, worker),
 decodes stacked records without pickle, mixes samples in a tensor-level shuffle buffer, and emits normalised,
 augmented batches; every rank yields exactly `batches_per_epoch` batches, so no rank waits on another at a
-collective. A corrupt record or shard is skipped and counted (fatal with `strict`).
+collective. A corrupt record or shard is skipped and counted (fatal with `strict`): the first skip of a rank is a
+warning, every skip is counted in a `SkipCounter` shared by the rank's worker processes, and the run reports the
+totals once at its end.
 
 Eval: shard i goes to global worker slot i mod (world x workers): every sample exactly once across all ranks and
-workers, whatever their number; a rank without shards simply yields nothing and still joins the final gather.
+workers, whatever their number; a rank without shards simply yields nothing and still joins the final gather. A
+corrupt shard fails the evaluation, except in a `tolerant` stream (the linear probe's train features), which skips
+and counts it like the training stream.
 
 Why not `webdataset.WebDataset` here: its tar stream parser caps a worker at ~20-30k samples/s (1x64x64 records,
 measured); the shards stay plain WebDataset tars (tests read them with `webdataset`), only the reader is ours.
@@ -14,6 +18,7 @@ measured); the shards stay plain WebDataset tars (tests read them with `webdatas
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +228,38 @@ class ShuffleBuffer:
         return tuple(None if store is None else store.index_select(0, index) for store in self.store)
 
 
+class SkipCounter:
+    """Shard reads a tolerant stream cut short at a corrupt part, and the records they lost, per shard, in shared
+    memory: a rank's DataLoader workers are processes of their own, created anew every epoch."""
+
+    def __init__(self, shards: int):
+        self.reads = multiprocessing.Array("q", shards + 1)   # [-1]: all shards together
+        self.records = multiprocessing.Array("q", shards, lock=False)   # guarded by reads' lock
+
+    def add(self, shard: int, records_lost: int) -> int:
+        """Count one read of `shard` cut short, losing `records_lost` records; returns the reads counted before."""
+        with self.reads.get_lock():
+            before = self.reads[-1]
+            self.reads[shard] += 1
+            self.reads[-1] += 1
+            self.records[shard] += records_lost
+        return before
+
+    def totals(self) -> tuple[list[int], list[int]]:
+        """(reads cut short, records lost), one entry per shard."""
+        with self.reads.get_lock():
+            return list(self.reads[:-1]), list(self.records[:])
+
+
+def _skipped(shards: ShardSet, counter: SkipCounter, index: int, records_read: int, err: Exception, rank: int,
+             worker: int) -> None:
+    lost = max(shards.shards[index].get("records", records_read + 1) - records_read, 1)
+    before = counter.add(index, lost)
+    (log.warning if before == 0 else log.debug)(
+        "skipped a corrupt part of %s (rank %d worker %d, %d record(s) of it unread): %s%s", shards.urls[index], rank,
+        worker, lost, err, "; further skips are counted and summarised at the end of the run" if before == 0 else "")
+
+
 class TrainStream(IterableDataset):
     """Endless resampled stream cut to `batches_per_epoch` batches per rank; call `set_epoch` before each epoch."""
 
@@ -231,6 +268,7 @@ class TrainStream(IterableDataset):
         self.batches_per_epoch, self.seed, self.epoch = batches_per_epoch, seed, 0
         self.image_shape = shards.cfg.output_shape(shards.image_shape)   # of the batches (after data.resize)
         self.max_failures = 10 * len(shards.urls) + 10
+        self.skips = SkipCounter(len(shards.urls))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -244,12 +282,12 @@ class TrainStream(IterableDataset):
         cfg = self.shards.cfg
         bs, low = cfg.batch_size, max(cfg.shuffle_buffer, cfg.batch_size) // 2
         pool: ShuffleBuffer | None = None
-        emitted = skipped = failures = 0
+        emitted = failures = 0
         while emitted < quota:
-            index = int(rng.integers(len(self.shards.urls)))
+            index, read = int(rng.integers(len(self.shards.urls))), 0
             try:
                 for record in self.shards.records(index):
-                    failures = 0
+                    failures, read = 0, read + 1
                     if pool is None:
                         capacity = 2 * low + bs + self.shards.manifest["record_layout"]["samples_per_record"]
                         pool = ShuffleBuffer(capacity, record, rng)
@@ -265,9 +303,8 @@ class TrainStream(IterableDataset):
             except (CorruptShardError, OSError) as err:
                 if cfg.strict:
                     raise
-                skipped, failures = skipped + 1, failures + 1
-                log.warning("skipped a corrupt part of %s (%d skipped so far by rank %d worker %d): %s",
-                            self.shards.urls[index], skipped, self.rank, worker, err)
+                failures += 1
+                _skipped(self.shards, self.skips, index, read, err, self.rank, worker)
                 if failures > self.max_failures:
                     raise RuntimeError(f"{failures} consecutive shard failures in split {self.shards.split!r}; "
                                        f"last: {err}") from err
@@ -280,10 +317,12 @@ def _concat(records: list[tuple]) -> tuple:
 
 
 class EvalStream(IterableDataset):
-    """Every sample of the split exactly once across all ranks and workers, in batches of the configured size."""
+    """Every sample of the split exactly once across all ranks and workers, in batches of the configured size;
+    `tolerant`: every readable sample, corrupt parts skipped and counted in `skips`."""
 
-    def __init__(self, shards: ShardSet, rank: int, world: int):
-        self.shards, self.rank, self.world = shards, rank, world
+    def __init__(self, shards: ShardSet, rank: int, world: int, tolerant: bool = False):
+        self.shards, self.rank, self.world, self.tolerant = shards, rank, world, tolerant
+        self.skips = SkipCounter(len(shards.urls))
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
@@ -291,16 +330,23 @@ class EvalStream(IterableDataset):
         bs = self.shards.cfg.batch_size
         pending, held = [], 0
         for index in range(slot, len(self.shards.urls), slots):
-            for record in self.shards.records(index):
-                pending.append(record)
-                held += len(record[1])
-                if held < bs:
-                    continue
-                joined, start = _concat(pending), 0   # one concatenation per record, then views of it
-                while held - start >= bs:
-                    yield _batch(*_rows(joined, start, start + bs), self.shards.cfg, None)
-                    start += bs
-                pending, held = [_rows(joined, start, held)], held - start
+            read = 0
+            try:
+                for record in self.shards.records(index):
+                    read += 1
+                    pending.append(record)
+                    held += len(record[1])
+                    if held < bs:
+                        continue
+                    joined, start = _concat(pending), 0   # one concatenation per record, then views of it
+                    while held - start >= bs:
+                        yield _batch(*_rows(joined, start, start + bs), self.shards.cfg, None)
+                        start += bs
+                    pending, held = [_rows(joined, start, held)], held - start
+            except (CorruptShardError, OSError) as err:
+                if not self.tolerant:
+                    raise
+                _skipped(self.shards, self.skips, index, read, err, self.rank, worker)
         if held:
             yield _batch(*_concat(pending), self.shards.cfg, None)
 
@@ -322,8 +368,8 @@ def train_loader(data_dir: Path | str, cfg: StreamConfig, rank: int = 0, world: 
 
 
 def eval_loader(data_dir: Path | str, cfg: StreamConfig, rank: int = 0, world: int = 1,
-                split: str = "val") -> DataLoader:
-    return make_loader(EvalStream(ShardSet(data_dir, split, cfg), rank, world), cfg)
+                split: str = "val", tolerant: bool = False) -> DataLoader:
+    return make_loader(EvalStream(ShardSet(data_dir, split, cfg), rank, world, tolerant), cfg)
 
 
 def make_loader(dataset: IterableDataset, cfg: StreamConfig) -> DataLoader:
