@@ -130,7 +130,7 @@ class FakeMachine:
     """Stands in for every command of a full (GPU) check: what each would print or write, from its arguments, so
     the full-size planning and orchestration run here; `commands` records what the check asked for."""
 
-    HELP = "usage: dlscale train [--stage {autoencoder,supervised,multitask}] [--print-config]\n"
+    HELP = "usage: dlscale train [--stage {autoencoder,supervised,multitask,mae}] [--print-config]\n"
     CONFIG = "data:\n  source: shards\n  simulator:\n    preset: model_ii\n    eval_per_class: 1000\n" \
              "loss:\n  method: fixed\n  fixed:\n    weights: null\n"
 
@@ -152,7 +152,8 @@ class FakeMachine:
                 lines = [{"name": f"{p}/{c}", "class": c, "images_per_s": 1e5, "seconds_per_1e6_images": 10.0}
                          for p in args["batches"] for c in ("no_sub", "cdm", "axion")]
             else:
-                lines = [{"name": v, "variant": v, "step_s": 0.02} for v in ("bf16_weights", "autocast_bf16")]
+                lines = [{"name": f"{m['key']}/{v}", "variant": v, "step_s": 0.02} for m in args["models"]
+                         for v in m["variants"]]
         elif cmd[-1] == "--help":
             lines = self.HELP if "dlscale.train" in cmd else "usage: --out OUT --scale {full} --seed --force"
         elif cmd[-1] == "--print-config":
@@ -189,17 +190,22 @@ def test_full_check_plans_every_gpu_run_through_the_cli(tmp_path, monkeypatch):
     assert all(c[c.index("-m", 2) + 1] == "dlscale.train" and "--deepspeed.precision=bf16" in c
                and "--device=cuda" in c for c in trains)
     training = report["parts"]["training"]["items"]
-    assert set(training) == {"data", "supervised/resnet18", "multitask/resnet18", "autoencoder/resnet18",
-                             "supervised/vit_small"}
+    assert list(training) == ["data", "supervised/resnet18", "multitask/resnet18", "autoencoder/resnet18",
+                              "mae/resnet18", "supervised/vit_small"]
     run = training["supervised/resnet18"]
     assert run["settings"]["batch"] == 512 and 20 <= run["settings"]["steps"] <= 20000
     assert run["figures"]["throughput_source"] == "log"
     assert run["figures"]["samples_per_s_steady"] == 6200 and run["figures"]["data_wait_fraction"] == 0.04
     assert run["figures"]["engine_vs_plain_step_ratio"] == pytest.approx(512 / 6200 / 0.02, rel=1e-3)
+    assert set(run["plain"]) == {"bf16_weights", "autocast_bf16"}
+    assert set(training["mae/resnet18"]["plain"]) == {"bf16_weights"}
+    assert sum("plain-loop" in c for c in fake.commands) == 2        # the training part's runs, the stream's run
 
     stream = report["parts"]["sim_stream"]
     assert "--data.source=simulate" in stream["settings"]["overrides"]
     assert "--data.simulator.preset=model_ii" in stream["settings"]["overrides"]
+    stream_cmd = next(c for c in trains if "--data.source=simulate" in c)
+    assert "--data" not in stream_cmd and "--schedule.batches_per_epoch" in " ".join(stream_cmd)
     quickstart = report["parts"]["quickstart"]
     assert [k for k in quickstart["items"]] == ["simulate", "autoencoder", "supervised", "multitask", "report"]
     multitask = next(c for c in trains if "multitask" in c and "--init-from" in c)

@@ -51,7 +51,7 @@ class Check:
         self.python = sys.executable
         self.cuda = False                      # set by the environment part
         self.encoders: list[str] | None = None
-        self.overhead_s = 10.0 if self.tiny else 35.0   # engine start-up + eval + export per run (a guess at first)
+        self.overhead_s = 10.0 if self.tiny else 30.0   # engine start-up + eval + export per run (a guess at first)
         self.overheads: list[float] = []
         self.engine_factor = 2.0               # engine step time over the plain loop's (a cautious first guess)
         self.engine_ratios: list[float] = []

@@ -89,11 +89,13 @@ def sim_stream_part(check, entry: dict, slice_s: float) -> None:
         entry["skipped"] = "no CUDA"
         return
     extra = ["--data.source=simulate"]
-    wanted = {"preset": "model_ii", "eval_per_class": 500, "probe_per_class": 300, "device": "cuda"}
+    wanted = {"preset": "model_ii", "device": "cuda", "eval_per_class": 50 if check.tiny else 300,
+              "probe_per_class": 30 if check.tiny else 200}
     extra += [f"--data.simulator.{k}={v}" for k, v in wanted.items() if f"data.simulator.{k}" in keys]
-    entry["settings"] = {"overrides": extra, "data_keys_seen": sorted(k for k in keys if k.startswith("data."))}
+    entry["settings"] = {"overrides": extra, "data": "none: the run simulates its evaluation set (RUN/eval_data)",
+                         "data_keys_seen": sorted(k for k in keys if k.startswith("data."))}
     start = time.monotonic()
     check.report.item(entry, "supervised/resnet18", lambda item: engine_run(
-        check, item, "supervised", "resnet18", check.work / "sim-stream-eval", (1, 64, 64),
-        slice_s - (time.monotonic() - start), tuple(extra), name="sim-stream-supervised-resnet18"))
+        check, item, "supervised", "resnet18", None, (1, 64, 64), slice_s - (time.monotonic() - start),
+        tuple(extra), name="sim-stream-supervised-resnet18"))
     entry["figures"] = headline(entry["items"])

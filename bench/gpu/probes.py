@@ -2,7 +2,7 @@
 
     python bench/gpu/probes.py env '{}'
     python bench/gpu/probes.py simulator '{"device": "cuda", "batches": {"model_i": 1024}, "seconds": 2}'
-    python bench/gpu/probes.py plain-loop '{"stage": "supervised", "encoder": {"name": "resnet18"}, ...}'
+    python bench/gpu/probes.py plain-loop '{"models": [{"key": "supervised/resnet18", "stage": ...}], ...}'
 
 Each result is printed as soon as it exists, one line `@@gpu-check {"name": ..., ...}`, so a probe that hangs or
 crashes later still hands over what it measured. A failing measurement prints {"name": ..., "error": ...} and the
@@ -241,54 +241,59 @@ def plain_loss(out, images, labels):
 
 
 def plain_loop_probe(args: dict) -> None:
-    """The engine's model in a plain PyTorch loop: AdamW (fused on CUDA), gradient clipping 1.0, one host copy of
-    the loss per step (as the engine's NaN check), synthetic data already on the device. bf16 twice: weights in
-    bf16 (what DeepSpeed's bf16 mode computes with) and fp32 weights under autocast."""
+    """Each model of `args["models"]` as the engine would train it, in a plain PyTorch loop: AdamW (fused on CUDA),
+    gradient clipping 1.0, one host copy of the loss per step (as the engine's NaN check), synthetic data already on
+    the device, the same batch. Variants: `fp32`; `bf16_weights` (what DeepSpeed's bf16 mode computes with);
+    `autocast_bf16` (fp32 weights under autocast). One process for all: one CUDA start-up."""
     import torch
     device = torch.device(args["device"])
     shape, batch = tuple(args["shape"]), args["batch"]
-    variants = ["bf16_weights", "autocast_bf16"] if args["precision"] == "bf16" else ["fp32"]
     images = torch.rand(batch, *shape, device=device)
     labels = torch.randint(0, 3, (batch,), device=device)
-    for variant in variants:
-        def measure() -> dict:
-            torch.manual_seed(0)
-            model, builder = build_model(args["stage"], args["encoder"], shape)
-            model = model.to(device)
-            x = images
-            if variant == "bf16_weights":
-                model, x = model.to(torch.bfloat16), images.to(torch.bfloat16)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "autocast_bf16")
+    for spec in args["models"]:
+        for variant in spec["variants"]:
+            emit(f"{spec['key']}/{variant}", lambda: time_plain_loop(spec, variant, images, labels, args))
 
-            def step() -> float:
-                with autocast:
-                    loss = plain_loss(model(x), x, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                return loss.item()
 
-            for _ in range(args["warmup_steps"]):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            steps, start = 0, time.perf_counter()
-            while steps < args["min_steps"] or time.perf_counter() - start < args["seconds"]:
-                step()
-                steps += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_s = (time.perf_counter() - start) / steps
-            peak = torch.cuda.max_memory_allocated() / MIB if device.type == "cuda" else None
-            del model, optimizer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            return {"variant": variant, "step_s": step_s, "samples_per_s": batch / step_s, "steps_timed": steps,
-                    "peak_memory_mib": peak, "model_from": builder}
-        emit(variant, measure)
+def time_plain_loop(spec: dict, variant: str, images, labels, args: dict) -> dict:
+    import torch
+    device = images.device
+    torch.manual_seed(0)
+    model, builder = build_model(spec["stage"], spec["encoder"], tuple(images.shape[1:]))
+    model = model.to(device)
+    x = images
+    if variant == "bf16_weights":
+        model, x = model.to(torch.bfloat16), images.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "autocast_bf16")
+
+    def step() -> float:
+        with autocast:
+            loss = plain_loss(model(x), x, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()
+
+    for _ in range(args["warmup_steps"]):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    steps, start = 0, time.perf_counter()
+    while steps < args["min_steps"] or time.perf_counter() - start < args["seconds"]:
+        step()
+        steps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    step_s = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / MIB if device.type == "cuda" else None
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"variant": variant, "step_s": step_s, "samples_per_s": len(x) / step_s, "steps_timed": steps,
+            "peak_memory_mib": peak, "model_from": builder}
 
 
 PROBES = {"env": env_probe, "simulator": simulator_probe, "plain-loop": plain_loop_probe}

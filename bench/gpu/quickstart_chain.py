@@ -83,7 +83,7 @@ def run_chain(check, entry: dict, out: Path, n: int, deadline: float) -> None:
     for i, stage in enumerate(STAGES):
         # an even share of what is left (20 s kept for the report call), but never less than a stage's start-up +
         # evaluation as part 3 measured it: this is the last part, the watchdog stops an overrun
-        share = max((deadline - time.monotonic() - 20) / (len(STAGES) - i), check.overhead_s + 30)
+        share = max((deadline - time.monotonic() - 20) / (len(STAGES) - i), 1.5 * check.overhead_s + 30)
         item = check.report.item(entry, stage, lambda item, s=stage, t=share: train_stage(check, item, s, out, t))
         if "error" in item:
             return

@@ -14,12 +14,14 @@ from pathlib import Path
 from harness import GpuMemorySampler, tail
 from runinfo import run_figures
 
-FULL = {"n_per_class": 8000, "batch": 512, "workers": 8, "plain_seconds": 2.5, "min_run_s": 35.0,
+FULL = {"n_per_class": 8000, "batch": 512, "workers": 8, "plain_seconds": 2.5, "min_train_s": 10.0,
         "probe_samples": 2048, "n_bootstrap": 20, "max_steps": 20000}
 TINY = {"n_per_class": 30, "n_pix": 16, "batch": 8, "workers": 0, "plain_seconds": 0.2, "steps": 3,
         "probe_samples": 24, "n_bootstrap": 10}
 DEFAULT_STEP_S = 0.05                 # a guess when the plain loop gave nothing
 MIN_OVERHEAD_S = 10.0                 # floor of the planned start-up + evaluation + export time of a run
+MAIN_RUNS = (("supervised", "resnet18"), ("multitask", "resnet18"))
+MAIN_RUN_WEIGHT = 2.0                 # their share of the part's time against 1 for each further stage / encoder
 
 
 def sizes(check) -> dict:
@@ -88,10 +90,21 @@ def training_part(check, entry: dict, slice_s: float) -> None:
             entry["items"][f"{stage}/{encoder}"] = {"status": "skipped", "skipped": "no data (see item data)"}
         return
     shape = tuple(data_item["figures"]["image_shape"])
-    for i, (stage, encoder) in enumerate(runs):
-        share = (deadline - time.monotonic()) / (len(runs) - i)
+    plain = plain_loops(check, runs, shape, timeout_s=max(30.0, 0.25 * (deadline - time.monotonic())))
+    pending = list(runs)
+    while pending:
+        left = deadline - time.monotonic()
+        while len(pending) > 1 and len(pending) * check.overhead_s > left:
+            stage, encoder = pending.pop()     # too little time for all: the last in priority order goes
+            entry["items"][f"{stage}/{encoder}"] = {"status": "skipped", "skipped": (
+                f"budget: {left:.0f} s left for {len(pending) + 1} runs at ~{check.overhead_s:.0f} s start-up + "
+                "evaluation each; a second try: --only training with a larger --budget-s")}
+        weights = [MAIN_RUN_WEIGHT if run in MAIN_RUNS else 1.0 for run in pending]
+        # its weighted share, but at least what a run needs when that much is left (the later runs give way)
+        share = min(left, max(left * weights[0] / sum(weights), check.overhead_s + size.get("min_train_s", 0.0)))
+        stage, encoder = pending.pop(0)
         check.report.item(entry, f"{stage}/{encoder}", lambda item, s=stage, e=encoder, t=share: engine_run(
-            check, item, s, e, holder["data"], shape, t))
+            check, item, s, e, holder["data"], shape, t, plain=plain.get(f"{s}/{e}")))
     entry["figures"] = headline(entry["items"])
 
 
@@ -103,28 +116,43 @@ def headline(items: dict) -> dict:
             for name, item in items.items() if item.get("figures", {}).get("samples_per_s_steady")}
 
 
-def plain_loop(check, stage: str, encoder: str, shape: tuple, batch: int, seconds: float, timeout_s: float) -> dict:
-    args = {"stage": stage, "encoder": encoder_settings(encoder), "shape": list(shape), "batch": batch,
-            "precision": check.precision, "device": check.device, "seconds": seconds,
-            "warmup_steps": 1 if check.tiny else 5, "min_steps": 2 if check.tiny else 10}
-    result = check.report.run(check.probe("plain-loop", args), timeout_s, check.env, f"plain loop {stage}/{encoder}")
+def plain_loops(check, runs: list[tuple[str, str]], shape: tuple, timeout_s: float) -> dict[str, dict]:
+    """The plain-loop twin of every run, in one probe process: {"stage/encoder": {variant: figures}}. bf16 runs
+    get bf16 weights; the main runs also fp32 weights under autocast, for reference."""
+    size = sizes(check)
+    variants = ["fp32"] if check.precision == "fp32" else ["bf16_weights"]
+    models = [{"key": f"{s}/{e}", "stage": s, "encoder": encoder_settings(e),
+               "variants": variants + (["autocast_bf16"] if check.precision == "bf16" and (s, e) in MAIN_RUNS
+                                       else [])} for s, e in runs]
+    args = {"models": models, "shape": list(shape), "batch": size["batch"], "device": check.device,
+            "seconds": size["plain_seconds"], "warmup_steps": 1 if check.tiny else 5,
+            "min_steps": 2 if check.tiny else 10}
+    result = check.report.run(check.probe("plain-loop", args), timeout_s, check.env,
+                              f"plain loops ({len(models)} models)")
     found = result.results()
-    if not found:
-        return {"error": f"plain-loop probe: {result.failure()}", "output_tail": tail(result.output)}
-    return found
+    plain: dict[str, dict] = {}
+    for model in models:
+        for variant in model["variants"]:
+            plain.setdefault(model["key"], {})[variant] = found.get(f"{model['key']}/{variant}") or {
+                "error": f"not reported: plain-loop probe {result.failure()}", "output_tail": tail(result.output, 800)}
+    return plain
 
 
-def engine_run(check, item: dict, stage: str, encoder: str, data: Path, shape: tuple, slice_s: float,
-               extra: tuple[str, ...] = (), name: str | None = None) -> None:
-    """One `torchrun -m dlscale.train` run sized to `slice_s`, with its plain-loop twin; figures into `item`."""
+def engine_run(check, item: dict, stage: str, encoder: str, data: Path | None, shape: tuple, slice_s: float,
+               extra: tuple[str, ...] = (), name: str | None = None, plain: dict | None = None) -> None:
+    """One `torchrun -m dlscale.train` run sized to `slice_s`, with its plain-loop twin (measured here unless
+    `plain` has it already); figures into `item`. `data` None: no --data (a simulation-stream run evaluates on the
+    set it simulates)."""
     size = sizes(check)
     start = time.monotonic()
-    if not check.tiny and slice_s < size["min_run_s"]:
-        item["skipped"] = f"budget: {slice_s:.0f} s left for this run, needs >= {size['min_run_s']:.0f} s"
+    needed = check.overhead_s + size.get("min_train_s", 0.0)    # start-up + evaluation, and a few s of steps
+    if not check.tiny and slice_s < needed:
+        item["skipped"] = (f"budget: {slice_s:.0f} s left for this run, needs >= {needed:.0f} s (~{check.overhead_s:.0f}"
+                           " s start-up + evaluation); a second try: --only training with a larger --budget-s")
         return
     batch = size["batch"]
-    plain = plain_loop(check, stage, encoder, shape, batch, size["plain_seconds"],
-                       timeout_s=max(20.0, 0.3 * slice_s))
+    if plain is None:
+        plain = plain_loops(check, [(stage, encoder)], shape, timeout_s=max(20.0, 0.3 * slice_s))[f"{stage}/{encoder}"]
     item["plain"] = plain
     base = plain.get("bf16_weights") or plain.get("fp32") or {}
     if check.tiny:
@@ -137,7 +165,7 @@ def engine_run(check, item: dict, stage: str, encoder: str, data: Path, shape: t
     run_dir = check.work / "runs" / (name or f"{stage}-{encoder}")
     shutil.rmtree(run_dir, ignore_errors=True)
     enc = encoder_settings(encoder)
-    args = ["--stage", stage, "--data", str(data), "--run-dir", str(run_dir), "--seed=0",
+    args = ["--stage", stage, *(["--data", str(data)] if data else []), "--run-dir", str(run_dir), "--seed=0",
             f"--device={check.device}", f"--deepspeed.precision={check.precision}",
             *(f"--model.encoder.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in enc.items()),
             f"--data.batch_size={batch}", f"--data.num_workers={size['workers']}", "--schedule.epochs=1",
