@@ -32,6 +32,9 @@ from dlscale.train.data import (EVAL_DATA, describe_ids, epoch_loader, load_data
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device
 from dlscale.train.evaluation import Evaluation, build_run_model, evaluate_split, write_hparams
 from dlscale.train.model import init_encoder
+from dlscale.train.preflight import check_engine_settings
+from dlscale.train.skipped import skip_metrics
+from dlscale.train.watchdog import exit_with_launcher
 
 log = logging.getLogger(__name__)
 EvaluationCallback = Callable[[int, dict, Path], None]
@@ -206,8 +209,15 @@ class Trainer:
                 "data": {"dir": str(self.cfg.data_dir), "source": self.evaluation.manifest.get("source"),
                          "image_shape": self.evaluation.manifest["image_shape"], "resize": self.cfg.data.resize,
                          "resize_mode": self.cfg.data.resize_mode}})
-        metrics, _ = evaluate_split(self.module, self.evaluation, self.cfg.eval.split, probe=True,
-                                    step=self.engine.global_steps)
+        skips = skip_metrics(self.stream, "data", "training", self.device)   # before anything can fail
+        try:
+            metrics, _ = evaluate_split(self.module, self.evaluation, self.cfg.eval.split, probe=True,
+                                        step=self.engine.global_steps)
+        except Exception:
+            log.error("training finished, the evaluation failed: the trained model is in %s (model.pt, encoder.pt); "
+                      "`dlscale eval --run-dir %s` evaluates it again", self.run_dir, self.run_dir)
+            raise
+        metrics.update(skips)
         metrics["throughput/samples_per_s"] = self.train_samples / max(self.train_seconds, 1e-9)
         metrics.update(self.weight_metrics())
         if self.info.is_main:
@@ -230,6 +240,7 @@ def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
     cfg.validate()
     check_weighting(cfg)
     info, device, run_dir = dist_info(local_rank), pick_device(cfg.device), Path(cfg.run_dir)
+    exit_with_launcher(info.rank)
     artifacts.check_new(run_dir, resume)
     simulated_eval = simulated_eval_set(cfg)
     if simulated_eval:
@@ -243,6 +254,7 @@ def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
     model = build_run_model(cfg, image_shape, stats)
     if cfg.init_from:
         init_encoder(model.encoder, cfg.init_from, cfg.model.encoder, image_shape, CLASSES)
+    check_engine_settings(cfg, model, info.world, device)
     init_distributed(info, device)
     dist.barrier()   # every rank has checked the run directory before rank 0 creates it
     if info.is_main:

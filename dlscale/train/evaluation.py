@@ -24,6 +24,7 @@ from dlscale.report import log_evaluation, save_roc, scalar_items
 from dlscale.train.artifacts import METRICS, update_metrics
 from dlscale.train.config import Config, load_config, run_tasks
 from dlscale.train.model import build_model
+from dlscale.train.skipped import skip_metrics
 from dlscale.train.weighting import build_weighting
 
 log = logging.getLogger(__name__)
@@ -63,19 +64,22 @@ class Evaluation:
 
 
 def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0) -> tuple[dict, dict]:
-    """Metrics of `model` on the whole `split` and, with `probe`, the linear probe on frozen train features."""
+    """Metrics of `model` on the whole `split` and, with `probe`, the linear probe on frozen train features (read
+    tolerantly unless `data.strict`: a corrupt train shard is skipped and counted in `probe/skipped_*`)."""
     cfg, info = ev.cfg, ev.info
-    scores = gather(collect(model, eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, split), ev.device,
-                            ev.dtype))
-    train_features = None
+    scores = gather(collect_on_every_rank(model, eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, split),
+                                          ev, split))
+    train_features, skips = None, {}
     if probe and cfg.eval.probe_samples > 0:
         per_rank = -(-cfg.eval.probe_samples // info.world)
-        train_features = gather(collect(model, eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, "train"),
-                                        ev.device, ev.dtype, max_samples=per_rank, n_examples=0))
+        loader = eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, "train", tolerant=not cfg.data.strict)
+        train_features = gather(collect_on_every_rank(model, loader, ev, "train", max_samples=per_rank,
+                                                      n_examples=0))
+        skips = skip_metrics(loader.dataset, "probe", "the linear probe's train features", ev.device)
     outcome: list = [None]
     if info.is_main:
         try:
-            outcome = [report_split(ev, split, scores, train_features, step)]
+            outcome = [report_split(ev, split, scores, train_features, step, skips)]
         except Exception as err:
             outcome = [f"evaluation on rank 0 failed: {type(err).__name__}: {err}"]
             if info.world > 1:
@@ -88,13 +92,33 @@ def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0
     return outcome[0], scores
 
 
-def report_split(ev: Evaluation, split: str, scores: dict, train_features: dict | None, step: int) -> dict:
+def collect_on_every_rank(model, loader, ev: Evaluation, split: str, **options) -> dict:
+    """`collect` on this rank; a failure on any rank (a corrupt shard) raises on every rank, naming it, instead of
+    leaving the others waiting in the gather."""
+    error = None
+    try:
+        arrays = collect(model, loader, ev.device, ev.dtype, **options)
+    except Exception as err:
+        arrays, error = {}, f"rank {ev.info.rank}: {type(err).__name__}: {err}"
+    errors = [error]
+    if ev.info.world > 1:
+        errors = [None] * ev.info.world
+        dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise RuntimeError(f"evaluating split {split!r} failed: " + "; ".join(failed))
+    return arrays
+
+
+def report_split(ev: Evaluation, split: str, scores: dict, train_features: dict | None, step: int,
+                 extra: dict | None = None) -> dict:
     expected = ev.manifest["splits"][split]["samples"]
     if len(scores["labels"]) != expected:
         raise RuntimeError(f"evaluated {len(scores['labels'])} samples of split {split!r}, the manifest has "
                            f"{expected}: the eval stream lost or repeated samples")
     cfg = ev.cfg
     metrics = summarize(scores, train_features, CLASSES, split, cfg.data.targets, cfg.eval.n_bootstrap, cfg.seed)
+    metrics.update(extra or {})
     metrics["step"] = step
     update_metrics(ev.out_dir / METRICS, metrics)
     np.savez(ev.out_dir / f"scores_{split}.npz", **{k: v for k, v in scores.items() if k != "features"})
