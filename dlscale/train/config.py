@@ -146,8 +146,14 @@ def check_weighting(cfg: Config) -> None:
 
 
 def migrate(tree: dict) -> dict:
-    """Config trees written by dlscale 0.1 in today's form (only keys present are moved)."""
-    loss, encoder = tree.get("loss"), (tree.get("model") or {}).get("encoder")
+    """Config trees written by dlscale 0.1 in today's form (only keys present are moved). A resolved 0.1
+    config.yaml (it has loss.weights, loss.temperature and model.encoder.weights_path) also selects 0.1's
+    reconstruction head, so the run's model.pt loads."""
+    loss, model = tree.get("loss"), tree.get("model") or {}
+    encoder = model.get("encoder")
+    if (isinstance(loss, dict) and {"weights", "temperature"} <= set(loss) and isinstance(encoder, dict)
+            and "weights_path" in encoder and "task_options" not in model):
+        model["task_options"] = {"recon": {"decoder": "wide"}} if _trains_recon(tree) else {}
     if isinstance(loss, dict):
         if "weights" in loss:
             loss.setdefault("fixed", {})["weights"] = loss.pop("weights")
@@ -158,6 +164,12 @@ def migrate(tree: dict) -> dict:
         if path and not tree.get("init_from"):
             tree["init_from"] = path
     return tree
+
+
+def _trains_recon(tree: dict) -> bool:
+    tasks = (tree.get("model") or {}).get("tasks")
+    return tree.get("stage") == "autoencoder" or (tree.get("stage") == "multitask" and (tasks is None or
+                                                                                       "recon" in tasks))
 
 
 def _encoder_fields() -> set[str]:

@@ -1,21 +1,43 @@
 """The v1 tasks: image reconstruction, classification of the substructure class, lens-parameter regression."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlscale.models.heads import ClassifierHead, Decoder, RegressionHead
+from dlscale.models.heads import ClassifierHead, Decoder, RegressionHead, WideDecoder
 from dlscale.train.tasks.base import Task, register_task
+
+DECODERS = ("light", "wide")
+
+
+@dataclass
+class ReconConfig:
+    decoder: str = "light"
+    """light: the cheap decoder (1x1 narrowing, one conv per doubling, sub-pixel last layer); wide: dlscale 0.1's
+    (~5x the cost; selected automatically for run directories written by 0.1)."""
+    width: int = 32
+    """light only: channels after the 1x1 narrowing."""
+    out_stride: int = 1
+    """light only: reconstruct at 1/out_stride of the resolution and upsample (cheaper, coarser)."""
 
 
 @register_task
 class Reconstruction(Task):
     """Rebuild the (normalised) input image from the feature map: the autoencoder's objective."""
     name = "recon"
+    Config = ReconConfig
 
     def build_head(self) -> nn.Module:
-        return Decoder(self.ctx.encoder_channels, self.ctx.image_shape, scale=self.ctx.encoder_downsample)
+        o, ctx = self.ctx.options or ReconConfig(), self.ctx
+        if o.decoder not in DECODERS:
+            raise ValueError(f"model.task_options.recon.decoder={o.decoder!r}: expected one of {', '.join(DECODERS)}")
+        if o.decoder == "wide":
+            return WideDecoder(ctx.encoder_channels, ctx.image_shape, scale=ctx.encoder_downsample)
+        return Decoder(ctx.encoder_channels, ctx.image_shape, scale=ctx.encoder_downsample, width=o.width,
+                       out_stride=o.out_stride)
 
     def forward(self, head, feature_map, images, batch, model):
         return {"recon": head(feature_map)}

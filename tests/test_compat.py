@@ -1,0 +1,49 @@
+"""Run directories written by dlscale 0.1 still load: `tests/fixtures/v01_multitask` is a multitask run (small
+encoder, DWA, theta_E regression) trained by dlscale 0.1 on the simulated set that `SIMULATE` makes. Evaluated by
+today's code on that set, it reproduces the metrics 0.1 recorded; its encoder loads and starts a new run."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import dlscale
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "v01_multitask"
+SIMULATE = ["--preset", "model_ii", "--n-per-class", "20", "--splits", "train=0.6,val=0.4",
+            "--samples-per-record", "8", "--shard-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory):
+    from dlscale.cli import main
+    root = tmp_path_factory.mktemp("v01")
+    assert main(["simulate", *SIMULATE, "--out", str(root / "data")]) == 0
+    return shutil.copytree(FIXTURE, root / "run"), root / "data"
+
+
+def test_a_dlscale_0_1_run_evaluates_to_the_metrics_it_recorded(old_run, cli):
+    run, data = old_run
+    before = (run / "metrics.json").read_bytes()
+    result = cli("eval", "--run-dir", run, "--data", data)
+    assert result.code == 0, result.err[-3000:]
+    assert (run / "metrics.json").read_bytes() == before
+    recorded = json.loads(before)
+    now = json.loads((run / "eval" / "data-val" / "metrics.json").read_text())
+    keys = ["val/accuracy", "val/auc_macro", "val/recon_mse", "val/mae/theta_E", "probe/accuracy"]
+    assert {k: now[k] for k in keys} == pytest.approx({k: recorded[k] for k in keys}, abs=1e-5)
+    assert "macro AUC" in result.out and str(run / "eval" / "data-val") in result.out
+
+
+def test_a_dlscale_0_1_encoder_loads_and_starts_a_new_run(old_run, cli, tmp_path):
+    run, data = old_run
+    encoder = dlscale.load_encoder(run)
+    assert encoder.dlscale["stage"] == "multitask" and encoder(torch.rand(2, 1, 64, 64)).shape == (2, 16, 8, 8)
+    result = cli("train", "--stage", "supervised", "--data", data, "--run-dir", tmp_path / "new", "--init-from", run,
+                 "--model.encoder.name=small", "--model.encoder.width=4", "--data.batch_size=8",
+                 "--data.num_workers=0", "--schedule.epochs=1", "--eval.n_bootstrap=10", "--optim.lr=0")
+    assert result.code == 0, result.err[-3000:]
+    started = torch.load(run / "encoder.pt", weights_only=True)["state_dict"]
+    ended = torch.load(tmp_path / "new" / "encoder.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(started[k], ended[k]) for k in started if "running" not in k and "num_batches" not in k)
