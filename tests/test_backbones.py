@@ -153,14 +153,18 @@ def test_cnn_state_dict_keys_are_unchanged():
                             "1.num_batches_tracked")]
 
 
-def test_vit_weights_round_trip_through_weights_path(tmp_path):
+def test_vit_weights_round_trip_through_init_from(tmp_path):
+    from dlscale.data.classes import CLASSES
+    from dlscale.train.model import init_encoder
     source = build_encoder(EncoderConfig(name="vit_tiny"), (1, 64, 64))
     path = tmp_path / "vit.pt"
     torch.save(source.state_dict(), path)
-    loaded = build_encoder(EncoderConfig(name="vit_tiny", weights_path=str(path)), (1, 64, 64))
+    loaded = build_encoder(EncoderConfig(name="vit_tiny"), (1, 64, 64))
+    init_encoder(loaded, path, EncoderConfig(name="vit_tiny"), (1, 64, 64), CLASSES)
     assert all(torch.equal(value, source.state_dict()[key]) for key, value in loaded.state_dict().items())
     with pytest.raises(ValueError, match=r"vit\.pt.*shape mismatch: pos_embed"):
-        build_encoder(EncoderConfig(name="vit_tiny", weights_path=str(path)), (1, 128, 128))
+        init_encoder(build_encoder(EncoderConfig(name="vit_tiny"), (1, 128, 128)), path,
+                     EncoderConfig(name="vit_tiny"), (1, 128, 128), CLASSES)
 
 
 # ---- decoder ---------------------------------------------------------------------------------------------------

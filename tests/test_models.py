@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dlscale.models import Decoder, EncoderConfig, build_encoder
-from dlscale.train.model import build_model
+from dlscale.data.classes import CLASSES
+from dlscale.train.model import build_model, init_encoder
 
 
 ENCODERS = {
@@ -108,43 +109,51 @@ def test_build_model_rejects_bad_arguments(kwargs, message):
         build_model(**arguments)
 
 
-def test_weights_path_loads_encoder_state_dict(tmp_path):
+def init(cfg: EncoderConfig, path) -> torch.nn.Module:
+    """A fresh encoder of `cfg` started from `path` as `init_from` does (64x64 single-channel data)."""
+    encoder = build_encoder(cfg)
+    init_encoder(encoder, path, cfg, (1, 64, 64), CLASSES)
+    return encoder
+
+
+def test_init_from_loads_an_encoder_state_dict(tmp_path):
     source = build_encoder(ENCODERS["small"])
     for module in source.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_()
     path = tmp_path / "encoder.pt"
     torch.save(source.state_dict(), path)
-    loaded = build_encoder(replace(ENCODERS["small"], weights_path=str(path)))
+    loaded = init(ENCODERS["small"], path)
     expected = source.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
 
 
-def test_weights_path_takes_the_encoder_of_a_whole_model_state_dict(tmp_path):
+def test_init_from_takes_the_encoder_of_a_whole_model_state_dict(tmp_path):
     autoencoder = build_model("autoencoder", ENCODERS["small"], (1, 64, 64))
     path = tmp_path / "autoencoder.pt"
     torch.save(autoencoder.state_dict(), path)
-    model = build_model("multitask", replace(ENCODERS["small"], weights_path=str(path)), (1, 64, 64))
+    model = build_model("multitask", ENCODERS["small"], (1, 64, 64))
+    init_encoder(model.encoder, path, ENCODERS["small"], (1, 64, 64), CLASSES)
     expected = autoencoder.encoder.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in model.encoder.state_dict().items())
 
 
-def test_weights_path_with_other_widths_names_file_and_keys(tmp_path):
+def test_init_from_a_state_dict_of_other_widths_names_file_and_keys(tmp_path):
     path = tmp_path / "wide.pt"
     torch.save(build_encoder(replace(ENCODERS["small"], width=16)).state_dict(), path)
     with pytest.raises(ValueError, match=r"wide\.pt.*shape mismatch: 0\.0\.weight \(file \(16, 1, 3, 3\), model \(8"):
-        build_encoder(replace(ENCODERS["small"], weights_path=str(path)))
+        init(ENCODERS["small"], path)
 
 
-def test_weights_path_with_missing_and_unexpected_keys_names_them(tmp_path):
+def test_init_from_a_state_dict_with_missing_and_unexpected_keys_names_them(tmp_path):
     state = build_encoder(ENCODERS["small"]).state_dict()
     state["head.weight"] = state.pop("2.1.weight")
     path = tmp_path / "partial.pt"
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"partial\.pt.*missing keys: 2\.1\.weight; unexpected keys: head\.weight"):
-        build_encoder(replace(ENCODERS["small"], weights_path=str(path)))
+        init(ENCODERS["small"], path)
 
 
-def test_weights_path_that_does_not_exist_is_named(tmp_path):
+def test_init_from_that_does_not_exist_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        build_encoder(replace(ENCODERS["small"], weights_path=str(tmp_path / "nowhere.pt")))
+        init(ENCODERS["small"], tmp_path / "nowhere.pt")

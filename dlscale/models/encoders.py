@@ -39,8 +39,6 @@ class EncoderConfig:
     patch_size: int | None = None
     """ViT only: side of the square patches, dividing both image sides. None: the divisor in 8..16 nearest to
     side / 15, i.e. 8 for 64x64 images (8x8 grid), 10 for 150x150 (15x15 grid)."""
-    weights_path: str | None = None
-    """Local encoder state dict (or a full model state dict holding `encoder.*` keys) to start from."""
 
 
 class ResNetEncoder(nn.Module):
@@ -209,7 +207,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
 
 
 def build_encoder(cfg: EncoderConfig, image_shape: tuple[int, int, int] | None = None) -> nn.Module:
-    """Build the encoder `cfg` names, loading `cfg.weights_path` if given.
+    """Build the encoder `cfg` names, randomly initialised (a run starts it from other weights with `init_from`).
 
     `image_shape` (C, H, W) is needed by the ViTs (their position embeddings fix the patch grid); the CNNs take
     any size and ignore it.
@@ -233,6 +231,4 @@ def build_encoder(cfg: EncoderConfig, image_shape: tuple[int, int, int] | None =
             raise ValueError(f"encoder {cfg.name!r} needs the image shape (C, H, W): its position embeddings "
                              "fix the patch grid; pass image_shape to build_encoder")
         encoder = ViTEncoder(VIT_ARCHITECTURES[cfg.name], tuple(image_shape), cfg.patch_size)
-    if cfg.weights_path is not None:
-        load_encoder_weights(encoder, cfg.weights_path)
     return encoder

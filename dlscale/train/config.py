@@ -159,7 +159,7 @@ def migrate(tree: dict) -> dict:
             loss.setdefault("fixed", {})["weights"] = loss.pop("weights")
         if "temperature" in loss:
             loss.setdefault("dwa", {})["temperature"] = loss.pop("temperature")
-    if isinstance(encoder, dict) and "weights_path" in encoder and "weights_path" not in _encoder_fields():
+    if isinstance(encoder, dict) and "weights_path" in encoder:   # 0.1's second way to start an encoder
         path = encoder.pop("weights_path")
         if path and not tree.get("init_from"):
             tree["init_from"] = path
@@ -170,11 +170,6 @@ def _trains_recon(tree: dict) -> bool:
     tasks = (tree.get("model") or {}).get("tasks")
     return tree.get("stage") == "autoencoder" or (tree.get("stage") == "multitask" and (tasks is None or
                                                                                        "recon" in tasks))
-
-
-def _encoder_fields() -> set[str]:
-    import dataclasses
-    return {f.name for f in dataclasses.fields(EncoderConfig)}
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> Config:
