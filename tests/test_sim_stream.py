@@ -9,7 +9,7 @@ import torch
 from dlscale.configtree import flatten, from_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
-from dlscale.data.stream import StreamConfig, eval_loader, make_loader
+from dlscale.data.stream import StreamConfig, eval_loader, make_loader, normalize, resize
 from dlscale.sim.stream import (SimulationSourceConfig, SimulationStream, prepare_eval_set, simulation_device,
                                 simulation_loader)
 
@@ -97,6 +97,17 @@ def test_images_are_normalised_and_ids_regenerate_their_sample():
     epoch, index, position = batches[2]["ids"][5].tolist()
     assert torch.equal(s.batch(epoch, index)["image"][position], batches[2]["image"][5])
     assert s.sample_keys(batches[2]["ids"][5:6]) == [f"epoch 1:batch {index}:sample 5"]
+
+
+@pytest.mark.parametrize("mode", ["interpolate", "crop"])
+def test_data_resize_applies_as_in_the_shard_streams(mode):
+    s = stream(resize=8, resize_mode=mode, normalize="minmax", augment=False)
+    assert s.image_shape == (1, 8, 8)
+    batch = epoch_batches(s)[0]
+    assert batch["image"].shape == (8, 1, 8, 8)
+    raw = stream(normalize="none", augment=False).batch(0, 0)["image"]
+    expected = normalize(resize(raw, 8, mode), "minmax")
+    torch.testing.assert_close(batch["image"], expected)
 
 
 def test_targets_are_present_finite_and_follow_their_images():

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dlscale.configtree import dump_yaml, flatten, from_dict, plain, set_dotted, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import MANIFEST, load_manifest
-from dlscale.data.stream import StreamConfig, augment, make_loader, normalize
+from dlscale.data.stream import StreamConfig, augment, make_loader, normalize, resize
 from dlscale.io import write_text
 from dlscale.sim.config import SimulatorConfig, preset_config
 from dlscale.sim.simulator import LensSimulator
@@ -139,7 +139,7 @@ class SimulationStream(IterableDataset):
         self.config = source.simulator_config()
         self.sim = LensSimulator(self.config, str(self.device))
         n = self.config.instrument.n_pix
-        self.image_shape = (1, n, n)
+        self.image_shape = cfg.output_shape((1, n, n))   # of the batches (after data.resize), as TrainStream
         if cfg.targets:
             check_targets(self.sim, list(cfg.targets))
 
@@ -167,7 +167,10 @@ class SimulationStream(IterableDataset):
                     targets.append(self._targets(self.sim.metadata(params), epoch, index))
         bs = self.cfg.batch_size
         order = torch.randperm(bs, generator=order_gen)
-        image = normalize(torch.cat(images).index_select(0, order.to(self.device)), self.cfg.normalize, inplace=True)
+        image = torch.cat(images).index_select(0, order.to(self.device))
+        if self.cfg.resize is not None:   # as the shard streams: resize, normalise, augment
+            image = resize(image, self.cfg.resize, self.cfg.resize_mode)
+        image = normalize(image, self.cfg.normalize, inplace=True)
         if self.cfg.augment:
             image = augment(image, order_gen)
         ids = torch.stack([torch.full((bs,), epoch), torch.full((bs,), index), torch.arange(bs)], 1)
@@ -206,7 +209,8 @@ class SimulationStream(IterableDataset):
                 "seed_key": [STREAM_KEY, "epoch", "global batch"], "batch_size": self.cfg.batch_size,
                 "batches_per_epoch": self.batches_per_epoch, "world": self.world,
                 "global_batch": "local batch * world + rank", "classes": list(CLASSES),
-                "normalize": self.cfg.normalize, "augment": self.cfg.augment, "targets": list(self.cfg.targets),
+                "normalize": self.cfg.normalize, "augment": self.cfg.augment, "resize": self.cfg.resize,
+                "resize_mode": self.cfg.resize_mode, "targets": list(self.cfg.targets),
                 "device": self.device.type, "dtype": "float32", "torch": torch.__version__}
 
 
