@@ -92,6 +92,10 @@ def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0
     return outcome[0], scores
 
 
+class EvaluationError(ValueError):
+    """A split could not be evaluated on some rank (a corrupt shard of a split that must be read whole)."""
+
+
 def collect_on_every_rank(model, loader, ev: Evaluation, split: str, **options) -> dict:
     """`collect` on this rank; a failure on any rank (a corrupt shard) raises on every rank, naming it, instead of
     leaving the others waiting in the gather."""
@@ -106,7 +110,7 @@ def collect_on_every_rank(model, loader, ev: Evaluation, split: str, **options) 
         dist.all_gather_object(errors, error)
     failed = [e for e in errors if e is not None]
     if failed:
-        raise RuntimeError(f"evaluating split {split!r} failed: " + "; ".join(failed))
+        raise EvaluationError(f"evaluating split {split!r} failed: " + "; ".join(failed))
     return arrays
 
 
