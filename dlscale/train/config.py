@@ -129,6 +129,10 @@ class Config:
         if self.data.source == "simulate" and not self.schedule.batches_per_epoch:
             raise ValueError("data.source=simulate: set schedule.batches_per_epoch (an epoch of fresh simulated "
                              "lenses has no natural length)")
+        if (self.data.source == "simulate" and not self.data_dir and self.data.simulator.probe_per_class == 0
+                and self.eval.probe_samples > 0):
+            raise ValueError("data.simulator.probe_per_class=0 leaves the simulated evaluation set without a train "
+                             "split for the linear probe: set eval.probe_samples=0 or probe_per_class > 0")
         if not self.run_dir or (not self.data_dir and self.data.source == "shards"):
             raise ValueError("data_dir (--data) and run_dir (--run-dir) are required")
         return self

@@ -30,9 +30,10 @@ def check_dataset(cfg, manifest: dict) -> tuple[int, ...]:
     if shape[0] != cfg.model.encoder.in_channels:
         raise ValueError(f"{cfg.data_dir}: images have {shape[0]} channel(s) {shape}; set "
                          f"--model.encoder.in_channels={shape[0]}")
-    if "train" not in manifest["splits"] or cfg.eval.split not in manifest["splits"]:
-        raise ValueError(f"{cfg.data_dir}: needs a train split and the eval split {cfg.eval.split!r}; "
-                         f"has {', '.join(manifest['splits'])}")
+    needs_train = cfg.data.source == "shards" or cfg.eval.probe_samples > 0   # training, or the probe's features
+    if (needs_train and "train" not in manifest["splits"]) or cfg.eval.split not in manifest["splits"]:
+        raise ValueError(f"{cfg.data_dir}: needs {'a train split and ' if needs_train else ''}the eval split "
+                         f"{cfg.eval.split!r}; has {', '.join(manifest['splits'])}")
     return cfg.data.output_shape(shape)   # the model's input: the stored images after data.resize
 
 
