@@ -97,6 +97,23 @@ def test_labels_per_class_beyond_a_class_count_are_refused(make_separable, encod
                    "--labels-per-class", "ten").code != 0
 
 
+def test_bootstrap_draw_metrics_equal_scikit_learn_on_the_resampled_samples():
+    from sklearn.metrics import r2_score, roc_auc_score
+    from dlscale.transfer.scoring import weighted_metrics
+    rng = np.random.default_rng(3)
+    labels, target = rng.integers(0, 3, 90), rng.normal(size=(90, 1))
+    probs, reg = rng.dirichlet([1, 1, 1], 90), target + rng.normal(size=(90, 1))
+    probs[:30] = np.round(probs[:30], 1)                                   # tied scores count one half
+    draws = rng.integers(0, 90, (4, 90))
+    counts = np.stack([np.bincount(d, minlength=90) for d in draws]).astype(float)
+    got = weighted_metrics({"probs": probs, "regression": reg}, labels, target, counts, 3, ["t"])
+    for b, i in enumerate(draws):
+        assert got["auc_macro"][b] == pytest.approx(roc_auc_score(np.eye(3)[labels[i]], probs[i]), abs=1e-12)
+        assert got["accuracy"][b] == pytest.approx((probs[i].argmax(1) == labels[i]).mean(), abs=1e-12)
+        assert got["mae/t"][b] == pytest.approx(np.abs(reg[i] - target[i]).mean(), abs=1e-12)
+        assert got["r2/t"][b] == pytest.approx(r2_score(target[i], reg[i]), abs=1e-12)
+
+
 # ---- probe ------------------------------------------------------------------------------------------------------
 
 def test_probe_on_all_labels_equals_the_run_probe(encoder_run, separable_data, runs):

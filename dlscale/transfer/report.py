@@ -30,7 +30,7 @@ def write_outputs(study, cells: list[dict], ci_text: str) -> dict:
         "train_samples": len(study.train_labels), "eval_samples": len(study.truth["labels"]) if study.truth else 0,
         "labels_per_class": cfg.labels_per_class, "repeats": cfg.repeats, "methods": cfg.methods,
         "targets": cfg.targets, "epochs": cfg.epochs, "ranks": cfg.ranks, "seed": cfg.seed,
-        "overrides": cfg.overrides, "ci": ci_text,
+        "overrides": cfg.overrides, "ci": ci_text, "budget": {str(n): b for n, b in study.budget.items()},
         "encoders": [{"label": s.label, "path": str(s.path), "stage": s.stage, "architecture": s.arch_label,
                       "image_shape": list(s.image_shape), "normalize": s.normalize, "trained_on": s.trained_on}
                      for s in study.sources],
@@ -67,6 +67,9 @@ def label_efficiency_figure(cells: list[dict], train_samples: int) -> Figure:
         low, high = [c["ci_low"]["auc_macro"] for c in rows], [c["ci_high"]["auc_macro"] for c in rows]
         axes.fill_between(x, low, high, color=colour, alpha=0.12, linewidth=0)
     axes.set_xscale("log")
+    ticks = sorted({c["n_per_class"] for c in cells}, key=lambda n: _x(n, train_samples))
+    axes.set_xticks([_x(n, train_samples) for n in ticks], [str(n) for n in ticks])
+    axes.minorticks_off()
     axes.set(xlabel="labels per class (all: the whole train split, per class on average)",
              ylabel="macro AUC (eval split)", title="Label efficiency (bands: 95% CI)")
     axes.axhline(0.5, color="0.6", linewidth=0.8)
@@ -139,9 +142,11 @@ def report_text(results: dict) -> str:
               f"{_trained_on(e, results['data_dir'])}" for e in results["encoders"]]
     lines += ["", "Methods (scratch and random are per architecture):"]
     lines += [f"- {m}: {METHOD_TEXT[m]}" for m in results["methods"]]
+    budget = "; ".join(f"N={n}: {b['epochs']} x {b['batches_per_epoch']} batches of {b['batch_size']} on "
+                       f"{b['ranks']} rank(s)" for n, b in results["budget"].items())
     lines += ["", f"Subsets: N labels per class, stratified, nested (smaller inside larger), seeded (seed "
               f"{results['seed']}), {results['repeats']} repeat(s); at N = all the probe is deterministic (one "
-              f"repeat). Fine-tune and scratch: {results['epochs']} epochs on {results['ranks']} rank(s), overrides "
+              f"repeat). Fine-tune and scratch budget (epochs x batches): {budget or '-'}; config overrides "
               f"{' '.join(results['overrides']) or 'none'}.",
               f"Values: mean over repeats; CI: {results['ci']}.", "", *table(results), "",
               "- Figure: `label_efficiency.png` (macro AUC vs labels per class, log x, CI bands)"]

@@ -87,6 +87,7 @@ class Study:
     truth: dict | None = None
     preds: dict = field(default_factory=dict)     # (method, model, N) -> [per-repeat predictions]
     runs: dict = field(default_factory=dict)      # (method, model, N) -> [run dirs]
+    budget: dict = field(default_factory=dict)    # N -> {"epochs", "batches_per_epoch", "batch_size", "ranks"}
 
     @property
     def architectures(self) -> dict[str, feats.EncoderSource]:
@@ -136,8 +137,9 @@ def prepare(cfg: TransferConfig) -> Study:
     sources = feats.load_sources(cfg.encoders)
     for source in sources:
         feats.check_input(source, manifest["image_shape"], train_cfg.data, cfg.data_dir)
-        if cfg.targets and source.trained_on.get("dir") is None and source.stage == "?":
-            log.warning("encoder %s: its metadata does not say what it was trained on", source.path)
+        if not source.trained_on:
+            log.warning("encoder %s: neither its metadata nor a config.yaml beside it says what it was trained on",
+                        source.path)
     ids, labels = train_index(cfg.data_dir)
     check_sizes(cfg.labels_per_class, labels, cfg.data_dir)
     subsets = [nested_subsets(labels, cfg.labels_per_class, cfg.seed, r) for r in range(cfg.repeats)]
@@ -227,7 +229,17 @@ def plan_runs(study: Study) -> list[tuple[tuple, PlannedRun]]:
                 run = PlannedRun(str(out / model / f"{method}-n{n}-r{r}"), dirs[(n, r)], stage,
                                  str(source.path) if method == "finetune" else None, overrides)
                 planned.append(((method, model, n), run))
+        if planned and n not in study.budget:
+            study.budget[n] = resolved_budget(planned[-1][1], cfg.ranks)
     return planned
+
+
+def resolved_budget(run: PlannedRun, ranks: int) -> dict:
+    """Epochs, batches per epoch and batch of a planned run as its config resolves (overrides included)."""
+    from dlscale.train.config import load_config
+    c = load_config(None, run.overrides, stage=run.stage, data_dir=run.data_dir, run_dir=run.run_dir)
+    return {"epochs": c.schedule.epochs, "batches_per_epoch": c.schedule.batches_per_epoch,
+            "batch_size": c.data.batch_size, "ranks": ranks}
 
 
 def run_training(study: Study) -> None:

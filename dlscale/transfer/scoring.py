@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import r2_score
 from sklearn.pipeline import make_pipeline
@@ -53,28 +52,32 @@ def repeat_metrics(pred: dict, truth: dict, class_names: Sequence[str], targets:
     return out
 
 
-def _fast_metrics(pred: dict, labels: np.ndarray, target: np.ndarray | None, n_classes: int,
-                  targets: Sequence[str]) -> dict[str, float]:
-    """The same metrics for bootstrap draws: one-vs-rest AUC as the Mann-Whitney rank statistic (ties count one
-    half, as in ROC AUC), no input checks."""
-    out = {}
+def weighted_metrics(pred: dict, labels: np.ndarray, target: np.ndarray | None, counts: np.ndarray,
+                     n_classes: int, targets: Sequence[str]) -> dict[str, np.ndarray]:
+    """The metrics of bootstrap draws at once: draw b takes eval sample i `counts[b, i]` times. One-vs-rest AUC is
+    the Mann-Whitney statistic on the weighted samples (ties count one half, as in ROC AUC); (B,) per metric."""
+    out, n = {}, counts.sum(1)
     if "probs" in pred:
         probs = pred["probs"]
-        out["accuracy"] = float((probs.argmax(1) == labels).mean())
+        out["accuracy"] = counts @ (probs.argmax(1) == labels).astype(float) / n
         aucs = []
         for k in range(n_classes):
-            positive = labels == k
-            n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-            ranks = rankdata(probs[:, k])
-            aucs.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-        out["auc_macro"] = float(np.mean(aucs))
+            order = np.argsort(probs[:, k], kind="stable")
+            score, positive, weight = probs[order, k], labels[order] == k, counts[:, order]
+            starts = np.flatnonzero(np.r_[True, score[1:] != score[:-1]])    # groups of tied scores
+            pos = np.add.reduceat(weight * positive, starts, axis=1)
+            neg = np.add.reduceat(weight * ~positive, starts, axis=1)
+            below = np.cumsum(neg, axis=1) - neg
+            aucs.append((pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1)))
+        out["auc_macro"] = np.mean(aucs, axis=0)
     if "regression" in pred:
-        reg = pred["regression"]
         for j, name in enumerate(targets):
-            error = reg[:, j] - target[:, j]
-            out[f"mae/{name}"] = float(np.abs(error).mean())
-            spread = ((target[:, j] - target[:, j].mean()) ** 2).sum()
-            out[f"r2/{name}"] = float(1 - (error ** 2).sum() / spread) if spread > 0 else float("nan")
+            error, truth = pred["regression"][:, j] - target[:, j], target[:, j]
+            out[f"mae/{name}"] = counts @ np.abs(error) / n
+            mean = counts @ truth / n
+            spread = (counts * (truth[None, :] - mean[:, None]) ** 2).sum(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[f"r2/{name}"] = np.where(spread > 0, 1 - counts @ error ** 2 / spread, np.nan)
     return out
 
 
@@ -89,18 +92,24 @@ def summarize_cell(preds: list[dict], truth: dict, class_names: Sequence[str], t
     keys = list(per_repeat[0])
     mean = {k: float(np.mean([m[k] for m in per_repeat])) for k in keys}
     rng = np.random.default_rng(seed)
-    n_classes, draws, skipped = len(class_names), {k: [] for k in keys}, 0
-    for _ in range(n_bootstrap):
-        chosen = rng.integers(0, len(preds), len(preds))
-        index = rng.integers(0, len(labels), len(labels))
-        if "probs" in preds[0] and np.bincount(labels[index], minlength=n_classes).min() == 0:
-            skipped += 1
+    n_eval, n_classes, draws, skipped = len(labels), len(class_names), {k: [] for k in keys}, 0
+    onehot = np.eye(n_classes)[labels]
+    chunk = max(1, 2_000_000 // max(n_eval, 1))          # draws per block: bounded memory for large eval sets
+    for start in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - start)
+        chosen = rng.integers(0, len(preds), (b, len(preds)))                 # repeats of each draw
+        counts = rng.multinomial(n_eval, np.full(n_eval, 1 / n_eval), size=b).astype(float)   # eval samples
+        if "probs" in preds[0]:
+            keep = (counts @ onehot).min(1) > 0
+            skipped += int((~keep).sum())
+            chosen, counts = chosen[keep], counts[keep]
+        if not len(counts):
             continue
-        sub = {r: _fast_metrics({k: v[index] for k, v in preds[r].items()}, labels[index],
-                                None if target is None else target[index], n_classes, targets)
-               for r in set(chosen.tolist())}
+        values = [weighted_metrics(p, labels, target, counts, n_classes, targets) for p in preds]
+        rows = np.arange(len(counts))[:, None]
         for k in keys:
-            draws[k].append(np.mean([sub[r][k] for r in chosen]))
+            grid = np.stack([v[k] for v in values], axis=1)                   # (draws, repeats)
+            draws[k].extend(grid[rows, chosen].mean(1).tolist())
     low = {k: float(np.nanpercentile(v, 2.5)) if v else float("nan") for k, v in draws.items()}
     high = {k: float(np.nanpercentile(v, 97.5)) if v else float("nan") for k, v in draws.items()}
     return {"repeats": per_repeat, "mean": mean, "ci_low": low, "ci_high": high, "ci_skipped": skipped}
