@@ -31,7 +31,8 @@ def nvidia_smi() -> dict:
 def environment_part(check, entry: dict, slice_s: float) -> None:
     """Device, versions, bf16, a launcher-free process group (NCCL on a GPU), deepspeed importing: in one probe
     process whose results arrive one by one."""
-    result = check.report.run(check.probe("env", {}), max(30.0, slice_s), check.env, "environment probe")
+    # at least 60 s: a cold machine's first CUDA context, NCCL communicator and deepspeed import add up
+    result = check.report.run(check.probe("env", {}), max(60.0, slice_s), check.env, "environment probe")
     found = result.results()
     for name in ENV_RESULTS:
         entry.setdefault("items", {})[name] = with_status(found.get(name), result)
@@ -89,7 +90,7 @@ def sim_stream_part(check, entry: dict, slice_s: float) -> None:
         entry["skipped"] = "no CUDA"
         return
     extra = ["--data.source=simulate"]
-    wanted = {"preset": "model_ii", "device": "cuda", "eval_per_class": 50 if check.tiny else 300,
+    wanted = {"preset": "model_ii", "device": check.device, "eval_per_class": 50 if check.tiny else 300,
               "probe_per_class": 30 if check.tiny else 200}
     extra += [f"--data.simulator.{k}={v}" for k, v in wanted.items() if f"data.simulator.{k}" in keys]
     entry["settings"] = {"overrides": extra, "data": "none: the run simulates its evaluation set (RUN/eval_data)",

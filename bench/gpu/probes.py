@@ -44,8 +44,17 @@ def torch_info() -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
                     memory_gib=round(props.total_memory / 2 ** 30, 1), bf16_supported=torch.cuda.is_bf16_supported(),
-                    nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None)
+                    nccl=nccl_version())
     return info
+
+
+def nccl_version() -> str | None:
+    try:
+        import torch.cuda.nccl
+        version = torch.cuda.nccl.version()
+    except Exception:  # noqa: BLE001 - a torch without NCCL: the process-group check says more
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def bf16_matmul() -> dict:

@@ -21,13 +21,12 @@ LOG="$OUT/gpu_check.log"
   wheels=("$ROOT"/.whl/*.whl)
   if [ ${#wheels[@]} -eq 0 ]; then
     echo "run.sh: no wheels in $ROOT/.whl (was .whl carried? run bench/gpu/prepare.sh first); going on without"
-  elif "$PY" -m pip --version >/dev/null 2>&1; then
-    "$PY" -m pip install --no-index --no-deps --upgrade --disable-pip-version-check -q --target "$SITE" \
-      "${wheels[@]}" 2>&1 || echo "run.sh: pip install --target failed (the check reports what does not import)"
-  else   # no pip: a wheel is a zip of its installed files
-    echo "run.sh: no pip; unpacking ${#wheels[@]} wheels into $SITE"
+  elif ! { "$PY" -m pip --version >/dev/null 2>&1 && "$PY" -m pip install --no-index --no-deps --upgrade \
+             --disable-pip-version-check -q --target "$SITE" "${wheels[@]}"; }; then
+    # no pip, or it failed: a wheel is a zip of its installed files (the check reports what does not import)
+    echo "run.sh: pip install --target unavailable or failed; unpacking ${#wheels[@]} wheels into $SITE"
     "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
-      "$SITE" "${wheels[@]}"
+      "$SITE" "${wheels[@]}" || echo "run.sh: unpacking failed too"
   fi
   echo "run.sh: ${#wheels[@]} wheels; installed: $(ls "$SITE" 2>/dev/null | grep -c dist-info) dist-info folders"
 } >>"$LOG" 2>&1

@@ -16,7 +16,8 @@ METRIC_KEYS = ("val/accuracy", "val/auc_macro", "val/recon_mse", "probe/accuracy
 
 
 def tensorboard_scalars(tb_dir: Path, keys: tuple[str, ...]) -> dict[str, list[float]]:
-    """Scalar series (in step order) from every event file under `tb_dir`; empty when unreadable."""
+    """Scalar series (in step order) from the event files under `tb_dir` that hold all of `keys` (the training
+    windows; the hparams record repeats the final metrics, samples/s among them, at step 0); empty when none."""
     if not tb_dir.is_dir():
         return {}
     try:
@@ -27,8 +28,9 @@ def tensorboard_scalars(tb_dir: Path, keys: tuple[str, ...]) -> dict[str, list[f
     for events in sorted(tb_dir.rglob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
-        for key in keys:
-            if key in acc.Tags().get("scalars", []):
+        tags = acc.Tags().get("scalars", [])
+        if all(key in tags for key in keys):
+            for key in keys:
                 series.setdefault(key, []).extend((e.step, e.value) for e in acc.Scalars(key))
     return {key: [v for _, v in sorted(points)] for key, points in series.items()}
 
