@@ -217,14 +217,15 @@ def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def summarize(scores: dict[str, np.ndarray], probe_train: dict[str, np.ndarray] | None, class_names: Sequence[str],
               prefix: str = "val", target_names: Sequence[str] = (), n_bootstrap: int = 200,
               seed: int = 0) -> dict[str, object]:
-    """Flat metrics from gathered scores: `<prefix>/accuracy`, `<prefix>/auc_*`,
-    `<prefix>/recon_mse`, `<prefix>/mae/<target>`, `probe/accuracy`, `probe/auc_macro`, `<prefix>/n_samples`."""
+    """Flat metrics from gathered scores: `<prefix>/accuracy`, `<prefix>/auc_*`, `<prefix>/recon_mse`,
+    `<prefix>/mae_masked_mse`, `<prefix>/mae/<target>`, `probe/accuracy`, `probe/auc_macro`, `<prefix>/n_samples`."""
     metrics: dict[str, object] = {f"{prefix}/n_samples": int(len(scores["labels"]))}
     if "probs" in scores:
         cls = classification_metrics(scores["probs"], scores["labels"], class_names, n_bootstrap, seed)
         metrics.update({f"{prefix}/{k}": v for k, v in cls.items() if k != "n_samples"})
-    if "recon_mse" in scores:
-        metrics[f"{prefix}/recon_mse"] = float(scores["recon_mse"].mean())
+    for key in ("recon_mse", "mae_masked_mse"):      # per-image errors: their mean over the split
+        if key in scores:
+            metrics[f"{prefix}/{key}"] = float(scores[key].mean())
     if "regression" in scores:
         metrics.update({f"{prefix}/{k}": v for k, v in
                         regression_metrics(scores["regression"], scores["target"], target_names).items()})
