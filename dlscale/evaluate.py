@@ -165,11 +165,12 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names:
 # ---- the evaluation loop: scores collected per rank, gathered once after the loop --------------------------------
 
 def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype,
-            max_samples: int | None = None, n_examples: int = 8) -> dict[str, np.ndarray]:
+            max_samples: int | None = None, n_examples: int = 8, finish=None) -> dict[str, np.ndarray]:
     """Run `model` over `loader` without gradients; return this rank's per-sample outputs as numpy arrays.
 
     Keys: ids (N,3), labels, features, and whatever the model's tasks collect (`Task.collect`: probs, recon_mse,
     regression + target, ...); the first `n_examples` images of the tasks that show some (`Task.examples`).
+    `finish(batch)` puts a batch on the device (and transforms it there, see `data.stream.finish_batch`).
     """
     tasks = getattr(model, "task_specs", {}).values()
     parts: dict[str, list[np.ndarray]] = {}
@@ -178,6 +179,8 @@ def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.d
     model.eval()
     with torch.no_grad():
         for batch in loader:
+            if finish is not None:
+                batch = finish(batch)
             images = batch["image"].to(device, dtype, non_blocking=True)
             out = model(images)
             rows = {"ids": batch["ids"], "labels": batch["label"], "features": out["features"]}

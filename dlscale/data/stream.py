@@ -34,6 +34,7 @@ from dlscale.data.tario import CorruptShardError, ReadIntoAdapter, iter_records
 log = logging.getLogger(__name__)
 NORMALIZATIONS = ("minmax", "standardize", "log", "none")
 RESIZE_MODES = ("interpolate", "crop")
+TRANSFORM_PLACES = ("auto", "host", "device")
 EPS = 1e-8
 
 
@@ -51,12 +52,17 @@ class StreamConfig:
     targets: list[str] = field(default_factory=list)   # metadata keys returned as regression targets ("target")
     resize: int | None = None            # batches become resize x resize: another image size than the encoder's
     resize_mode: str = "interpolate"     # interpolate (bilinear, antialiased) | crop (centre crop of larger images)
+    transforms: str = "auto"             # where resize / normalise / augment run: host (DataLoader workers) | device
+    #                                      (the training GPU, inside the step; workers only read records) | auto
+    #                                      (device when training on CUDA)
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"data.normalize={self.normalize!r}: expected one of {NORMALIZATIONS}")
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("data.batch_size must be >= 1, data.num_workers and data.shuffle_buffer >= 0")
+        if self.transforms not in TRANSFORM_PLACES:
+            raise ValueError(f"data.transforms={self.transforms!r}: expected one of {TRANSFORM_PLACES}")
         if self.resize is not None and self.resize < 1 or self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"data.resize={self.resize!r} / data.resize_mode={self.resize_mode!r}: expected a side "
                              f">= 1 (or null) and a mode among {RESIZE_MODES}")
@@ -178,16 +184,37 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _batch(images, labels, ids, targets, cfg: StreamConfig, generator: torch.Generator | None) -> dict:
-    """Finish a batch whose tensors the caller owns (resized, then normalised in place)."""
+    """Finish a batch whose tensors the caller owns: resized, normalised in place and (with a generator)
+    augmented here, or, with `transforms=device`, left raw with the seed of its augmentation for `finish_batch`."""
+    batch = {"label": labels, "ids": ids}
+    if targets is not None:
+        batch["target"] = targets
+    if cfg.transforms == "device":
+        batch.update(image=images, raw=torch.ones(()))
+        if generator is not None and cfg.augment:
+            batch["augment_seed"] = torch.randint(0, 2**62, (), generator=generator)
+        return batch
+    batch["image"] = transform(images, cfg, generator if cfg.augment else None)
+    return batch
+
+
+def transform(images: torch.Tensor, cfg: StreamConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Resize, normalise (in place) and, with a generator, augment a batch, on whatever device it sits."""
     if cfg.resize is not None:
         images = resize(images, cfg.resize, cfg.resize_mode)
     images = normalize(images, cfg.normalize, inplace=True)
-    if generator is not None and cfg.augment:
-        images = augment(images, generator)
-    batch = {"image": images, "label": labels, "ids": ids}
-    if targets is not None:
-        batch["target"] = targets
-    return batch
+    return augment(images, generator) if generator is not None else images
+
+
+def finish_batch(batch: dict, cfg: StreamConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """The batch on the training device: images moved (asynchronously from pinned memory) and, for a batch left raw
+    by `transforms=device`, transformed there, so a GPU node's host only reads and pins records."""
+    images = batch["image"].to(device, non_blocking=True)
+    if "raw" in batch:
+        seed = batch.get("augment_seed")
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        images = transform(images.float(), cfg, generator)
+    return {**{k: v for k, v in batch.items() if k not in ("raw", "augment_seed")}, "image": images.to(dtype)}
 
 
 def _worker() -> tuple[int, int]:

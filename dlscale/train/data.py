@@ -54,6 +54,13 @@ def prepare_eval_set(cfg) -> None:
     simulate_set(cfg.data.simulator, cfg.data_dir)
 
 
+def resolve_transforms(cfg, device: torch.device) -> None:
+    """`data.transforms=auto`: on the device when training on CUDA (the host only reads and pins records), in the
+    DataLoader workers on CPU. Resolved once, before the streams are built, and recorded in config.yaml."""
+    if cfg.data.transforms == "auto":
+        cfg.data.transforms = "device" if device.type == "cuda" else "host"
+
+
 def train_stream(cfg, info: DistInfo, device: torch.device):
     """(this rank's training stream, batches per epoch)."""
     if cfg.data.source == "simulate":

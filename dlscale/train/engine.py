@@ -24,11 +24,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dlscale.data.classes import CLASSES
+from dlscale.data.stream import finish_batch
 from dlscale.dist import DistInfo, dist_info
 from dlscale.train import artifacts, checkpoint
 from dlscale.train.config import Config, check_weighting
 from dlscale.train.data import (EVAL_DATA, describe_ids, epoch_loader, load_dataset, prepare_eval_set,
-                                simulated_eval_set, stream_image_shape, target_stats, train_stream)
+                                resolve_transforms, simulated_eval_set, stream_image_shape, target_stats,
+                                train_stream)
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device
 from dlscale.train.evaluation import Evaluation, build_run_model, evaluate_split, write_hparams
 from dlscale.train.model import init_encoder
@@ -143,7 +145,8 @@ class Trainer:
                 self.save_checkpoint()
 
     def train_step(self, batch: dict) -> tuple[dict[str, float], float, dict[str, float]]:
-        images = batch["image"].to(self.device, self.dtype, non_blocking=True)
+        batch = finish_batch(batch, self.cfg.data, self.device, self.dtype)
+        images = batch["image"]
         out = self.engine(images, batch)
         losses = self.module.losses(out, images, batch)
         total, weights = self.module.weighting(losses)
@@ -242,6 +245,7 @@ def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
     info, device, run_dir = dist_info(local_rank), pick_device(cfg.device), Path(cfg.run_dir)
     exit_with_launcher(info.rank)
     artifacts.check_new(run_dir, resume)
+    resolve_transforms(cfg, device)
     simulated_eval = simulated_eval_set(cfg)
     if simulated_eval:
         cfg.data_dir = str(run_dir / EVAL_DATA)   # recorded in config.yaml

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from dlscale.configtree import flatten, to_dict
 from dlscale.data.classes import CLASSES
-from dlscale.data.stream import eval_loader
+from dlscale.data.stream import eval_loader, finish_batch
 from dlscale.dist import DistInfo
 from dlscale.evaluate import collect, gather, summarize
 from dlscale.report import log_evaluation, save_roc, scalar_items
@@ -101,7 +101,8 @@ def collect_on_every_rank(model, loader, ev: Evaluation, split: str, **options) 
     leaving the others waiting in the gather."""
     error = None
     try:
-        arrays = collect(model, loader, ev.device, ev.dtype, **options)
+        arrays = collect(model, loader, ev.device, ev.dtype,
+                         finish=lambda batch: finish_batch(batch, ev.cfg.data, ev.device, ev.dtype), **options)
     except Exception as err:
         arrays, error = {}, f"rank {ev.info.rank}: {type(err).__name__}: {err}"
     errors = [error]
@@ -172,7 +173,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, split: str = 
     """`dlscale eval`: reload a finished run and evaluate it on `split` of `data_dir` (default: its own data);
     returns (metrics, the directory they were written to)."""
     from dlscale.dist import dist_info
-    from dlscale.train.data import load_dataset
+    from dlscale.train.data import load_dataset, resolve_transforms
     from dlscale.train.deepspeed_setup import init_distributed, pick_device
     run_dir = Path(run_dir)
     trained_on = load_config(run_dir / "config.yaml").data_dir if (run_dir / "config.yaml").is_file() else ""
@@ -182,6 +183,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, split: str = 
         raise ValueError(f"{cfg.data_dir}: no split {split!r} (has {', '.join(manifest['splits'])})")
     info = dist_info(local_rank)
     device = pick_device(cfg.device)
+    resolve_transforms(cfg, device)
     init_distributed(info, device)
     out_dir = eval_dir(run_dir, trained_on, data_dir, split)
     if info.is_main:
