@@ -1,11 +1,16 @@
-"""Encoders, heads and the encoder-plus-heads model every stage trains (tasks live in `dlscale.train.tasks`)."""
+"""Encoders, heads and the encoder-plus-heads model every stage trains (tasks live in `dlscale.train.tasks`);
+the self-supervised building blocks (MAE masking and decoder, SimCLR / BYOL heads) for use outside the engine."""
 
+from dlscale.models.contrastive import BYOLHead, ProjectionHead, byol_loss, nt_xent
 from dlscale.models.encoders import ENCODER_NAMES, EncoderConfig, build_encoder, load_encoder_weights
 from dlscale.models.heads import ClassifierHead, Decoder, RegressionHead, global_pool
+from dlscale.models.mae import MAEConfig, MAEDecoder, MAEHead, masked_patch_loss, patchify, unpatchify
 from dlscale.models.model import TaskModel
 
 __all__ = [
     "ENCODER_NAMES", "EncoderConfig", "build_encoder", "load_encoder_weights",
     "ClassifierHead", "Decoder", "RegressionHead", "global_pool",
+    "MAEConfig", "MAEDecoder", "MAEHead", "masked_patch_loss", "patchify", "unpatchify",
+    "BYOLHead", "ProjectionHead", "byol_loss", "nt_xent",
     "TaskModel",
 ]

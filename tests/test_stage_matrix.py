@@ -1,0 +1,98 @@
+"""Every registered stage on every backbone: the model builds the way a run builds it (`build_run_model`: encoder,
+task heads, loss weighting), one training forward + backward of its weighted losses reaches every trainable
+parameter, and the evaluation forward gives the pooled features and what each task collects.
+
+Parametrised from the registries (`STAGES`, `ENCODER_NAMES`), so a new stage or backbone is covered without
+editing this file. Stages that let the run choose its tasks (multitask) train every registered task at once,
+under a learned weighting; contrastive runs each of its methods. Tiny batches: 1x32x32 images (ViTs: patch 8).
+"""
+import math
+
+import pytest
+import torch
+
+from dlscale.models.encoders import ENCODER_NAMES, VIT_ARCHITECTURES
+from dlscale.train.config import load_config
+from dlscale.train.evaluation import build_run_model
+from dlscale.train.stages import STAGES
+from dlscale.train.tasks import TASKS
+from dlscale.train.tasks.contrastive import METHODS
+
+SHAPE = (1, 32, 32)
+BATCH = 4
+TARGETS = ["theta_E", "e1"]
+STATS = {"mean": [1.0, 0.0], "std": [0.5, 0.1]}
+VARIANTS = {"contrastive": {method: [f"--model.task_options.contrastive.method={method}"] for method in METHODS}}
+"""Stages whose options choose between methods: each method is a case of its own."""
+
+
+def stage_cases() -> list[tuple[str, str, list[str]]]:
+    cases = []
+    for stage, spec in STAGES.items():
+        base = [] if spec.tasks is not None else [f"--model.tasks=[{','.join(TASKS)}]", "--loss.method=uncertainty"]
+        for variant, extra in VARIANTS.get(stage, {"default": []}).items():
+            cases.append((stage, variant, base + extra))
+    return cases
+
+
+CASES = [(stage, variant, extra, backbone) for stage, variant, extra in stage_cases() for backbone in ENCODER_NAMES]
+
+
+def make_batch(model, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Images plus every batch entry the model's tasks read (a task needing an entry not known here fails)."""
+    images = torch.rand(BATCH, *SHAPE, generator=generator)
+    known = {"label": lambda: torch.arange(BATCH) % 3,
+             "target": lambda: torch.randn(BATCH, len(TARGETS), generator=generator)}
+    needed = {key for task in model.task_specs.values() for key in task.batch_keys}
+    unknown = sorted(needed - set(known))
+    if unknown:
+        pytest.fail(f"tasks of this model read batch entries {unknown} that this test does not make: add them")
+    batch = {"image": images, "ids": torch.zeros(BATCH, 3, dtype=torch.long)}
+    return images, {**batch, **{key: known[key]() for key in needed}}
+
+
+@pytest.mark.parametrize(("stage", "variant", "extra", "backbone"), CASES,
+                         ids=[f"{s}-{v}-{b}" if v != "default" else f"{s}-{b}" for s, v, _, b in CASES])
+def test_stage_builds_and_trains_one_step_on_backbone(stage, variant, extra, backbone):
+    torch.manual_seed(0)
+    overrides = [f"--model.encoder.name={backbone}", f"--data.targets=[{','.join(TARGETS)}]", *extra]
+    if backbone in VIT_ARCHITECTURES:
+        overrides.append("--model.encoder.patch_size=8")
+    cfg = load_config(None, overrides, stage=stage, data_dir="-", run_dir="-")
+    model = build_run_model(cfg, SHAPE, STATS)
+    assert model.encoder.out_channels > 0 and set(model.weighting.tasks) == set(model.tasks)
+    if STAGES[stage].tasks is not None:
+        assert set(model.tasks) == set(STAGES[stage].tasks)
+    else:
+        assert set(model.tasks) == set(TASKS)
+    images, batch = make_batch(model, torch.Generator().manual_seed(1))
+
+    model.train()
+    out = model(images, batch)
+    losses = model.losses(out, images, batch)
+    assert list(losses) == list(model.tasks)
+    bad = {task: loss for task, loss in losses.items() if loss.dim() != 0 or not torch.isfinite(loss)}
+    assert not bad, f"losses not finite scalars: {bad}"
+    total, weights = model.weighting(losses)
+    assert torch.isfinite(total) and set(weights) == set(model.tasks)
+    total.backward()
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    no_grad = [name for name, p in trainable if p.grad is None]
+    assert not no_grad, f"parameters the losses do not reach: {no_grad[:10]}"
+    assert all(torch.isfinite(p.grad).all() for _, p in trainable)
+    encoder_norm = math.sqrt(sum(float(p.grad.square().sum()) for _, p in model.encoder.named_parameters()))
+    assert encoder_norm > 0
+
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert out["features"].shape == (BATCH, model.encoder.out_channels)
+    for name, task in model.task_specs.items():
+        for key, value in task.collect(out, images, batch).items():
+            assert value.shape[0] == BATCH and torch.isfinite(value.float()).all(), f"{name} collects {key}"
+
+
+def test_the_matrix_covers_every_stage_and_backbone():
+    assert {case[0] for case in CASES} == set(STAGES)
+    assert {case[3] for case in CASES} == set(ENCODER_NAMES)
+    assert len(CASES) == sum(len(VARIANTS.get(stage, {0: 0})) for stage in STAGES) * len(ENCODER_NAMES)
