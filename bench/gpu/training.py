@@ -14,7 +14,7 @@ from pathlib import Path
 from harness import GpuMemorySampler, tail
 from runinfo import run_figures
 
-FULL = {"n_per_class": 8000, "batch": 512, "workers": 8, "plain_seconds": 2.5, "min_train_s": 10.0,
+FULL = {"n_per_class": 8000, "batch": 512, "workers": 8, "plain_seconds": 2.0, "min_train_s": 10.0,
         "probe_samples": 2048, "n_bootstrap": 20, "max_steps": 20000}
 TINY = {"n_per_class": 30, "n_pix": 16, "batch": 8, "workers": 0, "plain_seconds": 0.2, "steps": 3,
         "probe_samples": 24, "n_bootstrap": 10}
@@ -105,7 +105,26 @@ def training_part(check, entry: dict, slice_s: float) -> None:
         stage, encoder = pending.pop(0)
         check.report.item(entry, f"{stage}/{encoder}", lambda item, s=stage, e=encoder, t=share: engine_run(
             check, item, s, e, holder["data"], shape, t, plain=plain.get(f"{s}/{e}")))
+    host_transforms(check, entry, holder["data"], shape, deadline, plain.get("supervised/resnet18"))
     entry["figures"] = headline(entry["items"])
+
+
+def host_transforms(check, entry: dict, data: Path, shape: tuple, deadline: float, plain: dict | None) -> None:
+    """The main supervised run once more with normalisation and augmentation in the DataLoader workers
+    (`data.transforms=host`; the runs above do them on the GPU), for the data-wait fraction with and without."""
+    name, left = "supervised/resnet18 transforms=host", deadline - time.monotonic()
+    if "data.transforms" not in check.train_keys():
+        entry["items"][name] = {"status": "skipped", "skipped": "no data.transforms key in --print-config"}
+        return
+    if not check.cuda:     # on a CPU the workers and the training process share one kind of processor
+        entry["items"][name] = {"status": "skipped", "skipped": "no CUDA"}
+        return
+    if left < check.overhead_s + sizes(check).get("min_train_s", 0.0):
+        entry["items"][name] = {"status": "skipped", "skipped": f"budget: {left:.0f} s left"}
+        return
+    check.report.item(entry, name, lambda item: engine_run(
+        check, item, "supervised", "resnet18", data, shape, left, extra=("--data.transforms=host",),
+        name="supervised-resnet18-host-transforms", plain=plain))
 
 
 def headline(items: dict) -> dict:
@@ -125,8 +144,8 @@ def plain_loops(check, runs: list[tuple[str, str]], shape: tuple, timeout_s: flo
                "variants": variants + (["autocast_bf16"] if check.precision == "bf16" and (s, e) in MAIN_RUNS
                                        else [])} for s, e in runs]
     args = {"models": models, "shape": list(shape), "batch": size["batch"], "device": check.device,
-            "seconds": size["plain_seconds"], "warmup_steps": 1 if check.tiny else 5,
-            "min_steps": 2 if check.tiny else 10}
+            "seconds": size["plain_seconds"], "warmup_steps": 1 if check.tiny else 3,
+            "min_steps": 2 if check.tiny else 10, "budget_s": max(5.0, timeout_s - 15)}
     result = check.report.run(check.probe("plain-loop", args), timeout_s, check.env,
                               f"plain loops ({len(models)} models)")
     found = result.results()
@@ -147,8 +166,9 @@ def engine_run(check, item: dict, stage: str, encoder: str, data: Path | None, s
     start = time.monotonic()
     needed = check.overhead_s + size.get("min_train_s", 0.0)    # start-up + evaluation, and a few s of steps
     if not check.tiny and slice_s < needed:
-        item["skipped"] = (f"budget: {slice_s:.0f} s left for this run, needs >= {needed:.0f} s (~{check.overhead_s:.0f}"
-                           " s start-up + evaluation); a second try: --only training with a larger --budget-s")
+        item["skipped"] = (f"budget: {slice_s:.0f} s left for this run, needs >= {needed:.0f} s "
+                           f"(~{check.overhead_s:.0f} s start-up + evaluation); a second try: --only training with a "
+                           "larger --budget-s")
         return
     batch = size["batch"]
     if plain is None:
