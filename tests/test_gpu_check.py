@@ -131,7 +131,7 @@ class FakeMachine:
     the full-size planning and orchestration run here; `commands` records what the check asked for."""
 
     HELP = "usage: dlscale train [--stage {autoencoder,supervised,multitask,mae}] [--print-config]\n"
-    CONFIG = "data:\n  source: shards\n  simulator:\n    preset: model_ii\n    eval_per_class: 1000\n" \
+    CONFIG = "data:\n  source: shards\n  transforms: auto\n  simulator:\n    preset: model_ii\n    eval_per_class: 1000\n" \
              "loss:\n  method: fixed\n  fixed:\n    weights: null\n"
 
     def __init__(self):
@@ -191,7 +191,9 @@ def test_full_check_plans_every_gpu_run_through_the_cli(tmp_path, monkeypatch):
                and "--device=cuda" in c for c in trains)
     training = report["parts"]["training"]["items"]
     assert list(training) == ["data", "supervised/resnet18", "multitask/resnet18", "autoencoder/resnet18",
-                              "mae/resnet18", "supervised/vit_small"]
+                              "mae/resnet18", "supervised/vit_small", "supervised/resnet18 transforms=host"]
+    host = training["supervised/resnet18 transforms=host"]
+    assert host["status"] == "ok" and host["settings"]["command"].endswith("--data.transforms=host")
     run = training["supervised/resnet18"]
     assert run["settings"]["batch"] == 512 and 20 <= run["settings"]["steps"] <= 20000
     assert run["figures"]["throughput_source"] == "log"

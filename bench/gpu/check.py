@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.work:
         shutil.rmtree(check.work, ignore_errors=True)
     failed = [name for name, part in report.data["parts"].items() if has_error(part)]
-    log.info("done in %.0f s: %s", report.data["elapsed_s"], f"errors in {', '.join(failed)}" if failed else "no errors")
+    log.info("done in %.0f s: %s", report.data["elapsed_s"],
+             f"errors in {', '.join(failed)}" if failed else "no errors")
     return 1 if failed else 0
 
 

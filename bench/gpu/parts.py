@@ -15,7 +15,8 @@ ENV_RESULTS = ("torch", "bf16", "process_group", "dlscale", "packages", "deepspe
 def with_status(found: dict | None, result) -> dict:
     """A probe's result as an item; one the probe never printed is an error naming how the probe ended."""
     if found is None:
-        return {"status": "error", "error": f"not reported: {result.failure()}", "output_tail": tail(result.output, 1500)}
+        return {"status": "error", "error": f"not reported: {result.failure()}",
+                "output_tail": tail(result.output, 1500)}
     return {"status": "error" if "error" in found else "ok", **found}
 
 

@@ -15,14 +15,20 @@ WHL=.whl
 TARGET_PYTHON=${TARGET_PYTHON:-3.12}     # the GPU machine's (another value only for a dry run of run.sh here)
 CP=cp${TARGET_PYTHON/./}
 MAX_MIB=50
-[ -x "$PY" ] || { echo "prepare.sh: $PY not found: run 'make install' first (the versions come from .venv)" >&2; exit 1; }
+if [ ! -x "$PY" ]; then
+  echo "prepare.sh: $PY not found: run 'make install' first (the versions come from .venv)" >&2
+  exit 1
+fi
 
 pin() {   # the constraints.txt version of $1
   sed -n "s/^$1==//p" constraints.txt | head -n 1
 }
 DEEPSPEED=$(pin deepspeed)
 WEBDATASET=$(pin webdataset)
-[ -n "$DEEPSPEED" ] && [ -n "$WEBDATASET" ] || { echo "prepare.sh: deepspeed/webdataset not pinned in constraints.txt" >&2; exit 1; }
+if [ -z "$DEEPSPEED" ] || [ -z "$WEBDATASET" ]; then
+  echo "prepare.sh: deepspeed and webdataset must be pinned (name==version) in constraints.txt" >&2
+  exit 1
+fi
 
 # deepspeed's runtime requirements that torch/timm/tensorboard/matplotlib do not bring (deepspeed also wants numpy,
 # packaging, psutil, tqdm, torch: the first two and the last two are there), pydantic's own, and webdataset's

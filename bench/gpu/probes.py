@@ -235,8 +235,18 @@ def build_model(stage: str, encoder: dict, shape: tuple[int, ...]):
     raise ImportError("no build_model in dlscale.train.model or dlscale.models")
 
 
+def forward_loss(model, x, labels):
+    """One training forward and its loss, as the engine does it: model(images, batch) and the model's own task
+    losses (summed, unweighted); for a model without `losses`, reconstruction MSE + cross-entropy of its outputs."""
+    if hasattr(model, "losses"):
+        batch = {"image": x, "label": labels}
+        out = model(x, batch)
+        return sum(v.float() for v in model.losses(out, x, batch).values())
+    return plain_loss(model(x), x, labels)
+
+
 def plain_loss(out, images, labels):
-    """Reconstruction MSE + cross-entropy for the outputs the model has (the engine's task losses, unweighted)."""
+    """Reconstruction MSE + cross-entropy for the outputs the model has."""
     import torch.nn.functional as F
     outputs = out if isinstance(out, dict) else {"logits": out}
     loss = 0.0
@@ -259,8 +269,14 @@ def plain_loop_probe(args: dict) -> None:
     shape, batch = tuple(args["shape"]), args["batch"]
     images = torch.rand(batch, *shape, device=device)
     labels = torch.randint(0, 3, (batch,), device=device)
+    start = time.perf_counter()
     for spec in args["models"]:
         for variant in spec["variants"]:
+            if time.perf_counter() - start > args.get("budget_s", float("inf")):
+                print(RESULT_PREFIX + json.dumps({"name": f"{spec['key']}/{variant}", "skipped": (
+                    f"budget: the plain-loop probe's {args['budget_s']:.0f} s were used by the models before")}),
+                    flush=True)
+                continue
             emit(f"{spec['key']}/{variant}", lambda: time_plain_loop(spec, variant, images, labels, args))
 
 
@@ -278,7 +294,7 @@ def time_plain_loop(spec: dict, variant: str, images, labels, args: dict) -> dic
 
     def step() -> float:
         with autocast:
-            loss = plain_loss(model(x), x, labels)
+            loss = forward_loss(model, x, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
