@@ -118,8 +118,8 @@ def test_budget_gives_unused_time_to_later_parts():
 
 
 def test_watchdog_stops_a_check_past_its_budget_and_says_where(tmp_path):
-    proc = subprocess.run([sys.executable, str(CHECK), "--out", str(tmp_path), "--budget-s", "1", "--grace-s", "1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(CHECK), "--out", str(tmp_path), "--budget-s", "1", "--grace-s", "1",
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=120)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert proc.returncode == 3
     assert report["stopped_by_watchdog"] is True
