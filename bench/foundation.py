@@ -1,6 +1,6 @@
 """The encoder as a foundation: label-efficiency curves on simulated Model II (64x64) with `dlscale transfer`.
 
-    python bench/foundation.py [--n-per-class 2000] [--labels 10,100,1000] [--repeats 1] [--ssl-stage auto]
+    python bench/foundation.py [--n-per-class 2000] [--labels 10,100,1000] [--repeats 2] [--ssl-stage auto]
                                [--work-dir runs/bench_foundation]                                 # prints JSON
 
 Steps, each a `dlscale` command (finished steps in --work-dir are reused):
@@ -29,9 +29,10 @@ FINE_TUNE = ["--data.batch_size=32", "--data.num_workers=0", "--optim.lr=1e-3", 
 
 
 def dlscale(*argv: str) -> None:
-    """One `dlscale` command in a child process (its output goes to ours); a failure stops the benchmark."""
+    """One `dlscale` command in a child process (its output goes to our stderr, stdout is the JSON); a failure
+    stops the benchmark."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run([sys.executable, "-m", "dlscale.cli", *argv], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dlscale.cli", *argv], check=True, env=env, stdout=sys.stderr)
 
 
 def train(stage: str, data: Path, run_dir: Path, ranks: int, epochs: int) -> None:
@@ -40,7 +41,7 @@ def train(stage: str, data: Path, run_dir: Path, ranks: int, epochs: int) -> Non
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
         if ranks > 1 else [sys.executable]
-    subprocess.run([*launcher, "-m", "dlscale.train", *args], check=True, env=env)
+    subprocess.run([*launcher, "-m", "dlscale.train", *args], check=True, env=env, stdout=sys.stderr)
 
 
 def ssl_stage(requested: str) -> str | None:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench_foundation"))
     p.add_argument("--n-per-class", type=int, default=2000)
     p.add_argument("--labels", default="10,100,1000", help="labels per class of the curve")
-    p.add_argument("--repeats", type=int, default=1, help="label subsets per N")
+    p.add_argument("--repeats", type=int, default=2, help="label subsets per N")
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=5, help="fine-tune / scratch epochs")
     p.add_argument("--ssl-stage", default="auto", help="auto | contrastive | mae | none")

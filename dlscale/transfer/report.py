@@ -73,7 +73,7 @@ def label_efficiency_figure(cells: list[dict], train_samples: int) -> Figure:
     axes.set(xlabel="labels per class (all: the whole train split, per class on average)",
              ylabel="macro AUC (eval split)", title="Label efficiency (bands: 95% CI)")
     axes.axhline(0.5, color="0.6", linewidth=0.8)
-    axes.legend(fontsize="small", loc="lower right")
+    axes.legend(fontsize="small", loc="best")
     return figure
 
 
