@@ -171,6 +171,10 @@ def load(engine, ckpt_dir: Path, world: int, is_main: bool) -> tuple[str, dict, 
     tag, record = choice[0]
     saved = int(record["world"])
     if saved != world and partitioned(record):
+        if not engine.zero_optimization():   # DeepSpeed loads universal optimizer state through ZeRO only
+            raise ValueError(f"checkpoint {ckpt_dir / tag} holds the partitioned state of DeepSpeed's bf16 optimizer "
+                             f"(ZeRO stage 0) of {saved} ranks: resume it with {saved} ranks, or train with "
+                             "deepspeed.zero_stage=1 or 2 to change the number of ranks on resume")
         universal = convert_to_universal(ckpt_dir, tag, is_main)
         path, client = load_universal(engine, universal, tag, ckpt_dir / tag / MODEL_STATES)
         log.info("checkpoint %s was written by %d rank(s) with partitioned optimizer state; loaded its universal "
