@@ -388,7 +388,7 @@ def test_a_truncated_train_shard_is_skipped_counted_and_the_run_finishes(corrupt
     assert metrics["val/n_samples"] == 61
 
 
-def test_skipped_train_data_is_one_warning_per_worker_at_most_then_one_summary(corrupt_train_run):
+def test_skipped_train_data_is_one_warning_then_one_summary(corrupt_train_run):
     log = (corrupt_train_run / "log.txt").read_text()
     metrics = json.loads((corrupt_train_run / "metrics.json").read_text())
     summary = [line for line in log.splitlines() if "training skipped corrupt data over all ranks and workers" in line]
@@ -396,7 +396,7 @@ def test_skipped_train_data_is_one_warning_per_worker_at_most_then_one_summary(c
     assert (f"1 shard(s), {metrics['data/skipped_records']} record(s) lost" in summary[0]
             and "train-000001.tar" in summary[0])
     reads = int(summary[0].split(" lost in ")[1].split()[0])
-    assert 1 <= log.count("skipped a corrupt part of") <= 2 + 1   # training's 2 workers, then the probe's reader
+    assert log.count("skipped a corrupt part of") == 2   # training's first (of all its workers), the probe's first
     assert reads >= 1
 
 

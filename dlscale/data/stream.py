@@ -18,7 +18,6 @@ measured); the shards stay plain WebDataset tars (tests read them with `webdatas
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dlscale.data.shards import decode_record, load_manifest
+from dlscale.data.corrupt import SkipCounter, count_skip
 from dlscale.data.tario import CorruptShardError, ReadIntoAdapter, iter_records
 
 log = logging.getLogger(__name__)
@@ -255,38 +255,6 @@ class ShuffleBuffer:
         return tuple(None if store is None else store.index_select(0, index) for store in self.store)
 
 
-class SkipCounter:
-    """Shard reads a tolerant stream cut short at a corrupt part, and the records they lost, per shard, in shared
-    memory: a rank's DataLoader workers are processes of their own, created anew every epoch."""
-
-    def __init__(self, shards: int):
-        self.reads = multiprocessing.Array("q", shards + 1)   # [-1]: all shards together
-        self.records = multiprocessing.Array("q", shards, lock=False)   # guarded by reads' lock
-
-    def add(self, shard: int, records_lost: int) -> int:
-        """Count one read of `shard` cut short, losing `records_lost` records; returns the reads counted before."""
-        with self.reads.get_lock():
-            before = self.reads[-1]
-            self.reads[shard] += 1
-            self.reads[-1] += 1
-            self.records[shard] += records_lost
-        return before
-
-    def totals(self) -> tuple[list[int], list[int]]:
-        """(reads cut short, records lost), one entry per shard."""
-        with self.reads.get_lock():
-            return list(self.reads[:-1]), list(self.records[:])
-
-
-def _skipped(shards: ShardSet, counter: SkipCounter, index: int, records_read: int, err: Exception, rank: int,
-             worker: int) -> None:
-    lost = max(shards.shards[index].get("records", records_read + 1) - records_read, 1)
-    before = counter.add(index, lost)
-    (log.warning if before == 0 else log.debug)(
-        "skipped a corrupt part of %s (rank %d worker %d, %d record(s) of it unread): %s%s", shards.urls[index], rank,
-        worker, lost, err, "; further skips are counted and summarised at the end of the run" if before == 0 else "")
-
-
 class TrainStream(IterableDataset):
     """Endless resampled stream cut to `batches_per_epoch` batches per rank; call `set_epoch` before each epoch."""
 
@@ -331,7 +299,7 @@ class TrainStream(IterableDataset):
                 if cfg.strict:
                     raise
                 failures += 1
-                _skipped(self.shards, self.skips, index, read, err, self.rank, worker)
+                count_skip(self.skips, self.shards, index, read, err, self.rank, worker)
                 if failures > self.max_failures:
                     raise RuntimeError(f"{failures} consecutive shard failures in split {self.shards.split!r}; "
                                        f"last: {err}") from err
@@ -373,7 +341,7 @@ class EvalStream(IterableDataset):
             except (CorruptShardError, OSError) as err:
                 if not self.tolerant:
                     raise
-                _skipped(self.shards, self.skips, index, read, err, self.rank, worker)
+                count_skip(self.skips, self.shards, index, read, err, self.rank, worker)
         if held:
             yield _batch(*_concat(pending), self.shards.cfg, None)
 
