@@ -190,6 +190,14 @@ def test_a_second_call_reuses_the_finished_runs(two_rank_study, encoder_run, sep
     assert result.code == 0, result.err[-3000:]
     assert "4 of 4 fine-tune/scratch runs finished before" in result.err
     assert before and {p: p.stat().st_mtime_ns for p in before} == before
+    # other settings (2 epochs): the run is trained again, here in this process
+    result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
+                     "--labels-per-class", "2", "--repeats", "1", "--ranks", "1", "--targets", "theta_E",
+                     "--methods", "scratch", *SMALL, *FAST, "--epochs=2")
+    assert result.code == 0, result.err[-3000:]
+    assert "0 of 1 fine-tune/scratch runs finished before" in result.err and "of other settings" in result.err
+    retrained = json.loads((out / "results.json").read_text())["cells"][0]["runs"][0]
+    assert json.loads((Path(retrained) / "metrics.json").read_text())["step"] == 4
 
 
 # ---- another image size: Model-I-like 150x150 encoder on 64x64 data ---------------------------------------------

@@ -1,11 +1,12 @@
 """Fine-tuning and from-scratch runs of a transfer study, through the DeepSpeed engine (`dlscale.train.run`).
 
-Every run of the study goes into one plan (plan-<name>.json); the plan is trained by one launch: on all local ranks
+Every run of the study goes into one plan (OUT/plan.json); the plan is trained by one launch: on all local ranks
 through torchrun (`python -m dlscale.transfer.training PLAN`, each rank going through the runs in order; the
 process group outlives each run), or in this process with one rank. One launch, not one per run: process and
-DeepSpeed start-up cost more than a small run's training. Finished runs (model.pt, metrics.json and the scores of
-the eval split) are kept and skipped when the command is repeated; a run directory left unfinished is removed
-first, so the engine starts it afresh.
+DeepSpeed start-up cost more than a small run's training. Finished runs (model.pt, metrics.json, the scores of the
+eval split, and transfer_run.json: the planned run, written once it finished) are kept and skipped when the command
+is repeated; a run directory left unfinished, or planned with other settings, is removed first, so the engine starts
+it afresh.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 from dlscale import io
 
 log = logging.getLogger(__name__)
+RECORD = "transfer_run.json"          # the planned run, written into its directory once it finished
 
 
 @dataclass
@@ -41,6 +43,14 @@ def scores_file(run_dir: str | Path, split: str) -> Path:
 
 
 def is_finished(run: PlannedRun, split: str) -> bool:
+    """The run finished with the settings this plan gives it (a run of other settings is not reused)."""
+    run_dir = Path(run.run_dir)
+    if not _trained(run, split) or not (run_dir / RECORD).is_file():
+        return False
+    return io.read_json(run_dir / RECORD) == dataclasses.asdict(run)
+
+
+def _trained(run: PlannedRun, split: str) -> bool:
     run_dir = Path(run.run_dir)
     return all(p.is_file() for p in (run_dir / "model.pt", run_dir / "metrics.json", scores_file(run_dir, split)))
 
@@ -54,10 +64,20 @@ def train_all(runs: list[PlannedRun], plan_path: Path, split: str, ranks: int) -
         return
     for run in todo:
         if Path(run.run_dir).exists():
-            log.warning("removing the unfinished run directory %s (started before, never finished)", run.run_dir)
+            log.warning("removing %s: a run started before that never finished, or of other settings", run.run_dir)
             shutil.rmtree(run.run_dir)
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     io.write_json(plan_path, {"runs": [dataclasses.asdict(r) for r in todo]})
+    try:
+        launch(todo, plan_path, split, ranks)
+    finally:
+        for run in todo:
+            if _trained(run, split):
+                io.write_json(Path(run.run_dir) / RECORD, dataclasses.asdict(run))
+
+
+def launch(todo: list[PlannedRun], plan_path: Path, split: str, ranks: int) -> None:
+    """One launch for the whole plan: this process (1 rank) or torchrun on `ranks` local processes."""
     if ranks <= 1:
         train_planned(todo)
         return
@@ -68,7 +88,7 @@ def train_all(runs: list[PlannedRun], plan_path: Path, split: str, ranks: int) -
                "-m", "dlscale.transfer.training", str(plan_path)]
     done = subprocess.run(command, env=env)
     if done.returncode:
-        unfinished = [r.run_dir for r in todo if not is_finished(r, split)]
+        unfinished = [r.run_dir for r in todo if not _trained(r, split)]
         raise RuntimeError(f"training the plan {plan_path} on {ranks} ranks exited with {done.returncode}; "
                            f"{len(unfinished)} run(s) unfinished, first {unfinished[:1]} (its log.txt says why)")
 
