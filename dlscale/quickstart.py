@@ -1,40 +1,55 @@
-"""`dlscale quickstart` (`make demo`): simulated lensing data -> shards -> autoencoder -> supervised -> multi-task
-(initialised from the autoencoder) -> evaluation with linear probes -> `report.md` next to the seed's numbers.
+"""`dlscale quickstart` (`make demo`): the foundation story on simulated lensing data, end to end.
 
-    dlscale quickstart --out runs/quickstart                 # CPU-sized: Model-II-like 64x64, a few minutes
-    dlscale quickstart --out runs/full --scale full          # GPU: Model-I-like 150x150, 30,000 images per class
+    simulated Model-II-like data -> shards -> pretraining (self-supervised) -> supervised baseline -> multi-task
+    (initialised from the pretrained encoder) -> label efficiency of the pretrained encoder (`dlscale transfer`:
+    linear probe, fine-tuning and scratch at 10 / 100 / 1000 labels per class, random-init control)
+    -> report.md (tables with CIs, "what this shows"), roc.png, label_efficiency.png, TensorBoard runs
+
+    dlscale quickstart --out runs/quickstart                 # CPU-sized: 64x64, the small CNN, about 7 minutes
+    dlscale quickstart --out runs/full --scale full          # GPUs: launch/full.yaml's settings (see README)
     dlscale quickstart --out /tmp/qs --scale tiny            # smoke test of every step (about a minute)
 
-Finished steps (the dataset, each stage) are reused when the command is run again, unless `--force`.
+Finished steps (the dataset, each run, the transfer study) are reused when the command is run again, unless
+`--force`. Each stage's config is built here as a typed config and written to OUT/configs/<step>.yaml; the stage
+then runs on every local rank (`torchrun ... -m dlscale.train --config OUT/configs/<step>.yaml`), or in this
+process when there is one.
+
+How the CPU budget was chosen (2-core machine, 2 ranks of one thread, measured with bench/pretrain.py and
+bench/foundation.py; see the README's results): the small CNN (width 16, 0.1M parameters) because torchvision's
+ResNet18 costs ~0.45 s per batch of 32 per core, 20x the small CNN; supervised 40 epochs with augmentation
+(macro AUC >= 0.95 on this data needs ~40-60 epochs); the pretraining stage with the best linear probe per
+CPU-second; multi-task (reconstruction + classification, light decoder) for as many epochs as supervised,
+initialised from the pretrained encoder; the label-efficiency study at 10 / 100 / 1000 labels per class, one
+subset each, fine-tuning for a fixed number of steps.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
-import math
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from dlscale.data.classes import CLASSES
-from dlscale.report import save_roc
+from dlscale import io
+from dlscale.configtree import dump_yaml
+from dlscale.train.config import load_config
+from dlscale.train.stages import get_stage
 
 log = logging.getLogger(__name__)
-STAGES = ("autoencoder", "supervised", "multitask")
 
-# The notebook project dlscale starts from (DeepLense common-test data, 3,500 images per class).
-SEED_RESULTS = {
-    "autoencoder": {"probe/accuracy": 0.34},
-    "supervised": {"accuracy": 0.62, "auc_macro": 0.81},
-    "multitask": {"accuracy": 0.68, "auc_macro": 0.85, "auc/no_sub": 0.915, "auc/cdm": 0.807, "auc/axion": 0.840},
-}
+@dataclass(frozen=True)
+class Step:
+    """One run of the pipeline: its directory name, the stage it trains and its own config overrides."""
+    name: str
+    stage: str
+    overrides: tuple[str, ...] = ()
+    init_from: str | None = None          # the name of an earlier step whose encoder starts this one
 
 
 @dataclass(frozen=True)
@@ -42,38 +57,46 @@ class Scale:
     preset: str
     n_per_class: int
     sim_batch: int
-    train: list[str]          # training config overrides shared by the three stages
-    stage_epochs: dict[str, int]
+    train: tuple[str, ...]                # training config shared by every step
+    steps: tuple[Step, ...]
+    transfer: dict = field(default_factory=dict)   # TransferConfig fields (labels_per_class, repeats, epochs, ...)
 
 
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"   # launch/ of a checkout (the GPU settings)
+CPU_MODEL = ("--model.encoder.name=small", "--model.encoder.width=16", "--data.num_workers=0",
+             "--eval.probe_samples=4800", "--schedule.log_every=50", "--schedule.checkpoint_every=2000")
 SCALES = {
-    # CPU: the small conv encoder (ResNet18 with the 3x3 stem costs ~7.7 s per batch of 32 on one core here).
-    "small": Scale("model_ii", 2000, 32, [
-        "--model.encoder.name=small", "--model.encoder.width=16", "--data.batch_size=32", "--data.num_workers=0",
-        "--data.augment=false",
-        "--optim.lr=3e-3", "--optim.warmup_steps=20", "--eval.probe_samples=2000", "--eval.n_bootstrap=200",
-        "--schedule.log_every=20", "--schedule.checkpoint_every=500"], {"autoencoder": 2, "supervised": 12,
-                                                                         "multitask": 6}),
-    # Smoke test of the whole path in about a minute (what `make test` runs): the numbers mean nothing.
-    "tiny": Scale("model_ii", 40, 32, [
-        "--model.encoder.name=small", "--model.encoder.width=8", "--data.batch_size=16", "--data.num_workers=0",
-        "--eval.probe_samples=60", "--eval.n_bootstrap=20", "--schedule.log_every=2"],
-        {"autoencoder": 1, "supervised": 1, "multitask": 1}),
-    # GPUs: the public dataset's size, ResNet18 with the 3x3 stem, bf16.
-    "full": Scale("model_i", 30000, 512, [
-        "--model.encoder.name=resnet18", "--model.encoder.small_input_stem=true", "--data.batch_size=128",
-        "--data.num_workers=8", "--optim.lr=1e-3", "--optim.warmup_steps=500", "--eval.probe_samples=10000",
-        "--schedule.log_every=50", "--schedule.checkpoint_every=1000"], {"autoencoder": 15, "supervised": 30,
-                                                                          "multitask": 30}),
+    "small": Scale("model_ii", 2000, 32, CPU_MODEL + ("--data.batch_size=32", "--optim.lr=3e-3"), (
+        Step("pretrain", "contrastive", ("--schedule.epochs=8", "--optim.warmup_steps=50")),
+        Step("supervised", "supervised", ("--schedule.epochs=40", "--optim.warmup_steps=100")),
+        Step("multitask", "multitask", ("--schedule.epochs=40", "--optim.warmup_steps=100", "--loss.method=fixed",
+                                        "--loss.fixed.weights={recon: 1.0, classification: 1.0}"),
+             init_from="pretrain"),
+    ), {"labels_per_class": [10, 100, 1000], "repeats": 1, "epochs": 20, "n_bootstrap": 300,
+        "overrides": ["--data.batch_size=32", "--optim.lr=3e-3", "--data.num_workers=0"]}),
+    # Smoke test of the whole path (what `make test` runs): the numbers mean nothing.
+    "tiny": Scale("model_ii", 40, 32, ("--model.encoder.name=small", "--model.encoder.width=8",
+                                        "--data.batch_size=16", "--data.num_workers=0", "--eval.probe_samples=60",
+                                        "--eval.n_bootstrap=20", "--schedule.log_every=2"), (
+        Step("pretrain", "contrastive", ("--schedule.epochs=1",)),
+        Step("supervised", "supervised", ("--schedule.epochs=1",)),
+        Step("multitask", "multitask", ("--schedule.epochs=1",), init_from="pretrain"),
+    ), {"labels_per_class": [2, 5], "repeats": 1, "epochs": 1, "n_bootstrap": 20,
+        "overrides": ["--data.batch_size=8", "--data.num_workers=0"]}),
+    # GPUs: the public datasets' size, ResNet18 with the 3x3 stem, bf16 (launch/full.yaml holds the same settings).
+    "full": Scale("model_i", 30000, 512, (f"--config={LAUNCH / 'full.yaml'}",), (
+        Step("pretrain", "contrastive", ("--schedule.epochs=30",)),
+        Step("supervised", "supervised", ("--schedule.epochs=30",)),
+        Step("multitask", "multitask", ("--schedule.epochs=30",), init_from="pretrain"),
+    ), {"labels_per_class": [10, 100, 1000, "all"], "repeats": 3, "epochs": 20, "n_bootstrap": 1000,
+        "overrides": ["--data.batch_size=128"]}),
 }
 
 
-def stage_overrides(stage: str, scale: Scale, out: Path) -> list[str]:
-    extra = [f"--schedule.epochs={scale.stage_epochs[stage]}"]
-    if stage == "multitask":
-        extra += ["--loss.method=fixed", "--loss.fixed.weights={recon: 1.0, classification: 1.0}",
-                  "--init-from", str(out / "autoencoder" / "encoder.pt")]
-    return scale.train + extra
+def local_ranks() -> int:
+    """Data-parallel ranks for this machine: every GPU, or on CPU up to 2 one-thread processes (1.4-1.7x here)."""
+    gpus = torch.cuda.device_count()
+    return gpus if gpus else min(2, os.cpu_count() or 1)
 
 
 def is_done(run_dir: Path) -> bool:
@@ -92,89 +115,71 @@ def make_data(out: Path, scale: Scale, seed: int, force: bool) -> Path:
     return data
 
 
-def local_ranks() -> int:
-    """Data-parallel ranks for this machine: every GPU, or on CPU up to 2 one-thread processes (1.4-1.7x here)."""
-    gpus = torch.cuda.device_count()
-    return gpus if gpus else min(2, os.cpu_count() or 1)
+def step_config(step: Step, scale: Scale, data: Path, out: Path, seed: int) -> Path:
+    """The typed config of one step, checked, written to OUT/configs/<step>.yaml."""
+    get_stage(step.stage)
+    overrides = [o for o in scale.train + step.overrides if not o.startswith("--config=")]
+    base = next((o.split("=", 1)[1] for o in scale.train if o.startswith("--config=")), None)
+    cfg = load_config(base, overrides, stage=step.stage, data_dir=str(data), run_dir=str(out / step.name),
+                      seed=seed, init_from=str(out / step.init_from) if step.init_from else None).validate()
+    path = out / "configs" / f"{step.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.write_text(path, dump_yaml(cfg))
+    return path
 
 
-def train_stage(stage: str, data: Path, out: Path, scale: Scale, seed: int) -> None:
-    """One stage through the DeepSpeed engine: in this process, or on all local ranks through torchrun."""
-    run_dir = out / stage
+def train_step(config: Path, run_dir: Path) -> None:
+    """One stage through the DeepSpeed engine: on all local ranks through torchrun, or in this process."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    args = ["--stage", stage, "--data", str(data), "--run-dir", str(run_dir), f"--seed={seed}",
-            *stage_overrides(stage, scale, out)]
     ranks = local_ranks()
     if ranks > 1:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                        "-m", "dlscale.train", *args], check=True, env=env)
+                        "-m", "dlscale.train", "--config", str(config)], check=True, env=env)
         return
     from dlscale.train.cli import main as train_main
-    train_main(args)
+    train_main(["--config", str(config)])
 
 
-def _fmt(value, digits: int = 3) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+def label_efficiency(out: Path, data: Path, scale: Scale, seed: int, force: bool) -> dict:
+    """`dlscale transfer` on the pretrained encoder (its results are reused unless `force`)."""
+    from dlscale.transfer.runner import TransferConfig, run_transfer
+    where = out / "label_efficiency"
+    if (where / "results.json").is_file() and not force:
+        log.info("reusing the label-efficiency study in %s", where)
+        return io.read_json(where / "results.json")
+    shutil.rmtree(where, ignore_errors=True)
+    cfg = TransferConfig([str(out / "pretrain")], str(data), str(where), seed=seed, ranks=local_ranks(),
+                         methods=["probe", "finetune", "scratch", "random"], **scale.transfer)
+    return run_transfer(cfg.validate())
 
 
-def write_report(out: Path, data: Path) -> Path:
-    """report.md (one table, our stages next to the seed's), roc.png with the stages overlaid."""
-    manifest = json.loads((data / "manifest.json").read_text())
-    rows, curves = [], {}
-    header = ("| stage | accuracy | macro AUC (95% CI) | " + " | ".join(f"AUC {c}" for c in CLASSES)
-              + " | probe acc | probe AUC | recon MSE |")
-    rows += [header, "|" + "---|" * (header.count("|") - 1)]
-    for stage in STAGES:
-        m = json.loads((out / stage / "metrics.json").read_text())
-        ci = f" ({_fmt(m.get('val/auc_macro_ci_low'))}-{_fmt(m.get('val/auc_macro_ci_high'))})" \
-            if m.get("val/auc_macro") is not None else ""
-        rows.append(f"| dlscale {stage} | {_fmt(m.get('val/accuracy'))} | {_fmt(m.get('val/auc_macro'))}{ci} | "
-                    + " | ".join(_fmt(m.get(f"val/auc/{c}")) for c in CLASSES)
-                    + f" | {_fmt(m.get('probe/accuracy'))} | {_fmt(m.get('probe/auc_macro'))} | "
-                    f"{_fmt(m.get('val/recon_mse'), 5)} |")
-        seed = SEED_RESULTS[stage]
-        rows.append(f"| seed {stage} | {_fmt(seed.get('accuracy'))} | {_fmt(seed.get('auc_macro'))} | "
-                    + " | ".join(_fmt(seed.get(f"auc/{c}")) for c in CLASSES)
-                    + f" | {_fmt(seed.get('probe/accuracy'))} | - | - |")
-        scores = out / stage / "scores_val.npz"
-        if scores.is_file():
-            with np.load(scores) as z:
-                if "probs" in z:
-                    curves[stage] = (z["probs"], z["labels"])
-    if curves:
-        save_roc(out / "roc.png", curves, CLASSES)
-    val = manifest["splits"]["val"]
-    source = manifest["source"]
-    lines = [
-        "# dlscale quickstart report", "",
-        f"Data: simulated `{source.get('preset')}` images {'x'.join(map(str, manifest['image_shape']))}, "
-        f"{manifest['splits']['train']['samples']} train / {val['samples']} validation samples "
-        f"({', '.join(f'{c} {n}' for c, n in val['class_counts'].items())} in validation), seed {source.get('seed')}.",
-        "All metrics on the whole validation split; probe = logistic regression on the frozen encoder's features.",
-        "", *rows, "",
-        "Seed rows: the notebook project dlscale starts from (DeepLense common-test data, 3,500 images per class). "
-        "**The datasets differ**, so the rows are a reference point, not a like-for-like comparison.", "",
-        f"- ROC curves, stages overlaid: `{out / 'roc.png'}`",
-        f"- TensorBoard: `tensorboard --logdir {out}` (one run per stage)",
-        f"- Exported encoder (multi-task): `{out / 'multitask' / 'encoder.pt'}` -> "
-        "`dlscale.load_encoder(path)`", ""]
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+def resized(scale: Scale, n_per_class: int | None, epochs: int | None) -> Scale:
+    """`scale` with another data size and / or every step's (and the transfer study's) epochs (a shortened run)."""
+    if n_per_class is not None:
+        scale = dataclasses.replace(scale, n_per_class=n_per_class)
+    if epochs is not None:
+        steps = tuple(dataclasses.replace(s, overrides=s.overrides + (f"--schedule.epochs={epochs}",))
+                      for s in scale.steps)
+        scale = dataclasses.replace(scale, steps=steps, transfer={**scale.transfer, "epochs": epochs})
+    return scale
 
 
-def quickstart(out: Path, scale_name: str = "small", force: bool = False, seed: int = 0) -> Path:
-    scale = SCALES[scale_name]
+def quickstart(out: Path, scale_name: str = "small", force: bool = False, seed: int = 0,
+               n_per_class: int | None = None, epochs: int | None = None) -> Path:
+    from dlscale.quickstart_report import write_report
+    scale = resized(SCALES[scale_name], n_per_class, epochs)
     out.mkdir(parents=True, exist_ok=True)
     data = make_data(out, scale, seed, force)
-    for stage in STAGES:
-        if is_done(out / stage) and not force:
-            log.info("reusing the finished %s run in %s", stage, out / stage)
+    for step in scale.steps:
+        run_dir = out / step.name
+        if is_done(run_dir) and not force:
+            log.info("reusing the finished %s run in %s", step.name, run_dir)
             continue
-        log.info("training stage %s", stage)
-        train_stage(stage, data, out, scale, seed)
-    return write_report(out, data)
+        log.info("training step %s (stage %s)", step.name, step.stage)
+        train_step(step_config(step, scale, data, out, seed), run_dir)
+    transfer = label_efficiency(out, data, scale, seed, force)
+    return write_report(out, data, scale, transfer)
 
 
 def quickstart_main(argv: list[str] | None = None) -> int:
@@ -183,7 +188,12 @@ def quickstart_main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", choices=sorted(SCALES), default="small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo every step even if it finished before")
+    p.add_argument("--n-per-class", type=int, help="simulated images per class (default: the scale's)")
+    p.add_argument("--epochs", type=int, help="epochs of every step and of the transfer runs (default: the scale's)")
     a = p.parse_args(argv)
-    report = quickstart(a.out, a.scale, a.force, a.seed)
+    for name in ("n_per_class", "epochs"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected >= 1")
+    report = quickstart(a.out, a.scale, a.force, a.seed, a.n_per_class, a.epochs)
     print(f"\n{report.read_text()}", flush=True)
     return 0

@@ -12,14 +12,19 @@ def test_quickstart_tiny_writes_report_and_a_loadable_encoder_then_reuses_finish
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--scale", "tiny"]) == 0
     report = (out / "report.md").read_text()
-    for stage in ("autoencoder", "supervised", "multitask"):
-        assert re.search(rf"^\| dlscale {stage} \|", report, re.M), stage
-        assert re.search(rf"^\| seed {stage} \|", report, re.M), stage
-        assert (out / stage / "tb").is_dir() and (out / stage / "encoder.pt").is_file()
+    for step, seed in (("pretrain", "autoencoder"), ("supervised", "supervised"), ("multitask", "multitask")):
+        assert re.search(rf"^\| dlscale {step} \| \w+ \| small CNN width 8 \(0\.\d\dM\) \|", report, re.M), step
+        assert re.search(rf"^\| seed {seed} \|", report, re.M), seed
+        assert (out / step / "tb").is_dir() and (out / step / "encoder.pt").is_file()
+    for section in ("## What this shows", "## Stages", "## Label efficiency of the pretrained encoder"):
+        assert section in report
+    assert re.search(r"^- Multi-task .* \(macro AUC 0\.\d{3} \[", report, re.M)
+    assert re.search(r"^\| 5 \| finetune \| ", report, re.M) and re.search(r"^\| 2 \| scratch \| ", report, re.M)
+    assert (out / "label_efficiency" / "label_efficiency.png").stat().st_size > 10_000
     # numbers in the table are this run's metrics, not placeholders
     supervised_row = next(line for line in report.splitlines() if line.startswith("| dlscale supervised"))
     cells = [c.strip() for c in supervised_row.strip("|").split("|")]
-    assert re.fullmatch(r"0\.\d{3}|1\.000", cells[1]) and re.match(r"0\.\d{3}|1\.000", cells[2])
+    assert re.fullmatch(r"0\.\d{3}|1\.000", cells[3]) and re.match(r"0\.\d{3}|1\.000", cells[4])
     assert "0.620" in report and "0.850" in report and "datasets differ" in report
     assert (out / "roc.png").stat().st_size > 10_000
 
