@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dlscale.data.stream import StreamConfig, eval_loader
+from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
 from dlscale.evaluate import collect, gather
 from dlscale.export import encoder_config, read_encoder_file
 from dlscale.models import EncoderConfig, build_encoder, global_pool
@@ -142,6 +142,7 @@ def features(encoder: nn.Module, data_dir, stream: StreamConfig, split: str, wha
     loader = eval_loader(data_dir, stream, 0, 1, split)
     bar = tqdm(loader, desc=f"features {what} [{split}]", unit="batch", leave=False)
     model = FeatureModel(encoder, bool(stream.targets)).to(device)
-    out = gather(collect(model, bar, device, torch.float32, n_examples=0))
+    out = gather(collect(model, bar, device, torch.float32, n_examples=0,
+                         finish=lambda batch: finish_batch(batch, stream, device)))
     log.info("features of %s: %d %s samples x %d", what, len(out["labels"]), split, out["features"].shape[1])
     return out
