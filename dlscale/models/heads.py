@@ -14,7 +14,19 @@ def global_pool(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.mean(dim=(2, 3)) if feature_map.dim() == 4 else feature_map
 
 
-class Decoder(nn.Module):
+class ImageHead(nn.Module):
+    """A reconstruction head: `stages` map the feature map to an image, a bilinear resize lands on `out_shape`."""
+    out_shape: tuple[int, int, int]
+    stages: nn.Sequential
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        image = self.stages(feature_map)
+        if image.shape[-2:] != self.out_shape[1:]:
+            image = F.interpolate(image, size=self.out_shape[1:], mode="bilinear", align_corners=False)
+        return image
+
+
+class Decoder(ImageHead):
     """Rebuild an image of exactly `out_shape` from a feature map `scale` times smaller, at a fraction of the
     encoder's cost (reconstruction is a pretext task: this decoder is thrown away after pre-training).
 
@@ -56,14 +68,9 @@ class Decoder(nn.Module):
             stages.append(nn.Conv2d(channels, image_channels, kernel_size=3, padding=1))
         self.stages = nn.Sequential(*stages)
 
-    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        image = self.stages(feature_map)
-        if image.shape[-2:] != self.out_shape[1:]:
-            image = F.interpolate(image, size=self.out_shape[1:], mode="bilinear", align_corners=False)
-        return image
 
 
-class WideDecoder(nn.Module):
+class WideDecoder(ImageHead):
     """The reconstruction head of dlscale 0.1, kept so that its run directories still load (their config.yaml
     selects it): one bilinear upsample + 3x3 conv per doubling, channels halving from the encoder's down to
     `min_channels`, a last 3x3 conv, a bilinear resize to `out_shape`. About 5x the light `Decoder`'s cost on CPU."""
@@ -84,11 +91,6 @@ class WideDecoder(nn.Module):
         stages.append(nn.Conv2d(channels, self.out_shape[0], kernel_size=3, padding=1))
         self.stages = nn.Sequential(*stages)
 
-    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        image = self.stages(feature_map)
-        if image.shape[-2:] != self.out_shape[1:]:
-            image = F.interpolate(image, size=self.out_shape[1:], mode="bilinear", align_corners=False)
-        return image
 
 
 class ClassifierHead(nn.Module):
