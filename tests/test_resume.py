@@ -284,8 +284,9 @@ def test_two_ranks_resume_past_a_truncated_latest_checkpoint_naming_it(resumed_o
     assert ("step00000021 (named in `latest`) is incomplete: zero_pp_rank_0_mp_rank_00_optim_states.pt has" in log
             and "resuming from step00000018, the newest complete one" in log)
     assert "removing incomplete checkpoint" in log and "step00000021: zero_pp_rank_0" in log
-    record, _ = checkpoint.check_complete(run_dir / "checkpoints" / "step00000021")   # written anew, at 2 ranks
-    assert record is not None and record["world"] == 2
+    for tag in ("step00000018", "step00000021"):   # the tags of those steps at 2 ranks, written anew
+        record, _ = checkpoint.check_complete(run_dir / "checkpoints" / tag)
+        assert record is not None and record["world"] == 2, tag
 
 
 def fake_tag(ckpt_dir: Path, step: int, samples: int, world: int = 1) -> Path:

@@ -100,6 +100,8 @@ class Trainer:
         log.info("resumed from %s (epoch %d, batch %d, step %d)%s", self.last_checkpoint, self.epoch,
                  self.batch_in_epoch, at.step, f", written by {saved_world} rank(s) at their step {client['step']}; "
                  f"{at.samples_seen} samples seen, learning rate {self.engine.get_lr()[0]:.6g}" if at.converted else "")
+        if at.converted:   # its name counts the old layout's steps: this layout's tag of that step is still to write
+            self.last_checkpoint += f" ({saved_world} rank(s))"
 
     # ---- training --------------------------------------------------------------------------------------------
     def train(self) -> None:
