@@ -336,6 +336,18 @@ def test_tags_are_ordered_by_samples_seen_so_pruning_keeps_those_written_after_a
     assert checkpoint.newest_complete(tmp_path)[0] == "step00000014"
 
 
+def test_a_complete_tag_of_the_step_about_to_be_written_is_kept_aside_until_the_new_one_is_complete(tmp_path):
+    fake_tag(tmp_path, 15, 240)
+    fake_tag(tmp_path, 18, 288)                 # written at 1 rank; a resume on 2 ranks reaches "step 18" later
+    checkpoint.set_aside(tmp_path, "step00000018")
+    (tmp_path / "step00000018").mkdir()         # the 2-rank write of step 18, killed half-way
+    (tmp_path / "step00000018" / "mp_rank_00_model_states.pt").write_bytes(b"m" * 10)
+    tag, record = checkpoint.newest_complete(tmp_path)
+    assert tag == "step00000018.replaced" and record["samples_seen"] == 288
+    checkpoint.set_aside(tmp_path, "step00000018")   # the retry: the unfinished one goes, the kept one stays
+    assert not (tmp_path / "step00000018").exists() and (tmp_path / "step00000018.replaced").is_dir()
+
+
 def test_a_saved_tag_lists_every_file_with_its_size_and_latest_names_it(one_rank_run):
     ckpt_dir = one_rank_run / "checkpoints"
     tag = checkpoint.latest_tag(ckpt_dir)

@@ -37,7 +37,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "complete.json"
 UNIVERSAL = "universal"
 MODEL_STATES = "mp_rank_00_model_states.pt"
-TAG = re.compile(r"step\d+")
+TAG = re.compile(r"step\d+(\.replaced)?")   # .replaced: an older layout's tag of the same step, kept while rewritten
 
 
 def tag_for(step: int) -> str:
@@ -53,10 +53,8 @@ def save(engine, ckpt_dir: Path, client_state: dict, keep: int, is_main: bool) -
     sums: list = [None] * dist.get_world_size()
     dist.all_gather_object(sums, client_state.get("epoch_loss_sums"))
     client_state = {**client_state, "epoch_loss_sums_per_rank": sums}
-    if is_main:   # leftovers of an attempt killed while writing this tag must not pass for its files
-        for stale in (ckpt_dir / tag, ckpt_dir / UNIVERSAL / tag):
-            if stale.exists():
-                shutil.rmtree(stale)
+    if is_main:
+        set_aside(ckpt_dir, tag)
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()   # every rank has written its part
@@ -64,8 +62,24 @@ def save(engine, ckpt_dir: Path, client_state: dict, keep: int, is_main: bool) -
         mark_complete(ckpt_dir / tag, {"world": dist.get_world_size(), "step": engine.global_steps,
                                        "samples_seen": client_state.get("samples_seen")})
         io.write_text(ckpt_dir / "latest", tag)
+        shutil.rmtree(ckpt_dir / f"{tag}.replaced", ignore_errors=True)
         prune(ckpt_dir, keep)
     return tag
+
+
+def set_aside(ckpt_dir: Path, tag: str) -> None:
+    """Before `tag` is written: leftovers of an attempt killed while writing it go; a complete tag of that name
+    (written by another number of ranks, whose steps count other batches: possibly the one this run resumed from)
+    is kept as `<tag>.replaced` until the new one is complete, so a kill meanwhile loses nothing."""
+    shutil.rmtree(ckpt_dir / UNIVERSAL / tag, ignore_errors=True)
+    old, aside = ckpt_dir / tag, ckpt_dir / f"{tag}.replaced"
+    if not old.exists():
+        return
+    if check_complete(old)[0] is None:
+        shutil.rmtree(old)
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+    old.rename(aside)
 
 
 def mark_complete(tag_dir: Path, info: dict) -> None:
