@@ -96,3 +96,56 @@ def test_the_matrix_covers_every_stage_and_backbone():
     assert {case[0] for case in CASES} == set(STAGES)
     assert {case[3] for case in CASES} == set(ENCODER_NAMES)
     assert len(CASES) == sum(len(VARIANTS.get(stage, {0: 0})) for stage in STAGES) * len(ENCODER_NAMES)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_replayed_batch_redraws_the_same_masks_and_views_and_moves_byol_once(method):
+    """UPGrad takes its per-task gradients on a second forward of the step's batch: the self-supervised tasks replay
+    that step's masks and views (one draw per step, as a resume expects) and BYOL's target moves once per step."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["--model.encoder.name=small", "--model.encoder.width=8", "--loss.method=upgrad",
+                             "--model.tasks=[classification,mae,contrastive]",
+                             "--model.task_options.contrastive.tau=0.5",
+                             f"--model.task_options.contrastive.method={method}"],
+                      stage="multitask", data_dir="-", run_dir="-")
+    model = build_run_model(cfg, SHAPE, None)
+    generator = torch.Generator().manual_seed(1)
+
+    class Engine:                      # what the weighting's backward hook uses of a DeepSpeed engine
+        module = model
+
+        @staticmethod
+        def backward(loss):
+            loss.backward()
+
+    def step(images, batch):
+        out = model(images, batch)
+        losses = model.losses(out, images, batch)
+        total, _ = model.weighting(losses)
+        model.weighting.backward(Engine, losses, total, images, batch)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.1 * p.grad.sign()
+                    p.grad = None
+        return out
+
+    images, batch = make_batch(model, generator)
+    first = step(images, batch)
+    assert [model.heads[t].draws for t in ("mae", "contrastive")] == [1, 1]
+    again = model(images, batch)                                           # the step's batch, replayed
+    assert torch.equal(first["mae_mask"], again["mae_mask"])
+    assert [model.heads[t].draws for t in ("mae", "contrastive")] == [1, 1]
+    fresh = model(images, {k: v for k, v in batch.items() if not k.startswith("_draw/")})   # a new batch: new draws
+    assert not torch.equal(first["mae_mask"], fresh["mae_mask"])
+    assert [model.heads[t].draws for t in ("mae", "contrastive")] == [2, 2]
+
+    if method == "byol":
+        head = model.heads["contrastive"]
+        images, batch = make_batch(model, generator)
+        target = {k: v.clone() for k, v in head.target_encoder.state_dict().items()}
+        online = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+        step(images, batch)                                                # forward + UPGrad's replayed forward
+        moved = head.target_encoder.state_dict()
+        weights = [k for k in target if k.endswith("weight")]
+        assert weights and all(torch.allclose(moved[k], 0.5 * target[k] + 0.5 * online[k]) for k in weights)

@@ -11,7 +11,8 @@ from torch import nn
 from dlscale.data.views import ViewConfig, two_views
 from dlscale.models.contrastive import BYOLHead, ProjectionHead, byol_tau, nt_xent
 from dlscale.train.tasks.base import Task, register_task
-from dlscale.train.tasks.randomness import SeededDraws
+from dlscale.train.tasks.mae import step_draw
+from dlscale.train.tasks.randomness import SeededDraws, seeded_generator
 
 METHODS = ("simclr", "byol")
 
@@ -81,16 +82,19 @@ class Contrastive(Task):
     def forward(self, head, feature_map, images, batch, model):
         if batch is None:          # evaluation / inference: the linear probe on clean features judges this task
             return {}
-        cfg, step = self.cfg, head.draws
-        view1, view2 = two_views(images, cfg.views, head.next_generator(images.device, training=True))
+        cfg = self.cfg
+        step, replay = step_draw(head, batch, self.name)
+        view1, view2 = two_views(images, cfg.views, seeded_generator(images.device, head.seed_salt, step))
         if cfg.method == "simclr":
             z1, z2 = head.projector(model.encoder(torch.cat([view1, view2]))).chunk(2)
             return {"contrastive_loss": nt_xent(z1, z2, cfg.temperature)}
-        # The target follows the weights the last optimiser step left; the first step starts it as their copy
-        # (the encoder may have been initialised from a file after the head was built).
-        tau = 0.0 if step == 0 else (byol_tau(step, cfg.tau_schedule_steps, cfg.tau) if cfg.tau_schedule_steps
-                                     else cfg.tau)
-        head.update_target(model.encoder, tau)
+        # The target follows the weights the last optimiser step left, once per step (not again when the step's
+        # batch is replayed); the first step starts it as their copy (the encoder may have been initialised from
+        # a file after the head was built).
+        if not replay:
+            tau = 0.0 if step == 0 else (byol_tau(step, cfg.tau_schedule_steps, cfg.tau) if cfg.tau_schedule_steps
+                                         else cfg.tau)
+            head.update_target(model.encoder, tau)
         return {"contrastive_loss": head(model.encoder, view1, view2)}
 
     def loss(self, out, images, batch):
