@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("stream", "simulate", "sim_stream", "scale", "engine", "scaling", "tune")
+BENCHMARKS = ("stream", "simulate", "sim_stream", "scale", "engine", "scaling", "tune", "decoder", "pretrain")
 
 
 def machine() -> dict:
