@@ -94,15 +94,19 @@ class WideDecoder(ImageHead):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool, optional dropout, linear layer to class logits."""
+    """Global average pool, optional standardisation of the pooled features, optional dropout, linear layer to class
+    logits. Standardising (BatchNorm without affine parameters) is what a linear probe does to its inputs: a
+    pretrained encoder's pooled features can be far from unit scale, and a fresh linear layer on them then learns
+    slowly enough that fine-tuning on a few labels stalls at chance."""
 
-    def __init__(self, in_channels: int, n_classes: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, n_classes: int, dropout: float = 0.0, standardize: bool = False) -> None:
         super().__init__()
+        self.norm = nn.BatchNorm1d(in_channels, affine=False) if standardize else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(in_channels, n_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(global_pool(features)))
+        return self.linear(self.dropout(self.norm(global_pool(features))))
 
 
 class RegressionHead(nn.Module):

@@ -157,7 +157,9 @@ def migrate(tree: dict) -> dict:
     encoder = model.get("encoder")
     if (isinstance(loss, dict) and {"weights", "temperature"} <= set(loss) and isinstance(encoder, dict)
             and "weights_path" in encoder and "task_options" not in model):
-        model["task_options"] = {"recon": {"decoder": "wide"}} if _trains_recon(tree) else {}
+        model["task_options"] = {"classification": {"standardize": False}} if _trains_classification(tree) else {}
+        if _trains_recon(tree):
+            model["task_options"]["recon"] = {"decoder": "wide"}
     if isinstance(loss, dict):
         if "weights" in loss:
             loss.setdefault("fixed", {})["weights"] = loss.pop("weights")
@@ -168,6 +170,12 @@ def migrate(tree: dict) -> dict:
         if path and not tree.get("init_from"):
             tree["init_from"] = path
     return tree
+
+
+def _trains_classification(tree: dict) -> bool:
+    tasks = (tree.get("model") or {}).get("tasks")
+    return tree.get("stage") == "supervised" or (tree.get("stage") == "multitask" and (tasks is None or
+                                                                                       "classification" in tasks))
 
 
 def _trains_recon(tree: dict) -> bool:

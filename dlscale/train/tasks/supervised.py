@@ -52,14 +52,24 @@ class Reconstruction(Task):
         return {"examples": images, "recon_examples": out["recon"]}
 
 
+@dataclass
+class ClassificationConfig:
+    standardize: bool = True
+    """Standardise the pooled features before the linear layer (as a linear probe does); off for run directories
+    written by dlscale 0.1, whose heads had no such layer."""
+
+
 @register_task
 class Classification(Task):
     """Substructure class (no_sub / cdm / axion) by cross-entropy."""
     name = "classification"
     batch_keys = ("label",)
+    Config = ClassificationConfig
 
     def build_head(self) -> nn.Module:
-        return ClassifierHead(self.ctx.encoder_channels, self.ctx.n_classes, self.ctx.classifier_dropout)
+        o = self.ctx.options or ClassificationConfig()
+        return ClassifierHead(self.ctx.encoder_channels, self.ctx.n_classes, self.ctx.classifier_dropout,
+                              o.standardize)
 
     def forward(self, head, feature_map, images, batch, model):
         return {"logits": head(feature_map)}
