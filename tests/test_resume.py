@@ -15,7 +15,6 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ import torch
 from dlscale.cli import main
 from dlscale.train import checkpoint
 from dlscale.train.engine import Trainer
+from runs import own_logging
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
 TIMEOUT_S = 420
@@ -35,16 +35,6 @@ SCHEDULE = [f"--schedule.epochs={EPOCHS}", "--schedule.checkpoint_every=3", "--s
 AUC_TOLERANCE, ACCURACY_TOLERANCE = 0.05, 0.15
 
 
-@contextmanager
-def own_logging():
-    import logging
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def train(data: Path, run_dir: Path, *extra: str) -> dict:

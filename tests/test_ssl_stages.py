@@ -1,9 +1,7 @@
 """The mae and contrastive stages through the real engine (one process): they train, evaluate (linear probe on the
 clean features) and export; BYOL resumes to the same parameters, target network and draw count included."""
 import json
-import logging
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +12,11 @@ import dlscale
 from dlscale.cli import main
 from dlscale.models import EncoderConfig
 from dlscale.train.model import build_model
+from runs import own_logging
 
 SHORT = ["--schedule.epochs=1", "--schedule.batches_per_epoch=3"]
 
 
-@contextmanager
-def own_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def train(stage: str, data: Path, run_dir: Path, *extra: str) -> dict:

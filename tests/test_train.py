@@ -5,11 +5,9 @@ Runs go through `dlscale.cli.main` in the test process (its world-of-one process
 only the run that is killed needs a process of its own. Multi-process launches are in test_train_dist.py.
 """
 import json
-import logging
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import dlscale
 from dlscale.cli import main
 from dlscale.data.classes import CLASSES
 from dlscale.train.engine import NonFiniteLossError
+from runs import own_logging
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
 # 3 epochs x 15 batches; DWA weights and the regression target make the checkpointed state more than the weights
@@ -31,16 +30,6 @@ TIMEOUT_S = 180
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@contextmanager
-def own_logging():
-    """`main` installs its own root log handlers; put the previous ones back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def train(stage: str, data: Path, run_dir: Path, *extra: str) -> dict:
