@@ -1,9 +1,13 @@
-"""Canonical substructure classes and the folder names every known DeepLense layout uses for them.
+"""Canonical substructure classes (and the folder names every known DeepLense layout uses for them) and split
+names.
 
 Class indices are explicit and never inferred from folder sort order: public repositories disagree on them.
 """
 
 CLASSES: tuple[str, ...] = ("no_sub", "cdm", "axion")
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+"""Dataset splits, in the order they are written and listed (also the split folders of the DeepLense layouts)."""
 
 ALIASES: dict[str, str] = {
     "no": "no_sub", "no_sub": "no_sub", "nosub": "no_sub",

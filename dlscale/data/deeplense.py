@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dlscale.data.classes import ALIASES, canonical_class
+from dlscale.data.classes import ALIASES, SPLITS, canonical_class
 from dlscale.data.tario import read_npy_header
 
 LAYOUTS = ("common-test", "model", "model-iv")
-SPLIT_DIRS = ("train", "val", "test")
 _MODEL_DIR = re.compile(r"^Model_[A-Za-z0-9]+(_test)?$")
 MAX_IMAGE_ELEMENTS = 2 ** 26    # elements of one source array (an 8192 x 8192 image); float64 at most 8 bytes each
 PICKLE_OVERHEAD_BYTES = 1 << 20   # what an object-array file may hold beyond its arrays' bytes
@@ -192,8 +191,8 @@ def detect_layout(src: Path) -> str:
     names = {p.name for p in src.iterdir() if p.is_dir()}
     if _MODEL_DIR.match(src.name) or any(_MODEL_DIR.match(n) for n in names):
         return "model"
-    if names & set(SPLIT_DIRS):
-        split = src / sorted(names & set(SPLIT_DIRS))[0]
+    if names & set(SPLITS):
+        split = src / sorted(names & set(SPLITS))[0]
         classes = {p.name.lower() for p in split.iterdir() if p.is_dir()}
         return "common-test" if classes & {"sphere", "vort"} else "model-iv"   # Model IV: no_sub|no, cdm, axion
     if names and all(n.lower() in ALIASES for n in names):
@@ -207,7 +206,7 @@ def discover(src: Path, layout: str = "auto") -> tuple[str, list[SourceFile], in
     src = Path(src)
     if not src.is_dir():
         raise ValueError(f"{src}: not a directory")
-    if src.name == "dataset" or (src / "dataset").is_dir() and not any((src / s).is_dir() for s in SPLIT_DIRS):
+    if src.name == "dataset" or (src / "dataset").is_dir() and not any((src / s).is_dir() for s in SPLITS):
         src = src if src.name == "dataset" else src / "dataset"
     layout = detect_layout(src) if layout == "auto" else layout
     if layout not in LAYOUTS:
@@ -223,7 +222,7 @@ def discover(src: Path, layout: str = "auto") -> tuple[str, list[SourceFile], in
                              f"dlscale pack {src / models[0]} --out ...")
         groups = [(p, "test" if p.name.endswith("_test") else "train") for p in model_dirs] or [(src, "train")]
     else:
-        groups = [(src / s, s) for s in SPLIT_DIRS if (src / s).is_dir()]
+        groups = [(src / s, s) for s in SPLITS if (src / s).is_dir()]
         if not groups:
             raise ValueError(f"{src}: layout {layout} needs train/ (and val/) folders")
     files, ignored = [], 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dlscale.data.classes import CLASSES
+from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.data.deeplense import BadFileError, SourceFile, discover, read_sample
 from dlscale.data.shards import DatasetWriter, check_output_dir
 
@@ -84,7 +84,7 @@ def pack(cfg: PackConfig, progress: bool = True) -> dict:
     files = assign_splits(files, cfg.val_fraction, cfg.seed)
     shape = probe_shape(files, src)
     order = np.random.default_rng(cfg.seed).permutation(len(files))
-    files = sorted((files[i] for i in order), key=lambda f: ("train", "val", "test").index(f.split))
+    files = sorted((files[i] for i in order), key=lambda f: SPLITS.index(f.split))
     log.info("packing %d files (%s layout, images %s) from %s", len(files), layout, shape, src)
     source = {"kind": "deeplense", "layout": layout, "path": str(src.resolve()), "seed": cfg.seed,
               "val_fraction": cfg.val_fraction}

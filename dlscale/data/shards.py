@@ -31,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dlscale.data.classes import CLASSES
+from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.data.partial import OWNER, claim, disk_full_reported, partial_dir, remove_stale_partials
 from dlscale.data.tario import BLOCK, CorruptShardError, add_member, iter_records, npy_from_buffer
 from dlscale.io import write_json, write_text
 
 FORMAT = "dlscale-shards/1"
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val", "test")
 SHARD_NAME = re.compile(r"(?P<split>[a-z]+)-[0-9]{6,}\.tar")   # what `shard_name` writes
 log = logging.getLogger(__name__)
 

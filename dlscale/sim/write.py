@@ -15,13 +15,12 @@ import yaml
 from tqdm import tqdm
 
 from dlscale.configtree import plain
-from dlscale.data.classes import CLASSES
+from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.sim.config import PRESETS, SimulatorConfig, load_config
 from dlscale.sim.simulator import LensSimulator
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 
 
 def parse_splits(text: str) -> dict[str, float]:

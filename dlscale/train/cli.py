@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from dlscale.configtree import dump_yaml
-from dlscale.data.classes import CLASSES
+from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.dist import dist_info, setup_logging
 from dlscale.train.config import load_config
 from dlscale.train.stages import STAGES
@@ -55,7 +55,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                                 "the run directory; on other data (--data) into RUN/eval/<dataset>-<split>/.")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--data", help="dataset directory (default: the one the run trained on)")
-    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--split", default="val", choices=list(SPLITS))
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = p.parse_args(argv)
     from dlscale.train.deepspeed_setup import prepare_process
