@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(info.rank)
     prepare_process(cfg.device)
     from dlscale.report import metrics_table
-    from dlscale.train.engine import run
+    from dlscale.train.runner import run
     metrics = run(cfg, resume=args.resume == "auto", local_rank=args.local_rank)
     if info.is_main:
         print(f"\n{cfg.stage} finished: {cfg.run_dir}\n{metrics_table(metrics, CLASSES, cfg.eval.split)}\n"

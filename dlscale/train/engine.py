@@ -1,10 +1,4 @@
-"""One `run(config)` for every way of launching a training stage.
-
-    dlscale train --stage supervised --data shards/ --run-dir runs/resnet18               # one process
-    torchrun --standalone --nproc_per_node 8 launch/train.py --stage multitask ...        # one node, 8 GPUs
-    deepspeed --hostfile launch/hostfile launch/train.py --stage multitask ...            # several nodes
-    sbatch launch/slurm.sbatch                                                            # SLURM (srun)
-    dlscale.train.run(config)                                                             # Ray Tune trials
+"""The training loop of one stage (`Trainer`), over a DeepSpeed engine and a stream built by `dlscale.train.run`.
 
 Every rank gets the same number of batches per epoch. The trainer's checkpointed state is tiny (epoch, batch in
 epoch, this epoch's loss sums); `--resume auto` continues from the latest complete checkpoint, skipping the
@@ -23,20 +17,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dlscale.data.classes import CLASSES
 from dlscale.data.stream import finish_batch
-from dlscale.dist import DistInfo, dist_info
+from dlscale.dist import DistInfo
 from dlscale.train import artifacts, checkpoint
-from dlscale.train.config import Config, check_weighting
-from dlscale.train.data import (EVAL_DATA, describe_ids, epoch_loader, load_dataset, prepare_eval_set,
-                                resolve_transforms, simulated_eval_set, stream_image_shape, target_stats,
-                                train_stream)
-from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device
-from dlscale.train.evaluation import Evaluation, build_run_model, evaluate_split, write_hparams
-from dlscale.train.model import init_encoder
-from dlscale.train.preflight import check_engine_settings
+from dlscale.train.config import Config
+from dlscale.train.data import describe_ids, epoch_loader
+from dlscale.train.evaluation import Evaluation, evaluate_split, write_hparams
 from dlscale.train.skipped import skip_metrics
-from dlscale.train.watchdog import exit_with_launcher
 
 log = logging.getLogger(__name__)
 EvaluationCallback = Callable[[int, dict, Path], None]
@@ -208,12 +195,8 @@ class Trainer:
         self.save_checkpoint()
         if self.info.is_main:
             artifacts.save_model(self.run_dir, self.module)
-            artifacts.export_encoder(self.run_dir, self.module, self.cfg.model.encoder, {
-                "classes": list(CLASSES), "image_shape": list(image_shape), "normalize": self.cfg.data.normalize,
-                "stage": self.cfg.stage, "targets": list(self.cfg.data.targets), "target_stats": self.stats,
-                "data": {"dir": str(self.cfg.data_dir), "source": self.evaluation.manifest.get("source"),
-                         "image_shape": self.evaluation.manifest["image_shape"], "resize": self.cfg.data.resize,
-                         "resize_mode": self.cfg.data.resize_mode}})
+            artifacts.export_encoder(self.run_dir, self.module, self.cfg, image_shape, self.stats,
+                                     self.evaluation.manifest)
         skips = skip_metrics(self.stream, "data", "training", self.device)   # before anything can fail
         try:
             metrics, _ = evaluate_split(self.module, self.evaluation, self.cfg.eval.split, probe=True,
@@ -231,67 +214,3 @@ class Trainer:
         if self.on_evaluation is not None:   # last: a sweep scheduler may end the process inside the callback
             self.on_evaluation(self.epoch, metrics, self.run_dir / checkpoint.CHECKPOINTS)
         return metrics
-
-
-def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
-        on_evaluation: EvaluationCallback | None = None) -> dict:
-    """Train one stage end to end (validate, train, checkpoint, export, evaluate); return the final metrics (every
-    rank). Everything that can be checked is checked before the run directory is created.
-
-    `on_evaluation(epoch, metrics, checkpoint_dir)` is called on every rank after each evaluation (Ray Tune
-    reports through it). The process group outlives the call (DeepSpeed caches its groups), so runs can follow
-    each other in one process. The caller's process set-up (`deepspeed_setup.prepare_process`) comes first.
-    """
-    cfg.validate()
-    check_weighting(cfg)
-    info, device, run_dir = dist_info(local_rank), pick_device(cfg.device), Path(cfg.run_dir)
-    exit_with_launcher(info.rank)
-    artifacts.check_new(run_dir, resume)
-    resolve_transforms(cfg, device)
-    simulated_eval = simulated_eval_set(cfg)
-    if simulated_eval:
-        cfg.data_dir = str(run_dir / EVAL_DATA)   # recorded in config.yaml
-    else:
-        load_dataset(cfg)
-    stream, batches = train_stream(cfg, info, device)
-    image_shape = stream_image_shape(stream)
-    torch.manual_seed(cfg.seed)
-    stats = target_stats(cfg, stream)
-    model = build_run_model(cfg, image_shape, stats)
-    if cfg.init_from:
-        init_encoder(model.encoder, cfg.init_from, cfg.model.encoder, image_shape, CLASSES)
-    check_engine_settings(cfg, model, info.world, device)
-    init_distributed(info, device)
-    dist.barrier()   # every rank has checked the run directory before rank 0 creates it
-    if info.is_main:
-        artifacts.create(run_dir, cfg, stream)
-        if simulated_eval:
-            prepare_eval_set(cfg)
-    dist.barrier()
-    manifest, _ = load_dataset(cfg)
-    writer = None
-    with artifacts.run_log(run_dir if info.is_main else None):
-        try:
-            if cfg.init_from:
-                log.info("encoder initialised from %s", cfg.init_from)
-            if info.world > 1 and device.type == "cuda":
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # (SyncBatchNorm has no CPU kernel)
-            total_steps = cfg.schedule.epochs * batches // cfg.deepspeed.grad_accum
-            engine, precision, _ = make_engine(model.to(device), cfg, info.world, device, total_steps)
-            if info.is_main:
-                from torch.utils.tensorboard import SummaryWriter
-                writer = SummaryWriter(str(run_dir / "tb"))
-            evaluation = Evaluation(cfg, manifest, info, device, DTYPES[precision], run_dir, writer)
-            trainer = Trainer(cfg, info, engine, stream, batches, DTYPES[precision], evaluation, on_evaluation, stats)
-            if resume:
-                trainer.resume()
-            log.info("stage %s, tasks %s, %s encoder (%.2fM parameters), %d rank(s) on %s, %s, ZeRO %d, loss "
-                     "weighting %s; %d epochs x %d batches of %d per rank", cfg.stage, "+".join(trainer.tasks),
-                     cfg.model.encoder.name, sum(p.numel() for p in model.parameters()) / 1e6, info.world, device,
-                     precision, cfg.deepspeed.zero_stage, cfg.loss.method, cfg.schedule.epochs, batches,
-                     cfg.data.batch_size)
-            trainer.train()
-            return trainer.finish(image_shape)
-        finally:
-            if writer is not None:
-                writer.close()

@@ -97,7 +97,7 @@ def train_planned(runs: list[PlannedRun], local_rank: int | None = None) -> None
     """Train `runs` one after another in this process (every rank of a launch calls this with the same list)."""
     from dlscale.dist import dist_info
     from dlscale.train.config import load_config
-    from dlscale.train.engine import run as train
+    from dlscale.train.runner import run as train
     for i, planned in enumerate(runs, 1):
         cfg = load_config(None, planned.overrides, stage=planned.stage, data_dir=planned.data_dir,
                           run_dir=planned.run_dir, init_from=planned.init_from)
