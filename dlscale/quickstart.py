@@ -67,25 +67,25 @@ CPU_MODEL = ("--model.encoder.name=small", "--model.encoder.width=16", "--data.n
              "--eval.probe_samples=4800", "--schedule.log_every=50", "--schedule.checkpoint_every=2000")
 SCALES = {
     "small": Scale("model_ii", 2000, 32, CPU_MODEL + ("--data.batch_size=32", "--optim.lr=3e-3"), (
-        Step("pretrain", "contrastive", ("--schedule.epochs=8", "--optim.warmup_steps=50")),
-        Step("supervised", "supervised", ("--schedule.epochs=40", "--optim.warmup_steps=100")),
-        Step("multitask", "multitask", ("--schedule.epochs=40", "--optim.warmup_steps=100", "--loss.method=fixed",
+        Step("pretrain", "autoencoder", ("--schedule.epochs=6", "--optim.warmup_steps=50")),
+        Step("supervised", "supervised", ("--schedule.epochs=30", "--optim.warmup_steps=100")),
+        Step("multitask", "multitask", ("--schedule.epochs=25", "--optim.warmup_steps=100", "--loss.method=fixed",
                                         "--loss.fixed.weights={recon: 1.0, classification: 1.0}"),
              init_from="pretrain"),
-    ), {"labels_per_class": [10, 100, 1000], "repeats": 1, "epochs": 20, "n_bootstrap": 300,
-        "overrides": ["--data.batch_size=32", "--optim.lr=3e-3", "--data.num_workers=0"]}),
+    ), {"labels_per_class": [10, 100, 1000], "repeats": 1, "epochs": 10, "min_batches_per_epoch": 20,
+        "n_bootstrap": 300, "overrides": ["--data.batch_size=32", "--optim.lr=3e-3", "--data.num_workers=0"]}),
     # Smoke test of the whole path (what `make test` runs): the numbers mean nothing.
     "tiny": Scale("model_ii", 40, 32, ("--model.encoder.name=small", "--model.encoder.width=8",
                                         "--data.batch_size=16", "--data.num_workers=0", "--eval.probe_samples=60",
                                         "--eval.n_bootstrap=20", "--schedule.log_every=2"), (
-        Step("pretrain", "contrastive", ("--schedule.epochs=1",)),
+        Step("pretrain", "autoencoder", ("--schedule.epochs=1",)),
         Step("supervised", "supervised", ("--schedule.epochs=1",)),
         Step("multitask", "multitask", ("--schedule.epochs=1",), init_from="pretrain"),
     ), {"labels_per_class": [2, 5], "repeats": 1, "epochs": 1, "n_bootstrap": 20,
         "overrides": ["--data.batch_size=8", "--data.num_workers=0"]}),
     # GPUs: the public datasets' size, ResNet18 with the 3x3 stem, bf16 (launch/full.yaml holds the same settings).
     "full": Scale("model_i", 30000, 512, (f"--config={LAUNCH / 'full.yaml'}",), (
-        Step("pretrain", "contrastive", ("--schedule.epochs=30",)),
+        Step("pretrain", "autoencoder", ("--schedule.epochs=30",)),
         Step("supervised", "supervised", ("--schedule.epochs=30",)),
         Step("multitask", "multitask", ("--schedule.epochs=30",), init_from="pretrain"),
     ), {"labels_per_class": [10, 100, 1000, "all"], "repeats": 3, "epochs": 20, "n_bootstrap": 1000,
