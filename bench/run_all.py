@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("stream", "simulate", "sim_stream", "scale", "engine", "scaling", "tune", "decoder", "pretrain")
+BENCHMARKS = ("stream", "simulate", "sim_stream", "scale", "engine", "scaling", "tune", "decoder", "pretrain",
+              "foundation")
 
 
 def machine() -> dict:
