@@ -68,8 +68,8 @@ CPU_MODEL = ("--model.encoder.name=small", "--model.encoder.width=16", "--data.n
 SCALES = {
     "small": Scale("model_ii", 2000, 32, CPU_MODEL + ("--data.batch_size=32", "--optim.lr=3e-3"), (
         Step("pretrain", "autoencoder", ("--schedule.epochs=6", "--optim.warmup_steps=50")),
-        Step("supervised", "supervised", ("--schedule.epochs=30", "--optim.warmup_steps=100")),
-        Step("multitask", "multitask", ("--schedule.epochs=25", "--optim.warmup_steps=100", "--loss.method=fixed",
+        Step("supervised", "supervised", ("--schedule.epochs=25", "--optim.warmup_steps=100")),
+        Step("multitask", "multitask", ("--schedule.epochs=20", "--optim.warmup_steps=100", "--loss.method=fixed",
                                         "--loss.fixed.weights={recon: 1.0, classification: 1.0}"),
              init_from="pretrain"),
     ), {"labels_per_class": [10, 100, 1000], "repeats": 1, "epochs": 10, "min_batches_per_epoch": 20,
