@@ -146,7 +146,7 @@ def preset_config(name: str) -> SimulatorConfig:
 def load_config(preset: str | None = None, yaml_path: Path | str | None = None,
                 overrides: list[str] | None = None) -> SimulatorConfig:
     """Preset defaults < YAML file (config sections; may name the preset) < `--section.field=value` overrides;
-    validated. The same typed-config machinery as training (`dlscale.config`)."""
+    validated. The same typed-config machinery as training (`dlscale.configtree`)."""
     if preset is None and yaml_path is not None and Path(yaml_path).is_file():
         loaded = yaml.safe_load(Path(yaml_path).read_text())
         preset = loaded.get("preset") if isinstance(loaded, dict) else None
