@@ -53,8 +53,9 @@ def _destroy_group() -> None:
 
 
 def _skip_cpu_shm_build() -> None:
-    """The one DeepSpeed work-around, checked against deepspeed 0.19: DeepSpeed >= 0.14 JIT-compiles `deepspeed_shm_comm` (70-90 s of g++) at its first CPU process group. It only
-    speeds up inference all-reduce, which dlscale never uses, so mark it incompatible before the group starts."""
+    """The one DeepSpeed work-around (checked against deepspeed 0.19): DeepSpeed >= 0.14 JIT-compiles
+    `deepspeed_shm_comm` (70-90 s of g++) at its first CPU process group. It only speeds up inference all-reduce,
+    which dlscale never uses, so mark it incompatible before the group starts."""
     import deepspeed.ops
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
     if isinstance(compatible, dict):
