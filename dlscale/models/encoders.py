@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -174,18 +173,14 @@ class ConvNeXtEncoder(nn.Module):
         return self.norm(self.stages(self.stem(x)))
 
 
-def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
-    """Load a local state dict into `encoder`; raise naming the file and every key that does not fit.
+def load_encoder_weights(encoder: nn.Module, state: dict, where: str) -> None:
+    """Load a state dict into `encoder`; raise naming `where` (its file) and every key that does not fit.
 
     Accepts an encoder's own state dict or a whole model's (keys `encoder.*`, e.g. an autoencoder checkpoint's
     module), so a multitask run can start from an autoencoder.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+        raise ValueError(f"{where}: expected a state dict, found {type(state).__name__}")
     if any(key.startswith("encoder.") for key in state):
         state = {key[len("encoder."):]: value for key, value in state.items() if key.startswith("encoder.")}
     expected = encoder.state_dict()
@@ -202,7 +197,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
         if keys
     ]
     if problems:
-        raise ValueError(f"encoder weights {path} do not fit the {type(encoder).__name__}: " + "; ".join(problems))
+        raise ValueError(f"encoder weights {where} do not fit the {type(encoder).__name__}: " + "; ".join(problems))
     encoder.load_state_dict(state)
 
 

@@ -157,9 +157,9 @@ def migrate(tree: dict) -> dict:
     encoder = model.get("encoder")
     if (isinstance(loss, dict) and {"weights", "temperature"} <= set(loss) and isinstance(encoder, dict)
             and "weights_path" in encoder and "task_options" not in model):
-        model["task_options"] = {"classification": {"standardize": False}} if _trains_classification(tree) else {}
-        if _trains_recon(tree):
-            model["task_options"]["recon"] = {"decoder": "wide"}
+        model["task_options"] = {task: options for task, options in (("classification", {"standardize": False}),
+                                                                     ("recon", {"decoder": "wide"}))
+                                 if _trained_in_01(tree, task)}
     if isinstance(loss, dict):
         if "weights" in loss:
             loss.setdefault("fixed", {})["weights"] = loss.pop("weights")
@@ -172,16 +172,11 @@ def migrate(tree: dict) -> dict:
     return tree
 
 
-def _trains_classification(tree: dict) -> bool:
-    tasks = (tree.get("model") or {}).get("tasks")
-    return tree.get("stage") == "supervised" or (tree.get("stage") == "multitask" and (tasks is None or
-                                                                                       "classification" in tasks))
-
-
-def _trains_recon(tree: dict) -> bool:
-    tasks = (tree.get("model") or {}).get("tasks")
-    return tree.get("stage") == "autoencoder" or (tree.get("stage") == "multitask" and (tasks is None or
-                                                                                       "recon" in tasks))
+def _trained_in_01(tree: dict, task: str) -> bool:
+    """Whether a dlscale 0.1 config trains `task` (0.1's stages: autoencoder, supervised, multitask)."""
+    stage, tasks = tree.get("stage"), (tree.get("model") or {}).get("tasks")
+    return stage == {"recon": "autoencoder", "classification": "supervised"}[task] or (
+        stage == "multitask" and (tasks is None or task in tasks))
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> Config:

@@ -45,22 +45,20 @@ def build_model(stage: str, encoder_cfg: EncoderConfig, image_shape: Sequence[in
 
 def init_encoder(encoder: torch.nn.Module, path: str | Path, encoder_cfg: EncoderConfig,
                  image_shape: Sequence[int], classes: Sequence[str]) -> None:
-    """Load `init_from` into `encoder` after every check (architecture, data, keys and shapes)."""
+    """Load `init_from` into `encoder` after every check (architecture and data of an exported encoder; keys and
+    shapes of every state dict). The file is read once."""
     from dlscale.export import FORMAT, read_encoder_file
     path = Path(path)
-    if not path.exists():
+    if path.is_dir():
+        payload = read_encoder_file(path)
+    elif path.is_file():
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    else:
         raise FileNotFoundError(f"init_from {path}: no such encoder.pt, run directory or state dict file")
-    payload = read_encoder_file(path) if path.is_dir() or _is_export(path, FORMAT) else None
-    if payload is None:
-        load_encoder_weights(encoder, path)
-        return
-    check_init(path, payload, encoder_cfg, image_shape, classes)
-    encoder.load_state_dict(payload["state_dict"])
-
-
-def _is_export(path: Path, fmt: str) -> bool:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return isinstance(payload, dict) and payload.get("format") == fmt
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        check_init(path, payload, encoder_cfg, image_shape, classes)
+        payload = payload["state_dict"]
+    load_encoder_weights(encoder, payload, str(path))
 
 
 def check_init(path: str | Path, payload: dict, encoder_cfg: EncoderConfig, image_shape: Sequence[int],
