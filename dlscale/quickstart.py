@@ -19,7 +19,7 @@ with the installation, which takes ~2.5 minutes on a fresh clone):
 - encoder: the small CNN (width 16, 0.02M parameters). torchvision's ResNet18, the seed's baseline, costs ~0.45 s
   per batch of 32 per core here (bench/pretrain.py: 61 vs 630 samples/s per CPU-second), too slow for this budget;
   the report names every row's encoder and parameter count.
-- pretraining: the autoencoder (light decoder). On this data 6 epochs (55-75 s) gave a linear probe of macro AUC
+- pretraining: the autoencoder (light decoder). On this data 6 epochs (55-87 s) gave a linear probe of macro AUC
   0.939, SimCLR 8 epochs (142 s) 0.933; bench/pretrain.py's matched 75 CPU-seconds on 1,000 images per class put
   autoencoder, MAE, SimCLR and BYOL within one standard error (0.954-0.963).
 - supervised: 25 epochs with augmentation (macro AUC measured: 25 epochs 0.989, 30 epochs 0.988, 40 epochs 0.992).
