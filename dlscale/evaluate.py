@@ -165,7 +165,7 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names:
 # ---- the evaluation loop: scores collected per rank, gathered once after the loop --------------------------------
 
 def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype,
-            max_samples: int | None = None, n_examples: int = 8, finish=None) -> dict[str, np.ndarray]:
+            n_examples: int = 8, finish=None) -> dict[str, np.ndarray]:
     """Run `model` over `loader` without gradients; return this rank's per-sample outputs as numpy arrays.
 
     Keys: ids (N,3), labels, features, and whatever the model's tasks collect (`Task.collect`: probs, recon_mse,
@@ -192,8 +192,6 @@ def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.d
                 parts.setdefault(key, []).append(value.detach().float().cpu().numpy() if value.is_floating_point()
                                                  else value.cpu().numpy())
             seen += len(batch["label"])
-            if max_samples is not None and seen >= max_samples:
-                break
     model.train(was_training)
     return {key: np.concatenate(values) for key, values in parts.items()}
 

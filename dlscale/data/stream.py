@@ -1,16 +1,21 @@
 """Training and evaluation pipelines over shards.
 
-Train: each DataLoader worker draws shards with replacement from an RNG seeded by (seed, epoch, rank, worker),
-decodes stacked records without pickle, mixes samples in a tensor-level shuffle buffer, and emits normalised,
-augmented batches; every rank yields exactly `batches_per_epoch` batches, so no rank waits on another at a
-collective. A corrupt record or shard is skipped and counted (fatal with `strict`): the first skip of a rank is a
-warning, every skip is counted in a `SkipCounter` shared by the rank's worker processes, and the run reports the
-totals once at its end.
+Train: a rank's epoch is one canonical sequence of batches, whatever the number of DataLoader workers: shards
+are drawn with replacement from an RNG seeded by (seed, epoch, rank), records are decoded without pickle and mixed
+in a tensor-level shuffle buffer, and batch k is augmented with a generator seeded by (seed, epoch, rank, k). Every
+worker replays the rank's draw and finishes only the batches k = worker (mod workers), the order in which the
+DataLoader hands them over, so the same seed gives the same batches with 0, 1 or 8 workers. Every rank yields
+exactly `batches_per_epoch` batches, so no rank waits on another at a collective. A corrupt record or shard is
+skipped and counted (fatal with `strict`): the first skip of a rank is a warning, every skip is counted once (by
+worker 0, all workers see the same) in a `SkipCounter` shared by the rank's worker processes, and the run reports
+the totals once at its end.
 
 Eval: shard i goes to global worker slot i mod (world x workers): every sample exactly once across all ranks and
-workers, whatever their number; a rank without shards simply yields nothing and still joins the final gather. A
-corrupt shard fails the evaluation, except in a `tolerant` stream (the linear probe's train features), which skips
-and counts it like the training stream.
+workers, whatever their number; a rank without shards simply yields nothing and still joins the final gather.
+Batches are cut per shard (a shard's samples in batches of `batch_size`, a short last one), so which images share a
+batch does not depend on the number of ranks or workers either, and every batch owns fresh memory: a worker hands
+the DataLoader tensors it never touches again. A corrupt shard fails the evaluation, except in a `tolerant` stream
+(the linear probe's train features), which skips and counts it like the training stream.
 
 Why not `webdataset.WebDataset` here: its tar stream parser caps a worker at ~20-30k samples/s (1x64x64 records,
 measured); the shards stay plain WebDataset tars (tests read them with `webdataset`), only the reader is ours.
@@ -246,11 +251,14 @@ class ShuffleBuffer:
     def shuffle(self) -> None:
         self.occupied[:self.n] = self.occupied[self.rng.permutation(self.n)]
 
-    def take(self, k: int) -> tuple:
+    def take(self, k: int, gather: bool = True) -> tuple | None:
+        """The next `k` samples; with `gather=False` only their slots are freed (another worker's batch)."""
         slots = self.occupied[self.n - k:self.n].copy()
         self.n -= k
         self.free[self.n_free:self.n_free + k] = slots
         self.n_free += k
+        if not gather:
+            return None
         index = torch.from_numpy(slots)   # index_select: ~6x faster than store[index] here
         return tuple(None if store is None else store.index_select(0, index) for store in self.store)
 
@@ -270,15 +278,13 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
-        quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
-        seeds = [self.seed, self.epoch, self.rank, worker]
+        seeds = [self.seed, self.epoch, self.rank]
         rng = np.random.default_rng(seeds)
-        gen = torch.Generator().manual_seed(int(np.random.default_rng(seeds + [1]).integers(2**62)))
         cfg = self.shards.cfg
         bs, low = cfg.batch_size, max(cfg.shuffle_buffer, cfg.batch_size) // 2
         pool: ShuffleBuffer | None = None
-        emitted = failures = 0
-        while emitted < quota:
+        k = failures = 0     # k: the batch of this rank's epoch about to be cut
+        while k < self.batches_per_epoch:
             index, read = int(rng.integers(len(self.shards.urls))), 0
             try:
                 for record in self.shards.records(index):
@@ -290,19 +296,29 @@ class TrainStream(IterableDataset):
                     if pool.n < 2 * low + bs:
                         continue
                     pool.shuffle()
-                    while pool.n >= low + bs and emitted < quota:
-                        yield _batch(*pool.take(bs), cfg, gen)
-                        emitted += 1
-                    if emitted >= quota:
+                    while pool.n >= low + bs and k < self.batches_per_epoch:
+                        mine = k % workers == worker
+                        rows = pool.take(bs, gather=mine)
+                        if mine:
+                            yield _batch(*rows, cfg, batch_generator(seeds, k))
+                        k += 1
+                    if k >= self.batches_per_epoch:
                         return
             except (CorruptShardError, OSError) as err:
                 if cfg.strict:
                     raise
                 failures += 1
-                count_skip(self.skips, self.shards, index, read, err, self.rank, worker)
+                if worker == 0:
+                    count_skip(self.skips, self.shards, index, read, err, self.rank, worker)
                 if failures > self.max_failures:
                     raise RuntimeError(f"{failures} consecutive shard failures in split {self.shards.split!r}; "
                                        f"last: {err}") from err
+
+
+def batch_generator(seeds: list[int], k: int) -> torch.Generator:
+    """The augmentation generator of batch `k` of the epoch seeded by `seeds`: a function of the batch's place in
+    the epoch, not of the worker that cuts it."""
+    return torch.Generator().manual_seed(int(np.random.default_rng(seeds + [k, 1]).integers(2**62)))
 
 
 def _concat(records: list[tuple]) -> tuple:
@@ -312,42 +328,42 @@ def _concat(records: list[tuple]) -> tuple:
 
 
 class EvalStream(IterableDataset):
-    """Every sample of the split exactly once across all ranks and workers, in batches of the configured size;
-    `tolerant`: every readable sample, corrupt parts skipped and counted in `skips`."""
+    """Every sample of the split (or of its first `shard_limit` shards) exactly once across all ranks and workers, in
+    batches cut per shard; `tolerant`: every readable sample, corrupt parts skipped and counted in `skips`."""
 
-    def __init__(self, shards: ShardSet, rank: int, world: int, tolerant: bool = False):
+    def __init__(self, shards: ShardSet, rank: int, world: int, tolerant: bool = False,
+                 shard_limit: int | None = None):
         self.shards, self.rank, self.world, self.tolerant = shards, rank, world, tolerant
+        self.shard_count = len(shards.urls) if shard_limit is None else min(shard_limit, len(shards.urls))
         self.skips = SkipCounter(len(shards.urls))
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = _worker()
         slot, slots = self.rank * workers + worker, self.world * workers
-        bs = self.shards.cfg.batch_size
-        pending, held = [], 0
-        for index in range(slot, len(self.shards.urls), slots):
-            read = 0
+        for index in range(slot, self.shard_count, slots):
+            read, pending = 0, []
             try:
                 for record in self.shards.records(index):
                     read += 1
                     pending.append(record)
-                    held += len(record[1])
-                    if held < bs:
-                        continue
-                    joined, start = _concat(pending), 0   # one concatenation per record, then views of it
-                    while held - start >= bs:
-                        yield _batch(*_rows(joined, start, start + bs), self.shards.cfg, None)
-                        start += bs
-                    pending, held = [_rows(joined, start, held)], held - start
+                    if sum(len(r[1]) for r in pending) >= self.shards.cfg.batch_size:
+                        *batches, rest = _cut(_concat(pending), self.shards.cfg.batch_size)
+                        yield from (_batch(*rows, self.shards.cfg, None) for rows in batches)
+                        pending = [rest] if len(rest[1]) else []
             except (CorruptShardError, OSError) as err:
                 if not self.tolerant:
                     raise
                 count_skip(self.skips, self.shards, index, read, err, self.rank, worker)
-        if held:
-            yield _batch(*_concat(pending), self.shards.cfg, None)
+            if pending:    # the shard's short last batch (what was read of a corrupt shard, when tolerated)
+                yield _batch(*_concat(pending), self.shards.cfg, None)
 
 
-def _rows(tensors: tuple, start: int, stop: int) -> tuple:
-    return tuple(None if t is None else t[start:stop] for t in tensors)
+def _cut(joined: tuple, bs: int) -> list[tuple]:
+    """Full batches of `bs` rows and the rest (maybe empty), each a copy: a batch handed to the DataLoader shares
+    no memory with rows the worker still holds (a worker's tensors are moved to shared memory while it goes on)."""
+    n = len(joined[1])
+    bounds = list(range(0, n - n % bs, bs)) + [n - n % bs]
+    return [tuple(None if t is None else t[a:b].clone() for t in joined) for a, b in zip(bounds, bounds[1:] + [n])]
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world: int) -> int:
@@ -363,8 +379,18 @@ def train_loader(data_dir: Path | str, cfg: StreamConfig, rank: int = 0, world: 
 
 
 def eval_loader(data_dir: Path | str, cfg: StreamConfig, rank: int = 0, world: int = 1,
-                split: str = "val", tolerant: bool = False) -> DataLoader:
-    return make_loader(EvalStream(ShardSet(data_dir, split, cfg), rank, world, tolerant), cfg)
+                split: str = "val", tolerant: bool = False, shard_limit: int | None = None) -> DataLoader:
+    return make_loader(EvalStream(ShardSet(data_dir, split, cfg), rank, world, tolerant, shard_limit), cfg)
+
+
+def leading_shards(shards: list[dict], samples: int) -> int:
+    """How many leading shards of a split (manifest entries) hold at least `samples` samples (all if fewer)."""
+    held = 0
+    for count, shard in enumerate(shards, 1):
+        held += shard["samples"]
+        if held >= samples:
+            return count
+    return len(shards)
 
 
 def make_loader(dataset: IterableDataset, cfg: StreamConfig) -> DataLoader:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from dlscale.configtree import flatten, to_dict
 from dlscale.data.classes import CLASSES
-from dlscale.data.stream import eval_loader, finish_batch
+from dlscale.data.stream import eval_loader, finish_batch, leading_shards
 from dlscale.dist import DistInfo
 from dlscale.evaluate import collect, gather, summarize
 from dlscale.report import log_evaluation, save_roc, scalar_items
@@ -71,10 +71,14 @@ def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0
                                           ev, split))
     train_features, skips = None, {}
     if probe and cfg.eval.probe_samples > 0:
-        per_rank = -(-cfg.eval.probe_samples // info.world)
-        loader = eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, "train", tolerant=not cfg.data.strict)
-        train_features = gather(collect_on_every_rank(model, loader, ev, "train", max_samples=per_rank,
-                                                      n_examples=0))
+        # The probe's train set: the first probe_samples samples in id order, read from the leading shards that
+        # hold them, so it is the same set whatever the ranks and workers (not whichever batches came first).
+        shard_limit = leading_shards(ev.manifest["splits"]["train"]["shards"], cfg.eval.probe_samples)
+        loader = eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, "train", tolerant=not cfg.data.strict,
+                             shard_limit=shard_limit)
+        train_features = gather(collect_on_every_rank(model, loader, ev, "train", n_examples=0))
+        train_features = {k: v if k in ("examples", "recon_examples") else v[:cfg.eval.probe_samples]
+                          for k, v in train_features.items()}
         skips = skip_metrics(loader.dataset, "probe", "the linear probe's train features", ev.device)
     outcome: list = [None]
     if info.is_main:
