@@ -82,6 +82,7 @@ def classification_metrics(
 
     return {
         "accuracy": float((predicted == labels).mean()),
+        "ece": expected_calibration_error(probs, labels),
         "auc_macro": float(per_class.mean()),
         "auc_micro": float(roc_auc_score(onehot, probs, average="micro")),
         **{f"auc/{name}": float(auc) for name, auc in zip(class_names, per_class)},
@@ -91,6 +92,56 @@ def classification_metrics(
         "confusion_matrix": confusion_matrix(labels, predicted, labels=range(n_classes)).tolist(),
         "n_samples": int(len(labels)),
     }
+
+
+ECE_BINS = 15
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """Samples, mean confidence (max probability) and accuracy of the argmax per equal-width confidence bin
+    ((k/n, (k+1)/n], the first bin closed at 0); empty bins hold count 0 and NaN means."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64)
+    index = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"count": count, "confidence": np.bincount(index, confidence, n_bins) / count,
+                "accuracy": np.bincount(index, correct, n_bins) / count}
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE: the sample-weighted mean |accuracy - confidence| over equal-width bins of the max probability."""
+    bins = reliability_bins(probs, labels, n_bins)
+    filled = bins["count"] > 0
+    gap = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
+    return float((gap * bins["count"][filled]).sum() / bins["count"].sum())
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(log(probs) / T) (Guo et al. 2017), by a
+    bounded scalar search over log T; fitted on a calibration split, never on the split it is then scored on."""
+    from scipy.optimize import minimize_scalar
+    logits = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None))
+    labels = np.asarray(labels)
+
+    def nll(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        return float((np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(labels)), labels]).mean())
+    return float(np.exp(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x))
+
+
+def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean -log p(true class)."""
+    picked = np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), np.asarray(labels)]
+    return float(-np.log(np.clip(picked, 1e-12, None)).mean())
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(probs) / temperature), row by row."""
+    z = np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-12, None)) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def regression_metrics(pred: np.ndarray, target: np.ndarray, names: Sequence[str]) -> dict[str, float]:
@@ -159,6 +210,29 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names:
     axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
              title="One-vs-rest ROC")
     axes.legend(loc="lower right", fontsize="small")
+    return figure
+
+
+def reliability_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], n_bins: int = ECE_BINS) -> Figure:
+    """Reliability diagram: accuracy against mean confidence per confidence bin (one line per run or stage, ECE in
+    the legend) over the diagonal of perfect calibration, and below it how many samples fall in each bin."""
+    if not curves:
+        raise ValueError("reliability_figure needs at least one (probs, labels) pair")
+    figure = Figure(figsize=(6.0, 6.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    top.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, label="_perfect")
+    edges = np.linspace(0, 1, n_bins + 1)
+    for k, (name, (probs, labels)) in enumerate(curves.items()):
+        bins = reliability_bins(probs, labels, n_bins)
+        filled = bins["count"] > 0
+        ece = expected_calibration_error(probs, labels, n_bins)
+        top.plot(bins["confidence"][filled], bins["accuracy"][filled], marker="o", color=f"C{k}",
+                 label=f"{name} (ECE {ece:.3f})")
+        bottom.stairs(bins["count"], edges, color=f"C{k}", label=name)
+    top.set(xlim=(0, 1), ylim=(0, 1.01), ylabel="accuracy in bin", title=f"Reliability ({n_bins} bins)")
+    top.legend(loc="upper left", fontsize="small")
+    bottom.set(xlabel="confidence (max probability)", ylabel="samples", yscale="log")
     return figure
 
 

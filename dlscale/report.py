@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dlscale.evaluate import roc_figure
+from dlscale.evaluate import reliability_figure, roc_figure
 
 
 def scalar_items(metrics: Mapping[str, object]) -> dict[str, float]:
@@ -19,11 +19,13 @@ def scalar_items(metrics: Mapping[str, object]) -> dict[str, float]:
 
 def log_evaluation(writer, step: int, metrics: Mapping[str, object], scores: Mapping[str, np.ndarray],
                    class_names: Sequence[str], prefix: str = "val") -> None:
-    """Scalars, ROC figure, per-class PR curves and an input/reconstruction grid, at `step`."""
+    """Scalars, ROC figure, reliability diagram, per-class PR curves and an input/reconstruction grid, at `step`."""
     for key, value in scalar_items(metrics).items():
         writer.add_scalar(key, value, step)
     if "probs" in scores:
         writer.add_figure(f"{prefix}/roc", roc_figure({prefix: (scores["probs"], scores["labels"])}, class_names),
+                          step)
+        writer.add_figure(f"{prefix}/reliability", reliability_figure({prefix: (scores["probs"], scores["labels"])}),
                           step)
         for k, name in enumerate(class_names):
             writer.add_pr_curve(f"{prefix}/pr/{name}", scores["labels"] == k, scores["probs"][:, k], step)
@@ -38,9 +40,14 @@ def save_roc(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], cl
     roc_figure(curves, class_names).savefig(path, dpi=120)
 
 
+def save_reliability(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    reliability_figure(curves).savefig(path, dpi=120)
+
+
 def metrics_table(metrics: Mapping[str, object], class_names: Sequence[str], prefix: str = "val") -> str:
     """A short aligned summary of the headline numbers."""
     rows = [("samples", metrics.get(f"{prefix}/n_samples")), ("accuracy", metrics.get(f"{prefix}/accuracy")),
+            ("ECE (15 bins)", metrics.get(f"{prefix}/ece")),
             ("macro AUC", metrics.get(f"{prefix}/auc_macro")),
             *((f"AUC {c}", metrics.get(f"{prefix}/auc/{c}")) for c in class_names),
             ("recon MSE", metrics.get(f"{prefix}/recon_mse")), ("probe accuracy", metrics.get("probe/accuracy")),

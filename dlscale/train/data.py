@@ -34,6 +34,10 @@ def check_dataset(cfg, manifest: dict) -> tuple[int, ...]:
     if (needs_train and "train" not in manifest["splits"]) or cfg.eval.split not in manifest["splits"]:
         raise ValueError(f"{cfg.data_dir}: needs {'a train split and ' if needs_train else ''}the eval split "
                          f"{cfg.eval.split!r}; has {', '.join(manifest['splits'])}")
+    calibration = cfg.eval.calibration_split
+    if calibration is not None and calibration not in manifest["splits"]:
+        raise ValueError(f"{cfg.data_dir}: eval.calibration_split={calibration!r} is not a split of the dataset "
+                         f"(has {', '.join(manifest['splits'])})")
     return cfg.data.output_shape(shape)   # the model's input: the stored images after data.resize
 
 

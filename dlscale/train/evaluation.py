@@ -19,8 +19,9 @@ from dlscale.configtree import flatten, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.stream import eval_loader, finish_batch, leading_shards
 from dlscale.dist import DistInfo
-from dlscale.evaluate import collect, gather, summarize
-from dlscale.report import log_evaluation, save_roc, scalar_items
+from dlscale.evaluate import (apply_temperature, collect, expected_calibration_error, fit_temperature, gather,
+                               negative_log_likelihood, summarize)
+from dlscale.report import log_evaluation, save_reliability, save_roc, scalar_items
 from dlscale.train.artifacts import METRICS, update_metrics
 from dlscale.train.config import Config, load_config, run_tasks
 from dlscale.train.model import build_model
@@ -63,27 +64,22 @@ class Evaluation:
     writer: object = None
 
 
-def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0) -> tuple[dict, dict]:
-    """Metrics of `model` on the whole `split` and, with `probe`, the linear probe on frozen train features (read
-    tolerantly unless `data.strict`: a corrupt train shard is skipped and counted in `probe/skipped_*`)."""
+def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0,
+                   probe_train: tuple[dict | None, dict] | None = None) -> tuple[dict, dict]:
+    """Metrics of `model` on the whole `split` and, with `probe`, the linear probe on frozen train features
+    (`probe_train`: those of `probe_features`, if already computed)."""
     cfg, info = ev.cfg, ev.info
     scores = gather(collect_on_every_rank(model, eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, split),
                                           ev, split))
-    train_features, skips = None, {}
-    if probe and cfg.eval.probe_samples > 0:
-        # The probe's train set: the first probe_samples samples in id order, read from the leading shards that
-        # hold them, so it is the same set whatever the ranks and workers (not whichever batches came first).
-        shard_limit = leading_shards(ev.manifest["splits"]["train"]["shards"], cfg.eval.probe_samples)
-        loader = eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, "train", tolerant=not cfg.data.strict,
-                             shard_limit=shard_limit)
-        train_features = gather(collect_on_every_rank(model, loader, ev, "train", n_examples=0))
-        train_features = {k: v if k in ("examples", "recon_examples") else v[:cfg.eval.probe_samples]
-                          for k, v in train_features.items()}
-        skips = skip_metrics(loader.dataset, "probe", "the linear probe's train features", ev.device)
+    train_features, skips = (probe_train or probe_features(model, ev)) if probe else (None, {})
+    calibration = None
+    if cfg.eval.calibration_split not in (None, split) and "probs" in scores:
+        loader = eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, cfg.eval.calibration_split)
+        calibration = gather(collect_on_every_rank(model, loader, ev, cfg.eval.calibration_split, n_examples=0))
     outcome: list = [None]
     if info.is_main:
         try:
-            outcome = [report_split(ev, split, scores, train_features, step, skips)]
+            outcome = [report_split(ev, split, scores, train_features, step, skips, calibration)]
         except Exception as err:
             outcome = [f"evaluation on rank 0 failed: {type(err).__name__}: {err}"]
             if info.world > 1:
@@ -94,6 +90,36 @@ def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0
     if isinstance(outcome[0], str):
         raise RuntimeError(outcome[0])
     return outcome[0], scores
+
+
+def probe_features(model, ev: Evaluation) -> tuple[dict | None, dict]:
+    """The frozen features of the probe's train set, gathered on every rank (None with `eval.probe_samples=0`), and
+    the skip counts of reading it: the first `probe_samples` training samples in id order, read from the leading
+    shards that hold them, so the same set whatever the ranks and workers. Read tolerantly unless `data.strict`: a
+    corrupt train shard is skipped and counted in `probe/skipped_*`."""
+    cfg, info = ev.cfg, ev.info
+    if cfg.eval.probe_samples <= 0:
+        return None, {}
+    shard_limit = leading_shards(ev.manifest["splits"]["train"]["shards"], cfg.eval.probe_samples)
+    loader = eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, "train", tolerant=not cfg.data.strict,
+                         shard_limit=shard_limit)
+    features = gather(collect_on_every_rank(model, loader, ev, "train", n_examples=0))
+    features = {k: v[:cfg.eval.probe_samples] for k, v in features.items()}
+    return features, skip_metrics(loader.dataset, "probe", "the linear probe's train features", ev.device)
+
+
+def finalize_heads(model, ev: Evaluation, train_features: dict | None) -> dict:
+    """Each task's end-of-training adjustment of its head (`Task.finalize`) on the probe's train features; rank 0's
+    result is then broadcast, so every rank evaluates and exports the same head."""
+    if train_features is None:
+        return {}
+    metrics = {}
+    for name, task in model.task_specs.items():
+        metrics.update(task.finalize(model.heads[name], train_features))
+    if ev.info.world > 1 and metrics:
+        for tensor in [*model.heads.parameters(), *model.heads.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+    return metrics
 
 
 class EvaluationError(ValueError):
@@ -120,7 +146,7 @@ def collect_on_every_rank(model, loader, ev: Evaluation, split: str, **options) 
 
 
 def report_split(ev: Evaluation, split: str, scores: dict, train_features: dict | None, step: int,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, calibration: dict | None = None) -> dict:
     expected = ev.manifest["splits"][split]["samples"]
     if len(scores["labels"]) != expected:
         raise RuntimeError(f"evaluated {len(scores['labels'])} samples of split {split!r}, the manifest has "
@@ -128,15 +154,29 @@ def report_split(ev: Evaluation, split: str, scores: dict, train_features: dict 
     cfg = ev.cfg
     metrics = summarize(scores, train_features, CLASSES, split, cfg.data.targets, cfg.eval.n_bootstrap, cfg.seed)
     metrics.update(extra or {})
+    if calibration is not None:
+        metrics.update(temperature_metrics(calibration, scores, split, cfg.eval.calibration_split))
     metrics["step"] = step
     update_metrics(ev.out_dir / METRICS, metrics)
     np.savez(ev.out_dir / f"scores_{split}.npz", **{k: v for k, v in scores.items() if k != "features"})
     if "probs" in scores:
-        save_roc(ev.out_dir / ("roc.png" if split == "val" else f"roc_{split}.png"),
-                 {cfg.stage: (scores["probs"], scores["labels"])}, CLASSES)
+        suffix = "" if split == "val" else f"_{split}"
+        save_roc(ev.out_dir / f"roc{suffix}.png", {cfg.stage: (scores["probs"], scores["labels"])}, CLASSES)
+        save_reliability(ev.out_dir / f"reliability{suffix}.png", {cfg.stage: (scores["probs"], scores["labels"])})
     if ev.writer is not None:
         log_evaluation(ev.writer, step, metrics, scores, CLASSES, split)
     return metrics
+
+
+def temperature_metrics(calibration: dict, scores: dict, split: str, calibration_split: str) -> dict:
+    """A softmax temperature fitted on `calibration_split`'s scores, applied to `split`'s: its ECE and NLL before
+    and after (the argmax, so the accuracy, is unchanged by a temperature)."""
+    temperature = fit_temperature(calibration["probs"], calibration["labels"])
+    calibrated = apply_temperature(scores["probs"], temperature)
+    return {f"{split}/temperature": temperature, f"{split}/temperature_fitted_on": calibration_split,
+            f"{split}/ece_calibrated": expected_calibration_error(calibrated, scores["labels"]),
+            f"{split}/nll": negative_log_likelihood(scores["probs"], scores["labels"]),
+            f"{split}/nll_calibrated": negative_log_likelihood(calibrated, scores["labels"])}
 
 
 def write_hparams(writer, cfg: Config, metrics: dict) -> None:

@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,6 +73,12 @@ class Task:
 
     def examples(self, out: dict[str, torch.Tensor], images: torch.Tensor) -> dict[str, torch.Tensor]:
         """A few images evaluation shows in TensorBoard (default: none)."""
+        return {}
+
+    def finalize(self, head: nn.Module, train: dict[str, np.ndarray]) -> dict[str, float]:
+        """After the last step: adjust the trained head to the eval-mode outputs of training images (`train`: the
+        gathered `features`, `labels`, ... of the probe's train set, the same on every rank); returns metrics to
+        record (default: nothing to adjust)."""
         return {}
 
     @classmethod

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlscale.models.heads import ClassifierHead, Decoder, RegressionHead, WideDecoder
+from dlscale.train.refit import refit_classifier
 from dlscale.train.tasks.base import Task, register_task
 
 DECODERS = ("light", "wide")
@@ -57,6 +58,10 @@ class ClassificationConfig:
     standardize: bool = True
     """Standardise the pooled features before the linear layer (as a linear probe does); off for run directories
     written by dlscale 0.1, whose heads had no such layer."""
+    refit_head: bool = True
+    """After the last step, fit the head's standardisation and linear layer to the eval-mode features of the probe's
+    training images (`dlscale.train.refit`: the head is trained on batch-statistics features and used on
+    running-statistics ones; on lensing images that cost 0.05 accuracy)."""
 
 
 @register_task
@@ -79,6 +84,12 @@ class Classification(Task):
 
     def collect(self, out, images, batch):
         return {"probs": torch.softmax(out["logits"].float(), dim=1)}
+
+    def finalize(self, head, train):
+        if not (self.ctx.options or ClassificationConfig()).refit_head:
+            return {}
+        fitted = refit_classifier(head.norm, head.linear, train["features"], train["labels"])
+        return {f"refit/{key}": value for key, value in fitted.items()}
 
 
 @register_task
