@@ -10,7 +10,7 @@ import torch
 
 from dlscale import io
 from dlscale.data.classes import CLASSES
-from dlscale.report import save_roc
+from dlscale.report import save_reliability, save_roc
 
 PROBE_GOAL = 0.93          # linear-probe macro AUC of the pretrained encoder at 100 labels per class
 SUPERVISED_GOAL = 0.95     # macro AUC of the supervised baseline on the demo's validation split
@@ -41,7 +41,7 @@ def encoder_text(run_dir: Path) -> str:
 
 
 def stage_rows(out: Path, scale) -> tuple[list[str], dict]:
-    header = ("| run | stage | encoder (parameters) | accuracy | macro AUC (95% CI) | "
+    header = ("| run | stage | encoder (parameters) | accuracy | ECE | macro AUC (95% CI) | "
               + " | ".join(f"AUC {c}" for c in CLASSES) + " | probe acc | probe AUC | recon MSE |")
     rows, metrics, curves = [header, "|" + "---|" * (header.count("|") - 1)], {}, {}
     for step in scale.steps:
@@ -50,13 +50,13 @@ def stage_rows(out: Path, scale) -> tuple[list[str], dict]:
         ci = f" ({_f(m.get('val/auc_macro_ci_low'))}-{_f(m.get('val/auc_macro_ci_high'))})" \
             if m.get("val/auc_macro") is not None else ""
         rows.append(f"| dlscale {step.name} | {step.stage} | {encoder_text(out / step.name)} | "
-                    f"{_f(m.get('val/accuracy'))} | {_f(m.get('val/auc_macro'))}{ci} | "
+                    f"{_f(m.get('val/accuracy'))} | {_f(m.get('val/ece'))} | {_f(m.get('val/auc_macro'))}{ci} | "
                     + " | ".join(_f(m.get(f"val/auc/{c}")) for c in CLASSES)
                     + f" | {_f(m.get('probe/accuracy'))} | {_f(m.get('probe/auc_macro'))} | "
                     f"{_f(m.get('val/recon_mse'), 5)} |")
         seed_stage = SEED_STAGE.get(step.name, step.name)
         seed = SEED_RESULTS.get(seed_stage, {})
-        rows.append(f"| seed {seed_stage} | {seed_stage} | ResNet18 (11.2M) | {_f(seed.get('accuracy'))} | "
+        rows.append(f"| seed {seed_stage} | {seed_stage} | ResNet18 (11.2M) | {_f(seed.get('accuracy'))} | - | "
                     f"{_f(seed.get('auc_macro'))} | " + " | ".join(_f(seed.get(f"auc/{c}")) for c in CLASSES)
                     + f" | {_f(seed.get('probe/accuracy'))} | - | - |")
         scores = out / step.name / "scores_val.npz"
@@ -66,6 +66,7 @@ def stage_rows(out: Path, scale) -> tuple[list[str], dict]:
                     curves[step.name] = (z["probs"], z["labels"])
     if curves:
         save_roc(out / "roc.png", curves, CLASSES)
+        save_reliability(out / "reliability.png", curves)
     return rows, metrics
 
 
@@ -134,7 +135,8 @@ def write_report(out: Path, data: Path, scale, transfer: dict) -> Path:
         "## Stages", "", *rows, "",
         "Seed rows: the notebook project dlscale starts from (DeepLense common-test data, 3,500 images per class, "
         "ResNet18). **The datasets differ**, so the rows are a reference point, not a like-for-like comparison.", "",
-        f"- ROC curves, stages overlaid: `{out / 'roc.png'}`",
+        f"- ROC curves, stages overlaid: `{out / 'roc.png'}`; reliability diagram (ECE: 15 bins of the max "
+        f"probability): `{out / 'reliability.png'}`",
         f"- TensorBoard: `tensorboard --logdir {out}` (one run per stage)",
         f"- Exported encoders: `{out / 'pretrain' / 'encoder.pt'}`, `{out / 'multitask' / 'encoder.pt'}` -> "
         "`dlscale.load_encoder(path)`", "",

@@ -184,3 +184,23 @@ def test_dlscale_transfer_results_are_equal_across_workers_and_hash_seeds(traine
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_two_rank_run_reports_what_dlscale_eval_of_its_model_gives(big_records, tmp_path, venv_bin, free_ports,
+                                                                      tiny_args):
+    """On CPU each rank keeps its own BatchNorm statistics: the final evaluation of a 2-rank run scores every rank's
+    share with rank 0's (the exported model's), so its metrics are those of `dlscale eval` on 1 rank."""
+    run = tmp_path / "run2"
+    port = free_ports(1)[0]
+    args = [a for a in tiny_args if not a.startswith("--data.num_workers")]
+    _run([venv_bin / "torchrun", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}",
+          "--master_addr=127.0.0.1", "-m", "dlscale.cli", "train", "--stage", "supervised", "--data", big_records,
+          "--run-dir", run, *args, "--data.num_workers=1", "--schedule.epochs=1", "--schedule.batches_per_epoch=4",
+          "--eval.probe_samples=600"], 0, tmp_path)
+    trained, trained_scores = _evaluated(run)
+    _run([venv_bin / "dlscale", "eval", "--run-dir", run], 1, tmp_path)
+    evaluated, evaluated_scores = _evaluated(run)
+    for key in [k for k in evaluated if k.startswith(("val/", "probe/"))]:
+        assert trained[key] == evaluated[key], key
+    for name in evaluated_scores:
+        assert np.array_equal(trained_scores[name], evaluated_scores[name]), name

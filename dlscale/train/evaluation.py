@@ -8,6 +8,7 @@ rank waits forever.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,28 @@ class Evaluation:
     dtype: torch.dtype
     out_dir: Path
     writer: object = None
+
+
+def share_buffers(model: torch.nn.Module, world: int) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), the ones model.pt holds. On CPU each rank
+    keeps its own (SyncBatchNorm has no CPU kernel), and a rank scoring its share of a split with its own would
+    score it with another model than the one exported."""
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+@contextmanager
+def rank0_buffers(model: torch.nn.Module, world: int):
+    """Evaluate with rank 0's buffers (`share_buffers`), then give each rank its own back: training goes on with
+    them, as without the evaluation."""
+    own = [buffer.detach().clone() for buffer in model.buffers()] if world > 1 else []
+    share_buffers(model, world)
+    try:
+        yield
+    finally:
+        for buffer, saved in zip(model.buffers(), own):
+            buffer.data.copy_(saved)
 
 
 def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0,
