@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from dlscale.dist import setup_logging
+from dlscale.preemption import Preempted
 
 log = logging.getLogger("dlscale")
 
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
+    except Preempted as err:   # a training run inside the command (transfer, quickstart) stopped on a signal
+        log.error("%s", err)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -69,3 +69,31 @@ def test_reliability_figure_draws_one_line_per_run_and_renders(tmp_path):
     assert len(legend) == 2 and legend[0].startswith("a (ECE ") and legend[1].startswith("b (ECE ")
     figure.savefig(tmp_path / "reliability.png")
     assert (tmp_path / "reliability.png").stat().st_size > 1000
+
+
+# ---- eval.calibration_split in a run ------------------------------------------------------------------------------
+
+def test_a_run_fits_its_temperature_on_the_calibration_split_only(make_shards, tmp_path, tiny_args):
+    import json
+    from test_transfer import run_cli, train
+    data = make_shards({"train": 120, "val": 60, "test": 60}, shard_size=20, samples_per_record=5, shape=(1, 16, 16))
+    run = train("supervised", data, tmp_path / "run", *tiny_args, "--schedule.epochs=1",
+                "--schedule.batches_per_epoch=3", "--eval.calibration_split=test")
+    metrics = json.loads((run / "metrics.json").read_text())
+    with np.load(run / "scores_val.npz") as z:
+        probs, labels = z["probs"], z["labels"]
+    assert metrics["val/temperature_fitted_on"] == "test" and metrics["val/temperature"] > 0
+    assert metrics["val/ece"] == pytest.approx(expected_calibration_error(probs, labels))
+    calibrated = apply_temperature(probs, metrics["val/temperature"])
+    assert metrics["val/ece_calibrated"] == pytest.approx(expected_calibration_error(calibrated, labels))
+    assert metrics["val/nll_calibrated"] == pytest.approx(negative_log_likelihood(calibrated, labels))
+    assert (run / "reliability.png").stat().st_size > 1000
+
+    refused = run_cli("train", "--stage", "supervised", "--data", data, "--run-dir", tmp_path / "bad", *tiny_args,
+                      "--eval.calibration_split=val")
+    assert refused.code == 2 and "eval.calibration_split='val' is the scored split" in refused.err
+    assert not (tmp_path / "bad").exists()
+    missing = run_cli("train", "--stage", "supervised", "--data", make_shards({"train": 60, "val": 30}),
+                      "--run-dir", tmp_path / "bad2", *tiny_args, "--eval.calibration_split=test")
+    assert missing.code == 2 and "eval.calibration_split='test' is not a split" in missing.err
+    assert not (tmp_path / "bad2").exists()

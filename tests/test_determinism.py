@@ -149,11 +149,11 @@ def test_dlscale_eval_is_bitwise_equal_across_workers_ranks_hash_seeds_and_repea
                                                                                       venv_bin, free_ports):
     dlscale = venv_bin / "dlscale"
     results = {}
-    for workers, ranks, hash_seed in [(0, 1, 0), (2, 1, 1), (2, 1, 2), (4, 1, 3), (2, 2, 4)]:
+    for workers, ranks, hash_seed in [(0, 1, 0), (2, 1, 1), (2, 1, 2), (4, 1, 3), (4, 2, 4)]:
         run = _run_copy(trained_run, tmp_path / f"r{ranks}_s{hash_seed}", workers)
         if ranks == 1:
             _run([dlscale, "eval", "--run-dir", run], hash_seed, tmp_path)
-        else:   # 2 ranks x 2 workers = 4 slots for the 4 val shards; the probe's train shard goes to one slot
+        else:   # 2 ranks x 4 workers = 8 slots for 4 val shards and the probe's 2 train shards
             port = free_ports(1)[0]
             _run([venv_bin / "torchrun", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}",
                   "--master_addr=127.0.0.1", "-m", "dlscale.cli", "eval", "--run-dir", run], hash_seed, tmp_path)

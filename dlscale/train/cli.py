@@ -10,6 +10,7 @@ import argparse
 from dlscale.configtree import dump_yaml
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.dist import dist_info, setup_logging
+from dlscale.preemption import PREEMPTED_EXIT_CODE, Preempted
 from dlscale.train.config import load_config
 from dlscale.train.stages import STAGES
 
@@ -17,7 +18,11 @@ from dlscale.train.stages import STAGES
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="dlscale train", description="Train one stage. Any config key can be set as --section.key=value, "
-        "e.g. --model.encoder.name=small --optim.lr=3e-4 --deepspeed.zero_stage=2; --print-config lists them.")
+        "e.g. --model.encoder.name=small --optim.lr=3e-4 --deepspeed.zero_stage=2; --print-config lists them.",
+        epilog=f"Exit codes: 0 finished; 2 bad input; {PREEMPTED_EXIT_CODE} stopped by a signal of "
+        "schedule.preempt_signals (default SIGTERM, SIGUSR1: SLURM, Kubernetes, spot instances) after every rank "
+        "finished its step and a complete checkpoint was written: run the same command with --resume auto to "
+        "continue.")
     p.add_argument("--stage", choices=list(STAGES), help="; ".join(f"{k}: {v.description}" for k, v in
                                                                  STAGES.items()))
     p.add_argument("--data", help="dataset directory (manifest.json + shards)")
@@ -42,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     prepare_process(cfg.device)
     from dlscale.report import metrics_table
     from dlscale.train.runner import run
-    metrics = run(cfg, resume=args.resume == "auto", local_rank=args.local_rank)
+    try:
+        metrics = run(cfg, resume=args.resume == "auto", local_rank=args.local_rank)
+    except Preempted:   # the run has logged which signal stopped it where, and how to resume
+        return PREEMPTED_EXIT_CODE
     if info.is_main:
         print(f"\n{cfg.stage} finished: {cfg.run_dir}\n{metrics_table(metrics, CLASSES, cfg.eval.split)}\n"
               f"  encoder          {cfg.run_dir}/encoder.pt", flush=True)

@@ -14,6 +14,7 @@ from typing import Any
 from dlscale.configtree import from_dict, merge, overrides_tree, read_yaml, to_dict
 from dlscale.data.stream import StreamConfig
 from dlscale.models import EncoderConfig
+from dlscale.preemption import DEFAULT_SIGNALS, signal_number
 from dlscale.sim.stream import SimulationSourceConfig
 from dlscale.train.stages import STAGES, get_stage
 from dlscale.train.weighting import build_weighting, weighting_class
@@ -88,6 +89,10 @@ class ScheduleConfig:
     checkpoint_every: int = 500           # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2             # newest checkpoints kept on disk (older tags are deleted)
     eval_every_epochs: int = 0            # 0 = evaluate only at the end
+    preempt_signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
+    """Signals that stop the run cleanly (SLURM, Kubernetes and spot instances send SIGTERM; SLURM's `--signal`
+    another): every rank finishes its step, a complete checkpoint is written and the process exits with code 75
+    (`dlscale.preemption.PREEMPTED_EXIT_CODE`); `--resume auto` continues. [] keeps the default handling (death)."""
 
 
 @dataclass
@@ -95,6 +100,8 @@ class EvalConfig:
     split: str = "val"
     probe_samples: int = 4096             # train samples whose frozen features fit the linear probe
     n_bootstrap: int = 200                # resamples for the macro-AUC 95% CI
+    calibration_split: str | None = None  # fit a softmax temperature on this split (never the scored one) and report
+    #                                       the scored split's ECE and NLL with it (`<split>/ece_calibrated`)
 
 
 @dataclass
@@ -133,6 +140,15 @@ class Config:
                 and self.eval.probe_samples > 0):
             raise ValueError("data.simulator.probe_per_class=0 leaves the simulated evaluation set without a train "
                              "split for the linear probe: set eval.probe_samples=0 or probe_per_class > 0")
+        if self.eval.calibration_split is not None and self.eval.calibration_split == self.eval.split:
+            raise ValueError(f"eval.calibration_split={self.eval.calibration_split!r} is the scored split "
+                             "(eval.split): a temperature fitted on the split it is scored on flatters it; "
+                             "name another split (e.g. test) or null")
+        for name in self.schedule.preempt_signals:
+            try:
+                signal_number(name)
+            except ValueError as err:
+                raise ValueError(f"schedule.preempt_signals: {err}") from None
         if not self.run_dir or (not self.data_dir and self.data.source == "shards"):
             raise ValueError("data_dir (--data) and run_dir (--run-dir) are required")
         return self

@@ -5,6 +5,9 @@ epoch, this epoch's loss sums); `--resume auto` continues from the latest comple
 batches of the interrupted epoch already trained on, so a resumed run ends with the parameters of an
 uninterrupted one. The engine knows no task and no weighting by name: the model computes the task losses, the
 weighting combines them and back-propagates through its hook.
+
+A stop signal (`dlscale.preemption`, installed by `run`) is looked at after every optimizer step: the ranks agree on
+it (`agree_to_stop`), write a complete checkpoint of that step and raise `Preempted` (`stop_preempted`).
 """
 from __future__ import annotations
 
@@ -17,12 +20,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from dlscale import preemption
 from dlscale.data.stream import finish_batch
 from dlscale.dist import DistInfo
 from dlscale.train import artifacts, checkpoint
 from dlscale.train.config import Config
 from dlscale.train.data import describe_ids, epoch_loader
-from dlscale.train.evaluation import Evaluation, evaluate_split, write_hparams
+from dlscale.train.evaluation import (Evaluation, evaluate_split, finalize_heads, probe_features, rank0_buffers,
+                                      share_buffers, write_hparams)
 from dlscale.train.skipped import skip_metrics
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,7 @@ class Trainer:
         self.samples_seen = 0   # over all ranks, since the start of the run: the data position across world sizes
         self.sums, self.count = {t: 0.0 for t in self.tasks}, 0   # this epoch's loss sums (epoch-end hook)
         self.train_seconds, self.train_samples = 0.0, 0            # throughput of this process's training
+        self.drill = preemption.drill_from_env()                    # DLSCALE_SIGNAL_AT_STEP: a signal at a step
 
     @property
     def module(self) -> torch.nn.Module:
@@ -101,6 +107,7 @@ class Trainer:
             window_start, wait, window_samples = time.perf_counter(), 0.0, 0
             epoch_start, epoch_samples = time.perf_counter(), 0
             loader = iter(epoch_loader(self.stream, cfg))
+            stop = 0
             for index in range(self.batches):
                 fetch_start = time.perf_counter()
                 batch = next(loader)
@@ -126,12 +133,44 @@ class Trainer:
                         self.save_checkpoint()
                     else:                # the epoch's end state (epoch hook, epoch counter) belongs in it
                         save_after_epoch = True
+                stop = self.agree_to_stop(step) if boundary else 0   # a checkpoint holds whole optimizer steps
+                if stop:
+                    break
             bar.close()
             self.train_seconds += time.perf_counter() - epoch_start
             self.train_samples += epoch_samples
-            self.end_epoch()
+            if stop and self.batch_in_epoch < self.batches:
+                self.stop_preempted(stop)
+            self.end_epoch()   # (stopped at an epoch's last batch: the epoch is closed first, as without the stop)
             if save_after_epoch:
                 self.save_checkpoint()
+            if stop:
+                self.stop_preempted(stop)
+
+    def agree_to_stop(self, step: int) -> int:
+        """The stop signal any rank has received (0: none), the same on every rank, after optimizer step `step`.
+        In a world of more than one this is a collective with a host sync: every rank calls it at the same steps
+        (here: every optimizer step; it could move to the logging interval, stopping up to `log_every` steps
+        later)."""
+        if self.drill is not None and step == self.drill.step:
+            preemption.run_drill(self.drill, step, self.info.rank)
+            self.drill = None   # once: the final step's check in `finish` comes at the same step
+        return preemption.agree(self.info.world, self.device)
+
+    def stop_preempted(self, signum: int) -> None:
+        """Write the checkpoint of this step on every rank, say which signal stopped the run where and how to resume,
+        and raise `Preempted` (the entry points exit with `PREEMPTED_EXIT_CODE`)."""
+        self.save_checkpoint()
+        dist.barrier()   # until rank 0 has marked the tag complete: a rank exiting before makes launchers stop the rest
+        name, ckpt_dir = preemption.signal_name(signum), self.run_dir / checkpoint.CHECKPOINTS
+        message = (f"{name} received: stopped after step {self.engine.global_steps} (epoch {self.epoch}, batch "
+                   f"{self.batch_in_epoch}); checkpoint {ckpt_dir / checkpoint.tag_for(self.engine.global_steps)} "
+                   f"is complete; exiting with code {preemption.PREEMPTED_EXIT_CODE}. To continue, run the same "
+                   f"command with --resume auto (one process: dlscale train --config {self.run_dir / 'config.yaml'} "
+                   "--resume auto)")
+        if self.info.is_main:
+            log.warning("%s", message)
+        raise preemption.Preempted(message, signum)
 
     def train_step(self, batch: dict) -> tuple[dict[str, float], float, dict[str, float]]:
         batch = finish_batch(batch, self.cfg.data, self.device, self.dtype)
@@ -180,8 +219,9 @@ class Trainer:
         every = self.cfg.schedule.eval_every_epochs
         if every and self.epoch % every == 0 and self.epoch < self.cfg.schedule.epochs:
             self.save_checkpoint()   # the evaluated state, so a sweep can report and later restore it
-            metrics, _ = evaluate_split(self.module, self.evaluation, self.cfg.eval.split, probe=False,
-                                        step=self.engine.global_steps)
+            with rank0_buffers(self.module, self.info.world):
+                metrics, _ = evaluate_split(self.module, self.evaluation, self.cfg.eval.split, probe=False,
+                                            step=self.engine.global_steps)
             if self.on_evaluation is not None:
                 self.on_evaluation(self.epoch, {**metrics, **self.weight_metrics()},
                                    self.run_dir / checkpoint.CHECKPOINTS)
@@ -190,22 +230,39 @@ class Trainer:
         """The effective loss weights now, as metrics `train/weight_<task>` (the same on every rank)."""
         return {f"train/weight_{task}": w for task, w in self.module.weighting.weights.items()}
 
-    def finish(self, image_shape: tuple[int, ...]) -> dict:
-        """Checkpoint, export model.pt / encoder.pt, then evaluate (with the probe) and write the hparams."""
-        self.save_checkpoint()
+    def export(self, image_shape: tuple[int, ...]) -> None:
+        """model.pt and encoder.pt (rank 0)."""
         if self.info.is_main:
             artifacts.save_model(self.run_dir, self.module)
             artifacts.export_encoder(self.run_dir, self.module, self.cfg, image_shape, self.stats,
                                      self.evaluation.manifest)
-        skips = skip_metrics(self.stream, "data", "training", self.device)   # before anything can fail
+
+    def finish(self, image_shape: tuple[int, ...]) -> dict:
+        """Checkpoint, fit the heads to eval-mode features (`Task.finalize`), export model.pt / encoder.pt, then
+        evaluate (with the probe, on the same train features) and write the hparams. A stop
+        signal received since the last step stops the run before the export (a resumed run exports and evaluates);
+        one received later lets the run finish."""
+        self.save_checkpoint()
+        stop = self.agree_to_stop(self.engine.global_steps)
+        if stop:
+            self.stop_preempted(stop)
+        extra = skip_metrics(self.stream, "data", "training", self.device)   # before anything can fail
+        exported = False
+        share_buffers(self.module, self.info.world)   # every rank evaluates the model it exports
         try:
+            probe_train = probe_features(self.module, self.evaluation)
+            extra.update(finalize_heads(self.module, self.evaluation, probe_train[0]))   # before the export
+            self.export(image_shape)
+            exported = True
             metrics, _ = evaluate_split(self.module, self.evaluation, self.cfg.eval.split, probe=True,
-                                        step=self.engine.global_steps)
+                                        step=self.engine.global_steps, probe_train=probe_train)
         except Exception:
+            if not exported:
+                self.export(image_shape)
             log.error("training finished, the evaluation failed: the trained model is in %s (model.pt, encoder.pt); "
                       "`dlscale eval --run-dir %s` evaluates it again", self.run_dir, self.run_dir)
             raise
-        metrics.update(skips)
+        metrics.update(extra)
         metrics["throughput/samples_per_s"] = self.train_samples / max(self.train_seconds, 1e-9)
         metrics.update(self.weight_metrics())
         if self.info.is_main:

@@ -7,7 +7,8 @@
     dlscale.train.run(config)                                                             # Ray Tune trials
 
 Everything that can be checked (config, weighting, data, init_from, engine settings) is checked before the run
-directory is created; then the model, stream and DeepSpeed engine are built and handed to the `Trainer`.
+directory is created; then the model, stream and DeepSpeed engine are built and handed to the `Trainer`. The stop
+signals (`schedule.preempt_signals`, `dlscale.preemption`) are caught from here on, in this one place.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dlscale import preemption
 from dlscale.data.classes import CLASSES
-from dlscale.dist import dist_info
+from dlscale.dist import DistInfo, dist_info
 from dlscale.train import artifacts
 from dlscale.train.config import Config, check_weighting
 from dlscale.train.data import (EVAL_DATA, load_dataset, prepare_eval_set, resolve_transforms, simulated_eval_set,
@@ -41,9 +43,19 @@ def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
     `on_evaluation(epoch, metrics, checkpoint_dir)` is called on every rank after each evaluation (Ray Tune
     reports through it). The process group outlives the call (DeepSpeed caches its groups), so runs can follow
     each other in one process. The caller's process set-up (`deepspeed_setup.prepare_process`) comes first.
+
+    A stop signal (`schedule.preempt_signals`) raises `dlscale.preemption.Preempted` on every rank once a complete
+    checkpoint is written; the entry points exit with `PREEMPTED_EXIT_CODE`.
     """
     cfg.validate()
     check_weighting(cfg)
+    preemption.drill_from_env()   # a malformed DLSCALE_SIGNAL_AT_STEP fails before anything is created
+    with preemption.listen(cfg.schedule.preempt_signals):
+        return _run(cfg, resume, local_rank, on_evaluation)
+
+
+def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: EvaluationCallback | None) -> dict:
+    """`run` once the stop signals are caught."""
     info, device, run_dir = dist_info(local_rank), pick_device(cfg.device), Path(cfg.run_dir)
     exit_with_launcher(info.rank)
     artifacts.check_new(run_dir, resume)
@@ -62,6 +74,7 @@ def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
         init_encoder(model.encoder, cfg.init_from, cfg.model.encoder, image_shape, CLASSES)
     check_engine_settings(cfg, model, info.world, device)
     init_distributed(info, device)
+    stop_if_preempted(info, device)
     dist.barrier()   # every rank has checked the run directory before rank 0 creates it
     if info.is_main:
         artifacts.create(run_dir, cfg, stream)
@@ -95,3 +108,15 @@ def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
         finally:
             if writer is not None:
                 writer.close()
+
+
+def stop_if_preempted(info: DistInfo, device: torch.device) -> None:
+    """Before anything is written: a stop signal received during the set-up, or by an earlier run of this process
+    (a transfer plan, the quickstart), stops the run on every rank."""
+    signum = preemption.agree(info.world, device)
+    if signum:
+        message = (f"{preemption.signal_name(signum)} received before training started: nothing was written; "
+                   f"exiting with code {preemption.PREEMPTED_EXIT_CODE}")
+        if info.is_main:
+            log.warning("%s", message)
+        raise preemption.Preempted(message, signum)

@@ -128,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = [PlannedRun(**r) for r in io.read_json(args.plan)["runs"]]
     devices = {_device(r) for r in runs}
     prepare_process(devices.pop() if len(devices) == 1 else "auto")
-    train_planned(runs, args.local_rank)
+    from dlscale.preemption import Preempted
+    try:
+        train_planned(runs, args.local_rank)
+    except Preempted as err:   # logged by the run; the unfinished run is started afresh next time
+        return err.exit_code
     return 0
 
 
