@@ -5,6 +5,8 @@
     dlscale simulate --preset model_ii    built-in lensing simulator -> shards
     dlscale train --stage S --data DIR --run-dir RUN [--section.key=value ...] [--resume auto]
     dlscale eval --run-dir RUN [--data DIR] [--split val|test]
+    dlscale predict --run RUN|ENCODER --data SRC --out OUT [--split S] [--embeddings] [--resize] [--skip-bad]
+                                                           new images -> OUT/predictions.csv (+ embeddings.npy)
     dlscale quickstart [--out runs/quickstart] [--scale small|full] [--force]   the whole pipeline, with a report
     dlscale transfer --encoder A [--encoder B ...] --data DIR --out OUT [--labels-per-class 10,100,1000,all]
                      [--repeats R] [--methods probe,finetune,scratch,random] [--epochs E]   label efficiency study
@@ -75,6 +77,11 @@ def eval_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def predict_main(argv: list[str]) -> int:
+    from dlscale.predict import predict_main as run
+    return run(argv)
+
+
 def quickstart_main(argv: list[str]) -> int:
     from dlscale.quickstart import quickstart_main as run
     return run(argv)
@@ -91,7 +98,8 @@ def tune_main(argv: list[str]) -> int:
 
 
 COMMANDS = {"pack": pack_main, "shards": shards_main, "simulate": simulate_main, "train": train_main,
-            "eval": eval_main, "quickstart": quickstart_main, "transfer": transfer_main, "tune": tune_main}
+            "eval": eval_main, "predict": predict_main, "quickstart": quickstart_main, "transfer": transfer_main,
+            "tune": tune_main}
 
 
 def main(argv: list[str] | None = None) -> int:

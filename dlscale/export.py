@@ -1,5 +1,6 @@
 """The exported encoder: `encoder.pt` holds weights + architecture + classes + normalisation, and
-`load_encoder(path)` returns a ready `nn.Module` in one call for downstream tasks.
+`load_encoder(path)` returns a ready `nn.Module` in one call for downstream tasks. Beside it, the portable pair
+`encoder.safetensors` (weights) + `encoder.json` (the same metadata, readable by anything) loads without pickle.
 
     >>> encoder = dlscale.load_encoder("runs/multitask/encoder.pt")
     >>> features = dlscale.models.global_pool(encoder(images))   # images normalised as encoder.dlscale["normalize"]
@@ -7,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import torch
@@ -51,10 +53,90 @@ def encoder_config(payload: dict) -> EncoderConfig:
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Build the exported encoder, load its weights, put it in eval mode; its metadata is in `.dlscale`
-    (classes, image_shape, normalize, stage). Accepts the file or the run directory that holds it."""
-    payload = read_encoder_file(path)
-    shape = payload.get("image_shape")
-    encoder = build_encoder(encoder_config(payload), tuple(shape) if shape else None)
-    encoder.load_state_dict(payload["state_dict"])
-    encoder.dlscale = {k: v for k, v in payload.items() if k not in ("state_dict",)}
+    (classes, image_shape, normalize, stage). Accepts encoder.pt, encoder.safetensors / encoder.json or the run
+    directory that holds them (the portable pair first: loading it runs no pickle at all)."""
+    path = Path(path)
+    portable = path.suffix in (".safetensors", ".json") or path.is_dir() and (path / METADATA).is_file()
+    if portable:
+        meta, state = read_portable(path)
+    else:
+        payload = read_encoder_file(path)
+        state, meta = payload["state_dict"], {k: v for k, v in payload.items() if k != "state_dict"}
+    shape = meta.get("image_shape")
+    encoder = build_encoder(encoder_config(meta), tuple(shape) if shape else None)
+    encoder.load_state_dict(state)
+    encoder.dlscale = meta
     return encoder.to(device).eval()
+
+
+# ---- Portable encoders: encoder.safetensors + encoder.json, read without any pickle --------------------------------
+
+WEIGHTS = "encoder.safetensors"
+METADATA = "encoder.json"
+
+
+def save_portable_encoder(run_dir: Path, encoder: nn.Module, encoder_cfg: EncoderConfig, info: dict) -> Path:
+    """encoder.safetensors (the weights) and encoder.json (everything encoder.pt holds besides them, plus the dlscale
+    version, the weights' sha256 and how a timm backbone loads into `timm.create_model`). The weights are written
+    first: a crash between the two leaves a json whose sha256 does not match, which `load_encoder` refuses."""
+    from safetensors.torch import save
+    from dlscale import __version__
+    state = {k: v.contiguous() for k, v in cpu_state_dict(encoder).items()}
+    blob = save(state, metadata={"format": FORMAT})
+    io.write_bytes(run_dir / WEIGHTS, blob)
+    meta = {"format": FORMAT, "dlscale_version": __version__, "encoder_config": dataclasses.asdict(encoder_cfg),
+            **info, "weights": WEIGHTS, "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    timm = timm_recipe(encoder_cfg, info.get("image_shape"))
+    if timm is not None:
+        meta["timm"] = timm
+    io.write_json(run_dir / METADATA, meta)
+    return run_dir / METADATA
+
+
+def read_portable(path: str | Path) -> tuple[dict, dict]:
+    """(metadata, state dict) of encoder.json + encoder.safetensors (`path`: either file or their directory).
+    safetensors holds raw tensors only, so nothing in the files can run code."""
+    from safetensors.torch import load
+    path = Path(path)
+    meta_path = path / METADATA if path.is_dir() else path.with_name(METADATA) if path.suffix == ".safetensors" \
+        else path
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: no encoder.json (runs of dlscale >= 0.1 write it beside encoder.pt)")
+    meta = io.read_json(meta_path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    weights = meta_path.with_name(meta.get("weights", WEIGHTS))
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: the weights {meta_path} names are missing")
+    blob = weights.read_bytes()
+    if "weights_sha256" in meta and hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
+        raise ValueError(f"{weights}: sha256 differs from the one in {meta_path} (files of two different exports?)")
+    return meta, load(blob)
+
+
+def timm_recipe(encoder_cfg: EncoderConfig, image_shape) -> dict | None:
+    """How the weights of a timm backbone load into plain timm, or None for the others (`small`; `resnet18` keys are
+    torchvision's): `timm.create_model(model, pretrained=False, **kwargs)`, then `rename_for_timm` with `rename` and
+    `load_state_dict(..., strict=True)`. The ViT is timm's without class token and head, at our image and patch
+    size; ConvNeXt's final LayerNorm is timm's `head.norm` (applied to the map, before pooling)."""
+    from dlscale.models.encoders import VIT_ARCHITECTURES, default_patch_size
+    if encoder_cfg.name in VIT_ARCHITECTURES and image_shape:
+        channels, height, width = image_shape
+        patch = encoder_cfg.patch_size or default_patch_size(height, width)
+        return {"model": VIT_ARCHITECTURES[encoder_cfg.name], "rename": [],
+                "kwargs": {"img_size": [height, width], "patch_size": patch, "in_chans": channels,
+                           "num_classes": 0, "class_token": False, "global_pool": ""}}
+    if encoder_cfg.name == "convnext_nano":
+        return {"model": "convnext_nano", "rename": [["norm.", "head.norm."]],
+                "kwargs": {"in_chans": encoder_cfg.in_channels, "num_classes": 0}}
+    return None
+
+
+def rename_for_timm(state: dict, rename: list) -> dict:
+    """Our encoder's state dict with timm's key names: each key starting with a `rename` prefix gets timm's."""
+    def new_key(key: str) -> str:
+        for old, new in rename:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+    return {new_key(k): v for k, v in state.items()}

@@ -29,7 +29,8 @@ def readme_commands() -> list[str]:
 
 
 def dlscale_part(command: str) -> list[str] | None:
-    """The dlscale arguments of a command: `dlscale SUB ...`, or a launcher running launch/train.py (= train)."""
+    """The dlscale arguments of a command: `dlscale SUB ...`, a launcher running launch/train.py (= train) or
+    `-m dlscale.cli SUB ...`."""
     tokens = [t for t in shlex.split(command) if t != "..."]
     if "launch/train.py" in tokens:
         return ["train", *tokens[tokens.index("launch/train.py") + 1:]]
@@ -37,6 +38,8 @@ def dlscale_part(command: str) -> list[str] | None:
         return ["train", *[t for t in tokens[tokens.index("launch/slurm.sbatch") + 1:] if t.startswith("--")]]
     if tokens and tokens[0] == "dlscale":
         return tokens[1:]
+    if "dlscale.cli" in tokens:       # a launcher running the console script's module (torchrun -m dlscale.cli ...)
+        return tokens[tokens.index("dlscale.cli") + 1:]
     return None
 
 

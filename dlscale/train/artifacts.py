@@ -7,6 +7,7 @@ encoder.pt (every write atomic, through `dlscale.io`).
     RUN/metrics.json   every evaluation's metrics, merged (the last value of each key wins)
     RUN/model.pt       the whole model's state dict (fp32, CPU): `dlscale eval` reloads it
     RUN/encoder.pt     the exported encoder: `dlscale.load_encoder(path)`
+    RUN/encoder.safetensors + RUN/encoder.json   the same encoder, portable: loads without pickle (also in timm)
     RUN/simulation.json  (data.source=simulate) the simulator config and seeds of the training stream
     RUN/eval_data/     (data.source=simulate without data_dir) the fixed evaluation set simulated once
     RUN/checkpoints/   DeepSpeed tags (dlscale.train.checkpoint)
@@ -23,7 +24,7 @@ from torch import nn
 
 from dlscale import io
 from dlscale.configtree import dump_yaml
-from dlscale.export import cpu_state_dict, save_encoder
+from dlscale.export import cpu_state_dict, save_encoder, save_portable_encoder
 
 METRICS = "metrics.json"
 
@@ -92,9 +93,11 @@ def export_encoder(run_dir: Path, model: nn.Module, cfg, image_shape, stats: dic
     regression targets and their statistics, and the data it was trained on (with any resize)."""
     from dlscale.data.classes import CLASSES
     path = run_dir / "encoder.pt"
-    save_encoder(path, model.encoder, cfg.model.encoder, {
-        "classes": list(CLASSES), "image_shape": list(image_shape), "normalize": cfg.data.normalize,
-        "stage": cfg.stage, "targets": list(cfg.data.targets), "target_stats": stats,
-        "data": {"dir": str(cfg.data_dir), "source": manifest.get("source"), "image_shape": manifest["image_shape"],
-                 "resize": cfg.data.resize, "resize_mode": cfg.data.resize_mode}})
+    info = {"classes": list(CLASSES), "image_shape": list(image_shape), "normalize": cfg.data.normalize,
+            "stage": cfg.stage, "targets": list(cfg.data.targets), "target_stats": stats,
+            "data": {"dir": str(cfg.data_dir), "source": manifest.get("source"),
+                     "image_shape": manifest["image_shape"], "resize": cfg.data.resize,
+                     "resize_mode": cfg.data.resize_mode}}
+    save_encoder(path, model.encoder, cfg.model.encoder, info)
+    save_portable_encoder(run_dir, model.encoder, cfg.model.encoder, info)
     return path
