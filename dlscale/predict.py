@@ -267,8 +267,11 @@ def csv_text(predictor: Predictor, result: Predictions) -> str:
 
 def write_outputs(cfg: PredictConfig, predictor: Predictor, result: Predictions) -> None:
     """embeddings.npy and rejected.json first, predictions.csv last, each atomically: a reader that finds the CSV
-    finds the rest of this call's outputs beside it."""
+    finds the rest of this call's outputs beside it, and none of an earlier call's (removed first)."""
     cfg.out.mkdir(parents=True, exist_ok=True)
+    for name, written in (("embeddings.npy", cfg.embeddings), ("rejected.json", cfg.skip_bad)):
+        if not written:
+            (cfg.out / name).unlink(missing_ok=True)
     if cfg.embeddings:
         features = result.arrays.get("features", np.zeros((0, 0), np.float32))
         io.atomic_write(cfg.out / "embeddings.npy", lambda f: np.save(f, features))

@@ -3,9 +3,9 @@
 with everything since its last checkpoint lost.
 
 The handler only records the signal: nothing else is safe inside one (the main thread may be anywhere, in a
-collective or half-way through a checkpoint write). The trainer looks at the record once per optimizer step and the
-ranks agree on it (`agree`, one MAX all-reduce), so whichever rank got the signal, every rank stops after the same
-step, one complete checkpoint is written, and every rank exits with the same code. Further signals are absorbed:
+collective or half-way through a checkpoint write). The trainer looks at the record at every logging interval, where
+the ranks agree on it in the all-reduce they make there anyway (`Trainer.sync`; `agree` before a run starts), so
+whichever rank got the signal, every rank stops after the same step, one complete checkpoint is written, and every rank exits with the same code. Further signals are absorbed:
 launchers and SLURM often deliver one per level (torchrun forwards its own SIGTERM to ranks SLURM signalled
 already). Only SIGKILL at the end of the grace period cuts the save short; the complete-marker scheme of
 `dlscale.train.checkpoint` then leaves the previous complete checkpoint as the one `--resume auto` uses.
@@ -117,18 +117,24 @@ def clear() -> None:
     _restore()
 
 
+def adopt(signum: int) -> None:
+    """Record a stop signal another rank received, agreed in a collective: this rank stops, and exits, as if it had
+    received it."""
+    global _signum
+    _signum = _signum or signum
+
+
 def agree(world: int, device) -> int:
     """The stop signal any rank received (0: none), the same on every rank: one MAX all-reduce (a host sync), none
     in a world of one. Every rank must call it at the same point. A rank that learns of the stop here records it as
     its own (it stops, and exits, like the rank that got the signal)."""
-    global _signum
     if world == 1:
         return _signum
     import torch
     import torch.distributed as dist
     flag = torch.tensor([_signum], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    _signum = _signum or int(flag.item())
+    adopt(int(flag.item()))
     return int(flag.item())
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dlscale import io
 from dlscale.evaluate import reliability_figure, roc_figure
 
 
@@ -37,11 +38,11 @@ def log_evaluation(writer, step: int, metrics: Mapping[str, object], scores: Map
 
 
 def save_roc(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]) -> None:
-    roc_figure(curves, class_names).savefig(path, dpi=120)
+    io.atomic_write(path, lambda f: roc_figure(curves, class_names).savefig(f, format="png", dpi=120))
 
 
 def save_reliability(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    reliability_figure(curves).savefig(path, dpi=120)
+    io.atomic_write(path, lambda f: reliability_figure(curves).savefig(f, format="png", dpi=120))
 
 
 def metrics_table(metrics: Mapping[str, object], class_names: Sequence[str], prefix: str = "val") -> str:

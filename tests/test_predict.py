@@ -181,6 +181,9 @@ def test_a_bad_file_stops_the_run_naming_it_and_skip_bad_lists_it(run, damaged, 
     check_rows(read_csv(out / "predictions.csv"), good)
     assert len(np.load(out / "embeddings.npy")) == len(good)
 
+    again = predict("--run", run, "--data", src, "--skip-bad", out=out)   # the same OUT, without --embeddings
+    assert again.code == 0 and not (out / "embeddings.npy").exists()        # no stale file of the last call
+
 
 def test_a_corrupt_shard_stops_the_run_naming_it_and_skip_bad_lists_it(run, make_separable, tmp_path):
     data = tmp_path / "data"

@@ -160,10 +160,12 @@ def test_a_training_step_runs_on_a_given_engine_and_stream():
     before = {k: v.clone() for k, v in engine.module.state_dict().items() if v.is_floating_point()}
     with torch.no_grad():
         expected = engine.module.losses(engine.module(batch["image"], batch), batch["image"], batch)
-    losses, total, weights = trainer.train_step(batch)
+    losses, total = trainer.train_step(batch)
+    losses, total = {k: float(v.detach()) for k, v in losses.items()}, float(total.detach())
     assert losses == pytest.approx({k: float(v) for k, v in expected.items()}, rel=1e-5)
-    assert total == pytest.approx(sum(losses.values()), rel=1e-5) and weights == {"classification": 1.0,
-                                                                                    "brightness": 1.0}
+    assert total == pytest.approx(sum(losses.values()), rel=1e-5) and trainer.weights == {"classification": 1.0,
+                                                                                            "brightness": 1.0}
+    assert trainer.sync() == pytest.approx({"total": total, **losses}, rel=1e-6)   # the window's means
     assert engine.module.weighting.backward_calls == 1 and engine.global_steps == 1
     changed = [k for k, v in engine.module.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert any(k.startswith("heads.brightness") for k in changed) and any(k.startswith("encoder") for k in changed)

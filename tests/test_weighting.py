@@ -52,6 +52,7 @@ def test_uncertainty_total_and_gradients_follow_kendall_form():
     with torch.no_grad():
         weighting.log_variances.copy_(torch.tensor([0.5, -1.0]))
     total, weights = weighting(losses(4.0, 3.0))
+    weights = {task: float(w) for task, w in weights.items()}   # 0-dim tensors: read at the logging interval
     assert total.item() == pytest.approx(math.exp(-0.5) * 4.0 + 0.5 + math.exp(1.0) * 3.0 - 1.0, rel=1e-6)
     assert weights == pytest.approx({"recon": math.exp(-0.5), "classification": math.exp(1.0)})
     total.backward()
@@ -127,6 +128,7 @@ def famo_step(famo, recon: float, classification: float):
     values = {"recon": torch.tensor(recon, requires_grad=True),
               "classification": torch.tensor(classification, requires_grad=True)}
     total, weights = famo(values)
+    weights = {task: float(w) for task, w in weights.items()}   # 0-dim tensors: read at the logging interval
     total.backward()
     return total, weights, {t: v.grad.item() for t, v in values.items()}
 

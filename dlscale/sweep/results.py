@@ -227,7 +227,7 @@ def pareto_plot(trials: list[TrialOutcome], path: Path, pareto: Mapping[str, str
     if shown:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 

@@ -85,13 +85,14 @@ class DeepSpeedConfig:
 class ScheduleConfig:
     epochs: int = 10
     batches_per_epoch: int | None = None  # per rank; default: the train split once per epoch
-    log_every: int = 20                   # steps between log lines / TensorBoard scalars
+    log_every: int = 20                   # steps between log lines / TensorBoard scalars: the host reads the losses
+    #                                       (non-finite check, stop signals) only then, never inside a step
     checkpoint_every: int = 500           # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2             # newest checkpoints kept on disk (older tags are deleted)
     eval_every_epochs: int = 0            # 0 = evaluate only at the end
     preempt_signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
     """Signals that stop the run cleanly (SLURM, Kubernetes and spot instances send SIGTERM; SLURM's `--signal`
-    another): every rank finishes its step, a complete checkpoint is written and the process exits with code 75
+    another): the ranks train on to the next logging interval, a complete checkpoint is written and they exit with 75
     (`dlscale.preemption.PREEMPTED_EXIT_CODE`); `--resume auto` continues. [] keeps the default handling (death)."""
 
 

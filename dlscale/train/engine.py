@@ -6,8 +6,11 @@ batches of the interrupted epoch already trained on, so a resumed run ends with 
 uninterrupted one. The engine knows no task and no weighting by name: the model computes the task losses, the
 weighting combines them and back-propagates through its hook.
 
-A stop signal (`dlscale.preemption`, installed by `run`) is looked at after every optimizer step: the ranks agree on
-it (`agree_to_stop`), write a complete checkpoint of that step and raise `Preempted` (`stop_preempted`).
+No host synchronisation inside a step: the losses and the non-finite flag stay on the device (`StepWindow`) and are
+read once per logging interval, before every checkpoint and at the end of an epoch (`sync`). There the ranks agree,
+in one all-reduce, on whether any rank saw a non-finite loss (the run stops on every rank, naming the step and the
+batch, before anything is saved) and on a stop signal (`dlscale.preemption`, installed by `run`): every rank then
+writes a complete checkpoint of that step and raises `Preempted` (`stop_preempted`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,25 @@ class NonFiniteLossError(FloatingPointError):
     """A NaN/Inf loss: the run stops, nothing is saved over the last good checkpoint."""
 
 
+class StepWindow:
+    """The steps since the last host read, on the training device: sums of [total, task losses...], the first step
+    whose losses were not finite (-1: none), and per step the optimizer step count before it and the batch's first
+    sample ids (host tensors, to name a bad batch)."""
+
+    def __init__(self, n_values: int, device: torch.device) -> None:
+        self.sums = torch.zeros(n_values, dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.steps: list[int] = []
+        self.ids: list[torch.Tensor] = []
+
+    def add(self, values: torch.Tensor, step: int, ids: torch.Tensor) -> None:
+        bad = ~torch.isfinite(values).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), len(self.steps), self.first_bad)
+        self.sums += values.double()
+        self.steps.append(step)
+        self.ids.append(ids[:8])
+
+
 class Trainer:
     """Runs the epochs of one stage over a built DeepSpeed `engine` and training `stream`."""
 
@@ -52,7 +74,11 @@ class Trainer:
         self.tasks = self.module.tasks
         self.epoch, self.batch_in_epoch, self.last_checkpoint = 0, 0, None
         self.samples_seen = 0   # over all ranks, since the start of the run: the data position across world sizes
-        self.sums, self.count = {t: 0.0 for t in self.tasks}, 0   # this epoch's loss sums (epoch-end hook)
+        self.epoch_sums = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)   # epoch-end hook
+        self.count = 0                                              # batches in those sums
+        self.window = StepWindow(1 + len(self.tasks), self.device)
+        self.weights: dict = {}                                     # the last step's loss weights (maybe tensors)
+        self.agreed_stop = 0                                        # the stop signal the ranks agreed on (0: none)
         self.train_seconds, self.train_samples = 0.0, 0            # throughput of this process's training
         self.drill = preemption.drill_from_env()                    # DLSCALE_SIGNAL_AT_STEP: a signal at a step
 
@@ -63,6 +89,11 @@ class Trainer:
     @property
     def writer(self):
         return self.evaluation.writer if self.evaluation is not None else None
+
+    @property
+    def sums(self) -> dict[str, float]:
+        """This epoch's loss sums per task (a host read)."""
+        return dict(zip(self.tasks, self.epoch_sums.tolist()))
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -75,6 +106,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if checkpoint.tag_for(self.engine.global_steps) == self.last_checkpoint:
             return
+        self.sync()   # a non-finite loss since the last read stops the run here, before anything is saved
         self.last_checkpoint = checkpoint.save(self.engine, self.run_dir / checkpoint.CHECKPOINTS, self.state_dict(),
                                                self.cfg.schedule.keep_checkpoints, self.info.is_main)
 
@@ -89,7 +121,8 @@ class Trainer:
         if at.converted:   # the engine counted the old layout's steps: move it to this layout's schedule
             checkpoint.set_step(self.engine, at.step, at.epoch * self.batches + at.batch_in_epoch)
         self.epoch, self.batch_in_epoch, self.samples_seen = at.epoch, at.batch_in_epoch, at.samples_seen
-        self.sums, self.count = at.sums, at.count
+        self.epoch_sums = torch.tensor([at.sums[t] for t in self.tasks], dtype=torch.float64, device=self.device)
+        self.count = at.count
         log.info("resumed from %s (epoch %d, batch %d, step %d)%s", self.last_checkpoint, self.epoch,
                  self.batch_in_epoch, at.step, f", written by {saved_world} rank(s) at their step {client['step']}; "
                  f"{at.samples_seen} samples seen, learning rate {self.engine.get_lr()[0]:.6g}" if at.converted else "")
@@ -107,35 +140,40 @@ class Trainer:
             window_start, wait, window_samples = time.perf_counter(), 0.0, 0
             epoch_start, epoch_samples = time.perf_counter(), 0
             loader = iter(epoch_loader(self.stream, cfg))
-            stop = 0
             for index in range(self.batches):
                 fetch_start = time.perf_counter()
                 batch = next(loader)
                 if index < skip:     # resumed mid-epoch: these batches were trained on before the interruption
                     continue
                 wait += time.perf_counter() - fetch_start
-                losses, total, weights = self.train_step(batch)
-                for task, value in losses.items():
-                    self.sums[task] += value
+                self.train_step(batch)
                 self.count, self.batch_in_epoch = self.count + 1, index + 1
                 samples = len(batch["label"]) * self.info.world
                 self.samples_seen += samples
                 window_samples, epoch_samples = window_samples + samples, epoch_samples + samples
                 bar.update(1)
                 step, boundary = self.engine.global_steps, self.engine.is_gradient_accumulation_boundary()
-                if self.info.is_main and step % cfg.schedule.log_every == 0 and boundary:
-                    elapsed = time.perf_counter() - window_start
-                    self.log_train(step, total, losses, weights, window_samples / elapsed, wait / elapsed)
-                    bar.set_postfix(loss=f"{total:.4f}")
+                if not boundary:      # a checkpoint, a log line and a stop hold whole optimizer steps
+                    continue
+                if self.drill is not None and step == self.drill.step:
+                    preemption.run_drill(self.drill, step, self.info.rank)
+                    self.drill = None
+                if step % cfg.schedule.log_every == 0:
+                    means = self.sync()
+                    if self.info.is_main:
+                        elapsed = time.perf_counter() - window_start
+                        self.log_train(step, means, window_samples / elapsed, wait / elapsed)
+                        bar.set_postfix(loss=f"{means['total']:.4f}")
                     window_start, wait, window_samples = time.perf_counter(), 0.0, 0
-                if every and step % every == 0 and boundary:
+                if every and step % every == 0:
                     if index + 1 < self.batches:
                         self.save_checkpoint()
                     else:                # the epoch's end state (epoch hook, epoch counter) belongs in it
                         save_after_epoch = True
-                stop = self.agree_to_stop(step) if boundary else 0   # a checkpoint holds whole optimizer steps
-                if stop:
+                if self.agreed_stop:
                     break
+            self.sync()   # the epoch's last steps (and the stop, if one came since)
+            stop = self.agreed_stop
             bar.close()
             self.train_seconds += time.perf_counter() - epoch_start
             self.train_samples += epoch_samples
@@ -147,15 +185,31 @@ class Trainer:
             if stop:
                 self.stop_preempted(stop)
 
-    def agree_to_stop(self, step: int) -> int:
-        """The stop signal any rank has received (0: none), the same on every rank, after optimizer step `step`.
-        In a world of more than one this is a collective with a host sync: every rank calls it at the same steps
-        (here: every optimizer step; it could move to the logging interval, stopping up to `log_every` steps
-        later)."""
-        if self.drill is not None and step == self.drill.step:
-            preemption.run_drill(self.drill, step, self.info.rank)
-            self.drill = None   # once: the final step's check in `finish` comes at the same step
-        return preemption.agree(self.info.world, self.device)
+    def sync(self) -> dict[str, float]:
+        """The one host read of the steps since the last: the ranks agree (one MAX all-reduce) on the first step
+        any of them saw a non-finite loss at, and on a stop signal any of them received (kept in `agreed_stop`).
+        Returns this rank's mean losses over those steps (`total` and per task); raises `NonFiniteLossError` on
+        every rank. Every rank calls it at the same points."""
+        window, self.window = self.window, StepWindow(1 + len(self.tasks), self.device)
+        never = len(window.steps)   # the first bad step, negated for MAX: -never when no rank saw one
+        first = torch.where(window.first_bad < 0, never, window.first_bad)
+        flags = torch.stack([torch.tensor(float(preemption.requested()), dtype=torch.float64, device=self.device),
+                             -first.double()])
+        if self.info.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, neg_first, *sums = torch.cat([flags, window.sums]).tolist()
+        self.agreed_stop = self.agreed_stop or int(signum)
+        preemption.adopt(self.agreed_stop)
+        if -neg_first < never:
+            self.raise_non_finite(window, int(-neg_first))
+        n = max(len(window.steps), 1)
+        return dict(zip(("total", *self.tasks), (v / n for v in sums)))
+
+    def raise_non_finite(self, window: StepWindow, k: int) -> None:
+        keys = describe_ids(self.stream, window.ids[k])
+        raise NonFiniteLossError(
+            f"non-finite loss at step {window.steps[k]} (epoch {self.epoch}) on some rank; this rank's batch of that "
+            f"step starts with {keys}. Nothing was saved; last good checkpoint: {self.last_checkpoint}")
 
     def stop_preempted(self, signum: int) -> None:
         """Write the checkpoint of this step on every rank, say which signal stopped the run where and how to resume,
@@ -172,33 +226,27 @@ class Trainer:
             log.warning("%s", message)
         raise preemption.Preempted(message, signum)
 
-    def train_step(self, batch: dict) -> tuple[dict[str, float], float, dict[str, float]]:
+    def train_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One (micro-)step without a host synchronisation: the loss values go into the window on the device."""
         batch = finish_batch(batch, self.cfg.data, self.device, self.dtype)
         images = batch["image"]
         out = self.engine(images, batch)
         losses = self.module.losses(out, images, batch)
-        total, weights = self.module.weighting(losses)
-        # One device->host copy per step, before backward is queued: the all-ranks NaN flag and the loss values.
+        total, self.weights = self.module.weighting(losses)
         values = torch.stack([total.detach(), *(v.detach() for v in losses.values())]).float()
-        bad = (~torch.isfinite(values).all()).float().reshape(1)   # every rank stops together, none hangs
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        flag, total_value, *loss_values = torch.cat([bad, values]).tolist()
-        host_losses = dict(zip(losses, loss_values))
-        if flag:
-            keys = describe_ids(self.stream, batch["ids"][:8])
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.engine.global_steps} (epoch {self.epoch}, batch {self.batch_in_epoch}"
-                f"): {host_losses} on some rank; this rank's batch starts with {keys}. Nothing was saved; last good "
-                f"checkpoint: {self.last_checkpoint}")
+        self.window.add(values, self.engine.global_steps, batch["ids"])
+        self.epoch_sums += values[1:].double()
         self.module.weighting.backward(self.engine, losses, total, images, batch)
         self.engine.step()
-        return host_losses, total_value, weights
+        return losses, total
 
-    def log_train(self, step: int, total: float, losses: dict, weights: dict, samples_per_s: float,
-                  wait_fraction: float) -> None:
+    def log_train(self, step: int, means: dict[str, float], samples_per_s: float, wait_fraction: float) -> None:
+        """TensorBoard scalars and a log line: the mean losses since the last line, the last step's weights."""
+        weights = {task: float(w) for task, w in self.weights.items()}
+        losses = {task: means[task] for task in self.tasks}
         w = self.writer
         if w is not None:
-            w.add_scalar("train/loss", total, step)
+            w.add_scalar("train/loss", means["total"], step)
             for task, value in losses.items():
                 w.add_scalar(f"train/loss_{task}", value, step)
                 w.add_scalar(f"train/weight_{task}", weights[task], step)
@@ -206,16 +254,15 @@ class Trainer:
             w.add_scalar("throughput/samples_per_s", samples_per_s, step)
             w.add_scalar("throughput/data_wait_fraction", wait_fraction, step)
         log.info("step %d epoch %d: loss %.4f (%s), %.0f samples/s, %.0f%% waiting for data", step, self.epoch,
-                 total, ", ".join(f"{k} {v:.4f} x{weights[k]:.3g}" for k, v in losses.items()), samples_per_s,
-                 100 * wait_fraction)
+                 means["total"], ", ".join(f"{k} {v:.4f} x{weights[k]:.3g}" for k, v in losses.items()),
+                 samples_per_s, 100 * wait_fraction)
 
     def end_epoch(self) -> None:
-        means = torch.tensor([self.sums[t] / max(self.count, 1) for t in self.tasks], dtype=torch.float64,
-                             device=self.device)
+        means = self.epoch_sums / max(self.count, 1)
         dist.all_reduce(means)
-        self.module.weighting.end_epoch({t: float(v) / self.info.world for t, v in zip(self.tasks, means)})
+        self.module.weighting.end_epoch({t: v / self.info.world for t, v in zip(self.tasks, means.tolist())})
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        self.sums, self.count = {t: 0.0 for t in self.tasks}, 0
+        self.epoch_sums, self.count = torch.zeros_like(self.epoch_sums), 0
         every = self.cfg.schedule.eval_every_epochs
         if every and self.epoch % every == 0 and self.epoch < self.cfg.schedule.epochs:
             self.save_checkpoint()   # the evaluated state, so a sweep can report and later restore it
@@ -243,9 +290,9 @@ class Trainer:
         signal received since the last step stops the run before the export (a resumed run exports and evaluates);
         one received later lets the run finish."""
         self.save_checkpoint()
-        stop = self.agree_to_stop(self.engine.global_steps)
-        if stop:
-            self.stop_preempted(stop)
+        self.sync()
+        if self.agreed_stop:
+            self.stop_preempted(self.agreed_stop)
         extra = skip_metrics(self.stream, "data", "training", self.device)   # before anything can fail
         exported = False
         share_buffers(self.module, self.info.world)   # every rank evaluates the model it exports

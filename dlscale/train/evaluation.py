@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dlscale import io
 from dlscale.configtree import flatten, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.stream import eval_loader, finish_batch, leading_shards
@@ -181,7 +182,8 @@ def report_split(ev: Evaluation, split: str, scores: dict, train_features: dict 
         metrics.update(temperature_metrics(calibration, scores, split, cfg.eval.calibration_split))
     metrics["step"] = step
     update_metrics(ev.out_dir / METRICS, metrics)
-    np.savez(ev.out_dir / f"scores_{split}.npz", **{k: v for k, v in scores.items() if k != "features"})
+    io.atomic_write(ev.out_dir / f"scores_{split}.npz",
+                    lambda f: np.savez(f, **{k: v for k, v in scores.items() if k != "features"}))
     if "probs" in scores:
         suffix = "" if split == "val" else f"_{split}"
         save_roc(ev.out_dir / f"roc{suffix}.png", {cfg.stage: (scores["probs"], scores["labels"])}, CLASSES)

@@ -4,7 +4,8 @@ A weighting is an `nn.Module` inside the model (`TaskModel.weighting`), so learn
 engine's optimizer and any state travels in the engine's checkpoints. The engine calls three hooks and never
 branches on the method:
 
-- `forward(losses)`: `{task: scalar loss}` -> `(total, {task: effective weight as float})`;
+- `forward(losses)`: `{task: scalar loss}` -> `(total, {task: effective weight})`, a weight as a float or a 0-dim
+  tensor: the trainer reads them to the host only at its logging interval, so a step never waits on the device;
 - `end_epoch(mean_losses)`: once per epoch on every rank, with each task's epoch-mean loss all-reduced across
   ranks (DWA's rule);
 - `backward(engine, losses, total, images, batch)`: back-propagate; the default is `engine.backward(total)`.
@@ -56,7 +57,7 @@ class LossWeighting(nn.Module):
         self.check_tasks(losses)
         return sum(weights[task] * losses[task] for task in self.tasks), dict(weights)
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         return self.weighted_sum(losses, self.weights)
 
     def end_epoch(self, mean_losses: Mapping[str, float]) -> None:

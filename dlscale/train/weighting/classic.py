@@ -73,7 +73,7 @@ class UncertaintyWeighting(LossWeighting):
         self.check_tasks(losses)
         task_losses = torch.stack([losses[task] for task in self.tasks])
         precision = torch.exp(-self.log_variances)
-        return (precision * task_losses + self.log_variances).sum(), self.weights
+        return (precision * task_losses + self.log_variances).sum(), dict(zip(self.tasks, precision.detach().unbind()))
 
 
 @register_weighting

@@ -17,7 +17,6 @@ they travel in checkpoints and are never cast to bf16.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +41,9 @@ class FAMOConfig:
 
 @register_weighting
 class FAMO(LossWeighting):
+    """The logits, previous losses and last weights are float64 tensors on the losses' device (plain attributes,
+    not buffers: never cast to bf16), so a step reads nothing back to the host; `logits`, `previous`, `z` and
+    `weights` are host views for logs, tests and checkpoints."""
     name = "famo"
     Config = FAMOConfig
 
@@ -52,57 +54,70 @@ class FAMO(LossWeighting):
             raise ValueError(f"loss.famo: lr must be > 0, weight_decay >= 0 and eps > 0; got {o}")
         if o.min_losses is not None:
             self.check_tasks(o.min_losses, "loss.famo.min_losses")
-        self.min_losses = [float((o.min_losses or {}).get(t, 0.0)) for t in self.tasks]
-        self.logits = [0.0] * len(self.tasks)
-        self.previous: list[float] | None = None
-        self._last: dict[str, float] = {task: 1.0 / len(self.tasks) for task in self.tasks}
+        k = len(self.tasks)
+        self._min = torch.tensor([float((o.min_losses or {}).get(t, 0.0)) for t in self.tasks], dtype=torch.float64)
+        self._logits = torch.zeros(k, dtype=torch.float64)
+        self._previous: torch.Tensor | None = None
+        self._last = torch.full((k,), 1.0 / k, dtype=torch.float64)
+
+    @property
+    def logits(self) -> list[float]:
+        return self._logits.tolist()
+
+    @property
+    def previous(self) -> list[float] | None:
+        return None if self._previous is None else self._previous.tolist()
 
     @property
     def z(self) -> list[float]:
-        peak = max(self.logits)
-        exps = [math.exp(x - peak) for x in self.logits]
-        return [e / sum(exps) for e in exps]
+        return torch.softmax(self._logits, 0).tolist()
 
     @property
     def weights(self) -> dict[str, float]:
         """The gradient weights c * z_i / (L_i - m_i) of the last step (z itself before the first)."""
-        return dict(self._last)
+        return dict(zip(self.tasks, self._last.tolist()))
 
-    def update_logits(self, losses_now: Sequence[float]) -> None:
+    def _to(self, device: torch.device) -> None:
+        if self._logits.device != device:
+            self._min, self._logits, self._last = (t.to(device) for t in (self._min, self._logits, self._last))
+            self._previous = None if self._previous is None else self._previous.to(device)
+
+    def update_logits(self, losses_now: torch.Tensor) -> None:
         """One step of Algorithm 1 from the previous and current (rank-averaged) losses."""
-        if self.previous is not None:
-            gain = [math.log(max(p - m, 0.0) + self.options.eps) - math.log(max(n - m, 0.0) + self.options.eps)
-                    for p, n, m in zip(self.previous, losses_now, self.min_losses)]
-            z = self.z
-            mean_gain = sum(zi * g for zi, g in zip(z, gain))
-            delta = [zi * (g - mean_gain) for zi, g in zip(z, gain)]   # J_softmax^T gain, J = diag(z) - z z^T
+        if self._previous is not None:
+            eps = self.options.eps
+            gain = ((self._previous - self._min).clamp(min=0.0) + eps).log() \
+                - ((losses_now - self._min).clamp(min=0.0) + eps).log()
+            z = torch.softmax(self._logits, 0)
+            delta = z * (gain - (z * gain).sum())   # J_softmax^T gain, J = diag(z) - z z^T
             beta, gamma = self.options.lr, self.options.weight_decay
-            self.logits = [x - beta * (d + gamma * x) for x, d in zip(self.logits, delta)]
-        self.previous = list(losses_now)
+            self._logits = self._logits - beta * (delta + gamma * self._logits)
+        self._previous = losses_now.clone()
 
-    def forward(self, losses: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.check_tasks(losses)
         stacked = torch.stack([losses[t].float() for t in self.tasks])
+        self._to(stacked.device)
         if self.training and torch.is_grad_enabled():
             now = stacked.detach().double()
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                now = now.clone()
-                dist.all_reduce(now)
+                dist.all_reduce(now)   # a device-side collective: the host does not wait for it
                 now /= dist.get_world_size()
-            self.update_logits(now.tolist())
-        z = torch.tensor(self.z, dtype=stacked.dtype, device=stacked.device)
-        gaps = stacked - torch.tensor(self.min_losses, dtype=stacked.dtype, device=stacked.device) + self.options.eps
+            self.update_logits(now)
+        z = torch.softmax(self._logits, 0).to(stacked.dtype)
+        gaps = stacked - self._min.to(stacked.dtype) + self.options.eps
         c = 1.0 / (z / gaps.detach()).sum()
-        weights = (c * z / gaps.detach()).tolist()
-        self._last = dict(zip(self.tasks, weights))
-        return (c * z * gaps.log()).sum(), dict(self._last)
+        self._last = (c * z / gaps.detach()).double()
+        return (c * z * gaps.log()).sum(), dict(zip(self.tasks, self._last.detach().unbind()))
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"logits": list(self.logits), "previous": None if self.previous is None else list(self.previous)}
+        return {"logits": self.logits, "previous": self.previous}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if len(state["logits"]) != len(self.tasks):
             raise ValueError(f"saved FAMO state has {len(state['logits'])} task logits, this run has tasks "
                              f"{list(self.tasks)}")
-        self.logits = [float(x) for x in state["logits"]]
-        self.previous = None if state["previous"] is None else [float(x) for x in state["previous"]]
+        device = self._logits.device
+        self._logits = torch.tensor([float(x) for x in state["logits"]], dtype=torch.float64, device=device)
+        self._previous = None if state["previous"] is None else \
+            torch.tensor([float(x) for x in state["previous"]], dtype=torch.float64, device=device)
