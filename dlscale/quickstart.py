@@ -66,6 +66,7 @@ class Scale:
     train: tuple[str, ...]                # training config shared by every step
     steps: tuple[Step, ...]
     transfer: dict = field(default_factory=dict)   # TransferConfig fields (labels_per_class, repeats, epochs, ...)
+    downstream: dict = field(default_factory=dict)  # the cheap downstream tasks' TransferConfig fields ({}: none)
 
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"   # launch/ of a checkout (the GPU settings)
@@ -79,7 +80,9 @@ SCALES = {
                                         "--loss.fixed.weights={recon: 1.0, classification: 1.0}"),
              init_from="pretrain"),
     ), {"labels_per_class": [10, 100, 1000], "repeats": 1, "epochs": 10, "min_batches_per_epoch": 20,
-        "n_bootstrap": 300, "overrides": ["--data.batch_size=32", "--optim.lr=3e-3", "--data.num_workers=0"]}),
+        "n_bootstrap": 300, "overrides": ["--data.batch_size=32", "--optim.lr=3e-3", "--data.num_workers=0"]},
+        {"labels_per_class": [100], "n_bootstrap": 300, "superres_steps": 200, "superres_eval": 512,
+         "overrides": ["--data.batch_size=64", "--data.num_workers=0"]}),
     # Smoke test of the whole path (what `make test` runs): the numbers mean nothing.
     "tiny": Scale("model_ii", 40, 32, ("--model.encoder.name=small", "--model.encoder.width=8",
                                         "--data.batch_size=16", "--data.num_workers=0", "--eval.probe_samples=60",
@@ -88,7 +91,9 @@ SCALES = {
         Step("supervised", "supervised", ("--schedule.epochs=1",)),
         Step("multitask", "multitask", ("--schedule.epochs=1",), init_from="pretrain"),
     ), {"labels_per_class": [2, 5], "repeats": 1, "epochs": 1, "n_bootstrap": 20,
-        "overrides": ["--data.batch_size=8", "--data.num_workers=0"]}),
+        "overrides": ["--data.batch_size=8", "--data.num_workers=0"]},
+        {"labels_per_class": [5], "n_bootstrap": 20, "superres_steps": 5, "superres_eval": 16,
+         "overrides": ["--data.batch_size=16", "--data.num_workers=0"]}),
     # GPUs: the public datasets' size, ResNet18 with the 3x3 stem, bf16 (launch/full.yaml holds the same settings).
     "full": Scale("model_i", 30000, 512, (f"--config={LAUNCH / 'full.yaml'}",), (
         Step("pretrain", "autoencoder", ("--schedule.epochs=30",)),
@@ -156,8 +161,34 @@ def label_efficiency(out: Path, data: Path, scale: Scale, seed: int, force: bool
         return io.read_json(where / "results.json")
     shutil.rmtree(where, ignore_errors=True)
     cfg = TransferConfig([str(out / "pretrain")], str(data), str(where), seed=seed, ranks=local_ranks(),
-                         methods=["probe", "finetune", "scratch", "random"], **scale.transfer)
+                         methods=["probe", "finetune", "scratch", "random"], tasks=["classification"],
+                         **scale.transfer)
     return run_transfer(cfg.validate())
+
+
+DOWNSTREAM_TASKS = ["regression", "anomaly", "superres"]
+
+
+def downstream(out: Path, data: Path, scale: Scale, seed: int, force: bool) -> dict | None:
+    """The cheap downstream tasks on the pretrained encoder's frozen features (regression of log10 axion mass,
+    anomaly detection, super-resolution at one N), timed: the report says what they cost."""
+    import time
+    from dlscale.transfer.runner import TransferConfig, run_transfer
+    if not scale.downstream:
+        return None
+    where = out / "downstream"
+    if (where / "results.json").is_file() and not force:
+        log.info("reusing the downstream-task study in %s", where)
+        return io.read_json(where / "results.json")
+    shutil.rmtree(where, ignore_errors=True)
+    start = time.perf_counter()
+    cfg = TransferConfig([str(out / "pretrain")], str(data), str(where), seed=seed, repeats=1,
+                         methods=["probe"], tasks=DOWNSTREAM_TASKS, **scale.downstream)
+    results = run_transfer(cfg.validate())
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    log.info("downstream tasks (%s) took %.1f s", ", ".join(DOWNSTREAM_TASKS), results["seconds"])
+    io.write_json(where / "results.json", results)
+    return results
 
 
 def resized(scale: Scale, n_per_class: int | None, epochs: int | None) -> Scale:
@@ -185,7 +216,7 @@ def quickstart(out: Path, scale_name: str = "small", force: bool = False, seed: 
         log.info("training step %s (stage %s)", step.name, step.stage)
         train_step(step_config(step, scale, data, out, seed), run_dir)
     transfer = label_efficiency(out, data, scale, seed, force)
-    return write_report(out, data, scale, transfer)
+    return write_report(out, data, scale, transfer, downstream(out, data, scale, seed, force))
 
 
 def quickstart_main(argv: list[str] | None = None) -> int:

@@ -119,7 +119,20 @@ def findings(metrics: dict, transfer: dict) -> list[str]:
     return lines
 
 
-def write_report(out: Path, data: Path, scale, transfer: dict) -> Path:
+def downstream_section(out: Path, results: dict | None) -> list[str]:
+    """The cheap downstream tasks (frozen pretrained encoder, one N): their tables and what they cost."""
+    if not results:
+        return []
+    from dlscale.transfer.report_tasks import task_sections
+    return ["## Downstream tasks of the pretrained encoder (frozen features)", "",
+            "Regression, anomaly detection and 2x super-resolution on the frozen encoder at one N (`dlscale "
+            "transfer --tasks regression,anomaly,superres --methods probe`); its cost on this machine is logged and "
+            f"kept as `seconds` in `{out / 'downstream' / 'results.json'}` (this report stays reproducible); full "
+            f"study: `{out / 'downstream' / 'report.md'}`.",
+            *task_sections(results), ""]
+
+
+def write_report(out: Path, data: Path, scale, transfer: dict, downstream: dict | None = None) -> Path:
     from dlscale.transfer.report import table
     manifest = io.read_json(data / "manifest.json")
     rows, metrics = stage_rows(out, scale)
@@ -143,7 +156,7 @@ def write_report(out: Path, data: Path, scale, transfer: dict) -> Path:
         "## Label efficiency of the pretrained encoder", "",
         f"`dlscale transfer` on `{out / 'pretrain'}`: {transfer.get('ci', '')}.", "", *table(transfer), "",
         f"- Figure: `{out / 'label_efficiency' / 'label_efficiency.png'}` (macro AUC vs labels per class)",
-        f"- Full study: `{out / 'label_efficiency' / 'report.md'}`", ""]
+        f"- Full study: `{out / 'label_efficiency' / 'report.md'}`", "", *downstream_section(out, downstream)]
     report = out / "report.md"
     io.write_text(report, "\n".join(lines))
     return report

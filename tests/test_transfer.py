@@ -123,7 +123,8 @@ def test_probe_on_all_labels_equals_the_run_probe(encoder_run, separable_data, r
                      "--data.batch_size=16", *FAST)
     assert result.code == 0, result.err[-3000:]
     run_metrics = json.loads((encoder_run / "metrics.json").read_text())
-    cells = {(c["method"], c["n_per_class"]): c for c in json.loads((out / "results.json").read_text())["cells"]}
+    cells = {(c["method"], c["n_per_class"]): c for c in json.loads((out / "results.json").read_text())["cells"]
+             if c["task"] == "classification"}
     probe = cells[("probe", ALL)]
     assert len(probe["repeats"]) == 1
     assert probe["mean"]["auc_macro"] == pytest.approx(run_metrics["probe/auc_macro"], abs=1e-9)
@@ -140,7 +141,7 @@ def two_rank_study(runs, encoder_run, separable_data):
     out = runs / "two_ranks"
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
                      "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2", "--targets", "theta_E",
-                     "--methods", "probe,finetune,scratch", *SMALL, *FAST)
+                     "--methods", "probe,finetune,scratch", "--tasks", "classification", *SMALL, *FAST)
     assert result.code == 0, result.err[-4000:]
     return out, result
 
@@ -186,14 +187,14 @@ def test_a_second_call_reuses_the_finished_runs(two_rank_study, encoder_run, sep
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("model.pt")}
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
                      "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2", "--targets", "theta_E",
-                     "--methods", "finetune,scratch", *SMALL, *FAST)
+                     "--methods", "finetune,scratch", "--tasks", "classification", *SMALL, *FAST)
     assert result.code == 0, result.err[-3000:]
     assert "4 of 4 fine-tune/scratch runs finished before" in result.err
     assert before and {p: p.stat().st_mtime_ns for p in before} == before
     # other settings (2 epochs): the run is trained again, here in this process
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
                      "--labels-per-class", "2", "--repeats", "1", "--ranks", "1", "--targets", "theta_E",
-                     "--methods", "scratch", *SMALL, *FAST, "--epochs=2")
+                     "--methods", "scratch", "--tasks", "classification", *SMALL, *FAST, "--epochs=2")
     assert result.code == 0, result.err[-3000:]
     assert "0 of 1 fine-tune/scratch runs finished before" in result.err and "of other settings" in result.err
     retrained = json.loads((out / "results.json").read_text())["cells"][0]["runs"][0]
@@ -227,7 +228,7 @@ def test_an_encoder_of_another_image_size_transfers_with_data_resize(encoder_150
     out = runs / "resized"
     result = run_cli("transfer", "--encoder", encoder_150, "--data", data, "--out", out, "--methods",
                      "probe,finetune", "--labels-per-class", "4", "--repeats", "1", "--ranks", "1",
-                     "--data.resize=150", *SMALL, *FAST)
+                     "--tasks", "classification", "--data.resize=150", *SMALL, *FAST)
     assert result.code == 0, result.err[-3000:]
     cells = {c["method"]: c for c in json.loads((out / "results.json").read_text())["cells"]}
     exported = torch.load(Path(cells["finetune"]["runs"][0]) / "encoder.pt", weights_only=True)

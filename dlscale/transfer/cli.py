@@ -3,6 +3,9 @@
     dlscale transfer --encoder runs/ae --encoder runs/mae/encoder.pt --data data/sim_ii --out runs/transfer
     dlscale transfer --encoder runs/model_i_ae --data data/model_ii --out runs/i_to_ii --data.resize=150
     dlscale transfer --encoder runs/ae --data data/sim --out runs/reg --targets theta_E --labels-per-class 100,all
+    dlscale transfer --encoder runs/ae --data data/sim --out runs/cls --tasks classification
+    dlscale transfer --encoder runs/model_i_ae --data data/model_i --eval-data data/model_ii --out runs/x \
+        --tasks regression,anomaly --methods probe,random
 """
 from __future__ import annotations
 
@@ -31,6 +34,15 @@ def transfer_main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=None, help="training ranks (default: every GPU, or 2 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap draws of each CI")
+    p.add_argument("--tasks", default="all",
+                   help="downstream tasks, e.g. classification,regression,anomaly,superres; default 'all': every "
+                   "registered task the data allows (the others are skipped with a log line)")
+    p.add_argument("--eval-data", default=None, help="score on this dataset's eval split (cross-dataset transfer; "
+                   "frozen-encoder methods only)")
+    p.add_argument("--regression-targets", default="",
+                   help="regression task targets (default: log10_axion_mass and the lens parameters that vary)")
+    p.add_argument("--superres-steps", type=int, default=200, help="Adam steps of the super-resolution head")
+    p.add_argument("--superres-eval", type=int, default=512, help="eval images the super-resolution task scores")
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
@@ -40,14 +52,21 @@ def transfer_main(argv: list[str] | None = None) -> int:
                          [m.strip() for m in args.methods.split(",") if m.strip()], args.split, args.epochs,
                          [t.strip() for t in args.targets.split(",") if t.strip()],
                          args.ranks if args.ranks is not None else local_ranks(), args.seed, args.n_bootstrap,
-                         args.min_batches_per_epoch, rest)
+                         args.min_batches_per_epoch, rest, _names(args.tasks), args.eval_data,
+                         _names(args.regression_targets), args.superres_steps, args.superres_eval)
     from dlscale.train.deepspeed_setup import prepare_process
     prepare_process(_device(rest))
     from dlscale.transfer.report import table
+    from dlscale.transfer.report_tasks import task_sections
     from dlscale.transfer.runner import run_transfer
     results = run_transfer(cfg)
-    print("\n".join(["", *table(results), "", f"report: {cfg.out}/report.md"]), flush=True)
+    first = table(results) if "classification" in [t["name"] for t in results["tasks"]] else []
+    print("\n".join(["", *first, *task_sections(results), "", f"report: {cfg.out}/report.md"]), flush=True)
     return 0
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _device(overrides: list[str]) -> str:

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from dlscale import io
 from dlscale.data.classes import CLASSES
+from dlscale.transfer.report_tasks import efficiency_panels, task_record, task_sections
 from dlscale.transfer.subsets import ALL
 
 LINE_STYLES = {"probe": "-", "finetune": "--", "scratch": ":", "random": "-."}
@@ -27,20 +28,40 @@ def write_outputs(study, cells: list[dict], ci_text: str) -> dict:
     results = {
         "data_dir": str(cfg.data_dir), "data_source": study.manifest.get("source"), "split": cfg.split,
         "image_shape": study.manifest["image_shape"], "resize": study.train_cfg.data.resize,
-        "train_samples": len(study.train_labels), "eval_samples": len(study.truth["labels"]) if study.truth else 0,
+        "eval_data": cfg.eval_data, "train_samples": len(study.train_labels),
+        "eval_samples": (study.eval_manifest or study.manifest)["splits"][cfg.split]["samples"],
         "labels_per_class": cfg.labels_per_class, "repeats": cfg.repeats, "methods": cfg.methods,
         "targets": cfg.targets, "epochs": cfg.epochs, "ranks": cfg.ranks, "seed": cfg.seed,
         "overrides": cfg.overrides, "ci": ci_text, "budget": {str(n): b for n, b in study.budget.items()},
         "encoders": [{"label": s.label, "path": str(s.path), "stage": s.stage, "architecture": s.arch_label,
                       "image_shape": list(s.image_shape), "normalize": s.normalize, "trained_on": s.trained_on}
                      for s in study.sources],
-        "cells": cells}
-    io.write_json(out / "results.json", results)
-    save_figure(out / "label_efficiency.png", label_efficiency_figure(cells, len(study.train_labels)))
-    if cfg.targets:
+        "tasks": [task_record(t) for t in study.tasks], "cells": cells}
+    classification = [c for c in cells if c["task"] == "classification"]
+    if classification:
+        save_figure(out / "label_efficiency.png", label_efficiency_figure(classification, len(study.train_labels)))
+    if cfg.targets and study.preds:
         save_figure(out / "regression_scatter.png", scatter_figure(study, cells))
+    results["figures"] = task_figures(study, cells, results)
+    io.write_json(out / "results.json", results)
     io.write_text(out / "report.md", report_text(results))
     return results
+
+
+def task_figures(study, cells: list[dict], results: dict) -> list[str]:
+    """The downstream tasks' label-efficiency panels and their own figures; the file names written."""
+    out, written = Path(study.cfg.out), []
+    panels = efficiency_panels(results)
+    if panels is not None:
+        save_figure(out / "label_efficiency_tasks.png", panels)
+        written.append("label_efficiency_tasks.png")
+    for task in study.tasks:
+        if task.name == "classification":
+            continue
+        for name, figure in task.figures(study, [c for c in cells if c["task"] == task.name]).items():
+            save_figure(out / name, figure)
+            written.append(name)
+    return written
 
 
 def save_figure(path: Path, figure: Figure) -> None:
@@ -111,6 +132,8 @@ def table(results: dict) -> list[str]:
         "".join(f" MAE {t} (95% CI) | R2 {t} |" for t in targets)
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for c in results["cells"]:
+        if c.get("task", "classification") != "classification":
+            continue
         regression = "".join(f" {_with_ci(c, f'mae/{t}')} | {_f(c['mean'].get(f'r2/{t}'))} |" for t in targets)
         rows.append(f"| {c['n_per_class']} | {c['method']} | {c['model']} | {len(c['repeats'])} | "
                     f"{_with_ci(c, 'accuracy')} | {_with_ci(c, 'auc_macro')} |{regression}")
@@ -138,6 +161,8 @@ def report_text(results: dict) -> str:
              f"Data: `{results['data_dir']}` ({shape} images{resize}); labelled subsets drawn from its "
              f"{results['train_samples']} train samples; every metric on the whole `{results['split']}` split "
              f"({results['eval_samples']} samples), which no subset touches.", "", "Encoders:"]
+    if results.get("eval_data"):
+        lines[2] += f" Cross-dataset: every metric is scored on `{results['eval_data']}` instead."
     lines += [f"- **{e['label']}** (`{e['path']}`): stage {e['stage']}, {e['architecture']}, "
               f"{_trained_on(e, results['data_dir'])}" for e in results["encoders"]]
     lines += ["", "Methods (scratch and random are per architecture):"]
@@ -148,9 +173,13 @@ def report_text(results: dict) -> str:
               f"{results['seed']}), {results['repeats']} repeat(s); at N = all the probe is deterministic (one "
               f"repeat). Fine-tune and scratch budget (epochs x batches): {budget or '-'}; config overrides "
               f"{' '.join(results['overrides']) or 'none'}.",
-              f"Values: mean over repeats; CI: {results['ci']}.", "", *table(results), "",
-              "- Figure: `label_efficiency.png` (macro AUC vs labels per class, log x, CI bands)"]
+              f"Values: mean over repeats; CI: {results['ci']}.", ""]
+    if any(c.get("task", "classification") == "classification" for c in results["cells"]):
+        lines += ["## Task: classification", "", *table(results), "",
+                  "- Figure: `label_efficiency.png` (macro AUC vs labels per class, log x, CI bands)"]
     if results["targets"]:
         lines.append("- Regression: `regression_scatter.png` (predicted vs true at the largest N)")
-    lines += ["- Fine-tune and scratch runs (TensorBoard): `tensorboard --logdir runs` in this directory", ""]
+    lines += [f"- Downstream tasks: `{name}`" for name in results.get("figures", [])]
+    lines += ["- Fine-tune and scratch runs (TensorBoard): `tensorboard --logdir runs` in this directory"]
+    lines += [*task_sections(results), ""]
     return "\n".join(lines)

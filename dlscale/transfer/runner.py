@@ -11,6 +11,11 @@ scored on the whole eval split:
 
 Probe features are computed once per encoder (once per repeat for `random`) over the whole train split and subset
 in memory. At N = all the probe is deterministic, so it has one repeat; the other methods repeat with other seeds.
+Those four methods are the `classification` task; `tasks` (default `all`: every registered task the data can
+serve) adds other downstream tasks (`dlscale.transfer.tasks`: regression, anomaly, superres, or any registered
+one), each fitted on the same subsets and scored with the same bootstrap, every cell naming its `task`.
+`eval_data` scores the frozen-encoder methods on another dataset's eval split (cross-dataset transfer), the
+subsets still drawn from `data_dir`'s train split.
 Training budget: `epochs` x max(`min_batches_per_epoch`, N_train / (batch x ranks)) batches, warm-up a tenth of it;
 any `--section.key=value` override of the training config comes last and wins.
 """
@@ -56,6 +61,15 @@ class TransferConfig:
     n_bootstrap: int = 1000
     min_batches_per_epoch: int = 5
     overrides: list[str] = field(default_factory=list)   # training config, --section.key=value
+    tasks: list[str] = field(default_factory=lambda: ["all"])   # downstream tasks; all: every one the data allow
+    eval_data: str | None = None          # score on this dataset's eval split (cross-dataset transfer)
+    regression_targets: list[str] = field(default_factory=list)   # regression task (default: what the data vary)
+    superres_steps: int = 200             # optimiser steps of the super-resolution head
+    superres_eval: int = 512              # eval images the super-resolution task scores (the first by id)
+
+    @property
+    def eval_dir(self) -> str:
+        return self.eval_data or self.data_dir
 
     def validate(self) -> "TransferConfig":
         if not self.encoders:
@@ -67,6 +81,13 @@ class TransferConfig:
             raise ValueError("--repeats, --epochs and --ranks must be >= 1, --n-bootstrap >= 0")
         if not self.labels_per_class:
             raise ValueError("--labels-per-class: give at least one N (or 'all')")
+        if not self.tasks:
+            raise ValueError("--tasks: give at least one downstream task (or 'all')")
+        if self.eval_data and {"finetune", "scratch"} & set(self.methods):
+            raise ValueError("--eval-data scores the frozen-encoder methods (probe, random) on other data; fine-tune "
+                             "and scratch runs evaluate on their own data: use --methods probe,random")
+        if self.superres_steps < 1 or self.superres_eval < 1:
+            raise ValueError("--superres-steps and --superres-eval must be >= 1")
         reserved = sorted(set(overrides_tree(self.overrides)) & set(RESERVED_KEYS))
         if reserved:
             raise ValueError(f"override --{reserved[0]}=...: transfer sets {', '.join(RESERVED_KEYS)} itself")
@@ -88,6 +109,24 @@ class Study:
     preds: dict = field(default_factory=dict)     # (method, model, N) -> [per-repeat predictions]
     runs: dict = field(default_factory=dict)      # (method, model, N) -> [run dirs]
     budget: dict = field(default_factory=dict)    # N -> {"epochs", "batches_per_epoch", "batch_size", "ranks"}
+    tasks: list = field(default_factory=list)     # DownstreamTask instances, in the order they run
+    cache: dict = field(default_factory=dict)     # (model, init seed, split) -> frozen features
+    eval_manifest: dict | None = None
+
+    def frozen_features(self, source: feats.EncoderSource, init_seed: int | None, split: str, encoder=None) -> dict:
+        """Features of `split` (train: the training data; else the eval data) by the trained encoder or the random
+        initialisation `init_seed`, computed once per study and shared by every task."""
+        key = (source.label if init_seed is None else source.arch_label, init_seed, split)
+        if key not in self.cache:
+            from dlscale.transfer.tasks.base import encoder_of
+            encoder = encoder if encoder is not None else encoder_of(self, source, init_seed)
+            what = f"{key[0]} ({'trained' if init_seed is None else f'random init {init_seed}'})"
+            data = self.cfg.data_dir if split == "train" else self.cfg.eval_dir
+            out = feats.features(encoder, data, self.stream(source), split, what, self.device)
+            if split == "train" and not np.array_equal(out["ids"], self.train_ids):
+                raise RuntimeError(f"{what}: the train features cover other samples than the train split's index")
+            self.cache[key] = out
+        return self.cache[key]
 
     @property
     def architectures(self) -> dict[str, feats.EncoderSource]:
@@ -133,10 +172,13 @@ def prepare(cfg: TransferConfig) -> Study:
                          f"{', '.join(manifest['splits'])})")
     if tuple(manifest["classes"]) != CLASSES:
         raise ValueError(f"{cfg.data_dir}: classes {manifest['classes']}, the encoders use {list(CLASSES)}")
+    eval_manifest = manifest if not cfg.eval_data else check_eval_data(cfg)
     train_cfg = training_config(cfg)
     sources = feats.load_sources(cfg.encoders)
     for source in sources:
         feats.check_input(source, manifest["image_shape"], train_cfg.data, cfg.data_dir)
+        if cfg.eval_data:
+            feats.check_input(source, eval_manifest["image_shape"], train_cfg.data, cfg.eval_data)
         if not source.trained_on:
             log.warning("encoder %s: neither its metadata nor a config.yaml beside it says what it was trained on",
                         source.path)
@@ -144,7 +186,23 @@ def prepare(cfg: TransferConfig) -> Study:
     check_sizes(cfg.labels_per_class, labels, cfg.data_dir)
     subsets = [nested_subsets(labels, cfg.labels_per_class, cfg.seed, r) for r in range(cfg.repeats)]
     from dlscale.train.deepspeed_setup import pick_device
-    return Study(cfg, manifest, train_cfg, sources, ids, labels, subsets, pick_device(train_cfg.device))
+    study = Study(cfg, manifest, train_cfg, sources, ids, labels, subsets, pick_device(train_cfg.device),
+                  eval_manifest=eval_manifest)
+    from dlscale.transfer.tasks import resolve_tasks
+    study.tasks = resolve_tasks(study)
+    return study
+
+
+def check_eval_data(cfg: TransferConfig) -> dict:
+    """The cross-dataset eval data: the eval split and the classes of the training data."""
+    manifest = load_manifest(cfg.eval_data)
+    if cfg.split not in manifest["splits"]:
+        raise ValueError(f"--eval-data {cfg.eval_data}: has no {cfg.split!r} split (has "
+                         f"{', '.join(manifest['splits'])})")
+    if tuple(manifest["classes"]) != CLASSES:
+        raise ValueError(f"--eval-data {cfg.eval_data}: classes {manifest['classes']}, the encoders use "
+                         f"{list(CLASSES)}")
+    return manifest
 
 
 def run_probes(study: Study) -> None:
@@ -155,14 +213,9 @@ def run_probes(study: Study) -> None:
     if "random" in cfg.methods:
         jobs += [("random", label, s, r) for label, s in study.architectures.items() for r in range(cfg.repeats)]
     for method, model, source, init_seed in tqdm(jobs, desc="probes", unit="encoder"):
-        encoder = feats.load_weights(source) if init_seed is None else \
-            feats.random_encoder(source, cfg.seed + init_seed)
         what = f"{model} ({'trained' if init_seed is None else f'random init {init_seed}'})"
-        stream = study.stream(source)
-        train = feats.features(encoder, cfg.data_dir, stream, "train", what, study.device)
-        evald = feats.features(encoder, cfg.data_dir, stream, cfg.split, what, study.device)
-        if not np.array_equal(train["ids"], study.train_ids):
-            raise RuntimeError(f"{what}: the train features cover other samples than the train split's index")
+        train = study.frozen_features(source, init_seed, "train")
+        evald = study.frozen_features(source, init_seed, cfg.split)
         for n in cfg.labels_per_class:
             repeats = study.repeats(method, n) if init_seed is None else [init_seed]
             for r in repeats:
@@ -215,12 +268,7 @@ def plan_runs(study: Study) -> list[tuple[tuple, PlannedRun]]:
         ([("scratch", a, s) for a, s in study.architectures.items()] if "scratch" in cfg.methods else [])
     planned = []
     for n in cfg.labels_per_class:
-        n_train = len(study.train_labels) if n == ALL else n * len(CLASSES)
-        batches = max(cfg.min_batches_per_epoch, n_train // (batch * cfg.ranks))
-        budget = [f"--schedule.epochs={cfg.epochs}", f"--schedule.batches_per_epoch={batches}",
-                  f"--optim.warmup_steps={max(1, cfg.epochs * batches // 10)}", f"--eval.split={cfg.split}",
-                  "--eval.probe_samples=0", "--eval.n_bootstrap=0", "--schedule.checkpoint_every=0",
-                  "--schedule.keep_checkpoints=1"]
+        budget = budget_overrides(cfg, len(study.train_labels) if n == ALL else n * len(CLASSES), batch)
         for r in range(cfg.repeats):
             for method, model, source in models:
                 overrides = [*source.overrides(), *budget, f"--seed={cfg.seed + r}", *tasks, *cfg.overrides]
@@ -232,6 +280,16 @@ def plan_runs(study: Study) -> list[tuple[tuple, PlannedRun]]:
         if planned and n not in study.budget:
             study.budget[n] = resolved_budget(planned[-1][1], cfg.ranks)
     return planned
+
+
+def budget_overrides(cfg: TransferConfig, n_train: int, batch: int) -> list[str]:
+    """The shared training budget of a fine-tune or scratch run on `n_train` images: `epochs` x max(floor,
+    N_train / (batch x ranks)) batches, warm-up a tenth; evaluation on the eval split without probe or bootstrap."""
+    batches = max(cfg.min_batches_per_epoch, n_train // (batch * cfg.ranks))
+    return [f"--schedule.epochs={cfg.epochs}", f"--schedule.batches_per_epoch={batches}",
+            f"--optim.warmup_steps={max(1, cfg.epochs * batches // 10)}", f"--eval.split={cfg.split}",
+            "--eval.probe_samples=0", "--eval.n_bootstrap=0", "--schedule.checkpoint_every=0",
+            "--schedule.keep_checkpoints=1"]
 
 
 def resolved_budget(run: PlannedRun, ranks: int) -> dict:
@@ -261,7 +319,7 @@ def summarize(study: Study) -> list[dict]:
     for method, model, n in tqdm(keys, desc="bootstrap", unit="cell", leave=False):
         summary = summarize_cell(study.preds[(method, model, n)], study.truth, CLASSES, cfg.targets,
                                  cfg.n_bootstrap, cfg.seed)
-        cells.append({"method": method, "model": model, "n_per_class": n,
+        cells.append({"task": "classification", "method": method, "model": model, "n_per_class": n,
                       "n_train": len(study.train_labels) if n == ALL else n * len(CLASSES),
                       **summary, "runs": study.runs.get((method, model, n), [])})
     return cells
@@ -273,7 +331,16 @@ def run_transfer(cfg: TransferConfig) -> dict:
     from dlscale.transfer.report import write_outputs
     study = prepare(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    cells = []
+    for task in study.tasks:
+        log.info("downstream task %s", task.name)
+        cells += task.run(study)
+    return write_outputs(study, cells, CI_TEXT.format(b=cfg.n_bootstrap))
+
+
+def run_classification(study: Study) -> list[dict]:
+    """The classification task: probes, fine-tune and scratch runs, one cell per (method, model, N)."""
     run_probes(study)
-    if {"finetune", "scratch"} & set(cfg.methods):
+    if {"finetune", "scratch"} & set(study.cfg.methods):
         run_training(study)
-    return write_outputs(study, summarize(study), CI_TEXT.format(b=cfg.n_bootstrap))
+    return summarize(study)

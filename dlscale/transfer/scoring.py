@@ -19,6 +19,7 @@ from sklearn.metrics import r2_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from dlscale.transfer.bootstrap import weighted_auc
 from dlscale.evaluate import check_labels, classification_metrics, regression_metrics
 
 
@@ -60,15 +61,7 @@ def weighted_metrics(pred: dict, labels: np.ndarray, target: np.ndarray | None, 
     if "probs" in pred:
         probs = pred["probs"]
         out["accuracy"] = counts @ (probs.argmax(1) == labels).astype(float) / n
-        aucs = []
-        for k in range(n_classes):
-            order = np.argsort(probs[:, k], kind="stable")
-            score, positive, weight = probs[order, k], labels[order] == k, counts[:, order]
-            starts = np.flatnonzero(np.r_[True, score[1:] != score[:-1]])    # groups of tied scores
-            pos = np.add.reduceat(weight * positive, starts, axis=1)
-            neg = np.add.reduceat(weight * ~positive, starts, axis=1)
-            below = np.cumsum(neg, axis=1) - neg
-            aucs.append((pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1)))
+        aucs = [weighted_auc(probs[:, k], labels == k, counts) for k in range(n_classes)]
         out["auc_macro"] = np.mean(aucs, axis=0)
     if "regression" in pred:
         for j, name in enumerate(targets):

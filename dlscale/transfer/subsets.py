@@ -87,10 +87,38 @@ def subset_name(n: int | str, repeat: int) -> str:
 def write_subset(data_dir: str | Path, ids: np.ndarray, out_dir: str | Path, eval_split: str,
                  provenance: dict) -> Path:
     """A dataset at `out_dir`: the train samples `ids` (with their metadata) and `data_dir`'s `eval_split`."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     if eval_split not in manifest["splits"]:
         raise ValueError(f"{data_dir}: no {eval_split!r} split to evaluate on (has {', '.join(manifest['splits'])})")
+
+    def link_eval(staging: Path) -> None:
+        for shard in manifest["splits"][eval_split]["shards"]:
+            _link(data_dir / shard["name"], staging / shard["name"])
+        written = io.read_json(staging / MANIFEST)
+        written["splits"][eval_split] = copy.deepcopy(manifest["splits"][eval_split])
+        io.write_json(staging / MANIFEST, written)
+    return _staged(data_dir, manifest, Path(out_dir), provenance,
+                   lambda writer: _copy_samples(data_dir, manifest, "train", ids, writer), link_eval)
+
+
+def write_samples(data_dir: str | Path, chosen: dict[str, np.ndarray], out_dir: str | Path, provenance: dict,
+                  extra_meta=None) -> Path:
+    """A dataset at `out_dir` holding, per split, only the samples `chosen[split]` (ids of `data_dir`'s split),
+    their metadata updated with `extra_meta(split, id) -> dict`. Why copies and not links: a regression run needs its
+    target on every sample of both splits (the axion mass exists on axion images only, log10 of it on none)."""
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+
+    def fill(writer: DatasetWriter) -> None:
+        for split, ids in chosen.items():
+            _copy_samples(data_dir, manifest, split, ids, writer, extra_meta)
+    return _staged(data_dir, manifest, Path(out_dir), provenance, fill)
+
+
+def _staged(data_dir: Path, manifest: dict, out_dir: Path, provenance: dict, fill, after=None) -> Path:
+    """Build the dataset in a hidden sibling (`fill(writer)`, then `after(staging)` once the writer finished) and
+    rename it into place: complete or absent."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir.parent)
     staging = partial_dir(out_dir)
@@ -102,12 +130,9 @@ def write_subset(data_dir: str | Path, ids: np.ndarray, out_dir: str | Path, eva
         with DatasetWriter(staging, tuple(manifest["image_shape"]), source,
                            samples_per_record=layout["samples_per_record"],
                            classes=tuple(manifest["classes"])) as writer:
-            _copy_train_samples(data_dir, manifest, ids, writer)
-        for shard in manifest["splits"][eval_split]["shards"]:
-            _link(data_dir / shard["name"], staging / shard["name"])
-        written = io.read_json(staging / MANIFEST)
-        written["splits"][eval_split] = copy.deepcopy(manifest["splits"][eval_split])
-        io.write_json(staging / MANIFEST, written)
+            fill(writer)
+        if after is not None:
+            after(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -117,11 +142,13 @@ def write_subset(data_dir: str | Path, ids: np.ndarray, out_dir: str | Path, eva
     return out_dir
 
 
-def _copy_train_samples(data_dir: Path, manifest: dict, ids: np.ndarray, writer: DatasetWriter) -> None:
+def _copy_samples(data_dir: Path, manifest: dict, split: str, ids: np.ndarray, writer: DatasetWriter,
+                  extra_meta=None) -> None:
+    """Copy the samples `ids` of `split` in id order (so a copy's ids sort as the source's did)."""
     wanted: dict[tuple[int, int], list[int]] = {}
-    for shard, record, position in np.asarray(ids).tolist():
+    for shard, record, position in sorted(np.asarray(ids).tolist()):
         wanted.setdefault((shard, record), []).append(position)
-    shards = ShardSet(data_dir, "train", StreamConfig(num_workers=0))
+    shards = ShardSet(data_dir, split, StreamConfig(num_workers=0))
     found = 0
     for index in sorted({shard for shard, _ in wanted}):
         name = shards.shards[index]["name"]
@@ -133,10 +160,11 @@ def _copy_train_samples(data_dir: Path, manifest: dict, ids: np.ndarray, writer:
                 images, labels, metas = decode_record(record, manifest["record_layout"], manifest["image_shape"],
                                                       len(manifest["classes"]), f"{name}:{key}")
                 for p in positions:
-                    writer.add("train", images[p], int(labels[p]), metas[p])
+                    meta = metas[p] if extra_meta is None else {**metas[p], **extra_meta(split, (index, r, p))}
+                    writer.add(split, images[p], int(labels[p]), meta)
                 found += len(positions)
     if found != len(ids):
-        raise RuntimeError(f"{data_dir}: found {found} of the {len(ids)} subset samples in the train shards")
+        raise RuntimeError(f"{data_dir}: found {found} of the {len(ids)} subset samples in the {split} shards")
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -1,0 +1,138 @@
+"""The regression task: physical parameters - the axion mass as log10(m / eV) (axion samples only: the simulator
+writes `axion_mass` in eV on every axion sample, None on the others) and the lens parameters the data vary
+(`theta_E`, `e1`, `e2`, `gamma1`, `gamma2`: simulator data with `lens.randomize`).
+
+probe     ridge regression on standardised frozen features of the N-per-class subset's samples that carry the
+          target (so N axion samples for the mass); the random-init control likewise
+finetune  the encoder trained on those samples for the regression targets alone (`regression_runs`), and
+scratch   the same architecture from random weights, same samples, config and budget
+Metrics: MAE (in dex for the mass) and R^2 on the eval images that carry the target, with the study's bootstrap.
+"""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from dlscale.transfer import samples
+from dlscale.transfer.bootstrap import weighted_mean, weighted_r2
+from dlscale.transfer.scoring import probe_regressor
+from dlscale.transfer.tasks import DOWNSTREAM
+from dlscale.transfer.tasks.regression_runs import run_trained
+from dlscale.transfer.tasks.base import (Anchor, DownstreamTask, cell, frozen_jobs, n_train, repeats_of,
+                                         summarize)
+
+MASS, LOG_MASS = "axion_mass", "log10_axion_mass"
+CANDIDATES = (LOG_MASS, "theta_E", "e1", "e2", "gamma1", "gamma2")
+ANCHOR_SOURCE = "DeepLense Model II axion-mass regression, as quoted in the dlscale issue; other data than this study"
+
+
+def target_values(meta: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """A target's values per sample (NaN where a sample has none): log10 of the axion mass, or a metadata key."""
+    if name == LOG_MASS:
+        mass = meta[MASS]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(mass > 0, np.log10(np.where(mass > 0, mass, 1.0)), np.nan)
+    return meta[name]
+
+
+def split_metadata(study, split: str) -> dict[str, np.ndarray]:
+    """The metadata columns of the candidate targets (read once per study), train from the training data."""
+    key = ("metadata", split)
+    if key not in study.cache:
+        data = study.cfg.data_dir if split == "train" else study.cfg.eval_dir
+        names = {MASS if t == LOG_MASS else t for t in (*CANDIDATES, *study.cfg.regression_targets)}
+        study.cache[key] = samples.metadata(data, split, sorted(names))
+    return study.cache[key]
+
+
+def varies(values: np.ndarray) -> bool:
+    finite = values[np.isfinite(values)]
+    return len(finite) >= 2 and float(np.ptp(finite)) > 0
+
+
+@DOWNSTREAM.register
+class Regression(DownstreamTask):
+    name = "regression"
+    needs = ("a varying numeric target in the sample metadata of the train and eval splits (`axion_mass` on axion "
+             "images, or theta_E / e1 / e2 / gamma1 / gamma2 from the simulator with lens.randomize)")
+    anchors = (Anchor(f"mae/{LOG_MASS}", 0.021, "ResNet18 supervised, all labels", ANCHOR_SOURCE),
+               Anchor(f"mae/{LOG_MASS}", 0.100, "Lens-LeJEPA + LoRA", ANCHOR_SOURCE))
+    higher_is_better = False
+    note = ("ridge regression on standardised frozen features of the subset's samples that carry the target "
+            "(random-init control likewise); fine-tune and scratch: regression-only runs on the same samples with "
+            "the same budget (the axion mass: axion images only, scored on the eval split's axion images); MAE in "
+            "the target's units (dex for log10 axion mass), R^2")
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+        self.metrics = ()
+
+    def unmet(self, study) -> str | None:
+        train, evald = split_metadata(study, "train"), split_metadata(study, study.cfg.split)
+        asked = study.cfg.regression_targets or list(CANDIDATES)
+        self.targets = [t for t in asked
+                        if varies(target_values(train, t)) and varies(target_values(evald, t))]
+        if study.cfg.regression_targets and self.targets != asked:
+            missing = sorted(set(asked) - set(self.targets))
+            return f"target(s) {', '.join(missing)} do not vary (or are absent) in {study.cfg.data_dir}"
+        if not self.targets:
+            return f"no candidate target ({', '.join(CANDIDATES)}) varies in the data"
+        self.metrics = tuple(m for t in self.targets for m in (f"mae/{t}", f"r2/{t}"))
+        return None
+
+    def run(self, study) -> list[dict]:
+        cfg = study.cfg
+        train_meta, eval_meta = split_metadata(study, "train"), split_metadata(study, cfg.split)
+        train_y = {t: target_values(train_meta, t) for t in self.targets}
+        self.truth = {t: target_values(eval_meta, t) for t in self.targets}
+        self.preds: dict[tuple, list[dict]] = {}
+        for method, model, source, init_seed in frozen_jobs(study):
+            train = study.frozen_features(source, init_seed, "train")
+            evald = study.frozen_features(source, init_seed, cfg.split)
+            if not np.array_equal(evald["ids"], eval_meta["ids"]):
+                raise RuntimeError(f"regression: features and metadata of {cfg.split} cover other samples")
+            for n in cfg.labels_per_class:
+                for r in repeats_of(study, method, n, init_seed):
+                    pred = {}
+                    for t in self.targets:
+                        index = study.subsets[r][n]
+                        index = index[np.isfinite(train_y[t][index])]
+                        pred[t] = probe_regressor(train["features"][index], train_y[t][index],
+                                                  evald["features"])[:, 0]
+                    self.preds.setdefault((method, model, n), []).append(pred)
+        trained, runs = run_trained(study, train_y, self.truth, eval_meta["ids"], {LOG_MASS})
+        self.preds.update(trained)
+        return [cell(self.name, method, model, n, n_train(study, n),
+                     summarize(self.draw(preds), len(preds), len(eval_meta["ids"]), study),
+                     runs.get((method, model, n)))
+                for (method, model, n), preds in self.preds.items()]
+
+    def draw(self, preds: list[dict]):
+        def metrics(r: int, counts: np.ndarray) -> dict[str, np.ndarray]:
+            out = {}
+            for t in self.targets:
+                truth, mask = self.truth[t], np.isfinite(self.truth[t])
+                pred, truth0 = np.where(mask, preds[r][t], 0.0), np.where(mask, truth, 0.0)
+                kept = counts * mask
+                out[f"mae/{t}"] = weighted_mean(np.abs(pred - truth0), kept)
+                out[f"r2/{t}"] = weighted_r2(pred, truth0, kept)
+            return out
+        return metrics
+
+    def figures(self, study, cells: list[dict]) -> dict:
+        """Predicted against true per target: every trained encoder's probe at the largest N (first repeat)."""
+        largest = study.cfg.labels_per_class[-1]
+        figure = Figure(figsize=(4.2 * len(self.targets), 4.0), layout="constrained")
+        FigureCanvasAgg(figure)
+        for j, t in enumerate(self.targets):
+            axes = figure.add_subplot(1, len(self.targets), j + 1)
+            truth = self.truth[t]
+            for k, ((method, model, n), preds) in enumerate(sorted(self.preds.items(), key=lambda kv: str(kv[0]))):
+                if n == largest and method == "probe":
+                    axes.scatter(truth, preds[0][t], s=6, alpha=0.5, color=f"C{k % 10}", label=model)
+            finite = truth[np.isfinite(truth)]
+            axes.plot([finite.min(), finite.max()], [finite.min(), finite.max()], color="0.4", linewidth=0.8)
+            axes.set(xlabel=f"true {t}", ylabel=f"predicted {t}", title=f"{t} (probe, {largest} labels/class)")
+            axes.legend(fontsize="x-small")
+        return {"regression_downstream.png": figure}
