@@ -21,20 +21,10 @@ import torch
 
 from dlscale.dist import DistInfo
 from dlscale.train.config import load_config
+from dlscale.train.data import InMemoryStream
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, prepare_process
 from dlscale.train.engine import Trainer
 from dlscale.train.evaluation import build_run_model
-
-
-class Batches(torch.utils.data.IterableDataset):
-    def __init__(self, batches):
-        self.batches = batches
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __iter__(self):
-        return iter(self.batches)
 
 
 def timed_steps(step, batches, n: int, device: torch.device) -> float:
@@ -87,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                        total_steps=10**6)
     if precision != "fp32":
         raise SystemExit("compare at fp32 here (set --device cpu or a config with precision fp32)")
-    trainer = Trainer(cfg, info, engine, Batches(batches), batches=len(batches))
+    trainer = Trainer(cfg, info, engine, InMemoryStream(batches), batches=len(batches))
 
     timed_steps(plain_step, batches, 2, device)
     timed_steps(trainer.train_step, batches, 2, device)

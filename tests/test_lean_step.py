@@ -46,23 +46,10 @@ def counting_host_reads():
             setattr(owner, name, original)
 
 
-class ListStream(torch.utils.data.IterableDataset):
-    def __init__(self, batches):
-        self.batches = batches
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def sample_keys(self, ids):
-        return [f"sample {i}" for i in ids[:, 2].tolist()]
-
-
 def _trainer(method: str, stage: str = "multitask"):
     from dlscale.dist import DistInfo
     from dlscale.train.config import load_config
+    from dlscale.train.data import InMemoryStream
     from dlscale.train.deepspeed_setup import init_distributed, make_engine
     from dlscale.train.engine import Trainer
     from dlscale.train.evaluation import build_run_model
@@ -76,7 +63,7 @@ def _trainer(method: str, stage: str = "multitask"):
                                total_steps=100)
     batches = [{"image": torch.rand(4, 1, 16, 16), "label": torch.tensor([0, 1, 2, k % 3]),
                 "ids": torch.zeros(4, 3, dtype=torch.long)} for k in range(6)]
-    return Trainer(cfg, info, engine, ListStream(batches), batches=len(batches)), batches
+    return Trainer(cfg, info, engine, InMemoryStream(batches), batches=len(batches)), batches
 
 
 @pytest.mark.parametrize("method", ["fixed", "uncertainty", "dwa", "famo"])
@@ -102,7 +89,7 @@ def test_a_non_finite_loss_is_caught_at_the_next_read_naming_its_step():
                 "ids": torch.tensor([[0, 0, 7], [0, 0, 8], [0, 0, 9], [0, 0, 10]])}
     trainer.train_step(poisoned)              # step 1: nothing raised inside the step
     trainer.train_step(batches[2])
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1 .* starts with \['sample 7', "):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1 .* starts with \['in-memory sample 0:0:7', "):
         trainer.sync()
 
 

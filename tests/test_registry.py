@@ -127,23 +127,11 @@ def test_backward_hook_replaces_the_default_on_every_step(toy_run):
     assert [json.loads((records / f"rank{r}.json").read_text())["backward_calls"] for r in (0, 1)] == [steps, steps]
 
 
-class ListStream(torch.utils.data.IterableDataset):
-    """A stream of fixed batches: what the trainer needs of one (set_epoch + iteration)."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
 def test_a_training_step_runs_on_a_given_engine_and_stream():
     from dlscale.dist import DistInfo
     from dlscale.train.config import load_config
     from dlscale.train.deepspeed_setup import init_distributed, make_engine
+    from dlscale.train.data import InMemoryStream
     from dlscale.train.engine import Trainer
     from dlscale.train.evaluation import build_run_model
     cfg = load_config(None, ["--model.encoder.name=small", "--model.encoder.width=8", "--data.batch_size=4",
@@ -156,7 +144,7 @@ def test_a_training_step_runs_on_a_given_engine_and_stream():
     engine, _, _ = make_engine(model, cfg, 1, torch.device("cpu"), total_steps=10)
     batch = {"image": torch.rand(4, 1, 16, 16), "label": torch.tensor([0, 1, 2, 0]),
              "ids": torch.zeros(4, 3, dtype=torch.long)}
-    trainer = Trainer(cfg, info, engine, ListStream([batch]), batches=1)
+    trainer = Trainer(cfg, info, engine, InMemoryStream([batch]), batches=1)
     before = {k: v.clone() for k, v in engine.module.state_dict().items() if v.is_floating_point()}
     with torch.no_grad():
         expected = engine.module.losses(engine.module(batch["image"], batch), batch["image"], batch)

@@ -78,6 +78,23 @@ def train_stream(cfg, info: DistInfo, device: torch.device):
     return TrainStream(shards, info.rank, info.world, batches, cfg.seed), batches
 
 
+class InMemoryStream(torch.utils.data.IterableDataset):
+    """A training stream over batches already in memory, the same every epoch: what `Trainer` needs of a stream
+    (`set_epoch`, iteration, sample keys), for benchmarks and tests of the training step."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def sample_keys(self, ids: torch.Tensor) -> list[str]:
+        return [f"in-memory sample {s}:{r}:{p}" for s, r, p in ids.tolist()]
+
+
 def stream_image_shape(stream) -> tuple[int, ...]:
     return tuple(stream.image_shape if hasattr(stream, "image_shape") else stream.shards.image_shape)
 
