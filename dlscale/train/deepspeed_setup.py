@@ -100,6 +100,33 @@ def ds_config(cfg, world: int, precision: str) -> dict:
     }
 
 
+def resolve_engine_settings(cfg, world: int, device: torch.device) -> dict:
+    """The ds_config the engine will run with, and `cfg.deepspeed` set to what it holds (precision, ZeRO stage,
+    gradient accumulation): a `deepspeed.config_file` decides them, and the learning-rate schedule, batch casts,
+    resume position, logs and config.yaml must all use what DeepSpeed uses. Called once, before the run directory
+    is written; raises naming the key or file for a value dlscale cannot run."""
+    config = ds_config(cfg, world, resolve_precision(cfg, device))
+    where = cfg.deepspeed.config_file or "the generated ds_config"
+    resolved = {"precision": "bf16" if (config.get("bf16") or {}).get("enabled") else
+                "fp16" if (config.get("fp16") or {}).get("enabled") else "fp32",
+                "zero_stage": int((config.get("zero_optimization") or {}).get("stage", 0)),
+                "grad_accum": int(config.get("gradient_accumulation_steps", 1))}
+    if resolved["zero_stage"] not in (0, 1, 2):
+        raise ValueError(f"{where}: zero_optimization.stage={resolved['zero_stage']}; dlscale runs stages 0-2 "
+                         "(stage 3 would shard parameters the uneven evaluation stream needs)")
+    if resolved["grad_accum"] < 1:
+        raise ValueError(f"{where}: gradient_accumulation_steps={resolved['grad_accum']}; expected >= 1")
+    if device.type == "cpu" and resolved["precision"] == "fp16":
+        raise ValueError(f"{where}: fp16 is not supported on CPU; use fp32 (or bf16, 5-8x slower here)")
+    for key, value in resolved.items():
+        said = getattr(cfg.deepspeed, key)
+        if said != value and not (key == "precision" and said == "auto"):
+            log.warning("%s sets deepspeed.%s=%s (the config said %s): using %s throughout", where, key, value, said,
+                        value)
+        setattr(cfg.deepspeed, key, value)
+    return config
+
+
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
     """LR multiplier: linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total` steps."""
     def factor(step: int) -> float:

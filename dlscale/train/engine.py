@@ -152,7 +152,9 @@ class Trainer:
                 self.samples_seen += samples
                 window_samples, epoch_samples = window_samples + samples, epoch_samples + samples
                 bar.update(1)
-                step, boundary = self.engine.global_steps, self.engine.is_gradient_accumulation_boundary()
+                # (the engine's is_gradient_accumulation_boundary() speaks of the next micro-batch once step() ran)
+                step = self.engine.global_steps
+                boundary = self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0
                 if not boundary:      # a checkpoint, a log line and a stop hold whole optimizer steps
                     continue
                 if self.drill is not None and step == self.drill.step:

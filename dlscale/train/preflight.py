@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from dlscale.train.deepspeed_setup import ds_config, resolve_precision
+from dlscale.train.deepspeed_setup import resolve_engine_settings
 
 
 def check_engine_settings(cfg, model: torch.nn.Module, world: int, device: torch.device) -> None:
-    """Precision on this device, the ds_config (a given `deepspeed.config_file` must exist and agree with `data.*`)
-    and the optimizer's numbers, as the engine will use them; raises naming the key."""
-    ds_config(cfg, world, resolve_precision(cfg, device))
+    """Precision on this device, the ds_config (a given `deepspeed.config_file` must exist and agree with `data.*`;
+    its precision, ZeRO stage and accumulation become `cfg.deepspeed`'s) and the optimizer's numbers, as the engine
+    will use them; raises naming the key."""
+    resolve_engine_settings(cfg, world, device)
     try:
         torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                           weight_decay=cfg.optim.weight_decay)
