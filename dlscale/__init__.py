@@ -1,6 +1,6 @@
 """dlscale: foundation-style encoders for strong-lensing substructure images, trained at scale."""
 __all__ = ["load_encoder"]
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str):
