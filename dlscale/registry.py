@@ -1,4 +1,5 @@
-"""Named parts that users extend without editing dlscale: tasks, loss weightings (each a class with a `name`)."""
+"""Named parts that users extend without editing dlscale: training tasks, loss weightings, downstream tasks (each a
+class with a `name`)."""
 from __future__ import annotations
 
 from typing import Generic, TypeVar
@@ -7,7 +8,8 @@ T = TypeVar("T")
 
 
 class Registry(dict, Generic[T]):
-    """name -> class, in registration order. `register` is a class decorator; `get` raises naming the known names."""
+    """name -> class, in registration order. `register` is a class decorator; `get_class` raises naming the known
+    names."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ from dlscale.models import EncoderConfig, TaskModel, build_encoder, load_encoder
 from dlscale.train.stages import stage_tasks
 from dlscale.train.tasks import TaskContext, task_class, task_options
 
-ARCHITECTURE_KEYS = ("name", "in_channels", "small_input_stem", "width", "patch_size")
+ARCHITECTURE_KEYS = ("name", "in_channels", "small_input_stem", "width", "patch_size")   # what makes two encoders alike
 
 
 def build_model(stage: str, encoder_cfg: EncoderConfig, image_shape: Sequence[int], n_classes: int = 3,

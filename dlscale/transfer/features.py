@@ -22,9 +22,9 @@ from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
 from dlscale.evaluate import collect, gather
 from dlscale.export import encoder_config, read_encoder_file
 from dlscale.models import EncoderConfig, build_encoder, global_pool
+from dlscale.train.model import ARCHITECTURE_KEYS
 
 log = logging.getLogger(__name__)
-ARCHITECTURE_FIELDS = ("name", "in_channels", "small_input_stem", "width", "patch_size")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class EncoderSource:
     def overrides(self) -> list[str]:
         """Training config overrides that rebuild this architecture and its input normalisation."""
         fields = dataclasses.asdict(self.architecture)
-        return [f"--model.encoder.{k}={'null' if fields[k] is None else fields[k]}" for k in ARCHITECTURE_FIELDS] \
+        return [f"--model.encoder.{k}={'null' if fields[k] is None else fields[k]}" for k in ARCHITECTURE_KEYS] \
             + [f"--data.normalize={self.normalize}"]
 
 

@@ -15,7 +15,6 @@ and never names a task.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -102,7 +101,3 @@ def task_options(name: str, values: dict | None) -> Any:
             raise ValueError(f"model.task_options.{name}: task {name!r} has no options, got {sorted(values)}")
         return None
     return from_dict(cls.Config, dict(values or {}), f"model.task_options.{name}.")
-
-
-def options_dict(options: Any) -> dict:
-    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
