@@ -19,11 +19,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from dlscale.dist import DistInfo
+from dlscale.distributed import DistInfo
 from dlscale.train.config import load_config
 from dlscale.train.data import InMemoryStream
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, prepare_process
-from dlscale.train.engine import Trainer
+from dlscale.train.trainer import Trainer
 from dlscale.train.evaluation import build_run_model
 
 

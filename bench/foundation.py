@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ssl-stage", default="auto", help="auto | contrastive | mae | none")
     p.add_argument("--ranks", type=int, default=None, help="training ranks (default: the quickstart's choice)")
     a = p.parse_args(argv)
-    from dlscale.quickstart import local_ranks
+    from dlscale.distributed import local_ranks
     ranks = a.ranks or local_ranks()
     work, timings = a.work_dir, {}
     data, ae, out = work / "data", work / "autoencoder", work / "transfer"

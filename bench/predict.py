@@ -65,7 +65,7 @@ def dlscale(*args) -> float:
 
 def steady_rate(run: Path, data: Path, out: Path, workers: int, batch: int) -> float:
     """images/s of the library call alone (model loaded, no process start-up)."""
-    from dlscale.dist import DistInfo
+    from dlscale.distributed import DistInfo
     from dlscale.predict import PredictConfig, predict
     cfg = PredictConfig(run, str(data), out, "val", batch_size=batch, num_workers=workers, progress=False)
     t0 = time.perf_counter()

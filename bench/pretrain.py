@@ -13,7 +13,7 @@ each self-supervised stage buys in linear-probe macro AUC.
    train=0.8,val=0.2`, unless --data names a dataset), through the same engine step fed by the library's training
    stream (in this process: data time counts in the budget, alike for every stage). AdamW at the default lr with
    its linear warm-up and then a constant rate (no cosine: the number of steps a budget buys is not known in
-   advance). Then `dlscale.evaluate.linear_probe`: fit on frozen features of the train split, scored on the val
+   advance). Then `dlscale.metrics.linear_probe`: fit on frozen features of the train split, scored on the val
    split; the same probe of a randomly initialised encoder is the control.
 
 Time is this process's CPU time (`time.process_time`): with one torch thread and no DataLoader workers, that is the
@@ -39,12 +39,13 @@ import torch
 
 from dlscale.data.classes import CLASSES
 from dlscale.data.stream import eval_loader, train_loader
-from dlscale.dist import DistInfo
-from dlscale.evaluate import collect, linear_probe
+from dlscale.distributed import DistInfo
+from dlscale.collect import collect
+from dlscale.metrics import linear_probe
 from dlscale.io import write_json
 from dlscale.train.config import load_config
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, prepare_process
-from dlscale.train.engine import Trainer
+from dlscale.train.trainer import Trainer
 from dlscale.train.evaluation import build_run_model
 from dlscale.train.stages import STAGES
 from dlscale.train.tasks.contrastive import METHODS
@@ -160,7 +161,7 @@ def budget(stages: list[str], data_dir: str, seconds: float, batch: int, device:
               flush=True)
         del trainer, loader
     return {"data": data_dir, "encoder": "small", "batch_size": batch, "budget_cpu_s": seconds,
-            "probe": "dlscale.evaluate.linear_probe: train-split features -> val split", "results": results}
+            "probe": "dlscale.metrics.linear_probe: train-split features -> val split", "results": results}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dlscale.dist import setup_logging
+from dlscale.distributed import setup_logging
 from dlscale.preemption import Preempted
 
 log = logging.getLogger("dlscale")

@@ -5,7 +5,11 @@ own schema beside their code and share this loader and override parser.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import re
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -137,3 +141,69 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its documentation} of dataclass `cls` (and its dataclass bases): the attribute docstring under the
+    field (the style of this code base), else a `# comment` on the field's line."""
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        lines = source.splitlines()
+        body = ast.parse(textwrap.dedent(source)).body[0].body
+        for i, node in enumerate(body):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
+                    and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+                continue
+            comment = re.search(r"#\s*(.*)$", lines[node.end_lineno - 1])
+            if comment and not comment.group(1).startswith(("noqa", "type:")):
+                docs[node.target.id] = comment.group(1).strip()
+    return docs
+
+
+def _flow(value: Any) -> str:
+    """A value as one line of YAML."""
+    return yaml.safe_dump([plain(value)], default_flow_style=True, width=float("inf")).strip()[1:-1].strip()
+
+
+def commented_yaml(cfg: Any, indent: int = 0, width: int = 118) -> str:
+    """The config tree `cfg` (dataclass instances, also as values of mappings) as YAML that loads back to
+    `plain(to_dict(cfg))`, with each field's documentation (`field_docs`) as a comment above it."""
+    out: list[str] = []
+    docs = field_docs(type(cfg))
+    pad = " " * indent
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        doc = docs.get(f.name)
+        if doc:
+            words, line = doc.split(), ""
+            for word in words:
+                if line and len(pad) + 2 + len(line) + 1 + len(word) > width:
+                    out.append(f"{pad}# {line}")
+                    line = word
+                else:
+                    line = f"{line} {word}" if line else word
+            out.append(f"{pad}# {line}")
+        out.extend(_yaml_entry(f.name, value, indent, width))
+    return "\n".join(out) + ("\n" if indent == 0 else "")
+
+
+def _yaml_entry(name: Any, value: Any, indent: int, width: int) -> list[str]:
+    pad = " " * indent
+    key = _flow(name)
+    if dataclasses.is_dataclass(value) and dataclasses.fields(value):
+        return [f"{pad}{key}:", commented_yaml(value, indent + 2, width)]
+    if isinstance(value, dict) and value and any(dataclasses.is_dataclass(v) or isinstance(v, dict)
+                                                 for v in value.values()):
+        lines = [f"{pad}{key}:"]
+        for k, v in value.items():
+            lines.extend(_yaml_entry(k, v, indent + 2, width))
+        return lines
+    return [f"{pad}{key}: {_flow(to_dict(value) if dataclasses.is_dataclass(value) else value)}"]

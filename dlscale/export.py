@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dlscale import io
+from dlscale.compat import FORMAT_VERSION, format_version
 from dlscale.models import EncoderConfig, build_encoder
 
 FORMAT = "dlscale-encoder/1"
@@ -22,8 +23,8 @@ FORMAT = "dlscale-encoder/1"
 
 def save_encoder(path: Path, encoder: nn.Module, encoder_cfg: EncoderConfig, info: dict) -> None:
     """Write encoder.pt atomically (a crash never leaves a half-written file)."""
-    payload = {"format": FORMAT, "encoder_config": dataclasses.asdict(encoder_cfg),
-               "state_dict": cpu_state_dict(encoder), **info}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
+               "encoder_config": dataclasses.asdict(encoder_cfg), "state_dict": cpu_state_dict(encoder), **info}
     io.save_torch(path, payload)
 
 
@@ -42,6 +43,7 @@ def read_encoder_file(path: str | Path) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a dlscale encoder file (expected format {FORMAT!r})")
+    format_version(payload, str(path))    # absent: written before versions were recorded (still loads)
     return payload
 
 
@@ -84,7 +86,8 @@ def save_portable_encoder(run_dir: Path, encoder: nn.Module, encoder_cfg: Encode
     state = {k: v.contiguous() for k, v in cpu_state_dict(encoder).items()}
     blob = save(state, metadata={"format": FORMAT})
     io.write_bytes(run_dir / WEIGHTS, blob)
-    meta = {"format": FORMAT, "dlscale_version": __version__, "encoder_config": dataclasses.asdict(encoder_cfg),
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dlscale_version": __version__,
+            "encoder_config": dataclasses.asdict(encoder_cfg),
             **info, "weights": WEIGHTS, "weights_sha256": hashlib.sha256(blob).hexdigest()}
     timm = timm_recipe(encoder_cfg, info.get("image_shape"))
     if timm is not None:
@@ -105,6 +108,7 @@ def read_portable(path: str | Path) -> tuple[dict, dict]:
     meta = io.read_json(meta_path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    format_version(meta, str(meta_path))
     weights = meta_path.with_name(meta.get("weights", WEIGHTS))
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: the weights {meta_path} names are missing")

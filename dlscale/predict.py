@@ -30,7 +30,7 @@ from tqdm import tqdm
 from dlscale import io
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.data.deeplense import BadFileError
-from dlscale.dist import DistInfo
+from dlscale.distributed import DistInfo
 from dlscale.models.heads import global_pool
 from dlscale.predict_inputs import (Preprocess, PredictStream, file_items, is_shard_dataset, list_files,
                                     open_shards, shard_items)
@@ -325,7 +325,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.batch_size < 1 or a.workers < 0:
         p.error("--batch-size must be >= 1 and --workers >= 0")
-    from dlscale.dist import dist_info, setup_logging
+    from dlscale.distributed import dist_info, setup_logging
     info = dist_info(a.local_rank)
     setup_logging(info.rank)
     cfg = PredictConfig(a.run, a.data, a.out, a.split, a.layout, a.embeddings, a.resize, a.skip_bad, a.batch_size,

@@ -22,7 +22,8 @@ checkpoint before every report, so a stopped trial still has a complete checkpoi
 Drill (also what the tests use): `DLSCALE_SIGNAL_AT_STEP=STEP[:SIGNAL[:RANK|launcher]]` makes rank RANK (default 0)
 send SIGNAL (default SIGTERM) to itself right after optimizer step STEP, or, with `launcher`, makes rank 0 send it
 to its launcher (torchrun, the deepspeed launcher) and wait for the launcher to forward it: the whole path of a real
-preemption, at a known step.
+preemption, at a known step. SIGKILL (rank targets only) kills the rank outright right after that step, before a
+checkpoint of it: the tests' crash at a known step, with the run's previous complete checkpoint to resume from.
 """
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ class Preempted(Exception):
         self.exit_code = PREEMPTED_EXIT_CODE
 
 
-def signal_number(name: str) -> int:
-    """The number of a catchable signal named like `SIGTERM`; anything else raises naming it."""
+def signal_number(name: str, drill: bool = False) -> int:
+    """The number of a catchable signal named like `SIGTERM`; anything else raises naming it. With `drill`, SIGKILL
+    is accepted too (a drill can send it; no handler can catch it)."""
     number = getattr(signal.Signals, str(name), None) if str(name).startswith("SIG") else None
-    if number is None or name in UNCATCHABLE:
+    if number is None or (name in UNCATCHABLE and not (drill and name == "SIGKILL")):
         raise ValueError(f"{name!r} is not a signal a process can catch (give names such as SIGTERM, SIGUSR1)")
     return int(number)
 
@@ -157,10 +159,12 @@ def drill_from_env(env: dict | None = None) -> Drill | None:
         if len(parts) > 3:
             raise ValueError("too many parts")
         step = int(parts[0])
-        signum = signal_number(parts[1] if len(parts) > 1 and parts[1] else "SIGTERM")
+        signum = signal_number(parts[1] if len(parts) > 1 and parts[1] else "SIGTERM", drill=True)
         target = parts[2] if len(parts) > 2 and parts[2] else "0"
         if target != "launcher" and not target.isdigit():
             raise ValueError(f"target {target!r} is neither a rank number nor 'launcher'")
+        if target == "launcher" and signum == signal.SIGKILL:
+            raise ValueError("SIGKILL goes to a rank only (a launcher killed outright forwards nothing)")
     except ValueError as err:
         raise ValueError(f"{DRILL}={value!r}: expected STEP[:SIGNAL[:RANK|launcher]], e.g. 12:SIGTERM:1 ({err})") \
             from None

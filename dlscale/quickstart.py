@@ -10,9 +10,11 @@
     dlscale quickstart --out /tmp/qs --scale tiny            # smoke test of every step (about a minute)
 
 Finished steps (the dataset, each run, the transfer study) are reused when the command is run again, unless
-`--force`. Each stage's config is built here as a typed config and written to OUT/configs/<step>.yaml; the stage
-then runs on every local rank (`torchrun ... -m dlscale.train --config OUT/configs/<step>.yaml`), or in this
-process when there is one.
+`--force`. Each stage's config is built here as a typed config (`build_config`: the recipes below are dotted
+settings with typed values, not command-line strings) and written to OUT/configs/<step>.yaml as the step's record;
+the stage then runs in this process (`dlscale.train.runner.run(cfg)`) when there is one rank, or on every local
+rank through `distributed.launch_local_ranks` (`torchrun ... -m dlscale.train --config OUT/configs/<step>.yaml`:
+the process boundary is the one place the record's path becomes an argument).
 
 How the CPU budget was chosen (2-core machine, 2 ranks of one thread each; `make demo` must fit in 10 minutes
 with the installation, which takes ~2.5 minutes on a fresh clone):
@@ -38,26 +40,23 @@ import dataclasses
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from dlscale import io
 from dlscale.configtree import dump_yaml
-from dlscale.train.config import load_config
+from dlscale.distributed import launch_local_ranks, local_ranks
+from dlscale.train.build import build_config
 from dlscale.train.stages import get_stage
 
 log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Step:
-    """One run of the pipeline: its directory name, the stage it trains and its own config overrides."""
+    """One run of the pipeline: its directory name, the stage it trains and its own config settings."""
     name: str
     stage: str
-    overrides: tuple[str, ...] = ()
+    settings: dict = field(default_factory=dict)   # dotted training config keys -> values
     init_from: str | None = None          # the name of an earlier step whose encoder starts this one
 
 
@@ -66,52 +65,48 @@ class Scale:
     preset: str
     n_per_class: int
     sim_batch: int
-    train: tuple[str, ...]                # training config shared by every step
+    train: dict                           # training config settings shared by every step (dotted keys)
     steps: tuple[Step, ...]
     transfer: dict = field(default_factory=dict)   # TransferConfig fields (labels_per_class, repeats, epochs, ...)
     downstream: dict = field(default_factory=dict)  # the cheap downstream tasks' TransferConfig fields ({}: none)
+    base: Path | None = None              # a training config YAML under `train` (the GPU settings)
 
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"   # launch/ of a checkout (the GPU settings)
-CPU_MODEL = ("--model.encoder.name=small", "--model.encoder.width=16", "--data.num_workers=0",
-             "--deepspeed.zero_stage=0", "--eval.probe_samples=4800", "--schedule.log_every=50", "--schedule.checkpoint_every=2000")
+CPU_MODEL = {"model.encoder.name": "small", "model.encoder.width": 16, "data.num_workers": 0,
+             "deepspeed.zero_stage": 0, "eval.probe_samples": 4800, "schedule.log_every": 50,
+             "schedule.checkpoint_every": 2000}
 SCALES = {
-    "small": Scale("model_ii", 2000, 32, CPU_MODEL + ("--data.batch_size=32", "--optim.lr=3e-3"), (
-        Step("pretrain", "autoencoder", ("--schedule.epochs=6", "--optim.warmup_steps=50")),
-        Step("supervised", "supervised", ("--schedule.epochs=25", "--optim.warmup_steps=100")),
-        Step("multitask", "multitask", ("--schedule.epochs=20", "--optim.warmup_steps=100", "--loss.method=fixed",
-                                        "--loss.fixed.weights={recon: 1.0, classification: 1.0}"),
+    "small": Scale("model_ii", 2000, 32, {**CPU_MODEL, "data.batch_size": 32, "optim.lr": 3e-3}, (
+        Step("pretrain", "autoencoder", {"schedule.epochs": 6, "optim.warmup_steps": 50}),
+        Step("supervised", "supervised", {"schedule.epochs": 25, "optim.warmup_steps": 100}),
+        Step("multitask", "multitask", {"schedule.epochs": 20, "optim.warmup_steps": 100, "loss.method": "fixed",
+                                        "loss.fixed.weights": {"recon": 1.0, "classification": 1.0}},
              init_from="pretrain"),
     ), {"labels_per_class": [10, 100, 1000], "repeats": 1, "epochs": 10, "min_batches_per_epoch": 20,
-        "n_bootstrap": 300, "overrides": ["--data.batch_size=32", "--optim.lr=3e-3", "--data.num_workers=0",
-                                          "--deepspeed.zero_stage=0"]},
+        "n_bootstrap": 300, "overrides": {"data.batch_size": 32, "optim.lr": 3e-3, "data.num_workers": 0,
+                                          "deepspeed.zero_stage": 0}},
         {"labels_per_class": [100], "n_bootstrap": 300, "superres_steps": 200, "superres_eval": 512,
-         "overrides": ["--data.batch_size=64", "--data.num_workers=0"]}),
+         "overrides": {"data.batch_size": 64, "data.num_workers": 0}}),
     # Smoke test of the whole path (what `make test` runs): the numbers mean nothing.
-    "tiny": Scale("model_ii", 40, 32, ("--model.encoder.name=small", "--model.encoder.width=8",
-                                        "--data.batch_size=16", "--data.num_workers=0", "--eval.probe_samples=60",
-                                        "--eval.n_bootstrap=20", "--schedule.log_every=2"), (
-        Step("pretrain", "autoencoder", ("--schedule.epochs=1",)),
-        Step("supervised", "supervised", ("--schedule.epochs=1",)),
-        Step("multitask", "multitask", ("--schedule.epochs=1",), init_from="pretrain"),
+    "tiny": Scale("model_ii", 40, 32, {"model.encoder.name": "small", "model.encoder.width": 8,
+                                       "data.batch_size": 16, "data.num_workers": 0, "eval.probe_samples": 60,
+                                       "eval.n_bootstrap": 20, "schedule.log_every": 2}, (
+        Step("pretrain", "autoencoder", {"schedule.epochs": 1}),
+        Step("supervised", "supervised", {"schedule.epochs": 1}),
+        Step("multitask", "multitask", {"schedule.epochs": 1}, init_from="pretrain"),
     ), {"labels_per_class": [2, 5], "repeats": 1, "epochs": 1, "n_bootstrap": 20,
-        "overrides": ["--data.batch_size=8", "--data.num_workers=0"]},
+        "overrides": {"data.batch_size": 8, "data.num_workers": 0}},
         {"labels_per_class": [5], "n_bootstrap": 20, "superres_steps": 5, "superres_eval": 16,
-         "overrides": ["--data.batch_size=16", "--data.num_workers=0"]}),
+         "overrides": {"data.batch_size": 16, "data.num_workers": 0}}),
     # GPUs: the public datasets' size, ResNet18 with the 3x3 stem, bf16 (launch/full.yaml holds the same settings).
-    "full": Scale("model_i", 30000, 512, (f"--config={LAUNCH / 'full.yaml'}",), (
-        Step("pretrain", "autoencoder", ("--schedule.epochs=30",)),
-        Step("supervised", "supervised", ("--schedule.epochs=30",)),
-        Step("multitask", "multitask", ("--schedule.epochs=30",), init_from="pretrain"),
+    "full": Scale("model_i", 30000, 512, {}, (
+        Step("pretrain", "autoencoder", {"schedule.epochs": 30}),
+        Step("supervised", "supervised", {"schedule.epochs": 30}),
+        Step("multitask", "multitask", {"schedule.epochs": 30}, init_from="pretrain"),
     ), {"labels_per_class": [10, 100, 1000, "all"], "repeats": 3, "epochs": 20, "n_bootstrap": 1000,
-        "overrides": ["--data.batch_size=128"]}),
+        "overrides": {"data.batch_size": 128}}, base=LAUNCH / "full.yaml"),
 }
-
-
-def local_ranks() -> int:
-    """Data-parallel ranks for this machine: every GPU, or on CPU up to 2 one-thread processes (1.4-1.7x here)."""
-    gpus = torch.cuda.device_count()
-    return gpus if gpus else min(2, os.cpu_count() or 1)
 
 
 def is_done(run_dir: Path) -> bool:
@@ -119,41 +114,45 @@ def is_done(run_dir: Path) -> bool:
 
 
 def make_data(out: Path, scale: Scale, seed: int, force: bool) -> Path:
-    from dlscale.sim import simulate_main
+    from dlscale.sim.config import load_config as simulator_config
+    from dlscale.sim.write import simulate
     data = out / "data"
     if (data / "manifest.json").is_file() and not force:
         log.info("reusing the simulated dataset in %s", data)
         return data
     shutil.rmtree(data, ignore_errors=True)
-    simulate_main(["--preset", scale.preset, "--n-per-class", str(scale.n_per_class), "--out", str(data),
-                   "--splits", "train=0.8,val=0.2", "--seed", str(seed), "--batch-size", str(scale.sim_batch)])
+    simulate(simulator_config(scale.preset), scale.n_per_class, data, {"train": 0.8, "val": 0.2}, seed=seed,
+             batch_size=scale.sim_batch)
     return data
 
 
-def step_config(step: Step, scale: Scale, data: Path, out: Path, seed: int) -> Path:
-    """The typed config of one step, checked, written to OUT/configs/<step>.yaml."""
+def step_config(step: Step, scale: Scale, data: Path, out: Path, seed: int):
+    """The typed config of one step, checked; its record is written to OUT/configs/<step>.yaml."""
     get_stage(step.stage)
-    overrides = [o for o in scale.train + step.overrides if not o.startswith("--config=")]
-    base = next((o.split("=", 1)[1] for o in scale.train if o.startswith("--config=")), None)
-    cfg = load_config(base, overrides, stage=step.stage, data_dir=str(data), run_dir=str(out / step.name),
-                      seed=seed, init_from=str(out / step.init_from) if step.init_from else None).validate()
-    path = out / "configs" / f"{step.name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    io.write_text(path, dump_yaml(cfg))
-    return path
+    cfg = build_config(scale.base, {**scale.train, **step.settings}, stage=step.stage, data_dir=str(data),
+                       run_dir=str(out / step.name), seed=seed,
+                       init_from=str(out / step.init_from) if step.init_from else None).validate()
+    record_path(out, step).parent.mkdir(parents=True, exist_ok=True)
+    io.write_text(record_path(out, step), dump_yaml(cfg))
+    return cfg
 
 
-def train_step(config: Path, run_dir: Path) -> None:
-    """One stage through the DeepSpeed engine: on all local ranks through torchrun, or in this process."""
-    shutil.rmtree(run_dir, ignore_errors=True)
+def record_path(out: Path, step: Step) -> Path:
+    return out / "configs" / f"{step.name}.yaml"
+
+
+def train_step(cfg, record: Path) -> None:
+    """One stage through the DeepSpeed engine: in this process with one rank, else on all local ranks (each reads
+    the step's record, `record`, which holds `cfg`)."""
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
     ranks = local_ranks()
     if ranks > 1:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                        "-m", "dlscale.train", "--config", str(config)], check=True, env=env)
+        launch_local_ranks("dlscale.train", record, ranks)
         return
-    from dlscale.train.cli import main as train_main
-    train_main(["--config", str(config)])
+    from dlscale.train.deepspeed_setup import prepare_process
+    from dlscale.train.runner import run
+    prepare_process(cfg.device)
+    run(cfg)
 
 
 def label_efficiency(out: Path, data: Path, scale: Scale, seed: int, force: bool) -> dict:
@@ -200,7 +199,7 @@ def resized(scale: Scale, n_per_class: int | None, epochs: int | None) -> Scale:
     if n_per_class is not None:
         scale = dataclasses.replace(scale, n_per_class=n_per_class)
     if epochs is not None:
-        steps = tuple(dataclasses.replace(s, overrides=s.overrides + (f"--schedule.epochs={epochs}",))
+        steps = tuple(dataclasses.replace(s, settings={**s.settings, "schedule.epochs": epochs})
                       for s in scale.steps)
         scale = dataclasses.replace(scale, steps=steps, transfer={**scale.transfer, "epochs": epochs})
     return scale
@@ -218,7 +217,7 @@ def quickstart(out: Path, scale_name: str = "small", force: bool = False, seed: 
             log.info("reusing the finished %s run in %s", step.name, run_dir)
             continue
         log.info("training step %s (stage %s)", step.name, step.stage)
-        train_step(step_config(step, scale, data, out, seed), run_dir)
+        train_step(step_config(step, scale, data, out, seed), record_path(out, step))
     transfer = label_efficiency(out, data, scale, seed, force)
     return write_report(out, data, scale, transfer, downstream(out, data, scale, seed, force))
 

@@ -10,7 +10,7 @@ import torch
 
 from dlscale import io
 from dlscale.data.classes import CLASSES
-from dlscale.report import save_reliability, save_roc
+from dlscale.figures import save_reliability, save_roc
 
 PROBE_GOAL = 0.93          # linear-probe macro AUC of the pretrained encoder at 100 labels per class
 SUPERVISED_GOAL = 0.95     # macro AUC of the supervised baseline on the demo's validation split

@@ -203,9 +203,9 @@ def free_ports():
 class Launch:
     """A command (a launcher and its ranks) in its own process group, output in `log`; `wait` kills it on timeout."""
 
-    def __init__(self, argv: list, log: Path, cwd: Path):
-        env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-        env.update(DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    def __init__(self, argv: list, log: Path, cwd: Path, env: dict | None = None):
+        extra, env = env or {}, {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+        env.update(DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
         self.argv, self.log = [str(a) for a in argv], log
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(self.argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -230,11 +230,12 @@ class Launch:
 
 @pytest.fixture(scope="session")
 def launch():
-    """`launch(argv, log, cwd)` starts a `Launch`; any still running at the end of the session are killed."""
+    """`launch(argv, log, cwd, env=None)` starts a `Launch` (`env`: extra environment variables); any still running
+    at the end of the session are killed."""
     started: list[Launch] = []
 
-    def start(argv: list, log: Path, cwd: Path) -> Launch:
-        started.append(Launch(argv, log, cwd))
+    def start(argv: list, log: Path, cwd: Path, env: dict | None = None) -> Launch:
+        started.append(Launch(argv, log, cwd, env))
         return started[-1]
     yield start
     for launched in started:
@@ -252,3 +253,16 @@ def tiny_args() -> list[str]:
     """Training overrides that keep a CPU test run to seconds: small encoder, 16-image batches, no workers."""
     return ["--model.encoder.name=small", "--model.encoder.width=8", "--data.batch_size=16", "--data.num_workers=0",
             "--data.shuffle_buffer=64", "--schedule.log_every=5", "--eval.n_bootstrap=20", "--eval.probe_samples=96"]
+
+
+# ---- the `slow` marker (setup.cfg): `pytest -m "not slow"` is the quick run, `make test` runs everything ----------
+
+MULTI_PROCESS_FIXTURES = {"launch", "venv_bin"}   # torchrun / launcher processes, or the venv's console scripts
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that starts processes through `launch` or the venv's scripts (directly or through a fixture) is
+    multi-process, hence `slow`; files that are long as a whole mark themselves (`pytestmark`)."""
+    for item in items:
+        if MULTI_PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -47,3 +47,24 @@ def test_a_dlscale_0_1_encoder_loads_and_starts_a_new_run(old_run, cli, tmp_path
     started = torch.load(run / "encoder.pt", weights_only=True)["state_dict"]
     ended = torch.load(tmp_path / "new" / "encoder.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(started[k], ended[k]) for k in started if "running" not in k and "num_batches" not in k)
+
+
+def test_a_dlscale_0_1_config_is_translated_by_its_format_version(tmp_path):
+    """The fixture's config.yaml has no format_version: dlscale.compat reads it as 0.1's (its keys moved, 0.1's
+    heads selected); the same keys in a file of today's version are refused, naming the key."""
+    from dlscale.compat import FORMAT_VERSION
+    from dlscale.configtree import dump_yaml
+    from dlscale.train.config import load_config
+    cfg = load_config(FIXTURE / "config.yaml")
+    assert cfg.format_version == FORMAT_VERSION and cfg.loss.dwa.temperature == 2.0
+    assert cfg.model.task_options["recon"].decoder == "wide"
+    assert cfg.model.task_options["classification"].standardize is False
+    (tmp_path / "now.yaml").write_text(dump_yaml(cfg))            # written now: loads back unchanged
+    assert load_config(tmp_path / "now.yaml") == cfg
+    text = (FIXTURE / "config.yaml").read_text()
+    (tmp_path / "versioned.yaml").write_text(f"format_version: {FORMAT_VERSION}\n{text}")
+    with pytest.raises(ValueError, match=r"'model\.encoder\.weights_path'"):
+        load_config(tmp_path / "versioned.yaml")
+    (tmp_path / "newer.yaml").write_text(f"format_version: {FORMAT_VERSION + 1}\n{text}")
+    with pytest.raises(ValueError, match="newer than this dlscale reads"):
+        load_config(tmp_path / "newer.yaml")

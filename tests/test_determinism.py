@@ -23,6 +23,8 @@ from dlscale.data.classes import CLASSES
 from dlscale.data.shards import DatasetWriter
 from dlscale.data.stream import StreamConfig, eval_loader, leading_shards, train_loader
 
+pytestmark = pytest.mark.slow   # eval and transfer in many processes (workers x ranks x hash seeds): minutes
+
 WORKERS = (0, 1, 2, 4)
 
 
@@ -174,11 +176,13 @@ def test_dlscale_transfer_results_are_equal_across_workers_and_hash_seeds(traine
         out = tmp_path / f"transfer_w{workers}"
         _run([venv_bin / "dlscale", "transfer", "--encoder", trained_run, "--data", big_records, "--out", out,
               "--labels-per-class", "10,100", "--repeats", "2", "--methods", "probe,random", "--n-bootstrap", "50",
+              "--tasks", "classification,regression,anomaly",
               f"--data.num_workers={workers}", "--data.batch_size=64"], hash_seed, tmp_path)
         outcomes.append(json.loads((out / "results.json").read_text()))
-    assert len(outcomes[0]["cells"]) == 4                 # probe and random at 10 and 100 labels per class
-    assert [o.pop("overrides") for o in outcomes] == [[f"--data.num_workers={w}", "--data.batch_size=64"]
-                                                      for w in (0, 2)]
+    cells = outcomes[0]["cells"]
+    assert len([c for c in cells if c["task"] == "classification"]) == 4   # probe and random at 10 and 100 per class
+    assert {c["task"] for c in cells} == {"classification", "regression", "anomaly"}
+    assert [o.pop("overrides") for o in outcomes] == [{"data.num_workers": w, "data.batch_size": 64} for w in (0, 2)]
     assert outcomes[0] == outcomes[1]
 
 

@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 from dlscale.data.shards import load_manifest
 from dlscale.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
 
+pytestmark = pytest.mark.slow   # every test reads the streams on 2 ranks under torchrun
+
 WORLDS = (2, 3)
 WORKERS = (0, 1, 2)
 # split sizes and shard size. "uneven": 5 shards (4 x 7 samples + 2) in records of 3 (the last of each shard holds

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -280,9 +281,28 @@ def test_unphysical_override_is_refused_naming_key_and_range(tmp_path, override,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_every_preset_and_the_readme_settings_pass_validation():
-    for preset in ("model_i", "model_ii", "model_iii"):
-        load_config(preset, None, ["--lens.randomize=true", "--instrument.supersampling=2", "--instrument.noise=true"])
+README_SETTINGS = ["--lens.randomize=true", "--instrument.supersampling=2", "--instrument.noise=true"]
+
+
+@pytest.mark.parametrize("preset", ["model_i", "model_ii", "model_iii"])
+def test_every_preset_and_the_readme_settings_pass_validation(preset):
+    config = load_config(preset, None, README_SETTINGS)
+    assert config.preset == preset
+    assert (config.lens.randomize, config.instrument.supersampling, config.instrument.noise) == (True, 2, True)
+    plain = load_config(preset)
+    assert config.instrument.n_pix == plain.instrument.n_pix and config.lens.theta_E == plain.lens.theta_E
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--instrument.supersampling=0", "instrument.supersampling"),
+    ("--instrument.supersampling=1.5", "instrument.supersampling"),
+    ("--instrument.noise=maybe", "instrument.noise"),
+    ("--lens.randomize=3", "lens.randomize"),
+])
+def test_an_invalid_readme_setting_is_refused_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=re.escape(key)):
+        load_config("model_i", None, [s for s in README_SETTINGS if not s.startswith(override.split("=")[0])]
+                    + [override])
 
 
 @pytest.mark.parametrize("spoil,what", [("nan", "NaN/Inf pixels"), ("negative", "negative counts")])

@@ -47,11 +47,11 @@ def counting_host_reads():
 
 
 def _trainer(method: str, stage: str = "multitask"):
-    from dlscale.dist import DistInfo
+    from dlscale.distributed import DistInfo
     from dlscale.train.config import load_config
     from dlscale.train.data import InMemoryStream
     from dlscale.train.deepspeed_setup import init_distributed, make_engine
-    from dlscale.train.engine import Trainer
+    from dlscale.train.trainer import Trainer
     from dlscale.train.evaluation import build_run_model
     cfg = load_config(None, ["--model.encoder.name=small", "--model.encoder.width=8", "--data.batch_size=4",
                              "--data.num_workers=0", f"--loss.method={method}", "--optim.warmup_steps=1",
@@ -82,7 +82,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(method):
 
 
 def test_a_non_finite_loss_is_caught_at_the_next_read_naming_its_step():
-    from dlscale.train.engine import NonFiniteLossError
+    from dlscale.train.trainer import NonFiniteLossError
     trainer, batches = _trainer("fixed")
     trainer.train_step(batches[0])
     poisoned = {**batches[1], "image": torch.full((4, 1, 16, 16), float("nan")),

@@ -6,7 +6,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, mean_absolute_erro
 from sklearn.preprocessing import label_binarize
 
 from dlscale.data.classes import CLASSES
-from dlscale.evaluate import classification_metrics, linear_probe, regression_metrics, roc_figure
+from dlscale.figures import roc_figure
+from dlscale.metrics import classification_metrics, linear_probe, regression_metrics
 
 
 def random_scores(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -65,11 +65,36 @@ def test_multitask_builds_only_the_chosen_heads():
     assert set(model(torch.randn(2, 1, 64, 64))) == {"features", "logits", "regression"}
 
 
-def test_features_equal_forward_features_in_eval_mode():
-    model = build_model("supervised", ENCODERS["small"], (1, 64, 64)).eval()
+@pytest.mark.parametrize("encoder", ["small", "resnet18"])
+def test_features_are_the_channel_means_of_the_encoder_feature_map(encoder):
+    """`features` is the global average pool of the encoder's map, computed here without `global_pool`."""
+    torch.manual_seed(0)
+    model = build_model("supervised", ENCODERS[encoder], (1, 64, 64)).eval()
     x = torch.randn(3, 1, 64, 64)
     with torch.no_grad():
-        assert torch.equal(model.features(x), model(x)["features"])
+        feature_map = model.encoder(x)
+        by_hand = feature_map.flatten(2).sum(-1) / (feature_map.shape[-2] * feature_map.shape[-1])
+        assert feature_map.shape[-2:] != (1, 1)
+        torch.testing.assert_close(model.features(x), by_hand, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x)["features"], by_hand, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", ["small", "resnet18"])
+def test_eval_features_of_an_image_do_not_depend_on_the_rest_of_the_batch(encoder):
+    """In eval mode (running BatchNorm statistics) one image alone and inside a batch has the same features."""
+    torch.manual_seed(0)
+    model = build_model("supervised", ENCODERS[encoder], (1, 64, 64))
+    with torch.no_grad():   # move the running statistics away from their initial (0, 1)
+        model.train()(3.0 * torch.randn(8, 1, 64, 64) + 1.0)
+    model.eval()
+    x = torch.randn(5, 1, 64, 64)
+    with torch.no_grad():
+        alone = model.features(x[2:3])
+        in_batch = model.features(x)[2:3]
+        shuffled = model.features(x.flip(0))[2:3]
+        assert not torch.allclose(alone, model.features(x[0:1]))
+        torch.testing.assert_close(in_batch, alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(shuffled, alone, rtol=1e-4, atol=1e-5)
 
 
 def test_every_parameter_gets_a_gradient_in_multitask():

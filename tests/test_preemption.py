@@ -219,10 +219,17 @@ def test_an_uncatchable_or_unknown_signal_is_rejected_naming_the_key(cli, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("value", ["x", "5:SIGTERM:someone", "5:SIGTERM:launcher", "1:2:3:4"])
+@pytest.mark.parametrize("value", ["x", "5:SIGTERM:someone", "5:SIGTERM:launcher", "1:2:3:4", "5:SIGSTOP",
+                                   "5:SIGKILL:launcher"])
 def test_a_malformed_drill_is_rejected_naming_the_variable(value):
     with pytest.raises(ValueError, match=preemption.DRILL):
         preemption.drill_from_env({preemption.DRILL: value})
+
+
+def test_a_drill_may_sigkill_a_rank_but_a_handler_cannot_listen_for_it():
+    assert preemption.drill_from_env({preemption.DRILL: "7:SIGKILL:1"}) == preemption.Drill(7, signal.SIGKILL, "1")
+    with pytest.raises(ValueError, match="SIGKILL"):
+        preemption.signal_number("SIGKILL")
 
 
 def test_train_help_documents_the_exit_code(capsys):

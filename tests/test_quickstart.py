@@ -5,12 +5,15 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import dlscale
 from dlscale.cli import main
 from dlscale.data.classes import CLASSES
 from conftest import RANK_VARIABLES
+
+pytestmark = pytest.mark.slow   # the whole quickstart pipeline in subprocesses
 
 
 def test_quickstart_tiny_writes_report_and_a_loadable_encoder_then_reuses_finished_steps(tmp_path, capsys):

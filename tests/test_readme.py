@@ -14,6 +14,8 @@ import pytest
 from dlscale.cli import COMMANDS, main
 from dlscale.train.config import Config
 from dlscale.sim import SimulatorConfig
+from dlscale.train.tasks import TASKS
+from dlscale.train.weighting import WEIGHTINGS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 STARTS = ("dlscale ", "deepspeed ", "torchrun ", "DS_ACCELERATOR=", "sbatch ")
@@ -43,7 +45,21 @@ def dlscale_part(command: str) -> list[str] | None:
     return None
 
 
+# Typed sections keyed by a registry name: their fields are those of the named part's options dataclass.
+KEYED = {"model.task_options.": lambda name: TASKS[name].Config if name in TASKS else None,
+         "loss.options.": lambda name: WEIGHTINGS[name].Config if name in WEIGHTINGS else None}
+SIMULATOR_KEYS = "data.simulator.overrides."
+
+
 def has_key(cls: type, dotted: str) -> bool:
+    if cls is Config:
+        if dotted.startswith(SIMULATOR_KEYS) and dotted != SIMULATOR_KEYS:
+            return has_key(SimulatorConfig, dotted[len(SIMULATOR_KEYS):])
+        for prefix, options in KEYED.items():
+            if dotted.startswith(prefix):
+                name, _, rest = dotted[len(prefix):].partition(".")
+                sub = options(name)
+                return sub is not None and (not rest or has_key(sub, rest))
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(cls):
             return False
@@ -86,3 +102,30 @@ def test_readme_command_uses_only_known_options(command, capsys):
             assert has_key(tree, name[2:]), f"{command}: {name} is not a {tree.__name__} key"
         else:
             assert name in known, f"{command}: {sub} has no option {name}"
+
+
+def readme_dotted_keys() -> list[str]:
+    """Full dotted keys of the typed option sections the README names in backticks (`model.task_options.mae.x`,
+    `--data.simulator.overrides.lens.randomize=...`, `loss.options.<method>.<field>`)."""
+    prefixes = "|".join(map(re.escape, [*KEYED, SIMULATOR_KEYS]))
+    return sorted(set(re.findall(r"`(?:--)?((?:%s)[A-Za-z0-9_.]*[A-Za-z0-9_])" % prefixes, README.read_text())))
+
+
+def test_readme_names_task_options_and_simulator_keys():
+    keys = readme_dotted_keys()
+    assert {"model.task_options.mae.mask_ratio", "model.task_options.contrastive.method"} <= set(keys)
+
+
+@pytest.mark.parametrize("key", readme_dotted_keys())
+def test_readme_option_keys_exist(key):
+    assert has_key(Config, key), f"README names {key}, which is not a config key"
+
+
+def test_has_key_covers_the_typed_sections():
+    assert has_key(Config, "model.task_options.mae.mask_ratio")
+    assert has_key(Config, "model.task_options.contrastive.views.max_shift")
+    assert not has_key(Config, "model.task_options.mae.mask_ration")
+    assert not has_key(Config, "model.task_options.regression.x")       # a task without options
+    assert has_key(Config, "data.simulator.overrides.lens.randomize")
+    assert not has_key(Config, "data.simulator.overrides.lens.randomise")
+    assert not has_key(Config, "loss.options.nosuch.x")

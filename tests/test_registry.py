@@ -128,11 +128,11 @@ def test_backward_hook_replaces_the_default_on_every_step(toy_run):
 
 
 def test_a_training_step_runs_on_a_given_engine_and_stream():
-    from dlscale.dist import DistInfo
+    from dlscale.distributed import DistInfo
     from dlscale.train.config import load_config
     from dlscale.train.deepspeed_setup import init_distributed, make_engine
     from dlscale.train.data import InMemoryStream
-    from dlscale.train.engine import Trainer
+    from dlscale.train.trainer import Trainer
     from dlscale.train.evaluation import build_run_model
     cfg = load_config(None, ["--model.encoder.name=small", "--model.encoder.width=8", "--data.batch_size=4",
                              "--data.num_workers=0", "--loss.method=recording", "--optim.warmup_steps=1"],

@@ -22,7 +22,7 @@ import torch
 
 from dlscale.cli import main
 from dlscale.train import checkpoint
-from dlscale.train.engine import Trainer
+from dlscale.train.trainer import Trainer
 from runs import own_logging
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"

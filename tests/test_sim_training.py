@@ -2,11 +2,13 @@
 set cached in its run directory; a killed 2-rank run resumes to the parameters of an uninterrupted one; a bad
 simulator setting fails before anything is created, naming the key."""
 import json
-import time
+import re
 from pathlib import Path
 
 import pytest
 import torch
+
+from dlscale import preemption
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
 TIMEOUT_S = 300
@@ -23,19 +25,19 @@ def two_ranks(venv_bin, run_dir: Path, *extra) -> list:
             "--run-dir", run_dir, *SIM, *extra]
 
 
+# The killed run's crash: rank 0 SIGKILLs itself right after step 15 of 18 (the preemption drill); the checkpoint of
+# step 14 (mid-epoch, last epoch) is its newest complete one.
+KILL_AT_STEP = 2 * BATCHES + 3
+
+
 @pytest.fixture(scope="module")
 def sim_runs(tmp_path_factory, launch, venv_bin):
     """An uninterrupted 2-rank run and one SIGKILLed in its last epoch, started together."""
     root = tmp_path_factory.mktemp("sim")
     whole = launch(two_ranks(venv_bin, root / "whole"), root / "whole.log", root)
-    killed = launch(two_ranks(venv_bin, root / "killed"), root / "killed.log", root)
-    latest, deadline = root / "killed" / "checkpoints" / "latest", time.monotonic() + TIMEOUT_S
-    while killed.proc.poll() is None and time.monotonic() < deadline:
-        tag = latest.read_text().strip() if latest.is_file() else ""
-        if tag.startswith("step") and int(tag[4:]) > 2 * BATCHES:
-            killed.kill()
-            break
-        time.sleep(0.005)
+    killed = launch(two_ranks(venv_bin, root / "killed"), root / "killed.log", root,
+                    env={preemption.DRILL: f"{KILL_AT_STEP}:SIGKILL"})
+    assert killed.wait(TIMEOUT_S) != 0, killed.output()[-4000:]
     assert whole.wait(TIMEOUT_S) == 0, whole.output()[-4000:]
     return root, killed
 
@@ -56,8 +58,11 @@ def test_a_run_trains_from_the_simulator_and_records_how_to_regenerate_its_data(
 
 def test_killed_simulation_run_resumes_to_the_same_parameters(sim_runs, launch, venv_bin):
     root, killed = sim_runs
-    assert killed.proc.returncode == -9, killed.output()[-3000:]
     run = root / "killed"
+    assert re.search(rf"drill: rank 0 sends SIGKILL to itself \(pid \d+\) after step {KILL_AT_STEP}\n",
+                     (run / "log.txt").read_text()), killed.output()[-3000:]
+    assert "SIGKILL" in killed.output() and not (run / "model.pt").exists()
+    assert int((run / "checkpoints" / "latest").read_text().strip()[4:]) == KILL_AT_STEP - 1
     eval_manifest = (run / "eval_data" / "manifest.json").read_bytes()
     resumed = launch(two_ranks(venv_bin, run, "--resume", "auto"), root / "resumed.log", root)
     assert resumed.wait(TIMEOUT_S) == 0, resumed.output()[-4000:]

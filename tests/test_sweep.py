@@ -20,6 +20,8 @@ import yaml
 from dlscale.data.classes import CLASSES
 from dlscale.sweep import Resources, load_sweep, outcomes, ray_cluster, run_sweep, trials_left, write_results
 
+pytestmark = pytest.mark.slow   # Ray Tune sweeps: a Ray cluster and its workers
+
 EPOCHS = 2
 TINY_TRAIN = {
     "stage": "multitask",

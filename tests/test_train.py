@@ -5,9 +5,8 @@ Runs go through `dlscale.cli.main` in the test process (its world-of-one process
 only the run that is killed needs a process of its own. Multi-process launches are in test_train_dist.py.
 """
 import json
+import re
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,10 @@ import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 import dlscale
+from dlscale import preemption
 from dlscale.cli import main
 from dlscale.data.classes import CLASSES
-from dlscale.train.engine import NonFiniteLossError
+from dlscale.train.trainer import NonFiniteLossError
 from runs import own_logging
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
@@ -128,37 +128,32 @@ def test_tensorboard_holds_the_named_scalars_and_the_roc_figure(multitask_run):
     assert len(roc) == 1 and roc[0].step == 3 * BATCHES and roc[0].encoded_image_string[:4] == b"\x89PNG"
 
 
-def kill_in_the_last_epoch(killed, run_dir: Path) -> None:
-    """SIGKILL `killed` as soon as `latest` names a checkpoint of the last epoch: a mid-epoch one (tags are every 4
-    steps, epochs 15), with two epochs of DWA history behind it."""
-    latest, deadline = run_dir / "checkpoints" / "latest", time.monotonic() + TIMEOUT_S
-    while killed.proc.poll() is None and time.monotonic() < deadline:
-        tag = latest.read_text().strip() if latest.is_file() else ""
-        if tag.startswith("step") and int(tag[4:]) > 2 * BATCHES:
-            killed.kill()
-            return
-        time.sleep(0.005)
+# The killed run's crash: SIGKILL right after step 34 of 45 (the preemption drill), the checkpoint of step 32 being
+# its newest complete one: mid-epoch in the last epoch, with two epochs of DWA history behind it.
+KILL_AT_STEP = 2 * BATCHES + 4
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def killed_run(runs, separable_data, tiny_args, launch):
-    """The resume test's run, in a process of its own, started before the in-process runs so that its start-up
-    overlaps them; a thread kills it mid-run. Returns (launch, run dir, killer thread)."""
+    """The resume test's run, in a process of its own (a multi-process test, hence `slow`); it SIGKILLs itself after
+    step `KILL_AT_STEP`. Returns (launch, run dir)."""
     run_dir = runs / "killed"
     killed = launch([sys.executable, TRAIN_SCRIPT, "--stage", "multitask", "--data", separable_data, "--run-dir",
-                     run_dir, *tiny_args, *MULTITASK], runs / "killed.log", runs)
-    killer = threading.Thread(target=kill_in_the_last_epoch, args=(killed, run_dir), daemon=True)
-    killer.start()
-    return killed, run_dir, killer
+                     run_dir, *tiny_args, *MULTITASK], runs / "killed.log", runs,
+                    env={preemption.DRILL: f"{KILL_AT_STEP}:SIGKILL"})
+    return killed, run_dir
 
 
 def test_killed_run_resumes_to_the_same_parameters_as_an_uninterrupted_one(killed_run, multitask_run,
                                                                            separable_data, tiny_args):
-    killed, run_dir, killer = killed_run
-    killer.join(TIMEOUT_S)
-    assert killed.proc.returncode == -9, f"not killed mid-run; output ends:\n{killed.output()[-3000:]}"
+    killed, run_dir = killed_run
+    code = killed.wait(TIMEOUT_S)
+    assert code == -9, f"not killed mid-run; output ends:\n{killed.output()[-3000:]}"
+    assert re.search(rf"drill: rank 0 sends SIGKILL to itself \(pid \d+\) after step {KILL_AT_STEP}\n",
+                     (run_dir / "log.txt").read_text()), killed.output()[-3000:]
     assert not (run_dir / "model.pt").exists()
     tag = latest_tag(run_dir)
+    assert int(tag[4:]) == KILL_AT_STEP - KILL_AT_STEP % 4   # the newest checkpoint before the kill
     assert 2 * BATCHES < int(tag[4:]) < 3 * BATCHES and int(tag[4:]) % BATCHES
 
     train("multitask", separable_data, run_dir, *tiny_args, *MULTITASK, "--resume", "auto")

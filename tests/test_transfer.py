@@ -146,6 +146,7 @@ def two_rank_study(runs, encoder_run, separable_data):
     return out, result
 
 
+@pytest.mark.slow   # the 2-rank study (torchrun)
 def test_finetune_and_scratch_train_on_two_ranks_with_the_same_budget(two_rank_study, encoder_run):
     out, _ = two_rank_study
     results = json.loads((out / "results.json").read_text())
@@ -170,6 +171,7 @@ def _data_dir(run_dir: Path) -> str:
     return yaml.safe_load((run_dir / "config.yaml").read_text())["data_dir"]
 
 
+@pytest.mark.slow   # the 2-rank study (torchrun)
 def test_report_table_and_figures_are_written(two_rank_study, encoder_run, separable_data):
     out, result = two_rank_study
     report = (out / "report.md").read_text()
@@ -182,6 +184,7 @@ def test_report_table_and_figures_are_written(two_rank_study, encoder_run, separ
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow   # the 2-rank study (torchrun)
 def test_a_second_call_reuses_the_finished_runs(two_rank_study, encoder_run, separable_data):
     out, _ = two_rank_study
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("model.pt")}

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dlscale.compat import FORMAT_VERSION, format_version
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.data.partial import OWNER, claim, disk_full_reported, partial_dir, remove_stale_partials
 from dlscale.data.tario import BLOCK, CorruptShardError, add_member, iter_records, npy_from_buffer
@@ -170,6 +171,7 @@ class DatasetWriter:
             raise ValueError(f"{self.out_dir}: no samples to write")
         manifest = {
             "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "record_layout": self.record_layout(),
             "classes": list(self.classes),
             "image_shape": list(self.image_shape),
@@ -221,6 +223,7 @@ def load_manifest(data_dir: Path | str) -> dict:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    format_version(manifest, str(path))   # absent: written before versions were recorded (still loads)
     for key in ("record_layout", "classes", "image_shape", "splits"):
         if key not in manifest:
             raise ValueError(f"{path}: missing key {key!r}")

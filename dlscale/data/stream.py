@@ -62,6 +62,10 @@ class StreamConfig:
     #                                      (device when training on CUDA)
 
     def __post_init__(self) -> None:
+        StreamConfig.validate(self)
+
+    def validate(self) -> "StreamConfig":
+        """Raise naming the `data.*` key that is out of range (run on construction, and by `Config.validate`)."""
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"data.normalize={self.normalize!r}: expected one of {NORMALIZATIONS}")
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
@@ -71,6 +75,7 @@ class StreamConfig:
         if self.resize is not None and self.resize < 1 or self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"data.resize={self.resize!r} / data.resize_mode={self.resize_mode!r}: expected a side "
                              f">= 1 (or null) and a mode among {RESIZE_MODES}")
+        return self
 
     def output_shape(self, shape) -> tuple[int, ...]:
         """(C, H, W) of the batches made from stored images of `shape`: what the model sees."""
@@ -188,16 +193,24 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
+RAW = "raw"
+"""The one control key of a batch: present on a batch left raw by `transforms=device` (its images as stored), its
+value the seed of the batch's augmentation (`NO_AUGMENTATION`: none). `finish_batch` reads and removes it; the model
+never sees it. (0.x batches also had `augment_seed`: now the value of `raw`.)"""
+NO_AUGMENTATION = -1
+
+
 def _batch(images, labels, ids, targets, cfg: StreamConfig, generator: torch.Generator | None) -> dict:
     """Finish a batch whose tensors the caller owns: resized, normalised in place and (with a generator)
-    augmented here, or, with `transforms=device`, left raw with the seed of its augmentation for `finish_batch`."""
+    augmented here, or, with `transforms=device`, left raw with the seed of its augmentation (`RAW`) for
+    `finish_batch`."""
     batch = {"label": labels, "ids": ids}
     if targets is not None:
         batch["target"] = targets
     if cfg.transforms == "device":
-        batch.update(image=images, raw=torch.ones(()))
-        if generator is not None and cfg.augment:
-            batch["augment_seed"] = torch.randint(0, 2**62, (), generator=generator)
+        augmented = generator is not None and cfg.augment
+        seed = torch.randint(0, 2**62, (), generator=generator) if augmented else torch.tensor(NO_AUGMENTATION)
+        batch.update(image=images, **{RAW: seed})
         return batch
     batch["image"] = transform(images, cfg, generator if cfg.augment else None)
     return batch
@@ -215,11 +228,11 @@ def finish_batch(batch: dict, cfg: StreamConfig, device: torch.device, dtype: to
     """The batch on the training device: images moved (asynchronously from pinned memory) and, for a batch left raw
     by `transforms=device`, transformed there, so a GPU node's host only reads and pins records."""
     images = batch["image"].to(device, non_blocking=True)
-    if "raw" in batch:
-        seed = batch.get("augment_seed")
-        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    if RAW in batch:
+        seed = int(batch[RAW])
+        generator = None if seed == NO_AUGMENTATION else torch.Generator().manual_seed(seed)
         images = transform(images.float(), cfg, generator)
-    return {**{k: v for k, v in batch.items() if k not in ("raw", "augment_seed")}, "image": images.to(dtype)}
+    return {**{k: v for k, v in batch.items() if k != RAW}, "image": images.to(dtype)}
 
 
 def _worker() -> tuple[int, int]:

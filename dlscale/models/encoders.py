@@ -16,10 +16,26 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import resnet18
 
+from dlscale.registry import Registry
+
+BACKBONES: Registry[nn.Module] = Registry("encoder")
+"""`model.encoder.name` -> the encoder class: an `nn.Module` with a `name`, a `from_config(cfg, image_shape)`
+classmethod, `out_channels` and `downsample`; class flags `takes_patch_size` (accepts `model.encoder.patch_size`) and
+`needs_image_shape` (the image shape fixes its parameters). Users add one with `@register_backbone`, no dlscale edit."""
+
+
+def register_backbone(cls):
+    """Class decorator: make `cls` (an encoder with `name` and `from_config`) buildable as `model.encoder.name`."""
+    if not callable(getattr(cls, "from_config", None)):
+        raise ValueError(f"{cls.__name__}: a backbone needs a `from_config(cfg, image_shape)` classmethod")
+    return BACKBONES.register(cls)
+
+
 VIT_ARCHITECTURES: dict[str, str] = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224"}
 """Our ViT names -> the timm architecture (depth, width, heads) they take; image and patch size are ours."""
 
 ENCODER_NAMES: tuple[str, ...] = ("resnet18", "small", *VIT_ARCHITECTURES, "convnext_nano")
+"""The backbones dlscale ships (registered below, in this order); `BACKBONES` also holds those registered by users."""
 
 
 @dataclass
@@ -40,11 +56,18 @@ class EncoderConfig:
     side / 15, i.e. 8 for 64x64 images (8x8 grid), 10 for 150x150 (15x15 grid)."""
 
 
+@register_backbone
 class ResNetEncoder(nn.Module):
     """torchvision ResNet18 without its pooling and classifier, stem adapted to the image channels and size.
 
     Parameter names match torchvision's (`conv1`, `bn1`, `layer1`, ...), so converted torchvision state dicts load.
     """
+    name = "resnet18"
+    takes_patch_size = needs_image_shape = False
+
+    @classmethod
+    def from_config(cls, cfg: "EncoderConfig", image_shape=None) -> "ResNetEncoder":
+        return cls(cfg.in_channels, cfg.small_input_stem)
 
     def __init__(self, in_channels: int = 1, small_input_stem: bool = False) -> None:
         super().__init__()
@@ -75,8 +98,15 @@ def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Seq
     )
 
 
+@register_backbone
 class SmallEncoder(nn.Sequential):
     """Three stride-2 conv blocks (width, 2*width, 4*width channels): cheap enough for CPU tests and demos."""
+    name = "small"
+    takes_patch_size = needs_image_shape = False
+
+    @classmethod
+    def from_config(cls, cfg: "EncoderConfig", image_shape=None) -> "SmallEncoder":
+        return cls(cfg.in_channels, cfg.width)
 
     def __init__(self, in_channels: int = 1, width: int = 32) -> None:
         channels = [in_channels, width, 2 * width, 4 * width]
@@ -111,7 +141,13 @@ class ViTEncoder(nn.Module):
 
     Submodule names are timm's (`patch_embed`, `pos_embed`, `blocks`, `norm`). No class token: the heads pool the
     patch tokens (a class token would be trained by attention alone, and MAE reconstructs patches only).
+    Registered once per size (`ViTTinyEncoder`, `ViTSmallEncoder`: `VIT_ARCHITECTURES`).
     """
+    takes_patch_size = needs_image_shape = True
+
+    @classmethod
+    def from_config(cls, cfg: "EncoderConfig", image_shape=None) -> "ViTEncoder":
+        return cls(VIT_ARCHITECTURES[cls.name], tuple(image_shape), cfg.patch_size)
 
     def __init__(self, architecture: str, image_shape: tuple[int, int, int], patch_size: int | None = None) -> None:
         super().__init__()
@@ -150,12 +186,31 @@ class ViTEncoder(nn.Module):
         return self._transform(torch.gather(tokens, 1, index))
 
 
+@register_backbone
+class ViTTinyEncoder(ViTEncoder):
+    """ViT-Ti (timm `vit_tiny_patch16_224`'s depth, width and heads) at the image and patch size."""
+    name = "vit_tiny"
+
+
+@register_backbone
+class ViTSmallEncoder(ViTEncoder):
+    """ViT-S (timm `vit_small_patch16_224`'s depth, width and heads) at the image and patch size."""
+    name = "vit_small"
+
+
+@register_backbone
 class ConvNeXtEncoder(nn.Module):
     """timm ConvNeXt-Nano trunk; the head's LayerNorm is applied to the map instead of to the pooled vector.
 
     Inputs are zero-padded to a multiple of 32 (150 -> 160), so the map side is ceil(H / 32) like the other CNNs'
     (the stride-4 stem would otherwise drop the border pixels).
     """
+    name = "convnext_nano"
+    takes_patch_size = needs_image_shape = False
+
+    @classmethod
+    def from_config(cls, cfg: "EncoderConfig", image_shape=None) -> "ConvNeXtEncoder":
+        return cls(cfg.in_channels)
 
     def __init__(self, in_channels: int = 1) -> None:
         super().__init__()
@@ -207,23 +262,18 @@ def build_encoder(cfg: EncoderConfig, image_shape: tuple[int, int, int] | None =
     `image_shape` (C, H, W) is needed by the ViTs (their position embeddings fix the patch grid); the CNNs take
     any size and ignore it.
     """
-    if cfg.name not in ENCODER_NAMES:
-        raise ValueError(f"unknown encoder {cfg.name!r}: expected one of {', '.join(ENCODER_NAMES)}")
-    if cfg.patch_size is not None and cfg.name not in VIT_ARCHITECTURES:
+    backbone = BACKBONES.get_class(cfg.name)
+    if cfg.patch_size is not None and not getattr(backbone, "takes_patch_size", False):
+        patched = [name for name, cls in BACKBONES.items() if getattr(cls, "takes_patch_size", False)]
         raise ValueError(f"model.encoder.patch_size={cfg.patch_size} applies to ViT encoders "
-                         f"({', '.join(VIT_ARCHITECTURES)}), not to {cfg.name!r}: leave it unset")
+                         f"({', '.join(patched)}), not to {cfg.name!r}: leave it unset")
     if image_shape is not None and tuple(image_shape)[0] != cfg.in_channels:
         raise ValueError(f"image_shape {tuple(image_shape)} has {image_shape[0]} channels, "
                          f"model.encoder.in_channels is {cfg.in_channels}")
-    if cfg.name == "resnet18":
-        encoder: nn.Module = ResNetEncoder(cfg.in_channels, cfg.small_input_stem)
-    elif cfg.name == "small":
-        encoder = SmallEncoder(cfg.in_channels, cfg.width)
-    elif cfg.name == "convnext_nano":
-        encoder = ConvNeXtEncoder(cfg.in_channels)
-    else:
-        if image_shape is None:
-            raise ValueError(f"encoder {cfg.name!r} needs the image shape (C, H, W): its position embeddings "
-                             "fix the patch grid; pass image_shape to build_encoder")
-        encoder = ViTEncoder(VIT_ARCHITECTURES[cfg.name], tuple(image_shape), cfg.patch_size)
-    return encoder
+    if image_shape is None and getattr(backbone, "needs_image_shape", False):
+        raise ValueError(f"encoder {cfg.name!r} needs the image shape (C, H, W): its position embeddings "
+                         "fix the patch grid; pass image_shape to build_encoder")
+    return backbone.from_config(cfg, None if image_shape is None else tuple(image_shape))
+
+
+assert tuple(BACKBONES) == ENCODER_NAMES, "the shipped backbones are registered in ENCODER_NAMES order"

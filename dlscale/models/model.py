@@ -44,6 +44,20 @@ class TaskModel(nn.Module):
         """Each task's unweighted loss."""
         return {name: task.loss(out, images, batch) for name, task in self.task_specs.items()}
 
+    def collect(self, out: dict[str, torch.Tensor], images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Per-sample arrays an evaluation keeps from this forward: every task's (`Task.collect`)."""
+        rows: dict[str, torch.Tensor] = {}
+        for task in self.task_specs.values():
+            rows.update(task.collect(out, images, batch))
+        return rows
+
+    def examples(self, out: dict[str, torch.Tensor], images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The images an evaluation shows (inputs and reconstructions, ...): every task's (`Task.examples`)."""
+        shown: dict[str, torch.Tensor] = {}
+        for task in self.task_specs.values():
+            shown.update(task.examples(out, images))
+        return shown
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled encoder features (B, C), without running the heads: the input of linear probes."""
         return global_pool(self.encoder(x))

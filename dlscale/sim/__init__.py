@@ -41,7 +41,7 @@ MALLOC_MMAP_THRESHOLD_=100000000 in the environment avoids it.
 """
 from dlscale.sim.config import PRESETS, SimulatorConfig, load_config, preset_config
 from dlscale.sim.simulator import LensParams, LensSimulator
-from dlscale.sim.write import simulate_main
+from dlscale.sim.write import simulate, simulate_main
 
 __all__ = ["LensParams", "LensSimulator", "PRESETS", "SimulatorConfig", "load_config", "preset_config",
-           "simulate_main"]
+           "simulate", "simulate_main"]

@@ -13,66 +13,100 @@ from dlscale.configtree import load_dataclass
 
 @dataclass
 class InstrumentConfig:
-    n_pix: int = 150                                    # image side (pixels)
-    pixel_scale: float = 0.05                           # arcsec per pixel
-    supersampling: int = 1                              # sub-pixels per pixel side for the surface brightness
-    psf_fwhm: float = 0.087                             # Gaussian PSF FWHM (arcsec); 0 = no PSF
-    psf_truncation: float = 3.0                         # kernel radius in PSF sigmas (lenstronomy's `truncation`)
-    exposure_time: tuple[float, float] = (1e3, 10 ** 3.5)   # s, log-uniform between the bounds (equal = fixed)
-    background_rms: float = 0.01                        # Gaussian background per pixel (counts/s)
-    noise: bool = True                                  # False = noiseless model images
-    poisson_noise: bool = True                          # source shot noise, Gaussian approximation (lenstronomy)
-    output_counts: bool = True                          # images = Poisson(exposure_time * flux) counts, as Model I
-    zero_point: float = 25.0                            # magnitude of 1 count/s; used when source.magnitude is set
+    n_pix: int = 150
+    """image side (pixels)"""
+    pixel_scale: float = 0.05
+    """arcsec per pixel"""
+    supersampling: int = 1
+    """sub-pixels per pixel side for the surface brightness"""
+    psf_fwhm: float = 0.087
+    """Gaussian PSF FWHM (arcsec); 0 = no PSF"""
+    psf_truncation: float = 3.0
+    """kernel radius in PSF sigmas (lenstronomy's `truncation`)"""
+    exposure_time: tuple[float, float] = (1e3, 10 ** 3.5)
+    """s, log-uniform between the bounds (equal = fixed)"""
+    background_rms: float = 0.01
+    """Gaussian background per pixel (counts/s)"""
+    noise: bool = True
+    """False = noiseless model images"""
+    poisson_noise: bool = True
+    """source shot noise, Gaussian approximation (lenstronomy)"""
+    output_counts: bool = True
+    """images = Poisson(exposure_time * flux) counts, as Model I"""
+    zero_point: float = 25.0
+    """magnitude of 1 count/s; used when source.magnitude is set"""
 
 
 @dataclass
 class LensConfig:
-    theta_E: float = 1.2815                             # SIE Einstein radius (arcsec, product-averaged)
+    theta_E: float = 1.2815
+    """SIE Einstein radius (arcsec, product-averaged)"""
     e1: float = 0.1
     e2: float = 0.0
-    gamma1: float = 0.05                                # external shear
+    gamma1: float = 0.05
+    """external shear"""
     gamma2: float = 0.0
-    center_x: float = 0.0                               # arcsec
+    center_x: float = 0.0
+    """arcsec"""
     center_y: float = 0.0
     z_lens: float = 0.5
     z_source: float = 1.0
-    z_source_convention: float | None = None            # lenstronomy: lens parameters quoted for a source here;
-                                                        # all deflections scale by beta(z_source)/beta(convention)
-    randomize: bool = False                             # draw theta_E, e1, e2, gamma1, gamma2 from the ranges below
-    theta_E_range: tuple[float, float] = (0.8, 1.8)     # arcsec
-    e_range: tuple[float, float] = (-0.2, 0.2)          # for e1 and e2 independently
-    gamma_range: tuple[float, float] = (-0.1, 0.1)      # for gamma1 and gamma2 independently
+    z_source_convention: float | None = None
+    """lenstronomy: lens parameters quoted for a source here; all deflections scale by
+    beta(z_source)/beta(convention)"""
+    randomize: bool = False
+    """draw theta_E, e1, e2, gamma1, gamma2 from the ranges below"""
+    theta_E_range: tuple[float, float] = (0.8, 1.8)
+    """arcsec"""
+    e_range: tuple[float, float] = (-0.2, 0.2)
+    """for e1 and e2 independently"""
+    gamma_range: tuple[float, float] = (-0.1, 0.1)
+    """for gamma1 and gamma2 independently"""
 
 
 @dataclass
 class SourceConfig:
-    amplitude: float = 20.0                             # Sersic surface brightness at R_sersic (counts/s/arcsec^2)
-    magnitude: float | None = None                      # if set, overrides amplitude via instrument.zero_point
-    R_sersic: float = 0.25                              # arcsec, product-averaged half-light radius
+    amplitude: float = 20.0
+    """Sersic surface brightness at R_sersic (counts/s/arcsec^2)"""
+    magnitude: float | None = None
+    """if set, overrides amplitude via instrument.zero_point"""
+    R_sersic: float = 0.25
+    """arcsec, product-averaged half-light radius"""
     n_sersic: float = 1.0
     e1: float = -0.1
     e2: float = 0.1
-    position_range: tuple[float, float] = (-0.35, 0.35)  # source centre x and y, uniform (arcsec)
+    position_range: tuple[float, float] = (-0.35, 0.35)
+    """source centre x and y, uniform (arcsec)"""
 
 
 @dataclass
 class SubstructureConfig:
-    cdm_count: int = 25                                 # subhalos per cdm image (DeepLenseSim: always 25)
-    cdm_mass_range: tuple[float, float] = (1e6, 1e10)   # Msun
-    cdm_mass_slope: float = -0.9                        # dN/dm ~ m^slope
-    cdm_radius_range: tuple[float, float] = (0.25, 2.0)  # arcsec from the lens centre, uniform in radius
-    vortex_mass: float = 3e10                           # Msun, total
-    vortex_points: int = 100                            # point masses the vortex line is made of
-    axion_mass_range: tuple[float, float] = (1e-24, 1e-22)  # eV, log-uniform
-    vortex_half_length_ref: float = 0.03                # arcsec at m = 1e-22 eV; scales as 1/m
+    cdm_count: int = 25
+    """subhalos per cdm image (DeepLenseSim: always 25)"""
+    cdm_mass_range: tuple[float, float] = (1e6, 1e10)
+    """Msun"""
+    cdm_mass_slope: float = -0.9
+    """dN/dm ~ m^slope"""
+    cdm_radius_range: tuple[float, float] = (0.25, 2.0)
+    """arcsec from the lens centre, uniform in radius"""
+    vortex_mass: float = 3e10
+    """Msun, total"""
+    vortex_points: int = 100
+    """point masses the vortex line is made of"""
+    axion_mass_range: tuple[float, float] = (1e-24, 1e-22)
+    """eV, log-uniform"""
+    vortex_half_length_ref: float = 0.03
+    """arcsec at m = 1e-22 eV; scales as 1/m"""
 
 
 @dataclass
 class CosmologyConfig:
-    H0: float = 70.0                                    # km/s/Mpc
-    Om0: float = 0.3                                    # flat: Ode0 = 1 - Om0
-    distances: str = "deeplensesim"                     # point-mass theta_E: "deeplensesim" | "angular" (see top)
+    H0: float = 70.0
+    """km/s/Mpc"""
+    Om0: float = 0.3
+    """flat: Ode0 = 1 - Om0"""
+    distances: str = "deeplensesim"
+    """point-mass theta_E: "deeplensesim" | "angular" (see top)"""
 
 
 @dataclass
@@ -162,7 +196,8 @@ class Range(typing.NamedTuple):
     low: float
     high: float
     unit: str = ""
-    open_low: bool = False           # low itself excluded
+    open_low: bool = False
+    """low itself excluded"""
 
     def holds(self, value: object) -> bool:
         return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

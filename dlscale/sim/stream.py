@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dlscale.configtree import dump_yaml, flatten, from_dict, plain, set_dotted, to_dict
+from dlscale.configtree import flatten, from_dict, plain, set_dotted, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import MANIFEST, load_manifest
-from dlscale.data.stream import StreamConfig, augment, make_loader, normalize, resize
-from dlscale.io import write_text
+from dlscale.data.stream import StreamConfig, make_loader, transform
 from dlscale.sim.config import SimulatorConfig, preset_config
 from dlscale.sim.simulator import LensSimulator
-from dlscale.sim.write import simulate_main
+from dlscale.sim.write import simulate
 
 log = logging.getLogger(__name__)
 STREAM_KEY = 0x51A57            # first spawn-key word of every training-stream batch seed
@@ -54,20 +52,33 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass
 class SimulationSourceConfig:
     """Training images simulated on the fly (`data.simulator`); the preset and overrides are checked on load."""
-    preset: str = "model_ii"                                  # model_i | model_ii | model_iii
-    overrides: dict[str, Any] = field(default_factory=dict)   # dotted simulator keys, e.g. {"lens.randomize": true}
-    device: str = "auto"                                      # auto: the training device's type | cpu | cuda
-    eval_per_class: int = 1000                                # fixed evaluation set (val split), images per class
-    probe_per_class: int = 500                                # its train split for the linear probe; 0 = none
-    eval_seed: int = 1_000_003                                # seed of the evaluation set
+    preset: str = "model_ii"
+    """The simulator preset the overrides apply to: model_i | model_ii | model_iii."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Simulator keys over the preset (the fields of `dlscale.sim.SimulatorConfig`), dotted or as nested sections,
+    e.g. {lens.randomize: true, instrument.n_pix: 32}; each is checked on load, an error names it.
+    `--print-config` lists them all with the preset's values."""
+    device: str = "auto"
+    """auto: the training device's type | cpu | cuda."""
+    eval_per_class: int = 1000
+    """Fixed evaluation set (val split), images per class."""
+    probe_per_class: int = 500
+    """Its train split for the linear probe; 0 = none."""
+    eval_seed: int = 1_000_003
+    """Seed of the evaluation set."""
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "SimulationSourceConfig":
+        """Raise naming the `data.simulator.*` key that is wrong (run on construction and by `Config.validate`)."""
         if self.device not in DEVICES:
             raise ValueError(f"data.simulator.device={self.device!r}: expected one of {DEVICES}")
         if self.eval_per_class < 1 or self.probe_per_class < 0:
             raise ValueError(f"data.simulator.eval_per_class={self.eval_per_class} / probe_per_class="
                              f"{self.probe_per_class}: expected >= 1 / >= 0")
         self.simulator_config()
+        return self
 
     def simulator_config(self) -> SimulatorConfig:
         """The preset with `overrides` over it, validated; an error names the offending key."""
@@ -81,7 +92,7 @@ class SimulationSourceConfig:
                 if key == "preset":
                     raise ValueError("'preset' is not an override; set data.simulator.preset")
                 set_dotted(tree, key, value)
-            return from_dict(SimulatorConfig, tree).validate()
+            return from_dict(SimulatorConfig, tree, "data.simulator.overrides.").validate()
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
 
@@ -168,11 +179,7 @@ class SimulationStream(IterableDataset):
         bs = self.cfg.batch_size
         order = torch.randperm(bs, generator=order_gen)
         image = torch.cat(images).index_select(0, order.to(self.device))
-        if self.cfg.resize is not None:   # as the shard streams: resize, normalise, augment
-            image = resize(image, self.cfg.resize, self.cfg.resize_mode)
-        image = normalize(image, self.cfg.normalize, inplace=True)
-        if self.cfg.augment:
-            image = augment(image, order_gen)
+        image = transform(image, self.cfg, order_gen if self.cfg.augment else None)   # as the shard streams
         ids = torch.stack([torch.full((bs,), epoch), torch.full((bs,), index), torch.arange(bs)], 1)
         batch = {"image": image, "label": torch.cat(labels)[order].to(self.device), "ids": ids}
         if targets:
@@ -259,21 +266,15 @@ def prepare_eval_set(source: SimulationSourceConfig, out_dir: Path | str, worker
         log.info("%s: reusing the evaluation set (same simulator config and seed)", out_dir)
         return out_dir
     total = sum(wanted["splits"].values())
-    splits = ",".join(f"{name}={n / total!r}" for name, n in wanted["splits"].items())   # val first takes rounding
-    config = source.simulator_config()
+    splits = {name: n / total for name, n in wanted["splits"].items()}   # val first takes the rounding
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.config-") as tmp:
-        config_path = write_text(Path(tmp) / "simulator.yaml", dump_yaml(config))
-        argv = ["--preset", config.preset, "--config", str(config_path), "--n-per-class", str(total),
-                "--splits", splits, "--out", str(out_dir), "--seed", str(source.eval_seed), "--device", device,
-                "--batch-size", str(batch_size), "--workers", str(workers), "--shard-size", str(shard_size),
-                "--samples-per-record", str(samples_per_record)]
-        try:
-            simulate_main(argv)
-        except ValueError:
-            if _reusable(out_dir, wanted):   # another process wrote the same set meanwhile
-                return out_dir
-            raise
+    try:
+        simulate(source.simulator_config(), total, out_dir, splits, device=device, seed=source.eval_seed,
+                 batch_size=batch_size, workers=workers, shard_size=shard_size, samples_per_record=samples_per_record)
+    except ValueError:
+        if _reusable(out_dir, wanted):   # another process wrote the same set meanwhile
+            return out_dir
+        raise
     if not _reusable(out_dir, wanted):
         raise RuntimeError(f"{out_dir}: `dlscale simulate` finished without a manifest")
     log.info("%s: simulated the evaluation set (%s per class)", out_dir, wanted["splits"])

@@ -1,5 +1,8 @@
 """`dlscale simulate`: batch planning (classes in turn, splits in order), an optional CPU worker pool, and writing
-every batch through `DatasetWriter` into a new shard dataset."""
+every batch through `DatasetWriter` into a new shard dataset.
+
+`simulate(config, n_per_class, out, ...)` is the library function (typed arguments: a `SimulatorConfig`, the split
+fractions as a mapping); `simulate_main` is the command line, which only parses argv into that call."""
 from __future__ import annotations
 
 import argparse
@@ -53,9 +56,8 @@ def split_counts(n_per_class: int, splits: dict[str, float]) -> dict[str, int]:
 
 
 def simulate_main(argv: list[str] | None = None) -> int:
-    """`dlscale simulate`: simulate `--n-per-class` images of every class into a new shard dataset."""
-    from dlscale.data.shards import DatasetWriter
-
+    """`dlscale simulate`: simulate `--n-per-class` images of every class into a new shard dataset (argv parsed
+    into `simulate`)."""
     p = argparse.ArgumentParser(prog="dlscale simulate", allow_abbrev=False,
                                 description="Simulate lensing images (no_sub, cdm, axion) into WebDataset shards. "
                                             "Any config field can be set with --section.field=value, "
@@ -84,30 +86,52 @@ def simulate_main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--n-per-class = {args.n_per_class}: expected an integer >= 1")
     if args.out is None:
         raise ValueError("--out: required (a new dataset directory)")
-    for name in ("batch_size", "workers"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} = {getattr(args, name)}: expected an integer >= 1")
-    counts = split_counts(args.n_per_class, parse_splits(args.splits))
-    dtype = getattr(torch, args.dtype)
-    sim = LensSimulator(config, args.device, dtype)
-    if args.workers > 1 and sim.device.type == "cuda":
+    simulate(config, args.n_per_class, args.out, parse_splits(args.splits), device=args.device, dtype=args.dtype,
+             seed=args.seed, batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size,
+             samples_per_record=args.samples_per_record)
+    return 0
+
+
+def simulate(config: SimulatorConfig, n_per_class: int, out: Path | str, splits: dict[str, float] | None = None,
+             device: str = "auto", dtype: str = "float32", seed: int = 0, batch_size: int | None = None,
+             workers: int = 1, shard_size: int = 2048, samples_per_record: int = 256) -> Path:
+    """Simulate `n_per_class` images of every class with `config` (validated) into the new shard dataset `out`,
+    split by the fractions `splits` (default train 0.9, val 0.1; rounding goes to the first split). `batch_size`:
+    images per batch (default 32 on CPU, 1024 on a GPU); `workers` > 1: CPU processes of one thread each (the same
+    images whatever the number). Returns `out`."""
+    from dlscale.data.shards import DatasetWriter
+
+    out = Path(out)
+    config = config.validate()
+    if n_per_class < 1:
+        raise ValueError(f"--n-per-class = {n_per_class}: expected an integer >= 1")
+    for name, value in (("batch_size", batch_size), ("workers", workers)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} = {value}: expected an integer >= 1")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"--dtype {dtype!r}: expected float32 or float64")
+    splits = dict(splits) if splits is not None else {"train": 0.9, "val": 0.1}
+    check_splits(splits)
+    counts = split_counts(n_per_class, splits)
+    sim = LensSimulator(config, device, getattr(torch, dtype))
+    if workers > 1 and sim.device.type == "cuda":
         raise ValueError("--workers: CPU only; one process drives a GPU (use a larger --batch-size)")
-    batch_size = args.batch_size or (1024 if sim.device.type == "cuda" else 32)
+    batch_size = batch_size or (1024 if sim.device.type == "cuda" else 32)
     n = config.instrument.n_pix
     source = {"kind": "simulator", "preset": config.preset, "config": plain(dataclasses.asdict(config)),
-              "seed": args.seed, "n_per_class": args.n_per_class, "splits": counts, "batch_size": batch_size,
-              "device": sim.device.type, "dtype": args.dtype}
-    writer = DatasetWriter(args.out, (1, n, n), source, shard_size=args.shard_size,
-                           samples_per_record=args.samples_per_record, seed=args.seed)
+              "seed": seed, "n_per_class": n_per_class, "splits": counts, "batch_size": batch_size,
+              "device": sim.device.type, "dtype": dtype}
+    writer = DatasetWriter(out, (1, n, n), source, shard_size=shard_size, samples_per_record=samples_per_record,
+                           seed=seed)
     jobs = list(enumerate(plan_batches(counts, batch_size)))
     pool = None
-    if args.workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(args.workers, _start_worker, (config, args.dtype, args.seed))
+    if workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(workers, _start_worker, (config, dtype, seed))
     try:
-        results = pool.imap(_worker_batch, jobs) if pool else (_simulate_batch(sim, args.seed, job) for job in jobs)
-        with writer, tqdm(total=len(CLASSES) * args.n_per_class, unit="img", desc="simulate") as bar:
+        results = pool.imap(_worker_batch, jobs) if pool else (_simulate_batch(sim, seed, job) for job in jobs)
+        with writer, tqdm(total=len(CLASSES) * n_per_class, unit="img", desc="simulate") as bar:
             for (index, (class_name, pieces)), (images, metas) in zip(jobs, results):
-                check_batch(images, class_name, index, config, args.dtype)
+                check_batch(images, class_name, index, config, dtype)
                 labels = np.full(len(images), CLASSES.index(class_name), dtype=np.int64)
                 start = 0
                 for split, k in pieces:
@@ -118,8 +142,20 @@ def simulate_main(argv: list[str] | None = None) -> int:
         if pool is not None:
             pool.terminate()
             pool.join()
-    log.info("wrote %s: %s per class", args.out, ", ".join(f"{s} {c}" for s, c in counts.items()))
-    return 0
+    log.info("wrote %s: %s per class", out, ", ".join(f"{s} {c}" for s, c in counts.items()))
+    return out
+
+
+def check_splits(splits: dict[str, float]) -> None:
+    """Split names from SPLITS, fractions in (0, 1] summing to 1 (what `parse_splits` checks of its text)."""
+    text = ",".join(f"{k}={v}" for k, v in splits.items())
+    for name, value in splits.items():
+        if name not in SPLITS:
+            raise ValueError(f"--splits {text!r}: split {name!r} unknown; expected names from {SPLITS}")
+        if not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"--splits {text!r}: fraction of {name} must be in (0, 1]")
+    if abs(sum(splits.values()) - 1) > 1e-6:
+        raise ValueError(f"--splits {text!r}: fractions sum to {sum(splits.values())}, expected 1")
 
 
 # what decides how bright and how strongly lensed an image is: named when a batch comes out non-finite

@@ -77,7 +77,7 @@ def run_trial(params: dict, job: TrialJob) -> None:
     The run directory inside the trial's directory is the trial's state: a retried or resumed trial continues from
     its latest checkpoint there (or from the Tune checkpoint, when the run directory is gone)."""
     from ray import tune
-    from dlscale.dist import forget_launcher
+    from dlscale.distributed import forget_launcher
     from dlscale.train import run
     from dlscale.train.checkpoint import CHECKPOINTS
     run_dir = Path(job.out_dir) / f"trial_{tune.get_context().get_trial_id()}" / "run"

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import argparse
 
-from dlscale.configtree import dump_yaml
 from dlscale.data.classes import CLASSES, SPLITS
-from dlscale.dist import dist_info, setup_logging
+from dlscale.distributed import dist_info, setup_logging
 from dlscale.preemption import PREEMPTED_EXIT_CODE, Preempted
-from dlscale.train.config import load_config
+from dlscale.train.config import load_config, print_config
 from dlscale.train.stages import STAGES
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="dlscale train", description="Train one stage. Any config key can be set as --section.key=value, "
-        "e.g. --model.encoder.name=small --optim.lr=3e-4 --deepspeed.zero_stage=2; --print-config lists them.",
+        "e.g. --model.encoder.name=small --optim.lr=3e-4 --deepspeed.zero_stage=2 "
+        "--model.task_options.mae.mask_ratio=0.6; --print-config lists them (with the chosen stage's task options) "
+        "and what each means.",
         epilog=f"Exit codes: 0 finished; 2 bad input; {PREEMPTED_EXIT_CODE} stopped by a signal of "
         "schedule.preempt_signals (default SIGTERM, SIGUSR1: SLURM, Kubernetes, spot instances) after every rank "
         "finished its step and a complete checkpoint was written: run the same command with --resume auto to "
@@ -30,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--init-from", help="encoder.pt, a finished run directory or an encoder state dict to start from")
     p.add_argument("--resume", choices=["auto"], help="continue from the latest complete checkpoint")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, "
+                   "each key's meaning as a comment above it (the chosen stage's task options; with "
+                   "--data.source=simulate every simulator key), and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args, rest = p.parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
@@ -39,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, rest, stage=args.stage, data_dir=args.data, run_dir=args.run_dir,
                       init_from=args.init_from)
     if args.print_config:
-        print(dump_yaml(cfg), end="")
+        print(print_config(cfg), end="")
         return 0
     from dlscale.train.deepspeed_setup import prepare_process
     info = dist_info(args.local_rank)
     setup_logging(info.rank)
     prepare_process(cfg.device)
-    from dlscale.report import metrics_table
+    from dlscale.summaries import metrics_table
     from dlscale.train.runner import run
     try:
         metrics = run(cfg, resume=args.resume == "auto", local_rank=args.local_rank)
@@ -70,7 +73,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     info = dist_info(args.local_rank)
     setup_logging(info.rank)
     prepare_process()
-    from dlscale.report import metrics_table
+    from dlscale.summaries import metrics_table
     from dlscale.train.evaluation import evaluate_run
     metrics, out_dir = evaluate_run(args.run_dir, args.data, args.split, args.local_rank)
     if info.is_main:

@@ -1,13 +1,15 @@
 """The training config schema: a tree of typed dataclasses, loaded as defaults < stage defaults < YAML file <
 `--section.key=value` overrides, validated once, written into the run directory as config.yaml.
 
-The loader itself is generic (`dlscale.configtree`); this module holds only the training schema and the
-translation of config files written by dlscale 0.1 (their `loss.weights`, `loss.temperature` and
-`model.encoder.weights_path` keys), so old run directories still load.
+The loader itself is generic (`dlscale.configtree`); this module holds only the training schema. The options of
+tasks (`model.task_options.<task>`) and of weightings registered outside dlscale (`loss.options.<method>`) are
+typed sections built from the registries at load; config files of earlier versions are translated by
+`dlscale.compat` (keyed by `format_version`), so old run directories still load. What the config alone decides is
+checked by `Config.validate`; what needs the data or the machine by `dlscale.train.preflight`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,17 @@ from dlscale.data.stream import StreamConfig
 from dlscale.models import EncoderConfig
 from dlscale.preemption import DEFAULT_SIGNALS, signal_number
 from dlscale.sim.stream import SimulationSourceConfig
+from dlscale.compat import FORMAT_0_1, FORMAT_VERSION, format_version, upgrade_config
 from dlscale.train.stages import STAGES, get_stage
-from dlscale.train.weighting import build_weighting, weighting_class
+from dlscale.train.tasks import TASKS, task_options
+from dlscale.train.weighting import WEIGHTINGS, build_weighting, weighting_class
 from dlscale.train.weighting.classic import DWAConfig, FixedConfig
 from dlscale.train.weighting.famo import FAMOConfig
 
 
 SOURCES = ("shards", "simulate")
+BUILTIN_SECTIONS = ("fixed", "dwa", "famo")
+"""Weightings whose options have a section of their own (`loss.<method>`), not `loss.options.<method>`."""
 
 
 @dataclass
@@ -33,6 +39,15 @@ class DataConfig(StreamConfig):
     being `schedule.batches_per_epoch` batches; evaluation then uses `data_dir` if given, else a fixed set simulated
     once into RUN/eval_data."""
     simulator: SimulationSourceConfig = field(default_factory=SimulationSourceConfig)
+    """Simulated training images (used with source=simulate): preset, simulator overrides, evaluation set."""
+
+    def validate(self) -> "DataConfig":
+        StreamConfig.validate(self)
+        from dlscale.train.sources import SOURCES as REGISTERED   # the built-ins and user-registered sources
+        if self.source not in REGISTERED:
+            raise ValueError(f"data.source={self.source!r}: expected one of {', '.join(REGISTERED)}")
+        self.simulator.validate()
+        return self
 
 
 @dataclass
@@ -42,8 +57,21 @@ class ModelConfig:
     """Tasks of stages that let the run choose (multitask); default recon + classification (+ regression if
     data.targets)."""
     classifier_dropout: float = 0.0
-    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-task options, e.g. {mae: {mask_ratio: 0.6}} (each task's `Config` lists its fields)."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Per-task options, typed: task name -> an instance of that task's `Config` (e.g. `mae: {mask_ratio: 0.6}`);
+    loading fills in the defaults of every task the run trains, so `--print-config` lists them, and refuses a
+    misspelt option naming its dotted key (`model.task_options.<task>.<field>`)."""
+
+    def __post_init__(self) -> None:
+        typed = {}
+        for name, values in (self.task_options or {}).items():
+            if not isinstance(name, str) or name not in TASKS:
+                raise ValueError(f"unknown config key 'model.task_options.{name}': no task {name!r}; tasks: "
+                                 f"{', '.join(TASKS)}")
+            options = task_options(name, values)
+            if options is not None:
+                typed[name] = options
+        self.task_options = typed
 
 
 @dataclass
@@ -54,42 +82,73 @@ class LossConfig:
     fixed: FixedConfig = field(default_factory=FixedConfig)
     dwa: DWAConfig = field(default_factory=DWAConfig)
     famo: FAMOConfig = field(default_factory=FAMOConfig)
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Options of weightings registered outside dlscale: {method: {field: value}}."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Options of weightings registered outside dlscale, typed: method -> an instance of its `Config` (set as
+    `loss.options.<method>.<field>`; loading fills in the chosen method's defaults and refuses unknown keys)."""
+
+    def __post_init__(self) -> None:
+        typed = {}
+        for method, values in (self.options or {}).items():
+            where = f"loss.options.{method}"
+            if method in BUILTIN_SECTIONS:
+                raise ValueError(f"unknown config key {where!r}: {method!r} has its own section, set "
+                                 f"loss.{method}.<field>")
+            if not isinstance(method, str) or method not in WEIGHTINGS:
+                raise ValueError(f"unknown config key {where!r}: no loss weighting {method!r}; weightings: "
+                                 f"{', '.join(WEIGHTINGS)}")
+            cls = weighting_class(method)
+            if cls.Config is None:
+                if values:
+                    raise ValueError(f"{where}: loss weighting {method!r} has no options, got {values!r}")
+                continue
+            typed[method] = values if isinstance(values, cls.Config) else from_dict(cls.Config, values or {},
+                                                                                   where + ".")
+        self.options = typed
 
     def method_options(self) -> Any:
         """The options of the chosen method (its config section)."""
-        return getattr(self, self.method) if hasattr(self, self.method) and self.method != "options" \
-            else self.options.get(self.method)
+        return getattr(self, self.method) if self.method in BUILTIN_SECTIONS else self.options.get(self.method)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3                      # peak learning rate of AdamW
+    lr: float = 1e-3
+    """peak learning rate of AdamW"""
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 50                # linear warm-up, then cosine decay to min_lr_ratio * lr
+    warmup_steps: int = 50
+    """linear warm-up, then cosine decay to min_lr_ratio * lr"""
     min_lr_ratio: float = 0.01
-    grad_clip: float = 1.0                # global gradient-norm clip (0 = off)
+    grad_clip: float = 1.0
+    """global gradient-norm clip (0 = off)"""
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 1                   # 0, 1 or 2 (stage 3 would shard parameters the uneven eval stream needs)
-    precision: str = "auto"               # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
-    grad_accum: int = 1                   # gradient accumulation steps
-    config_file: str | None = None        # a ds_config JSON used as is (its batch sizes must agree with data.*)
+    zero_stage: int = 1
+    """0, 1 or 2 (stage 3 would shard parameters the uneven eval stream needs)"""
+    precision: str = "auto"
+    """auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16"""
+    grad_accum: int = 1
+    """gradient accumulation steps"""
+    config_file: str | None = None
+    """a ds_config JSON used as is (its batch sizes must agree with data.*)"""
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = 10
-    batches_per_epoch: int | None = None  # per rank; default: the train split once per epoch
-    log_every: int = 20                   # steps between log lines / TensorBoard scalars: the host reads the losses
-    #                                       (non-finite check, stop signals) only then, never inside a step
-    checkpoint_every: int = 500           # steps between checkpoints (one is always written at the end)
-    keep_checkpoints: int = 2             # newest checkpoints kept on disk (older tags are deleted)
-    eval_every_epochs: int = 0            # 0 = evaluate only at the end
+    batches_per_epoch: int | None = None
+    """per rank; default: the train split once per epoch"""
+    log_every: int = 20
+    """steps between log lines / TensorBoard scalars: the host reads the losses (non-finite check, stop signals)
+    only then, never inside a step"""
+    checkpoint_every: int = 500
+    """steps between checkpoints (one is always written at the end)"""
+    keep_checkpoints: int = 2
+    """newest checkpoints kept on disk (older tags are deleted)"""
+    eval_every_epochs: int = 0
+    """0 = evaluate only at the end"""
     preempt_signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
     """Signals that stop the run cleanly (SLURM, Kubernetes and spot instances send SIGTERM; SLURM's `--signal`
     another): the ranks train on to the next logging interval, a complete checkpoint is written and they exit with 75
@@ -99,20 +158,30 @@ class ScheduleConfig:
 @dataclass
 class EvalConfig:
     split: str = "val"
-    probe_samples: int = 4096             # train samples whose frozen features fit the linear probe
-    n_bootstrap: int = 200                # resamples for the macro-AUC 95% CI
-    calibration_split: str | None = None  # fit a softmax temperature on this split (never the scored one) and report
-    #                                       the scored split's ECE and NLL with it (`<split>/ece_calibrated`)
+    probe_samples: int = 4096
+    """train samples whose frozen features fit the linear probe"""
+    n_bootstrap: int = 200
+    """resamples for the macro-AUC 95% CI"""
+    calibration_split: str | None = None
+    """fit a softmax temperature on this split (never the scored one) and report the scored split's ECE and NLL with
+    it (`<split>/ece_calibrated`)"""
 
 
 @dataclass
 class Config:
-    stage: str = "supervised"             # a name of the stage table (dlscale.train.stages)
-    data_dir: str = ""                    # dataset directory (manifest.json + shards)
-    run_dir: str = ""                     # output directory of this run
+    format_version: int = FORMAT_VERSION
+    """Version of the config format (`dlscale.compat`): files without it are read as dlscale 0.1's."""
+    stage: str = "supervised"
+    """a name of the stage table (dlscale.train.stages)"""
+    data_dir: str = ""
+    """dataset directory (manifest.json + shards)"""
+    run_dir: str = ""
+    """output directory of this run"""
     seed: int = 0
-    device: str = "auto"                  # auto | cpu | cuda
-    init_from: str | None = None          # encoder.pt, a run directory or an encoder state dict to start from
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    init_from: str | None = None
+    """encoder.pt, a run directory or an encoder state dict to start from"""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -132,8 +201,7 @@ class Config:
             raise ValueError(f"deepspeed.precision={self.deepspeed.precision!r}: expected auto, fp32, bf16 or fp16")
         if self.schedule.epochs < 1 or self.deepspeed.grad_accum < 1:
             raise ValueError("schedule.epochs and deepspeed.grad_accum must be >= 1")
-        if self.data.source not in SOURCES:
-            raise ValueError(f"data.source={self.data.source!r}: expected one of {', '.join(SOURCES)}")
+        self.data.validate()
         if self.data.source == "simulate" and not self.schedule.batches_per_epoch:
             raise ValueError("data.source=simulate: set schedule.batches_per_epoch (an epoch of fresh simulated "
                              "lenses has no natural length)")
@@ -150,6 +218,14 @@ class Config:
                 signal_number(name)
             except ValueError as err:
                 raise ValueError(f"schedule.preempt_signals: {err}") from None
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"format_version={self.format_version}: expected {FORMAT_VERSION} (older files are "
+                             "translated on load, see dlscale.compat)")
+        tasks = run_tasks(self)
+        extra = sorted(set(self.model.task_options) - set(tasks))
+        if extra:
+            raise ValueError(f"model.task_options.{extra[0]}: this run trains tasks {list(tasks)}")
+        check_weighting(self)
         if not self.run_dir or (not self.data_dir and self.data.source == "shards"):
             raise ValueError("data_dir (--data) and run_dir (--run-dir) are required")
         return self
@@ -167,41 +243,53 @@ def check_weighting(cfg: Config) -> None:
 
 
 def migrate(tree: dict) -> dict:
-    """Config trees written by dlscale 0.1 in today's form (only keys present are moved). A resolved 0.1
-    config.yaml (it has loss.weights, loss.temperature and model.encoder.weights_path) also selects 0.1's
-    reconstruction head, so the run's model.pt loads."""
-    loss, model = tree.get("loss"), tree.get("model") or {}
-    encoder = model.get("encoder")
-    if (isinstance(loss, dict) and {"weights", "temperature"} <= set(loss) and isinstance(encoder, dict)
-            and "weights_path" in encoder and "task_options" not in model):
-        model["task_options"] = {task: options for task, options in (("classification", {"standardize": False}),
-                                                                     ("recon", {"decoder": "wide"}))
-                                 if _trained_in_01(tree, task)}
-    if isinstance(loss, dict):
-        if "weights" in loss:
-            loss.setdefault("fixed", {})["weights"] = loss.pop("weights")
-        if "temperature" in loss:
-            loss.setdefault("dwa", {})["temperature"] = loss.pop("temperature")
-    if isinstance(encoder, dict) and "weights_path" in encoder:   # 0.1's second way to start an encoder
-        path = encoder.pop("weights_path")
-        if path and not tree.get("init_from"):
-            tree["init_from"] = path
-    return tree
+    """A config tree (a sweep's `train` section, with its overrides) in today's form: 0.1's keys are translated
+    wherever they appear, as dotted overrides are (`dlscale.compat.upgrade_config`); a newer version is refused."""
+    format_version(tree, "config")
+    return upgrade_config(tree, FORMAT_0_1)
 
 
-def _trained_in_01(tree: dict, task: str) -> bool:
-    """Whether a dlscale 0.1 config trains `task` (0.1's stages: autoencoder, supervised, multitask)."""
-    stage, tasks = tree.get("stage"), (tree.get("model") or {}).get("tasks")
-    return stage == {"recon": "autoencoder", "classification": "supervised"}[task] or (
-        stage == "multitask" and (tasks is None or task in tasks))
+def fill_options(cfg: Config) -> Config:
+    """The defaults of the options of every task the run trains and of its weighting, so the config lists them
+    (`--print-config`, config.yaml); options of a task the run does not train are refused naming the key. A
+    stage / task choice that is itself wrong is left to `validate`."""
+    try:
+        tasks = run_tasks(cfg)
+    except ValueError:
+        return cfg
+    extra = sorted(set(cfg.model.task_options) - set(tasks))
+    if extra:
+        raise ValueError(f"config key 'model.task_options.{extra[0]}': stage {cfg.stage!r} trains tasks "
+                         f"{list(tasks)}, not {extra[0]!r}")
+    for name in tasks:
+        if name not in cfg.model.task_options and TASKS[name].Config is not None:
+            cfg.model.task_options[name] = TASKS[name].Config()
+    method = cfg.loss.method
+    if method in WEIGHTINGS and method not in BUILTIN_SECTIONS and method not in cfg.loss.options:
+        if WEIGHTINGS[method].Config is not None:
+            cfg.loss.options[method] = WEIGHTINGS[method].Config()
+    return cfg
+
+
+def print_config(cfg: Config) -> str:
+    """The resolved config as YAML with each key's documentation as a comment above it (`--print-config`): the
+    chosen stage's task options, the weighting's options and, with data.source=simulate, every simulator key with
+    the preset's value (as `data.simulator.overrides`). Loads back (`--config`) to the same config."""
+    import copy
+    from dlscale.configtree import commented_yaml
+    shown = copy.deepcopy(cfg)
+    if shown.data.source == "simulate":
+        sim = shown.data.simulator.simulator_config()
+        shown.data.simulator.overrides = {f.name: getattr(sim, f.name) for f in fields(sim) if f.name != "preset"}
+    return commented_yaml(shown)
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> Config:
     """The training config: defaults < the stage's defaults < YAML file < dotted overrides (`section.key=value`)
     < keyword arguments (None: not given). Unknown keys and wrong types raise naming the dotted key."""
-    given = migrate(read_yaml(yaml_path)) if yaml_path else {}
-    given = merge(given, migrate(overrides_tree(overrides)))
+    given = upgrade_config(read_yaml(yaml_path)) if yaml_path else {}
+    given = merge(given, upgrade_config(overrides_tree(overrides), FORMAT_0_1))   # 0.1's keys are still accepted
     given.update({k: v for k, v in top.items() if v is not None})
     stage = given.get("stage", Config.stage)
     stage_defaults = STAGES[stage].defaults if isinstance(stage, str) and stage in STAGES else {}
-    return from_dict(Config, merge(merge(to_dict(Config()), stage_defaults), given))
+    return fill_options(from_dict(Config, merge(merge(to_dict(Config()), stage_defaults), given)))

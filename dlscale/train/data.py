@@ -1,23 +1,23 @@
 """Where a run's training batches come from, and the checks that the data fits the model.
 
-Two sources (`data.source`): `shards`, the dataset of `data_dir` through the resampled shard stream; `simulate`,
-fresh simulated lenses every step (`dlscale.sim.stream`), evaluated on `data_dir` if given or else on a fixed set
-simulated once into RUN/eval_data. The trainer sees only a stream (`set_epoch`, iteration), its batches per epoch
-and `epoch_loader`; nothing else in the engine depends on the source.
+The sources themselves are registered parts (`dlscale.train.sources`, keyed by `data.source`: `shards`, the
+dataset of `data_dir` through the resampled shard stream; `simulate`, fresh simulated lenses every step, evaluated
+on `data_dir` if given or else on a fixed set simulated once into RUN/eval_data; any source registered with
+`register_source`). This module holds what is not source-specific (the dataset check, the transform placement,
+the target statistics) and the runner's and trainer's entry points, which only ask the run's source: the trainer
+sees a stream (`set_epoch`, iteration), its batches per epoch, `epoch_loader` and `describe_ids`.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
-from dlscale.data.stream import ShardSet, TrainStream, batches_per_epoch, make_loader
-from dlscale.dist import DistInfo
+from dlscale.distributed import DistInfo
+from dlscale.train.sources import InMemorySource, source_of, training_source
+from dlscale.train.sources.simulate import EVAL_DATA
 
-EVAL_DATA = "eval_data"
 STATS_SAMPLES = 4096
 
 
@@ -30,7 +30,7 @@ def check_dataset(cfg, manifest: dict) -> tuple[int, ...]:
     if shape[0] != cfg.model.encoder.in_channels:
         raise ValueError(f"{cfg.data_dir}: images have {shape[0]} channel(s) {shape}; set "
                          f"--model.encoder.in_channels={shape[0]}")
-    needs_train = cfg.data.source == "shards" or cfg.eval.probe_samples > 0   # training, or the probe's features
+    needs_train = training_source(cfg).reads_train_split or cfg.eval.probe_samples > 0   # training, or the probe
     if (needs_train and "train" not in manifest["splits"]) or cfg.eval.split not in manifest["splits"]:
         raise ValueError(f"{cfg.data_dir}: needs {'a train split and ' if needs_train else ''}the eval split "
                          f"{cfg.eval.split!r}; has {', '.join(manifest['splits'])}")
@@ -48,14 +48,13 @@ def load_dataset(cfg) -> tuple[dict, tuple[int, ...]]:
 
 
 def simulated_eval_set(cfg) -> bool:
-    """True when the run evaluates on a set it simulates itself (source simulate without `data_dir`)."""
-    return cfg.data.source == "simulate" and (not cfg.data_dir or Path(cfg.data_dir) == Path(cfg.run_dir) / EVAL_DATA)
+    """True when the run evaluates on a set its source makes itself (source simulate without `data_dir`)."""
+    return training_source(cfg).simulated_eval_set()
 
 
 def prepare_eval_set(cfg) -> None:
-    """Rank 0: simulate (or reuse) the fixed evaluation set in RUN/eval_data."""
-    from dlscale.sim.stream import prepare_eval_set as simulate_set
-    simulate_set(cfg.data.simulator, cfg.data_dir)
+    """Rank 0: make (or reuse) the source's fixed evaluation set in RUN/eval_data."""
+    training_source(cfg).prepare_eval_set()
 
 
 def resolve_transforms(cfg, device: torch.device) -> None:
@@ -66,21 +65,14 @@ def resolve_transforms(cfg, device: torch.device) -> None:
 
 
 def train_stream(cfg, info: DistInfo, device: torch.device):
-    """(this rank's training stream, batches per epoch)."""
-    if cfg.data.source == "simulate":
-        from dlscale.sim.stream import SimulationStream
-        batches = cfg.schedule.batches_per_epoch
-        return SimulationStream(cfg.data.simulator, cfg.data, info.rank, info.world, batches, cfg.seed, device), \
-            batches
-    shards = ShardSet(cfg.data_dir, "train", cfg.data)
-    batches = cfg.schedule.batches_per_epoch or batches_per_epoch(shards.num_samples, cfg.data.batch_size,
-                                                                  info.world)
-    return TrainStream(shards, info.rank, info.world, batches, cfg.seed), batches
+    """(this rank's training stream, batches per epoch), built by the run's source (the stream remembers it)."""
+    return training_source(cfg).open(info, device)
 
 
 class InMemoryStream(torch.utils.data.IterableDataset):
     """A training stream over batches already in memory, the same every epoch: what `Trainer` needs of a stream
     (`set_epoch`, iteration, sample keys), for benchmarks and tests of the training step."""
+    data_source = InMemorySource()
 
     def __init__(self, batches: list[dict]) -> None:
         self.batches = batches
@@ -95,21 +87,24 @@ class InMemoryStream(torch.utils.data.IterableDataset):
         return [f"in-memory sample {s}:{r}:{p}" for s, r, p in ids.tolist()]
 
 
-def stream_image_shape(stream) -> tuple[int, ...]:
-    return tuple(stream.image_shape if hasattr(stream, "image_shape") else stream.shards.image_shape)
+def stream_image_shape(stream, cfg=None) -> tuple[int, ...]:
+    """(C, H, W) of the stream's batches (after `data.resize`): what the model sees."""
+    return source_of(stream, cfg).image_shape(stream)
 
 
 def epoch_loader(stream, cfg):
     """The DataLoader of one epoch (a new one re-reads `set_epoch`)."""
-    if cfg.data.source == "simulate":
-        from dlscale.sim.stream import simulation_loader
-        return simulation_loader(stream)
-    return make_loader(stream, cfg.data)
+    return source_of(stream, cfg).loader(stream)
 
 
-def describe_ids(stream, ids: torch.Tensor) -> list[str]:
+def describe_ids(stream, ids: torch.Tensor, cfg=None) -> list[str]:
     """Readable keys of the samples `ids` of a training batch (for error messages)."""
-    return stream.sample_keys(ids) if hasattr(stream, "sample_keys") else stream.shards.describe(ids)
+    return source_of(stream, cfg).describe(stream, ids)
+
+
+def training_skips(stream, cfg=None):
+    """What `skip_metrics` totals for the training stream (None: its source never skips data)."""
+    return source_of(stream, cfg).skip_counts(stream)
 
 
 def target_stats(cfg, stream) -> dict[str, list[float]] | None:
@@ -117,19 +112,5 @@ def target_stats(cfg, stream) -> dict[str, list[float]] | None:
     (the first shards of the train split, or the first global batches of epoch 0 of the simulation)."""
     if not cfg.data.targets:
         return None
-    values, n = [], 0
-    if cfg.data.source == "simulate":
-        index = 0
-        while n < STATS_SAMPLES:
-            values.append(stream.batch(0, index)["target"].cpu().numpy())
-            n, index = n + len(values[-1]), index + 1
-    else:
-        shards = stream.shards
-        for shard in range(len(shards.urls)):
-            for _, _, _, targets in shards.records(shard):
-                values.append(targets.numpy())
-                n += len(targets)
-            if n >= STATS_SAMPLES:
-                break
-    stacked = np.concatenate(values)
+    stacked = source_of(stream, cfg).target_sample(stream, STATS_SAMPLES)
     return {"mean": stacked.mean(0).tolist(), "std": (stacked.std(0) + 1e-8).tolist()}

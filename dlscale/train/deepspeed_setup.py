@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dlscale.dist import DistInfo, export_env
+from dlscale.distributed import DistInfo, export_env
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,11 @@ from dlscale import io
 from dlscale.configtree import flatten, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.stream import eval_loader, finish_batch, leading_shards
-from dlscale.dist import DistInfo
-from dlscale.evaluate import (apply_temperature, collect, expected_calibration_error, fit_temperature, gather,
-                               negative_log_likelihood, summarize)
-from dlscale.report import log_evaluation, save_reliability, save_roc, scalar_items
+from dlscale.distributed import DistInfo
+from dlscale.collect import collect, gather
+from dlscale.metrics import apply_temperature, expected_calibration_error, fit_temperature, negative_log_likelihood, summarize
+from dlscale.figures import save_reliability, save_roc
+from dlscale.summaries import log_evaluation, scalar_items
 from dlscale.train.artifacts import METRICS, update_metrics
 from dlscale.train.config import Config, load_config, run_tasks
 from dlscale.train.model import build_model
@@ -241,7 +242,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, split: str = 
                  local_rank: int | None = None) -> tuple[dict, Path]:
     """`dlscale eval`: reload a finished run and evaluate it on `split` of `data_dir` (default: its own data);
     returns (metrics, the directory they were written to)."""
-    from dlscale.dist import dist_info
+    from dlscale.distributed import dist_info
     from dlscale.train.data import load_dataset, resolve_transforms
     from dlscale.train.deepspeed_setup import init_distributed, pick_device
     run_dir = Path(run_dir)

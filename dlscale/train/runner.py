@@ -20,13 +20,13 @@ import torch.distributed as dist
 
 from dlscale import preemption
 from dlscale.data.classes import CLASSES
-from dlscale.dist import DistInfo, dist_info
+from dlscale.distributed import DistInfo, dist_info
 from dlscale.train import artifacts
 from dlscale.train.config import Config, check_weighting
 from dlscale.train.data import (EVAL_DATA, load_dataset, prepare_eval_set, resolve_transforms, simulated_eval_set,
                                 stream_image_shape, target_stats, train_stream)
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device
-from dlscale.train.engine import DTYPES, EvaluationCallback, Trainer
+from dlscale.train.trainer import DTYPES, EvaluationCallback, Trainer
 from dlscale.train.evaluation import Evaluation, build_run_model
 from dlscale.train.model import init_encoder
 from dlscale.train.preflight import check_engine_settings

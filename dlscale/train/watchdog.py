@@ -13,16 +13,12 @@ import os
 import threading
 import time
 
+from dlscale.distributed import under_launcher   # noqa: F401  (the launcher variables are read there; re-exported)
+
 log = logging.getLogger(__name__)
-LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "CROSS_RANK")   # set for its ranks by torchrun; by deepspeed's launch.py
 POLL_S = 0.5
 EXIT_CODE = 143   # as if terminated by SIGTERM
 _watched: int | None = None   # the launcher this process watches (one thread per process)
-
-
-def under_launcher(env: dict | None = None) -> bool:
-    env = os.environ if env is None else env
-    return any(name in env for name in LAUNCHER_VARIABLES)
 
 
 def exit_with_launcher(rank: int, poll_s: float = POLL_S) -> bool:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 
+from dlscale.configtree import parse_override
+from dlscale.distributed import local_ranks
 from dlscale.transfer.runner import METHODS, TransferConfig
 from dlscale.transfer.subsets import parse_sizes
+from dlscale.transfer.training import device_of
 
 
 def transfer_main(argv: list[str] | None = None) -> int:
@@ -47,15 +50,15 @@ def transfer_main(argv: list[str] | None = None) -> int:
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
         p.error(f"unrecognised arguments {bad}; training config overrides look like --section.key=value")
-    from dlscale.quickstart import local_ranks
+    settings = dict(parse_override(r) for r in rest)   # argv ends here: the study gets typed settings
     cfg = TransferConfig(args.encoder, args.data, args.out, parse_sizes(args.labels_per_class), args.repeats,
                          [m.strip() for m in args.methods.split(",") if m.strip()], args.split, args.epochs,
                          [t.strip() for t in args.targets.split(",") if t.strip()],
                          args.ranks if args.ranks is not None else local_ranks(), args.seed, args.n_bootstrap,
-                         args.min_batches_per_epoch, rest, _names(args.tasks), args.eval_data,
+                         args.min_batches_per_epoch, settings, _names(args.tasks), args.eval_data,
                          _names(args.regression_targets), args.superres_steps, args.superres_eval)
     from dlscale.train.deepspeed_setup import prepare_process
-    prepare_process(_device(rest))
+    prepare_process(device_of(settings))
     from dlscale.transfer.report import table
     from dlscale.transfer.report_tasks import task_sections
     from dlscale.transfer.runner import run_transfer
@@ -67,7 +70,3 @@ def transfer_main(argv: list[str] | None = None) -> int:
 
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _device(overrides: list[str]) -> str:
-    return next((o.split("=", 1)[1] for o in overrides if o.startswith("--device=")), "auto")

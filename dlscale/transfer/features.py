@@ -3,7 +3,7 @@
 An encoder is an exported `encoder.pt` or a run directory holding one. Its metadata says what it was trained on
 (image shape, normalisation, stage, dataset); the transfer data must reach its input size, through `data.resize`
 when the stored images have another size, or the command stops naming the option to set. Features are the pooled
-feature map (what `TaskModel.features` and the run's own probe use), computed by `dlscale.evaluate.collect` over a
+feature map (what `TaskModel.features` and the run's own probe use), computed by `dlscale.collect.collect` over a
 whole split in sample-id order.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
-from dlscale.evaluate import collect, gather
+from dlscale.collect import collect, gather
 from dlscale.export import encoder_config, read_encoder_file
 from dlscale.models import EncoderConfig, build_encoder, global_pool
 from dlscale.train.model import ARCHITECTURE_KEYS
@@ -48,11 +48,10 @@ class EncoderSource:
         side = "x".join(map(str, self.image_shape[1:]))
         return f"{a.name}{'-' + detail if detail else ''}-{side}-{self.normalize}"
 
-    def overrides(self) -> list[str]:
-        """Training config overrides that rebuild this architecture and its input normalisation."""
+    def settings(self) -> dict:
+        """Training config settings (dotted keys) that rebuild this architecture and its input normalisation."""
         fields = dataclasses.asdict(self.architecture)
-        return [f"--model.encoder.{k}={'null' if fields[k] is None else fields[k]}" for k in ARCHITECTURE_KEYS] \
-            + [f"--data.normalize={self.normalize}"]
+        return {**{f"model.encoder.{k}": fields[k] for k in ARCHITECTURE_KEYS}, "data.normalize": self.normalize}
 
 
 def load_sources(paths: list[str]) -> list[EncoderSource]:
@@ -109,18 +108,15 @@ class FeatureModel(nn.Module):
 
     def __init__(self, encoder: nn.Module, with_targets: bool) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.task_specs = {"targets": _Targets()} if with_targets else {}
+        self.encoder, self.with_targets = encoder, with_targets
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"features": global_pool(self.encoder(images))}
 
+    def collect(self, out, images, batch) -> dict[str, torch.Tensor]:
+        return {"target": batch["target"]} if self.with_targets else {}
 
-class _Targets:
-    def collect(self, out, images, batch):
-        return {"target": batch["target"]}
-
-    def examples(self, out, images):
+    def examples(self, out, images) -> dict[str, torch.Tensor]:
         return {}
 
 

@@ -172,7 +172,7 @@ def report_text(results: dict) -> str:
     lines += ["", f"Subsets: N labels per class, stratified, nested (smaller inside larger), seeded (seed "
               f"{results['seed']}), {results['repeats']} repeat(s); at N = all the probe is deterministic (one "
               f"repeat). Fine-tune and scratch budget (epochs x batches): {budget or '-'}; config overrides "
-              f"{' '.join(results['overrides']) or 'none'}.",
+              f"{_settings_text(results['overrides']) or 'none'}.",
               f"Values: mean over repeats; CI: {results['ci']}.", ""]
     if any(c.get("task", "classification") == "classification" for c in results["cells"]):
         lines += ["## Task: classification", "", *table(results), "",
@@ -183,3 +183,10 @@ def report_text(results: dict) -> str:
     lines += ["- Fine-tune and scratch runs (TensorBoard): `tensorboard --logdir runs` in this directory"]
     lines += [*task_sections(results), ""]
     return "\n".join(lines)
+
+
+def _settings_text(settings) -> str:
+    """`key=value ...` of a study's training config settings (a results.json of an older study: its override list)."""
+    if isinstance(settings, dict):
+        return " ".join(f"{k}={v}" for k, v in settings.items())
+    return " ".join(settings or [])

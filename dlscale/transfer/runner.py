@@ -17,7 +17,8 @@ one), each fitted on the same subsets and scored with the same bootstrap, every 
 `eval_data` scores the frozen-encoder methods on another dataset's eval split (cross-dataset transfer), the
 subsets still drawn from `data_dir`'s train split.
 Training budget: `epochs` x max(`min_batches_per_epoch`, N_train / (batch x ranks)) batches, warm-up a tenth of it;
-any `--section.key=value` override of the training config comes last and wins.
+`overrides` (training config settings, dotted keys with typed values: what `dlscale transfer --section.key=value`
+says) come last and win. Each run is planned as typed settings (`PlannedRun`), never as command-line strings.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from dlscale.configtree import overrides_tree
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
 from dlscale.transfer import features as feats
@@ -60,7 +61,7 @@ class TransferConfig:
     seed: int = 0
     n_bootstrap: int = 1000
     min_batches_per_epoch: int = 5
-    overrides: list[str] = field(default_factory=list)   # training config, --section.key=value
+    overrides: dict[str, Any] = field(default_factory=dict)   # training config settings: {"section.key": value}
     tasks: list[str] = field(default_factory=lambda: ["all"])   # downstream tasks; all: every one the data allow
     eval_data: str | None = None          # score on this dataset's eval split (cross-dataset transfer)
     regression_targets: list[str] = field(default_factory=list)   # regression task (default: what the data vary)
@@ -88,7 +89,7 @@ class TransferConfig:
                              "and scratch runs evaluate on their own data: use --methods probe,random")
         if self.superres_steps < 1 or self.superres_eval < 1:
             raise ValueError("--superres-steps and --superres-eval must be >= 1")
-        reserved = sorted(set(overrides_tree(self.overrides)) & set(RESERVED_KEYS))
+        reserved = sorted({key.split(".")[0] for key in self.overrides} & set(RESERVED_KEYS))
         if reserved:
             raise ValueError(f"override --{reserved[0]}=...: transfer sets {', '.join(RESERVED_KEYS)} itself")
         return self
@@ -137,7 +138,7 @@ class Study:
 
     def stream(self, source: feats.EncoderSource):
         """The stream config of the probes: the training config's, with the encoder's normalisation unless set."""
-        if "normalize" in (overrides_tree(self.cfg.overrides).get("data") or {}):
+        if "data.normalize" in self.cfg.overrides or "normalize" in (self.cfg.overrides.get("data") or {}):
             if self.train_cfg.data.normalize != source.normalize:
                 log.warning("data.normalize=%s, encoder %s was trained with %s", self.train_cfg.data.normalize,
                             source.label, source.normalize)
@@ -157,10 +158,10 @@ class Study:
 
 
 def training_config(cfg: TransferConfig):
-    from dlscale.train.config import load_config
-    extra = [f"--data.targets=[{', '.join(cfg.targets)}]"] if cfg.targets else []
-    return load_config(None, extra + cfg.overrides, stage="supervised", data_dir=cfg.data_dir,
-                       run_dir=str(Path(cfg.out) / "runs"))
+    from dlscale.train.build import build_config
+    extra = {"data.targets": list(cfg.targets)} if cfg.targets else {}
+    return build_config(None, {**extra, **cfg.overrides}, stage="supervised", data_dir=cfg.data_dir,
+                        run_dir=str(Path(cfg.out) / "runs"))
 
 
 def prepare(cfg: TransferConfig) -> Study:
@@ -263,39 +264,38 @@ def plan_runs(study: Study) -> list[tuple[tuple, PlannedRun]]:
     dirs = subset_dirs(study)
     batch = study.train_cfg.data.batch_size
     stage = "multitask" if cfg.targets else "supervised"
-    tasks = ["--model.tasks=[classification, regression]", "--loss.method=fixed"] if cfg.targets else []
+    tasks = {"model.tasks": ["classification", "regression"], "loss.method": "fixed"} if cfg.targets else {}
     models = ([("finetune", s.label, s) for s in study.sources] if "finetune" in cfg.methods else []) + \
         ([("scratch", a, s) for a, s in study.architectures.items()] if "scratch" in cfg.methods else [])
     planned = []
     for n in cfg.labels_per_class:
-        budget = budget_overrides(cfg, len(study.train_labels) if n == ALL else n * len(CLASSES), batch)
+        budget = budget_settings(cfg, len(study.train_labels) if n == ALL else n * len(CLASSES), batch)
         for r in range(cfg.repeats):
             for method, model, source in models:
-                overrides = [*source.overrides(), *budget, f"--seed={cfg.seed + r}", *tasks, *cfg.overrides]
-                if cfg.targets:
-                    overrides.insert(0, f"--data.targets=[{', '.join(cfg.targets)}]")
+                targets = {"data.targets": list(cfg.targets)} if cfg.targets else {}
+                settings = {**targets, **source.settings(), **budget, "seed": cfg.seed + r, **tasks, **cfg.overrides}
                 run = PlannedRun(str(out / model / f"{method}-n{n}-r{r}"), dirs[(n, r)], stage,
-                                 str(source.path) if method == "finetune" else None, overrides)
+                                 str(source.path) if method == "finetune" else None, settings)
                 planned.append(((method, model, n), run))
         if planned and n not in study.budget:
             study.budget[n] = resolved_budget(planned[-1][1], cfg.ranks)
     return planned
 
 
-def budget_overrides(cfg: TransferConfig, n_train: int, batch: int) -> list[str]:
+def budget_settings(cfg: TransferConfig, n_train: int, batch: int) -> dict[str, Any]:
     """The shared training budget of a fine-tune or scratch run on `n_train` images: `epochs` x max(floor,
     N_train / (batch x ranks)) batches, warm-up a tenth; evaluation on the eval split without probe or bootstrap."""
     batches = max(cfg.min_batches_per_epoch, n_train // (batch * cfg.ranks))
-    return [f"--schedule.epochs={cfg.epochs}", f"--schedule.batches_per_epoch={batches}",
-            f"--optim.warmup_steps={max(1, cfg.epochs * batches // 10)}", f"--eval.split={cfg.split}",
-            "--eval.probe_samples=0", "--eval.n_bootstrap=0", "--schedule.checkpoint_every=0",
-            "--schedule.keep_checkpoints=1"]
+    return {"schedule.epochs": cfg.epochs, "schedule.batches_per_epoch": batches,
+            "optim.warmup_steps": max(1, cfg.epochs * batches // 10), "eval.split": cfg.split,
+            "eval.probe_samples": 0, "eval.n_bootstrap": 0, "schedule.checkpoint_every": 0,
+            "schedule.keep_checkpoints": 1}
 
 
 def resolved_budget(run: PlannedRun, ranks: int) -> dict:
-    """Epochs, batches per epoch and batch of a planned run as its config resolves (overrides included)."""
-    from dlscale.train.config import load_config
-    c = load_config(None, run.overrides, stage=run.stage, data_dir=run.data_dir, run_dir=run.run_dir)
+    """Epochs, batches per epoch and batch of a planned run, read from its typed config (the settings given by
+    `overrides` included)."""
+    c = run.config()
     return {"epochs": c.schedule.epochs, "batches_per_epoch": c.schedule.batches_per_epoch,
             "batch_size": c.data.batch_size, "ranks": ranks}
 

@@ -1,6 +1,6 @@
 """Probes on frozen features and the metrics of a (method, encoder, N) cell with their confidence intervals.
 
-The classification probe is the library's (`dlscale.evaluate.linear_probe`: multinomial logistic regression on
+The classification probe is the library's (`dlscale.metrics.linear_probe`: multinomial logistic regression on
 standardised features, same solver and seed), fitted here so that its eval-split probabilities are kept for the
 bootstrap; the regression probe is ridge regression on standardised features.
 
@@ -14,22 +14,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from dlscale.transfer.bootstrap import weighted_auc
-from dlscale.evaluate import check_labels, classification_metrics, regression_metrics
+from dlscale.metrics import check_labels, classification_metrics, logistic_probe, regression_metrics
 
 
 def probe_classifier(train_features: np.ndarray, train_labels: np.ndarray, eval_features: np.ndarray,
                      class_names: Sequence[str], seed: int = 0) -> np.ndarray:
     """Eval-split class probabilities of `linear_probe`'s model fitted on the given train features."""
     check_labels(train_labels, class_names, "probe train labels")
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    probe.fit(train_features, train_labels)
-    return probe.predict_proba(eval_features)
+    return logistic_probe(seed).fit(train_features, train_labels).predict_proba(eval_features)
 
 
 def probe_regressor(train_features: np.ndarray, train_targets: np.ndarray, eval_features: np.ndarray,

@@ -1,8 +1,9 @@
 """Fine-tuning and from-scratch runs of a transfer study, through the DeepSpeed engine (`dlscale.train.run`).
 
-Every run of the study goes into one plan (OUT/plan.json); the plan is trained by one launch: on all local ranks
-through torchrun (`python -m dlscale.transfer.training PLAN`, each rank going through the runs in order; the
-process group outlives each run), or in this process with one rank. One launch, not one per run: process and
+Every run of the study goes into one plan (OUT/plan.json: each run's typed settings, the record the ranks read); the
+plan is trained by one launch: on all local ranks through `distributed.launch_local_ranks` (`python -m
+dlscale.transfer.training --config PLAN`, each rank going through the runs in order; the process group outlives each
+run), or in this process with one rank. One launch, not one per run: process and
 DeepSpeed start-up cost more than a small run's training. Finished runs (model.pt, metrics.json, the scores of the
 eval split, and transfer_run.json: the planned run, written once it finished) are kept and skipped when the command
 is repeated; a run directory left unfinished, or planned with other settings, is removed first, so the engine starts
@@ -13,12 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,12 +30,24 @@ RECORD = "transfer_run.json"          # the planned run, written into its direct
 
 @dataclass
 class PlannedRun:
-    """One `dlscale train` run: its stage, data, directory, starting encoder and config overrides."""
+    """One `dlscale train` run: its stage, data, directory, starting encoder and training config settings (dotted
+    keys with typed values, JSON-serialisable: the plan and the finished run's record hold them)."""
     run_dir: str
     data_dir: str
     stage: str
     init_from: str | None = None
-    overrides: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def config(self):
+        """The run's typed training config."""
+        from dlscale.train.build import build_config
+        return build_config(None, self.settings, stage=self.stage, data_dir=self.data_dir, run_dir=self.run_dir,
+                            init_from=self.init_from)
+
+
+def device_of(settings: dict[str, Any]) -> str:
+    """The `device` a run's (or a study's) training config settings ask for (auto when not set)."""
+    return str(settings.get("device", "auto"))
 
 
 def scores_file(run_dir: str | Path, split: str) -> Path:
@@ -81,26 +93,20 @@ def launch(todo: list[PlannedRun], plan_path: Path, split: str, ranks: int) -> N
     if ranks <= 1:
         train_planned(todo)
         return
-    from dlscale.dist import LAUNCHER_VARIABLES
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "dlscale.transfer.training", str(plan_path)]
-    done = subprocess.run(command, env=env)
-    if done.returncode:
+    from dlscale.distributed import launch_local_ranks
+    code = launch_local_ranks("dlscale.transfer.training", plan_path, ranks, check=False)
+    if code:
         unfinished = [r.run_dir for r in todo if not _trained(r, split)]
-        raise RuntimeError(f"training the plan {plan_path} on {ranks} ranks exited with {done.returncode}; "
+        raise RuntimeError(f"training the plan {plan_path} on {ranks} ranks exited with {code}; "
                            f"{len(unfinished)} run(s) unfinished, first {unfinished[:1]} (its log.txt says why)")
 
 
 def train_planned(runs: list[PlannedRun], local_rank: int | None = None) -> None:
     """Train `runs` one after another in this process (every rank of a launch calls this with the same list)."""
-    from dlscale.dist import dist_info
-    from dlscale.train.config import load_config
+    from dlscale.distributed import dist_info
     from dlscale.train.runner import run as train
     for i, planned in enumerate(runs, 1):
-        cfg = load_config(None, planned.overrides, stage=planned.stage, data_dir=planned.data_dir,
-                          run_dir=planned.run_dir, init_from=planned.init_from)
+        cfg = planned.config()
         if dist_info(local_rank).is_main:
             log.info("transfer run %d/%d: %s (%s%s)", i, len(runs), planned.run_dir, planned.stage,
                      f", from {planned.init_from}" if planned.init_from else ", from scratch")
@@ -117,16 +123,20 @@ def read_scores(run: PlannedRun, split: str) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of each rank of a torchrun launch: `python -m dlscale.transfer.training PLAN`."""
+    """Entry point of each rank of a torchrun launch: `python -m dlscale.transfer.training --config PLAN`."""
     p = argparse.ArgumentParser(prog="python -m dlscale.transfer.training")
-    p.add_argument("plan", type=Path)
+    p.add_argument("plan", type=Path, nargs="?", help="the plan (OUT/plan.json); or --config")
+    p.add_argument("--config", type=Path, help="the plan (OUT/plan.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = p.parse_args(argv)
-    from dlscale.dist import dist_info, setup_logging
+    plan = args.config or args.plan
+    if plan is None:
+        p.error("the plan: give --config PLAN")
+    from dlscale.distributed import dist_info, setup_logging
     from dlscale.train.deepspeed_setup import prepare_process
     setup_logging(dist_info(args.local_rank).rank)
-    runs = [PlannedRun(**r) for r in io.read_json(args.plan)["runs"]]
-    devices = {_device(r) for r in runs}
+    runs = [PlannedRun(**r) for r in io.read_json(plan)["runs"]]
+    devices = {device_of(r.settings) for r in runs}
     prepare_process(devices.pop() if len(devices) == 1 else "auto")
     from dlscale.preemption import Preempted
     try:
@@ -134,13 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:   # logged by the run; the unfinished run is started afresh next time
         return err.exit_code
     return 0
-
-
-def _device(run: PlannedRun) -> str:
-    for item in run.overrides:
-        if item.startswith("--device="):
-            return item.split("=", 1)[1]
-    return "auto"
 
 
 if __name__ == "__main__":

@@ -94,8 +94,11 @@ task_class = TASKS.get_class
 
 
 def task_options(name: str, values: dict | None) -> Any:
-    """The typed options of task `name` from `model.task_options.<name>` (unknown keys raise naming them)."""
+    """The typed options of task `name` from `model.task_options.<name>` (a mapping, or already an instance of the
+    task's `Config`, as a loaded config holds them; unknown keys raise naming them)."""
     cls = task_class(name)
+    if cls.Config is not None and isinstance(values, cls.Config):
+        return values
     if cls.Config is None:
         if values:
             raise ValueError(f"model.task_options.{name}: task {name!r} has no options, got {sorted(values)}")

@@ -11,8 +11,7 @@ from torch import nn
 from dlscale.data.views import ViewConfig, two_views
 from dlscale.models.contrastive import BYOLHead, ProjectionHead, byol_tau, nt_xent
 from dlscale.train.tasks.base import Task, register_task
-from dlscale.train.tasks.mae import step_draw
-from dlscale.train.tasks.randomness import SeededDraws, seeded_generator
+from dlscale.train.tasks.randomness import SeededDraws, seeded_generator, step_draw
 
 METHODS = ("simclr", "byol")
 

@@ -7,19 +7,7 @@ from torch import nn
 
 from dlscale.models.mae import MAEConfig, MAEHead, masked_patch_error, masked_patch_loss, patchify, unpatchify
 from dlscale.train.tasks.base import Task, register_task
-from dlscale.train.tasks.randomness import SeededDraws, seeded_generator
-
-
-def step_draw(head: SeededDraws, batch: dict, task: str) -> tuple[int, bool]:
-    """(draw number, replay) of a training forward. The draw is recorded in the batch (key `_draw/<task>`), so a
-    second forward of the same batch (UPGrad's per-task gradients, on a forward of its own) replays the masks or
-    views of the first instead of drawing new ones, and per-step updates (BYOL's target) happen once per step."""
-    key = f"_draw/{task}"
-    if key in batch:
-        return int(batch[key]), True
-    draw = batch[key] = head.draws
-    head.draws = draw + 1
-    return draw, False
+from dlscale.train.tasks.randomness import SeededDraws, seeded_generator, step_draw
 
 
 def task_generator(head: SeededDraws, device: torch.device, batch: dict | None, task: str) -> torch.Generator:

@@ -50,3 +50,15 @@ class SeededDraws:
 
     def set_extra_state(self, state: dict) -> None:
         self.draws = int(state["draws"])
+
+
+def step_draw(head: SeededDraws, batch: dict, task: str) -> tuple[int, bool]:
+    """(draw number, replay) of a training forward. The draw is recorded in the batch (key `_draw/<task>`), so a
+    second forward of the same batch (UPGrad's per-task gradients, on a forward of its own) replays the masks or
+    views of the first instead of drawing new ones, and per-step updates (BYOL's target) happen once per step."""
+    key = f"_draw/{task}"
+    if key in batch:
+        return int(batch[key]), True
+    draw = batch[key] = head.draws
+    head.draws = draw + 1
+    return draw, False

@@ -24,6 +24,14 @@ class ReconConfig:
     out_stride: int = 1
     """light only: reconstruct at 1/out_stride of the resolution and upsample (cheaper, coarser)."""
 
+    def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise ValueError(f"model.task_options.recon.decoder={self.decoder!r}: expected one of "
+                             f"{', '.join(DECODERS)}")
+        if self.width < 1 or self.out_stride < 1:
+            raise ValueError(f"model.task_options.recon: width and out_stride must be >= 1 (got {self.width}, "
+                             f"{self.out_stride})")
+
 
 @register_task
 class Reconstruction(Task):
@@ -32,9 +40,7 @@ class Reconstruction(Task):
     Config = ReconConfig
 
     def build_head(self) -> nn.Module:
-        o, ctx = self.ctx.options or ReconConfig(), self.ctx
-        if o.decoder not in DECODERS:
-            raise ValueError(f"model.task_options.recon.decoder={o.decoder!r}: expected one of {', '.join(DECODERS)}")
+        o, ctx = self.ctx.options or ReconConfig(), self.ctx     # checked when the options were built
         if o.decoder == "wide":
             return WideDecoder(ctx.encoder_channels, ctx.image_shape, scale=ctx.encoder_downsample)
         return Decoder(ctx.encoder_channels, ctx.image_shape, scale=ctx.encoder_downsample, width=o.width,

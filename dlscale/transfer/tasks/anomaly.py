@@ -79,7 +79,7 @@ def decoder_run(source) -> Path | None:
 def recon_errors(study, source, run_dir: Path) -> dict[str, np.ndarray]:
     """ids, labels, recon_mse of every eval image under the run's whole model (encoder + decoder), in id order."""
     from dlscale.data.stream import eval_loader, finish_batch
-    from dlscale.evaluate import collect, gather
+    from dlscale.collect import collect, gather
     from dlscale.train.evaluation import load_run
     run_cfg, model, _ = load_run(run_dir)
     stream = dataclasses.replace(study.stream(source), normalize=run_cfg.data.normalize, targets=[])

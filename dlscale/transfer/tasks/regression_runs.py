@@ -1,9 +1,10 @@
 """Fine-tune against scratch for the regression task's targets, trained through the DeepSpeed engine.
 
-Each run trains the `regression` training task alone: stage `multitask` with `--model.tasks=[regression]` (the stage
+Each run trains the `regression` training task alone: stage `multitask` with `model.tasks: [regression]` (the stage
 table lets a multitask run name its tasks; `supervised` trains classification only, and classification on axion
 images alone would be one class). The fine-tune run starts from the encoder (`init_from`), the scratch run from the
-same architecture's random weights, with the same subset, config and budget (`runner.budget_overrides`).
+same architecture's random weights, with the same subset, config and budget (`runner.budget_settings`); every run
+is planned as typed training config settings (`PlannedRun.settings`).
 
 Targets are trained in groups carried by the same samples: the lens parameters (on every image) in one run per
 (N, repeat, method, encoder), the axion mass (axion images only) in another. The training stream reads a target from
@@ -77,7 +78,7 @@ def group_data(study, names: list[str], n, r: int, index: np.ndarray, masks: tup
 
 def plan(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derived: set[str]) -> list[tuple]:
     """[((method, model, N), repeat, names, eval mask, PlannedRun)] of every regression fine-tune / scratch run."""
-    from dlscale.transfer.runner import budget_overrides
+    from dlscale.transfer.runner import budget_settings
     from dlscale.transfer.training import PlannedRun
     cfg, models = study.cfg, trained_models(study)
     if not models:
@@ -93,14 +94,13 @@ def plan(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derived: set[
                     raise ValueError(f"--tasks regression: {len(index)} training image(s) of N={n} carry "
                                      f"{', '.join(names)}; fine-tuning needs at least 2")
                 data_dir = group_data(study, names, n, r, index, (train_mask, eval_mask), values, derived)
-                common = [*budget_overrides(cfg, len(index), batch), f"--seed={cfg.seed + r}",
-                          f"--data.targets=[{', '.join(names)}]", "--model.tasks=[regression]",
-                          "--loss.method=fixed"]
+                common = {**budget_settings(cfg, len(index), batch), "seed": cfg.seed + r,
+                          "data.targets": list(names), "model.tasks": ["regression"], "loss.method": "fixed"}
                 for method, model, source in models:
                     run_dir = Path(cfg.out) / "runs" / model / f"regression-{'+'.join(names)}-{method}-n{n}-r{r}"
                     run = PlannedRun(str(run_dir), data_dir, "multitask",
                                      str(source.path) if method == "finetune" else None,
-                                     [*source.overrides(), *common, *cfg.overrides])
+                                     {**source.settings(), **common, **cfg.overrides})
                     planned.append(((method, model, n), r, names, eval_mask, run))
     return planned
 

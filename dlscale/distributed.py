@@ -1,11 +1,16 @@
-"""Who am I in the job: rank / world / local rank from torchrun, the deepspeed launcher, SLURM or Ray; rank-0 logging.
+"""The one distributed module: who am I in the job (rank / world / local rank from torchrun, the deepspeed launcher,
+SLURM or Ray), whether a launcher started this process, how local ranks are launched, and rank-0 logging.
 
-This is the only module that reads launcher environment variables.
+This is the only module that reads launcher environment variables (`LAUNCHER_VARIABLES`: the rank layout;
+`LAUNCHER_MARKERS`: set only for the ranks a launcher started) and the only library code that builds a command line:
+`launch_local_ranks` starts `python -m torch.distributed.run ... -m MODULE --config RECORD` (a process boundary, so
+an entry point; the typed config crosses it as a record file, and only that file's path is an argument).
 """
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +47,43 @@ def dist_info(local_rank_arg: int | None = None) -> DistInfo:
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
                       "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
+LAUNCHER_MARKERS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK")   # set for its ranks by torchrun; by deepspeed's launch.py
+
+
+def under_launcher(env: dict | None = None) -> bool:
+    """Whether a launcher (torchrun / `python -m torch.distributed.run`, or the deepspeed launcher) started this
+    process as one of its ranks (SLURM's srun, Ray or a plain `python` run are not such launchers)."""
+    env = os.environ if env is None else env
+    return any(name in env for name in LAUNCHER_MARKERS)
+
+
+def local_ranks() -> int:
+    """Data-parallel ranks for this machine: every GPU, or on CPU up to 2 one-thread processes (1.4-1.7x here)."""
+    import torch
+    gpus = torch.cuda.device_count()
+    return gpus if gpus else min(2, os.cpu_count() or 1)
+
+
+def local_rank_env(env: dict | None = None) -> dict:
+    """The environment of a launch of local ranks: this process's, without its own rank layout (the ranks get
+    theirs from the launcher: a parent started under SLURM or torchrun must not make them join its job), one
+    OpenMP thread per rank unless set."""
+    env = {k: v for k, v in (os.environ if env is None else env).items()
+           if k not in LAUNCHER_VARIABLES + LAUNCHER_MARKERS}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def launch_local_ranks(module: str, record: str | Path, ranks: int, check: bool = True) -> int:
+    """Run `python -m MODULE --config RECORD` on `ranks` local ranks through torchrun (standalone rendezvous) and
+    wait; returns its exit code (raises CalledProcessError on failure with `check`). RECORD is the file that holds
+    what the ranks run (a typed config written as YAML, a transfer plan as JSON): only its path crosses the process
+    boundary, never config values. The one place the library builds a command line."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", module, "--config", str(record)]
+    return subprocess.run(command, env=local_rank_env(), check=check).returncode
 
 
 def forget_launcher() -> None:

@@ -1,22 +1,17 @@
-"""Evaluation metrics on gathered scores: classification (accuracy, ROC AUC with a bootstrap CI), regression,
-linear probes on frozen features, and the ROC figure.
+"""Evaluation metrics on gathered scores: classification (accuracy, ROC AUC with a bootstrap CI, ECE and a softmax
+temperature), regression, and linear probes on frozen features.
 
 Functions take numpy arrays already gathered from every rank; metric names are the flat keys the engine logs
 (without the `val/` or `probe/` prefix, which the caller adds). Values are plain Python numbers and
 lists, ready for metrics.json and TensorBoard.
 """
-
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import torch
-import torch.distributed as dist
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -156,6 +151,12 @@ def regression_metrics(pred: np.ndarray, target: np.ndarray, names: Sequence[str
     return {f"mae/{name}": float(value) for name, value in zip(names, mae)}
 
 
+def logistic_probe(seed: int = 0):
+    """The linear probe's model, unfitted: multinomial logistic regression on standardised features (lbfgs fits the
+    softmax model for K > 2 classes, scikit-learn's default since 1.5). The one definition every probe uses."""
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+
+
 def linear_probe(
     train_features: np.ndarray,
     train_labels: np.ndarray,
@@ -174,119 +175,12 @@ def linear_probe(
                          f"got {train_features.shape}")
     if eval_features.ndim != 2 or eval_features.shape[1] != train_features.shape[1]:
         raise ValueError(f"eval_features must be (M, {train_features.shape[1]}), got {eval_features.shape}")
-    # lbfgs fits the multinomial (softmax) model for K > 2 classes, scikit-learn's default since 1.5.
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    probe.fit(train_features, train_labels)
+    probe = logistic_probe(seed).fit(train_features, train_labels)
     probs, labels = check_scores(probe.predict_proba(eval_features), eval_labels, class_names)
     return {
         "accuracy": float((probs.argmax(axis=1) == labels).mean()),
         "auc_macro": float(one_vs_rest_aucs(probs, labels).mean()),
     }
-
-
-LINE_STYLES: tuple[str, ...] = ("-", "--", "-.", ":")
-
-
-def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]) -> Figure:
-    """One-vs-rest ROC curve per class, one colour per class; several runs or stages (keys of `curves`, each
-    `(probs, labels)`) are overlaid with one line style each. AUCs are in the legend.
-
-    Drawn on an Agg canvas without pyplot, so it works headless and leaves no global figure state.
-    """
-    if not curves:
-        raise ValueError("roc_figure needs at least one (probs, labels) pair")
-    figure = Figure(figsize=(6.0, 5.0), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, label="_chance")
-    for stage_index, (stage, (probs, labels)) in enumerate(curves.items()):
-        probs, labels = check_scores(probs, labels, class_names)
-        aucs = one_vs_rest_aucs(probs, labels)
-        for k, name in enumerate(class_names):
-            fpr, tpr, _ = roc_curve(labels == k, probs[:, k])
-            prefix = f"{stage} " if len(curves) > 1 else ""
-            axes.plot(fpr, tpr, color=f"C{k}", linestyle=LINE_STYLES[stage_index % len(LINE_STYLES)],
-                      label=f"{prefix}{name} (AUC {aucs[k]:.3f})")
-    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-             title="One-vs-rest ROC")
-    axes.legend(loc="lower right", fontsize="small")
-    return figure
-
-
-def reliability_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], n_bins: int = ECE_BINS) -> Figure:
-    """Reliability diagram: accuracy against mean confidence per confidence bin (one line per run or stage, ECE in
-    the legend) over the diagonal of perfect calibration, and below it how many samples fall in each bin."""
-    if not curves:
-        raise ValueError("reliability_figure needs at least one (probs, labels) pair")
-    figure = Figure(figsize=(6.0, 6.0), layout="constrained")
-    FigureCanvasAgg(figure)
-    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    top.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, label="_perfect")
-    edges = np.linspace(0, 1, n_bins + 1)
-    for k, (name, (probs, labels)) in enumerate(curves.items()):
-        bins = reliability_bins(probs, labels, n_bins)
-        filled = bins["count"] > 0
-        ece = expected_calibration_error(probs, labels, n_bins)
-        top.plot(bins["confidence"][filled], bins["accuracy"][filled], marker="o", color=f"C{k}",
-                 label=f"{name} (ECE {ece:.3f})")
-        bottom.stairs(bins["count"], edges, color=f"C{k}", label=name)
-    top.set(xlim=(0, 1), ylim=(0, 1.01), ylabel="accuracy in bin", title=f"Reliability ({n_bins} bins)")
-    top.legend(loc="upper left", fontsize="small")
-    bottom.set(xlabel="confidence (max probability)", ylabel="samples", yscale="log")
-    return figure
-
-
-# ---- the evaluation loop: scores collected per rank, gathered once after the loop --------------------------------
-
-def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype,
-            n_examples: int = 8, finish=None) -> dict[str, np.ndarray]:
-    """Run `model` over `loader` without gradients; return this rank's per-sample outputs as numpy arrays.
-
-    Keys: ids (N,3), labels, features, and whatever the model's tasks collect (`Task.collect`: probs, recon_mse,
-    regression + target, ...); the first `n_examples` images of the tasks that show some (`Task.examples`).
-    `finish(batch)` puts a batch on the device (and transforms it there, see `data.stream.finish_batch`).
-    """
-    tasks = getattr(model, "task_specs", {}).values()
-    parts: dict[str, list[np.ndarray]] = {}
-    seen = 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            if finish is not None:
-                batch = finish(batch)
-            images = batch["image"].to(device, dtype, non_blocking=True)
-            out = model(images)
-            rows = {"ids": batch["ids"], "labels": batch["label"], "features": out["features"]}
-            for task in tasks:
-                rows.update(task.collect(out, images, batch))
-                if seen < n_examples:
-                    rows.update({k: v[:n_examples - seen] for k, v in task.examples(out, images).items()})
-            for key, value in rows.items():
-                parts.setdefault(key, []).append(value.detach().float().cpu().numpy() if value.is_floating_point()
-                                                 else value.cpu().numpy())
-            seen += len(batch["label"])
-    model.train(was_training)
-    return {key: np.concatenate(values) for key, values in parts.items()}
-
-
-def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """All ranks' arrays concatenated (one collective, after the loop; ranks without samples take part too),
-    ordered by sample id so results do not depend on the world size. Examples stay those of rank 0."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        parts = [arrays]
-    else:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, arrays)
-    keys = sorted({k for p in parts for k in p if k not in ("examples", "recon_examples")})
-    out = {k: np.concatenate([p[k] for p in parts if k in p]) for k in keys}
-    if "ids" in out and len(out["ids"]):
-        order = np.lexsort(out["ids"].T[::-1])
-        out = {k: v[order] for k, v in out.items()}
-    for k in ("examples", "recon_examples"):
-        if k in parts[0]:
-            out[k] = parts[0][k]
-    return out
 
 
 def summarize(scores: dict[str, np.ndarray], probe_train: dict[str, np.ndarray] | None, class_names: Sequence[str],

@@ -1,4 +1,4 @@
-"""What a person reads: TensorBoard logging (rank 0), the ROC figure file and a results table."""
+"""What a person reads of an evaluation besides its figures: TensorBoard summaries (rank 0) and the console table."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dlscale import io
-from dlscale.evaluate import reliability_figure, roc_figure
+from dlscale.figures import reliability_figure, roc_figure
 
 
 def scalar_items(metrics: Mapping[str, object]) -> dict[str, float]:
@@ -35,14 +34,6 @@ def log_evaluation(writer, step: int, metrics: Mapping[str, object], scores: Map
         pairs = torch.from_numpy(np.concatenate([scores["examples"], scores["recon_examples"]]))[:, :1]
         grid = make_grid(pairs, nrow=len(scores["examples"]), normalize=True, scale_each=True)
         writer.add_image(f"{prefix}/inputs_top_reconstructions_bottom", grid, step)
-
-
-def save_roc(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str]) -> None:
-    io.atomic_write(path, lambda f: roc_figure(curves, class_names).savefig(f, format="png", dpi=120))
-
-
-def save_reliability(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    io.atomic_write(path, lambda f: reliability_figure(curves).savefig(f, format="png", dpi=120))
 
 
 def metrics_table(metrics: Mapping[str, object], class_names: Sequence[str], prefix: str = "val") -> str:

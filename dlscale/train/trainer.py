@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from dlscale import preemption
 from dlscale.data.stream import finish_batch
-from dlscale.dist import DistInfo
+from dlscale.distributed import DistInfo
 from dlscale.train import artifacts, checkpoint
 from dlscale.train.config import Config
-from dlscale.train.data import describe_ids, epoch_loader
+from dlscale.train.data import describe_ids, epoch_loader, training_skips
 from dlscale.train.evaluation import (Evaluation, evaluate_split, finalize_heads, probe_features, rank0_buffers,
                                       share_buffers, write_hparams)
 from dlscale.train.skipped import skip_metrics
@@ -208,7 +208,7 @@ class Trainer:
         return dict(zip(("total", *self.tasks), (v / n for v in sums)))
 
     def raise_non_finite(self, window: StepWindow, k: int) -> None:
-        keys = describe_ids(self.stream, window.ids[k])
+        keys = describe_ids(self.stream, window.ids[k], self.cfg)
         raise NonFiniteLossError(
             f"non-finite loss at step {window.steps[k]} (epoch {self.epoch}) on some rank; this rank's batch of that "
             f"step starts with {keys}. Nothing was saved; last good checkpoint: {self.last_checkpoint}")
@@ -295,7 +295,8 @@ class Trainer:
         self.sync()
         if self.agreed_stop:
             self.stop_preempted(self.agreed_stop)
-        extra = skip_metrics(self.stream, "data", "training", self.device)   # before anything can fail
+        skips = training_skips(self.stream, self.cfg)
+        extra = skip_metrics(skips, "data", "training", self.device)   # before anything can fail
         exported = False
         share_buffers(self.module, self.info.world)   # every rank evaluates the model it exports
         try:

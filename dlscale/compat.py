@@ -1,0 +1,70 @@
+"""Reading what earlier dlscale versions wrote, in one place, keyed by the format version.
+
+Every file dlscale writes for later reading carries `format_version` (config.yaml at the top level, encoder.pt and
+manifest.json beside their `format` string). Files without it were written before versions were recorded
+(dlscale 0.1 and 0.2: `FORMAT_0_1`); their translation is detected from the keys present, as before, and is a
+no-op on trees that have none of 0.1's keys. A file of a newer version than this code reads is refused.
+
+Shims (format 1 -> 2):
+- config.yaml: `loss.weights` -> `loss.fixed.weights`, `loss.temperature` -> `loss.dwa.temperature`,
+  `model.encoder.weights_path` -> `init_from`, and a resolved 0.1 config.yaml (all three present) selects 0.1's
+  heads (`model.task_options.classification.standardize=false`, `model.task_options.recon.decoder=wide`) so its
+  model.pt loads (`upgrade_config`);
+- model.pt of 0.1 (attributes decoder/classifier/regressor, not heads.<task>) is renamed by
+  `dlscale.train.evaluation` when it is loaded (kept there: it needs the model).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+FORMAT_0_1 = 1
+"""Format version of files that carry none (dlscale 0.1 / 0.2)."""
+FORMAT_VERSION = 2
+"""Format version written now (config.yaml, encoder.pt, manifest.json)."""
+
+
+def format_version(tree: Any, what: str = "file") -> int:
+    """The format version `tree` (a loaded config / payload / manifest) was written with; refuses newer ones."""
+    version = tree.get("format_version", FORMAT_0_1) if isinstance(tree, dict) else FORMAT_0_1
+    if not isinstance(version, int) or isinstance(version, bool) or version < FORMAT_0_1:
+        raise ValueError(f"{what}: format_version={version!r}: expected an integer >= {FORMAT_0_1}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{what}: format_version={version} is newer than this dlscale reads ({FORMAT_VERSION}); "
+                         "upgrade dlscale")
+    return version
+
+
+def upgrade_config(tree: dict, version: int | None = None) -> dict:
+    """A training config tree (config.yaml, a YAML file or dotted overrides) in today's form. `version`: the
+    tree's format version (None: read from the tree, absent = 0.1). Only keys present are moved."""
+    version = format_version(tree, "config") if version is None else version
+    if version < 2:
+        _config_0_1(tree)
+    tree.pop("format_version", None)
+    return tree
+
+
+def _config_0_1(tree: dict) -> None:
+    loss, model = tree.get("loss"), tree.get("model") or {}
+    encoder = model.get("encoder")
+    if (isinstance(loss, dict) and {"weights", "temperature"} <= set(loss) and isinstance(encoder, dict)
+            and "weights_path" in encoder and "task_options" not in model):
+        model["task_options"] = {task: options for task, options in (("classification", {"standardize": False}),
+                                                                     ("recon", {"decoder": "wide"}))
+                                 if _trained_in_01(tree, task)}
+    if isinstance(loss, dict):
+        if "weights" in loss:
+            loss.setdefault("fixed", {})["weights"] = loss.pop("weights")
+        if "temperature" in loss:
+            loss.setdefault("dwa", {})["temperature"] = loss.pop("temperature")
+    if isinstance(encoder, dict) and "weights_path" in encoder:   # 0.1's second way to start an encoder
+        path = encoder.pop("weights_path")
+        if path and not tree.get("init_from"):
+            tree["init_from"] = path
+
+
+def _trained_in_01(tree: dict, task: str) -> bool:
+    """Whether a dlscale 0.1 config trains `task` (0.1's stages: autoencoder, supervised, multitask)."""
+    stage, tasks = tree.get("stage"), (tree.get("model") or {}).get("tasks")
+    return stage == {"recon": "autoencoder", "classification": "supervised"}[task] or (
+        stage == "multitask" and (tasks is None or task in tasks))

@@ -1,0 +1,46 @@
+"""`data.source=simulate`: fresh simulated lenses every step (`dlscale.sim.stream.SimulationStream`), evaluated on
+`data_dir` if given, else on a fixed set simulated once into RUN/eval_data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dlscale.train.sources.base import TrainingSource, register_source
+
+EVAL_DATA = "eval_data"
+
+
+@register_source
+class SimulationSource(TrainingSource):
+    name = "simulate"
+    description = ("fresh simulated lenses every step (data.simulator), schedule.batches_per_epoch per epoch; "
+                   "evaluated on data_dir, or on a set simulated once into RUN/eval_data")
+    needs_data_dir = False
+
+    def build(self, info, device: torch.device):
+        from dlscale.sim.stream import SimulationStream
+        cfg, batches = self.cfg, self.cfg.schedule.batches_per_epoch
+        return SimulationStream(cfg.data.simulator, cfg.data, info.rank, info.world, batches, cfg.seed,
+                                device), batches
+
+    def loader(self, stream):
+        from dlscale.sim.stream import simulation_loader
+        return simulation_loader(stream)
+
+    def target_sample(self, stream, n: int) -> np.ndarray:
+        """The targets of the first global batches of epoch 0 (the same on every rank)."""
+        values, held, index = [], 0, 0
+        while held < n:
+            values.append(stream.batch(0, index)["target"].cpu().numpy())
+            held, index = held + len(values[-1]), index + 1
+        return np.concatenate(values)
+
+    def simulated_eval_set(self) -> bool:
+        cfg = self.cfg
+        return not cfg.data_dir or Path(cfg.data_dir) == Path(cfg.run_dir) / EVAL_DATA
+
+    def prepare_eval_set(self) -> None:
+        from dlscale.sim.stream import prepare_eval_set as simulate_set
+        simulate_set(self.cfg.data.simulator, self.cfg.data_dir)
