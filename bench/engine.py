@@ -24,7 +24,7 @@ from dlscale.train.config import load_config
 from dlscale.train.data import InMemoryStream
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, prepare_process
 from dlscale.train.trainer import Trainer
-from dlscale.train.evaluation import build_run_model
+from dlscale.train.model import build_run_model
 
 
 def timed_steps(step, batches, n: int, device: torch.device) -> float:

@@ -46,7 +46,7 @@ from dlscale.io import write_json
 from dlscale.train.config import load_config
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, prepare_process
 from dlscale.train.trainer import Trainer
-from dlscale.train.evaluation import build_run_model
+from dlscale.train.model import build_run_model
 from dlscale.train.stages import STAGES
 from dlscale.train.tasks.contrastive import METHODS
 

@@ -5,7 +5,8 @@ with everything since its last checkpoint lost.
 The handler only records the signal: nothing else is safe inside one (the main thread may be anywhere, in a
 collective or half-way through a checkpoint write). The trainer looks at the record at every logging interval, where
 the ranks agree on it in the all-reduce they make there anyway (`Trainer.sync`; `agree` before a run starts), so
-whichever rank got the signal, every rank stops after the same step, one complete checkpoint is written, and every rank exits with the same code. Further signals are absorbed:
+whichever rank got the signal, every rank stops after the same step, one complete checkpoint is written, and every
+rank exits with the same code. Further signals are absorbed:
 launchers and SLURM often deliver one per level (torchrun forwards its own SIGTERM to ranks SLURM signalled
 already). Only SIGKILL at the end of the grace period cuts the save short; the complete-marker scheme of
 `dlscale.train.checkpoint` then leaves the previous complete checkpoint as the one `--resume auto` uses.

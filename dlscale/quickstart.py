@@ -5,7 +5,7 @@
     linear probe, fine-tuning and scratch at 10 / 100 / 1000 labels per class, random-init control)
     -> report.md (tables with CIs, "what this shows"), roc.png, label_efficiency.png, TensorBoard runs
 
-    dlscale quickstart --out runs/quickstart                 # CPU-sized: 64x64, the small CNN, about 8 minutes
+    dlscale quickstart --out runs/quickstart                 # CPU-sized: 64x64, the small CNN, 4 min 11 s here
     dlscale quickstart --out runs/full --scale full          # GPUs: launch/full.yaml's settings (see README)
     dlscale quickstart --out /tmp/qs --scale tiny            # smoke test of every step (about a minute)
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dlscale.figures import reliability_figure
-from dlscale.metrics import apply_temperature, classification_metrics, expected_calibration_error, fit_temperature, negative_log_likelihood, reliability_bins
+from dlscale.metrics import (apply_temperature, classification_metrics, expected_calibration_error, fit_temperature,
+                             negative_log_likelihood, reliability_bins)
 from dlscale.data.classes import CLASSES
 
 

@@ -52,7 +52,7 @@ def _trainer(method: str, stage: str = "multitask"):
     from dlscale.train.data import InMemoryStream
     from dlscale.train.deepspeed_setup import init_distributed, make_engine
     from dlscale.train.trainer import Trainer
-    from dlscale.train.evaluation import build_run_model
+    from dlscale.train.model import build_run_model
     cfg = load_config(None, ["--model.encoder.name=small", "--model.encoder.width=8", "--data.batch_size=4",
                              "--data.num_workers=0", f"--loss.method={method}", "--optim.warmup_steps=1",
                              "--model.tasks=[recon,classification]"], stage=stage, data_dir="-", run_dir="-")
@@ -89,7 +89,8 @@ def test_a_non_finite_loss_is_caught_at_the_next_read_naming_its_step():
                 "ids": torch.tensor([[0, 0, 7], [0, 0, 8], [0, 0, 9], [0, 0, 10]])}
     trainer.train_step(poisoned)              # step 1: nothing raised inside the step
     trainer.train_step(batches[2])
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1 .* starts with \['in-memory sample 0:0:7', "):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"non-finite loss at step 1 .* starts with \['in-memory sample 0:0:7', "):
         trainer.sync()
 
 

@@ -133,7 +133,7 @@ def test_a_training_step_runs_on_a_given_engine_and_stream():
     from dlscale.train.deepspeed_setup import init_distributed, make_engine
     from dlscale.train.data import InMemoryStream
     from dlscale.train.trainer import Trainer
-    from dlscale.train.evaluation import build_run_model
+    from dlscale.train.model import build_run_model
     cfg = load_config(None, ["--model.encoder.name=small", "--model.encoder.width=8", "--data.batch_size=4",
                              "--data.num_workers=0", "--loss.method=recording", "--optim.warmup_steps=1"],
                       stage="toy", data_dir="-", run_dir="-")

@@ -13,7 +13,7 @@ import torch
 
 from dlscale.models.encoders import ENCODER_NAMES, VIT_ARCHITECTURES
 from dlscale.train.config import load_config
-from dlscale.train.evaluation import build_run_model
+from dlscale.train.model import build_run_model
 from dlscale.train.stages import STAGES
 from dlscale.train.tasks import TASKS
 from dlscale.train.tasks.contrastive import METHODS

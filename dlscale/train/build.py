@@ -9,10 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-try:   # today's form of an older config file's keys, as load_config reads its YAML file
-    from dlscale.compat import upgrade_config
-except ImportError:   # pragma: no cover - a tree without dlscale.compat
-    from dlscale.train.config import migrate as upgrade_config
+from dlscale.compat import upgrade_config
 from dlscale.configtree import merge, read_yaml, set_dotted
 
 

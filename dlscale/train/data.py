@@ -9,14 +9,12 @@ sees a stream (`set_epoch`, iteration), its batches per epoch, `epoch_loader` an
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
 from dlscale.distributed import DistInfo
 from dlscale.train.sources import InMemorySource, source_of, training_source
-from dlscale.train.sources.simulate import EVAL_DATA
 
 STATS_SAMPLES = 4096
 

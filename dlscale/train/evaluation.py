@@ -22,28 +22,18 @@ from dlscale.data.classes import CLASSES
 from dlscale.data.stream import eval_loader, finish_batch, leading_shards
 from dlscale.distributed import DistInfo
 from dlscale.collect import collect, gather
-from dlscale.metrics import apply_temperature, expected_calibration_error, fit_temperature, negative_log_likelihood, summarize
+from dlscale.metrics import (apply_temperature, expected_calibration_error, fit_temperature,
+                             negative_log_likelihood, summarize)
 from dlscale.figures import save_reliability, save_roc
 from dlscale.summaries import log_evaluation, scalar_items
 from dlscale.train.artifacts import METRICS, update_metrics
 from dlscale.train.config import Config, load_config, run_tasks
-from dlscale.train.model import build_model
+from dlscale.train.model import build_run_model
 from dlscale.train.skipped import skip_metrics
-from dlscale.train.weighting import build_weighting
 
 log = logging.getLogger(__name__)
 LEGACY_HEADS = {"decoder.": "heads.recon.", "classifier.": "heads.classification.",
                 "regressor.": "heads.regression."}
-
-
-def build_run_model(cfg: Config, image_shape: tuple[int, ...], stats: dict | None) -> torch.nn.Module:
-    """The model (encoder, heads, loss weighting) a run of `cfg` trains: the one function training and
-    `dlscale eval` both build it with."""
-    model = build_model(cfg.stage, cfg.model.encoder, image_shape, len(CLASSES), len(cfg.data.targets),
-                        cfg.model.tasks, cfg.model.classifier_dropout, cfg.data.targets, stats,
-                        cfg.model.task_options)
-    model.weighting = build_weighting(cfg.loss.method, model.tasks, cfg.loss.method_options())
-    return model
 
 
 def upgrade_state_dict(state: dict) -> dict:

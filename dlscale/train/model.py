@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from dlscale.data.classes import CLASSES
 from dlscale.models import EncoderConfig, TaskModel, build_encoder, load_encoder_weights
 from dlscale.train.stages import stage_tasks
 from dlscale.train.tasks import TaskContext, task_class, task_options
+from dlscale.train.weighting import build_weighting
 
 ARCHITECTURE_KEYS = ("name", "in_channels", "small_input_stem", "width", "patch_size")   # what makes two encoders alike
 
@@ -75,3 +77,13 @@ def check_init(path: str | Path, payload: dict, encoder_cfg: EncoderConfig, imag
             if shape[0] == image_shape[0] and shape[1] == shape[2] and shape != tuple(image_shape) else ""
         raise ValueError(f"init_from {path}: trained on images {payload.get('image_shape')} / classes "
                          f"{payload.get('classes')}, this data has {list(image_shape)} / {list(classes)}{hint}")
+
+
+def build_run_model(cfg, image_shape: tuple[int, ...], stats: dict | None) -> torch.nn.Module:
+    """The model (encoder, heads, loss weighting) a run of `cfg` trains: the one function training and
+    `dlscale eval` both build it with."""
+    model = build_model(cfg.stage, cfg.model.encoder, image_shape, len(CLASSES), len(cfg.data.targets),
+                        cfg.model.tasks, cfg.model.classifier_dropout, cfg.data.targets, stats,
+                        cfg.model.task_options)
+    model.weighting = build_weighting(cfg.loss.method, model.tasks, cfg.loss.method_options())
+    return model

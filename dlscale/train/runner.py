@@ -23,12 +23,13 @@ from dlscale.data.classes import CLASSES
 from dlscale.distributed import DistInfo, dist_info
 from dlscale.train import artifacts
 from dlscale.train.config import Config, check_weighting
-from dlscale.train.data import (EVAL_DATA, load_dataset, prepare_eval_set, resolve_transforms, simulated_eval_set,
+from dlscale.train.data import (load_dataset, prepare_eval_set, resolve_transforms, simulated_eval_set,
                                 stream_image_shape, target_stats, train_stream)
+from dlscale.train.sources.simulate import EVAL_DATA
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device
 from dlscale.train.trainer import DTYPES, EvaluationCallback, Trainer
-from dlscale.train.evaluation import Evaluation, build_run_model
-from dlscale.train.model import init_encoder
+from dlscale.train.evaluation import Evaluation
+from dlscale.train.model import build_run_model, init_encoder
 from dlscale.train.preflight import check_engine_settings
 from dlscale.train.watchdog import exit_with_launcher
 

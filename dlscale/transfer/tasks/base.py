@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 
 from dlscale.data.classes import CLASSES
 from dlscale.transfer import features as feats
