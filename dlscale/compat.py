@@ -10,8 +10,8 @@ Shims (format 1 -> 2):
   `model.encoder.weights_path` -> `init_from`, and a resolved 0.1 config.yaml (all three present) selects 0.1's
   heads (`model.task_options.classification.standardize=false`, `model.task_options.recon.decoder=wide`) so its
   model.pt loads (`upgrade_config`);
-- model.pt of 0.1 (attributes decoder/classifier/regressor, not heads.<task>) is renamed by
-  `dlscale.train.evaluation` when it is loaded (kept there: it needs the model).
+- model.pt of 0.1 (attributes decoder/classifier/regressor, not heads.<task>): its keys are renamed when it is
+  loaded (`upgrade_model_state`).
 """
 from __future__ import annotations
 
@@ -68,3 +68,17 @@ def _trained_in_01(tree: dict, task: str) -> bool:
     stage, tasks = tree.get("stage"), (tree.get("model") or {}).get("tasks")
     return stage == {"recon": "autoencoder", "classification": "supervised"}[task] or (
         stage == "multitask" and (tasks is None or task in tasks))
+
+
+LEGACY_HEADS = {"decoder.": "heads.recon.", "classifier.": "heads.classification.", "regressor.": "heads.regression."}
+"""model.pt key prefixes of dlscale 0.1 -> today's."""
+
+
+def upgrade_model_state(state: dict) -> dict:
+    """A model.pt state dict in today's form: dlscale 0.1's (attributes decoder/classifier/regressor) renamed to
+    heads.<task>; a state dict of today passes unchanged."""
+    out = {}
+    for key, value in state.items():
+        old = next((prefix for prefix in LEGACY_HEADS if key.startswith(prefix)), None)
+        out[LEGACY_HEADS[old] + key[len(old):] if old else key] = value
+    return out

@@ -22,6 +22,7 @@ from dlscale.data.classes import CLASSES
 from dlscale.data.stream import eval_loader, finish_batch, leading_shards
 from dlscale.distributed import DistInfo
 from dlscale.collect import collect, gather
+from dlscale.compat import upgrade_model_state
 from dlscale.metrics import (apply_temperature, expected_calibration_error, fit_temperature,
                              negative_log_likelihood, summarize)
 from dlscale.figures import save_reliability, save_roc
@@ -32,17 +33,6 @@ from dlscale.train.model import build_run_model
 from dlscale.train.skipped import skip_metrics
 
 log = logging.getLogger(__name__)
-LEGACY_HEADS = {"decoder.": "heads.recon.", "classifier.": "heads.classification.",
-                "regressor.": "heads.regression."}
-
-
-def upgrade_state_dict(state: dict) -> dict:
-    """model.pt of dlscale 0.1 (attributes decoder/classifier/regressor) in today's form (heads.<task>)."""
-    out = {}
-    for key, value in state.items():
-        old = next((prefix for prefix in LEGACY_HEADS if key.startswith(prefix)), None)
-        out[LEGACY_HEADS[old] + key[len(old):] if old else key] = value
-    return out
 
 
 @dataclass
@@ -214,7 +204,7 @@ def load_run(run_dir: str | Path, data_dir: str | None = None) -> tuple[Config, 
     info = read_encoder_file(run_dir)
     shape = tuple(info["image_shape"])
     model = build_run_model(cfg, shape, info.get("target_stats"))
-    model.load_state_dict(upgrade_state_dict(torch.load(run_dir / "model.pt", map_location="cpu",
+    model.load_state_dict(upgrade_model_state(torch.load(run_dir / "model.pt", map_location="cpu",
                                                         weights_only=True)))
     log.info("loaded %s (stage %s, tasks %s)", run_dir, cfg.stage, "+".join(run_tasks(cfg)))
     return cfg, model, info
