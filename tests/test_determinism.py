@@ -43,8 +43,9 @@ def big_records(tmp_path_factory) -> Path:
     return out
 
 
-def _eval_batches(data_dir, workers: int, split: str = "val", **options) -> list[tuple[list, torch.Tensor]]:
-    cfg = StreamConfig(batch_size=32, num_workers=workers)
+def _eval_batches(data_dir, workers: int, split: str = "val", batch_size: int = 32,
+                  **options) -> list[tuple[list, torch.Tensor]]:
+    cfg = StreamConfig(batch_size=batch_size, num_workers=workers)
     return [(b["ids"].tolist(), b["image"].clone()) for b in eval_loader(data_dir, cfg, split=split, **options)]
 
 
@@ -66,13 +67,16 @@ def test_eval_images_are_bitwise_equal_for_any_worker_count_and_repeat(big_recor
 
 
 def test_eval_batches_hold_the_same_images_whatever_the_workers_and_ranks(big_records):
-    """Batches are cut per shard: which images share a batch does not depend on how shards are dealt out."""
+    """Batches are cut per shard: which images share a batch does not depend on how shards are dealt out. A batch of
+    48 does not divide a shard of 512, so a stream that carried a shard's rest into the next shard's batch would
+    group images differently with another number of workers or ranks."""
     def groups(batches):
         return sorted(tuple(map(tuple, ids)) for ids, _ in batches)
-    reference = groups(_eval_batches(big_records, 0))
+    reference = groups(_eval_batches(big_records, 0, batch_size=48))
+    assert {len(g) for g in reference} == {48, 512 % 48}
     for workers in (2, 4):
-        assert groups(_eval_batches(big_records, workers)) == reference
-    cfg = StreamConfig(batch_size=32, num_workers=2)
+        assert groups(_eval_batches(big_records, workers, batch_size=48)) == reference
+    cfg = StreamConfig(batch_size=48, num_workers=2)
     per_rank = [[tuple(map(tuple, b["ids"].tolist())) for b in eval_loader(big_records, cfg, rank, 3)]
                 for rank in range(3)]   # 3 ranks x 2 workers = 6 slots for 4 val shards: two slots get none
     assert sorted(g for rank in per_rank for g in rank) == reference
