@@ -40,9 +40,6 @@ def _gather(value, world):
 
 
 def _rank_main(rank, world, port, data_dirs, result_file):
-    # Ranks started by torchrun are plain processes whose DataLoader workers fork. A rank started from the fork
-    # server inherits "forkserver" as its default start method, and DataLoader workers started that way stalled here.
-    mp.set_start_method("fork", force=True)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))
@@ -73,12 +70,11 @@ def gathered(request, datasets, tmp_path_factory):
     """Results of one start of `world` gloo processes: {"eval|train/<dataset>/<workers>": per-rank lists}."""
     world = request.param
     result_file = tmp_path_factory.mktemp(f"world{world}") / "results.json"
-    # A fork server imports torch and dlscale once and forks every rank of both worlds from that clean process.
-    # (Python 3.11's fork server ignores sys.path, so it cannot preload this test module itself.)
-    mp.get_context("forkserver").set_forkserver_preload(["pytest", "torch.distributed", "dlscale.data.stream"])
+    # Spawned ranks are fresh interpreters, as torchrun starts them, and their DataLoader workers fork as they do
+    # under torchrun. (Ranks forked from a fork server stalled now and then in their forked DataLoader workers.)
     context = mp.start_processes(_rank_main, args=(world, _free_port(), {k: str(v) for k, v in datasets.items()},
                                                    str(result_file)),
-                                 nprocs=world, join=False, start_method="forkserver")
+                                 nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + 2 * TIMEOUT_S
     try:
         while not context.join(timeout=max(0.0, deadline - time.monotonic())):   # True once all have exited
