@@ -35,14 +35,15 @@ def log_evaluation(writer, step: int, metrics: Mapping[str, object], scores: Map
         writer.add_image(f"{prefix}/inputs_top_reconstructions_bottom", grid, step)
 
 
-def metrics_table(metrics: Mapping[str, object], class_names: Sequence[str], prefix: str = "val") -> str:
-    """A short aligned summary of the headline numbers."""
+def metrics_table(metrics: Mapping[str, object], class_names: Sequence[str], prefix: str = "val",
+                  probe: str = "probe") -> str:
+    """A short aligned summary of the headline numbers (`prefix`: the split's keys, `probe`: the linear probe's)."""
     rows = [("samples", metrics.get(f"{prefix}/n_samples")), ("accuracy", metrics.get(f"{prefix}/accuracy")),
             ("ECE (15 bins)", metrics.get(f"{prefix}/ece")),
             ("macro AUC", metrics.get(f"{prefix}/auc_macro")),
             *((f"AUC {c}", metrics.get(f"{prefix}/auc/{c}")) for c in class_names),
-            ("recon MSE", metrics.get(f"{prefix}/recon_mse")), ("probe accuracy", metrics.get("probe/accuracy")),
-            ("probe macro AUC", metrics.get("probe/auc_macro"))]
+            ("recon MSE", metrics.get(f"{prefix}/recon_mse")), ("probe accuracy", metrics.get(f"{probe}/accuracy")),
+            ("probe macro AUC", metrics.get(f"{probe}/auc_macro"))]
     lines = []
     for name, value in rows:
         if value is None:

@@ -46,20 +46,31 @@ EPS = 1e-8
 @dataclass
 class StreamConfig:
     """How shards become batches."""
-    batch_size: int = 64                 # per rank (DeepSpeed's micro batch)
-    num_workers: int = 2                 # DataLoader worker processes per rank
-    normalize: str = "minmax"            # per image: minmax to [0,1] | standardize | log (log1p above min, then minmax) | none
-    augment: bool = True                 # random flips and 90-degree rotations in training (no preferred orientation)
-    shuffle_buffer: int = 4096           # samples mixed across records before batching
-    strict: bool = False                 # a corrupt training shard/record is fatal instead of skipped and counted
-    allow_pipe: bool = False             # allow `pipe:` shard URLs (they run shell commands)
-    url_template: str | None = None      # shard location, e.g. "pipe:aws s3 cp s3://bucket/set/{name} -"; default: data dir
-    targets: list[str] = field(default_factory=list)   # metadata keys returned as regression targets ("target")
-    resize: int | None = None            # batches become resize x resize: another image size than the encoder's
-    resize_mode: str = "interpolate"     # interpolate (bilinear, antialiased) | crop (centre crop of larger images)
-    transforms: str = "auto"             # where resize / normalise / augment run: host (DataLoader workers) | device
-    #                                      (the training GPU, inside the step; workers only read records) | auto
-    #                                      (device when training on CUDA)
+    batch_size: int = 64
+    """per rank (DeepSpeed's micro batch)"""
+    num_workers: int = 2
+    """DataLoader worker processes per rank"""
+    normalize: str = "minmax"
+    """per image: minmax to [0,1] | standardize | log (log1p above min, then minmax) | none"""
+    augment: bool = True
+    """random flips and 90-degree rotations in training (no preferred orientation; the dihedral group is exact)"""
+    shuffle_buffer: int = 4096
+    """samples mixed across records before batching"""
+    strict: bool = False
+    """a corrupt training shard/record is fatal instead of skipped and counted"""
+    allow_pipe: bool = False
+    """allow `pipe:` shard URLs (they run shell commands)"""
+    url_template: str | None = None
+    """shard location, e.g. "pipe:aws s3 cp s3://bucket/set/{name} -"; default: the data directory"""
+    targets: list[str] = field(default_factory=list)
+    """metadata keys returned as regression targets (`target`)"""
+    resize: int | None = None
+    """batches become resize x resize: another image size than the encoder's"""
+    resize_mode: str = "interpolate"
+    """interpolate (bilinear, antialiased) | crop (centre crop of larger images)"""
+    transforms: str = "auto"
+    """where resize / normalise / augment run: host (DataLoader workers) | device (the training GPU, inside the
+    step; workers only read records) | auto (device when training on CUDA)"""
 
     def __post_init__(self) -> None:
         StreamConfig.validate(self)
@@ -232,7 +243,9 @@ def finish_batch(batch: dict, cfg: StreamConfig, device: torch.device, dtype: to
         seed = int(batch[RAW])
         generator = None if seed == NO_AUGMENTATION else torch.Generator().manual_seed(seed)
         images = transform(images.float(), cfg, generator)
-    return {**{k: v for k, v in batch.items() if k != RAW}, "image": images.to(dtype)}
+    rest = {k: finish_batch(v, cfg, device, dtype) if isinstance(v, dict) else v   # a second stream's batch
+            for k, v in batch.items() if k != RAW}
+    return {**rest, "image": images.to(dtype)}
 
 
 def _worker() -> tuple[int, int]:

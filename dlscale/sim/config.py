@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from dlscale.configtree import load_dataclass
+from dlscale.configtree import flatten, from_dict, load_dataclass, set_dotted, to_dict
 
 @dataclass
 class InstrumentConfig:
@@ -175,6 +175,23 @@ def preset_config(name: str) -> SimulatorConfig:
     if name not in PRESETS:
         raise ValueError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def preset_with_overrides(preset: str, overrides: dict[str, typing.Any], where: str) -> SimulatorConfig:
+    """Preset `preset` with `overrides` (dotted keys, or sections as nested mappings) over it, validated; an error
+    names the config key `where`.preset or `where`.overrides and the offending simulator key."""
+    try:
+        tree = to_dict(preset_config(preset))
+    except ValueError as err:
+        raise ValueError(f"{where}.preset: {err}") from None
+    try:
+        for key, value in flatten(overrides).items():
+            if key == "preset":
+                raise ValueError(f"'preset' is not an override; set {where}.preset")
+            set_dotted(tree, key, value)
+        return from_dict(SimulatorConfig, tree, f"{where}.overrides.").validate()
+    except ValueError as err:
+        raise ValueError(f"{where}.overrides (preset {preset}): {err}") from None
 
 
 def load_config(preset: str | None = None, yaml_path: Path | str | None = None,

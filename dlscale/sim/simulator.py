@@ -45,6 +45,8 @@ class LensParams:
     vortex_angle: torch.Tensor | None = None        # rad from the x axis
     vortex_half_length: torch.Tensor | None = None  # arcsec
     axion_mass: torch.Tensor | None = None          # eV
+    psf_fwhm: float | None = None                   # arcsec, one for the batch (one PSF a render); None: instrument's
+    background_rms: torch.Tensor | None = None      # counts/s per pixel, per image; None: the instrument's
 
     def __len__(self) -> int:
         return len(self.theta_E)
@@ -169,7 +171,9 @@ class LensSimulator:
                                p.source_x, p.source_y)
         brightness = sersic_ellipse(alpha_x.neg_().add_(self.x), alpha_y.neg_().add_(self.y), *source)
         inst = self.config.instrument
-        return observe(brightness.expand(len(p), -1).view(len(p), side, side), inst.supersampling, self.psf_weights,
+        weights = self.psf_weights if p.psf_fwhm is None else \
+            psf_weights(p.psf_fwhm, inst.pixel_scale, inst.psf_truncation).tolist()
+        return observe(brightness.expand(len(p), -1).view(len(p), side, side), inst.supersampling, weights,
                        inst.pixel_scale)
 
     @torch.no_grad()
@@ -178,11 +182,12 @@ class LensSimulator:
         Works in place on `images`."""
         inst = self.config.instrument
         exposure = self._tensor(p.exposure_time).view(-1, 1, 1, 1)
+        rms = inst.background_rms if p.background_rms is None else self._tensor(p.background_rms).view(-1, 1, 1, 1)
         if inst.noise:
             if inst.poisson_noise:
-                sigma = images.clamp(min=0).div_(exposure).add_(inst.background_rms ** 2).sqrt_()
+                sigma = images.clamp(min=0).div_(exposure).add_(rms ** 2).sqrt_()
             else:
-                sigma = torch.full_like(images, inst.background_rms)
+                sigma = torch.full_like(images, rms) if p.background_rms is None else rms.expand_as(images)
             noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
             images.addcmul_(noise, sigma)
         if inst.output_counts:
@@ -201,7 +206,8 @@ class LensSimulator:
     def metadata(self, p: LensParams) -> list[dict]:
         """JSON-serialisable parameters of every image (units as in LensParams). `subhalo_*` list the cdm point
         masses; a vortex is given by vortex_points / vortex_mass / vortex_angle / vortex_half_length, from which
-        `LensParams.vortex_positions` gives its point masses (listing them would add ~6 kB an image)."""
+        `LensParams.vortex_positions` gives its point masses (listing them would add ~6 kB an image). `psf_fwhm` and
+        `background_rms` appear only where they were redrawn (`dlscale.sim.mixture` nuisance)."""
         def values(t: torch.Tensor | None) -> list:
             return [None] * len(p) if t is None else t.tolist()
 
@@ -214,10 +220,11 @@ class LensSimulator:
             "substructure_mass": p.subhalo_mass.sum(1) + vortex_mass, "subhalo_masses": p.subhalo_mass,
             "subhalo_x": p.subhalo_x, "subhalo_y": p.subhalo_y, "axion_mass": p.axion_mass,
             "vortex_mass": p.vortex_mass, "vortex_angle": p.vortex_angle,
-            "vortex_half_length": p.vortex_half_length}.items()}
+            "vortex_half_length": p.vortex_half_length,
+            **({} if p.background_rms is None else {"background_rms": p.background_rms})}.items()}
         common = {"class": p.class_name, "preset": self.config.preset, "source_magnitude": self.config.source.magnitude,
                   "deflection_scale": self.deflection_scale, "subhalo_count": int(p.subhalo_mass.shape[1]),
-                  "vortex_points": p.vortex_points}
+                  "vortex_points": p.vortex_points, **({} if p.psf_fwhm is None else {"psf_fwhm": p.psf_fwhm})}
         return [{**common, **{key: column[i] for key, column in columns.items()}} for i in range(len(p))]
 
     def _tensor(self, t: torch.Tensor) -> torch.Tensor:

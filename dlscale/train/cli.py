@@ -11,6 +11,7 @@ from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.distributed import dist_info, setup_logging
 from dlscale.preemption import PREEMPTED_EXIT_CODE, Preempted
 from dlscale.train.config import load_config, print_config
+from dlscale.train.sources.two_stream import TARGET_PREFIX
 from dlscale.train.stages import STAGES
 
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", choices=list(STAGES), help="; ".join(f"{k}: {v.description}" for k, v in
                                                                  STAGES.items()))
     p.add_argument("--data", help="dataset directory (manifest.json + shards)")
+    p.add_argument("--target-data", help="stage adapt: the unlabelled target domain's dataset directory (its train "
+                   "split adapts, its val split scores: target/val/...); = --data.target.data_dir=DIR")
     p.add_argument("--run-dir", help="new run directory (or the one to resume)")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--init-from", help="encoder.pt, a finished run directory or an encoder state dict to start from")
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
         p.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
+    if args.target_data:
+        rest = [*rest, f"--data.target.data_dir={args.target_data}"]
     cfg = load_config(args.config, rest, stage=args.stage, data_dir=args.data, run_dir=args.run_dir,
                       init_from=args.init_from)
     if args.print_config:
@@ -55,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted:   # the run has logged which signal stopped it where, and how to resume
         return PREEMPTED_EXIT_CODE
     if info.is_main:
-        print(f"\n{cfg.stage} finished: {cfg.run_dir}\n{metrics_table(metrics, CLASSES, cfg.eval.split)}\n"
+        target = f"{TARGET_PREFIX}{cfg.eval.split}"
+        on_target = (f"\ntarget domain ({cfg.data.target.data_dir or cfg.data.target.simulator.preset}):\n"
+                     f"{metrics_table(metrics, CLASSES, target, probe=TARGET_PREFIX + 'probe')}"
+                     if f"{target}/n_samples" in metrics else "")
+        print(f"\n{cfg.stage} finished: {cfg.run_dir}\n{metrics_table(metrics, CLASSES, cfg.eval.split)}{on_target}\n"
               f"  encoder          {cfg.run_dir}/encoder.pt", flush=True)
     return 0
 

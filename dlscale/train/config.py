@@ -31,6 +31,35 @@ BUILTIN_SECTIONS = ("fixed", "dwa", "famo")
 """Weightings whose options have a section of their own (`loss.<method>`), not `loss.options.<method>`."""
 
 
+TARGET_SOURCES = ("", "shards", "simulate")
+
+
+@dataclass
+class TargetDataConfig:
+    """Unlabelled images of another domain (instrument) to adapt to, read beside the labelled training data; their
+    labels never reach a loss, their val split only scores the run (`target/val/...`)."""
+    source: str = ""
+    """"": none | shards: the dataset in `data.target.data_dir` (its train split, read as `data.source=shards`
+    reads its own) | simulate: fresh simulated lenses (`data.target.simulator`)."""
+    data_dir: str = ""
+    """the target dataset (`--target-data`); with source=simulate, the evaluation set (default: a set simulated once
+    into RUN/target_eval_data)."""
+    simulator: SimulationSourceConfig = field(default_factory=lambda: SimulationSourceConfig(preset="model_iii"))
+    """Simulated target images (source=simulate): preset, simulator overrides, evaluation set."""
+    evaluate: bool = True
+    """score the run on the target's `eval.split` too (labels used for scoring only)"""
+
+    def validate(self) -> "TargetDataConfig":
+        if self.source not in TARGET_SOURCES:
+            raise ValueError(f"data.target.source={self.source!r}: expected one of shards, simulate (or \"\" for "
+                             "none)")
+        if self.source == "shards" and not self.data_dir:
+            raise ValueError("data.target.source=shards needs the target dataset: --target-data DIR "
+                             "(data.target.data_dir)")
+        self.simulator.validate()
+        return self
+
+
 @dataclass
 class DataConfig(StreamConfig):
     """Where training batches come from, and how they are made (the stream fields)."""
@@ -40,9 +69,17 @@ class DataConfig(StreamConfig):
     once into RUN/eval_data."""
     simulator: SimulationSourceConfig = field(default_factory=SimulationSourceConfig)
     """Simulated training images (used with source=simulate): preset, simulator overrides, evaluation set."""
+    target: TargetDataConfig = field(default_factory=TargetDataConfig)
+    """Domain adaptation (stage adapt): the unlabelled target domain each training batch also carries."""
+
+    def __post_init__(self) -> None:
+        StreamConfig.__post_init__(self)
+        if self.target.data_dir and not self.target.source:
+            self.target.source = "shards"   # --target-data DIR alone means that dataset
 
     def validate(self) -> "DataConfig":
         StreamConfig.validate(self)
+        self.target.validate()
         from dlscale.train.sources import SOURCES as REGISTERED   # the built-ins and user-registered sources
         if self.source not in REGISTERED:
             raise ValueError(f"data.source={self.source!r}: expected one of {', '.join(REGISTERED)}")
@@ -225,6 +262,12 @@ class Config:
         extra = sorted(set(self.model.task_options) - set(tasks))
         if extra:
             raise ValueError(f"model.task_options.{extra[0]}: this run trains tasks {list(tasks)}")
+        from dlscale.train.sources.two_stream import needs_target
+        adapting = needs_target(tasks)
+        if adapting and not self.data.target.source:
+            raise ValueError(f"tasks {adapting} adapt to a target domain and none is given: --target-data DIR (a "
+                             "dataset with a train split) or --data.target.source=simulate "
+                             "--data.target.simulator.preset=model_iii")
         check_weighting(self)
         if not self.run_dir or (not self.data_dir and self.data.source == "shards"):
             raise ValueError("data_dir (--data) and run_dir (--run-dir) are required")

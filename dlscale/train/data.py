@@ -9,12 +9,14 @@ sees a stream (`set_epoch`, iteration), its batches per epoch, `epoch_loader` an
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
 from dlscale.distributed import DistInfo
-from dlscale.train.sources import InMemorySource, source_of, training_source
+from dlscale.train.sources import InMemorySource, source_class, source_of, training_source
 
 STATS_SAMPLES = 4096
 
@@ -43,6 +45,40 @@ def load_dataset(cfg) -> tuple[dict, tuple[int, ...]]:
     """(manifest, image shape) of the run's evaluation (and, for `shards`, training) dataset, checked."""
     manifest = load_manifest(cfg.data_dir)
     return manifest, check_dataset(cfg, manifest)
+
+
+def check_target(cfg, image_shape: tuple[int, ...]) -> None:
+    """The target domain's dataset must fit the run: the same classes, the same image shape after `data.resize` as
+    the labelled data's `image_shape`, a train split when the run adapts to it, the eval split when it is scored on
+    it. Raises naming both datasets and what differs."""
+    from dlscale.train.sources.two_stream import TwoStreamSource, describe_data, target_config
+    target = cfg.data.target
+    if not target.source or (target.source == "simulate" and not Path(target_config(cfg).data_dir).is_dir()):
+        return   # no target, or a simulated one whose evaluation set is still to make (checked once it exists)
+    tcfg = target_config(cfg)
+    manifest = load_manifest(tcfg.data_dir)
+    where = describe_data(cfg)
+    if tuple(manifest["classes"]) != CLASSES:
+        raise ValueError(f"the target domain's classes {manifest['classes']} differ from the labelled data's "
+                         f"{list(CLASSES)} ({where})")
+    shape = tuple(manifest["image_shape"])
+    if shape[0] != image_shape[0] or cfg.data.output_shape(shape) != tuple(image_shape):
+        raise ValueError(f"the target domain's images are {list(shape)}, the labelled data's become "
+                         f"{list(image_shape)} ({where}): set data.resize to bring both to one side")
+    adapting = isinstance(training_source(cfg), TwoStreamSource)
+    if adapting and target.source == "shards" and "train" not in manifest["splits"]:
+        raise ValueError(f"{tcfg.data_dir}: the target domain needs a train split to adapt to (has "
+                         f"{', '.join(manifest['splits'])})")
+    if target.evaluate and cfg.eval.split not in manifest["splits"]:
+        raise ValueError(f"{tcfg.data_dir}: the target domain has no {cfg.eval.split!r} split to be scored on (has "
+                         f"{', '.join(manifest['splits'])}); add one or set --data.target.evaluate=false")
+
+
+def prepare_target_eval_set(cfg) -> None:
+    """Rank 0: make (or reuse) the simulated target's evaluation set in RUN/target_eval_data."""
+    from dlscale.train.sources.two_stream import simulated_target_set, target_config
+    if simulated_target_set(cfg) and cfg.data.target.evaluate:
+        source_class("simulate")(target_config(cfg)).prepare_eval_set()
 
 
 def simulated_eval_set(cfg) -> bool:
@@ -103,6 +139,11 @@ def describe_ids(stream, ids: torch.Tensor, cfg=None) -> list[str]:
 def training_skips(stream, cfg=None):
     """What `skip_metrics` totals for the training stream (None: its source never skips data)."""
     return source_of(stream, cfg).skip_counts(stream)
+
+
+def training_skip_groups(stream, cfg=None) -> dict:
+    """{metric prefix: skip counts} of every stream of the run's source (`data`, and `target_data` when adapting)."""
+    return source_of(stream, cfg).skip_groups(stream)
 
 
 def target_stats(cfg, stream) -> dict[str, list[float]] | None:

@@ -31,6 +31,7 @@ from dlscale.train.artifacts import METRICS, update_metrics
 from dlscale.train.config import Config, load_config, run_tasks
 from dlscale.train.model import build_run_model
 from dlscale.train.skipped import skip_metrics
+from dlscale.train.sources.two_stream import TARGET_PREFIX, target_config
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,33 @@ class Evaluation:
     dtype: torch.dtype
     out_dir: Path
     writer: object = None
+    prefix: str = ""
+    """before every metric key and file name: "target/" for the target domain (`target/val/accuracy`)"""
+    target: "Evaluation | None" = None
+    """the target domain's evaluation (`data.target` with `evaluate`), run after this one"""
+
+
+def target_evaluation(ev: Evaluation) -> Evaluation | None:
+    """The evaluation of the run's target domain (`data.target`: its dataset, read with the run's data settings;
+    labels used for scoring only), or None when the run has none or `data.target.evaluate` is off."""
+    cfg = ev.cfg
+    if not (cfg.data.target.source and cfg.data.target.evaluate):
+        return None
+    from dlscale.data.shards import load_manifest
+    tcfg = target_config(cfg)
+    return Evaluation(tcfg, load_manifest(tcfg.data_dir), ev.info, ev.device, ev.dtype, ev.out_dir, ev.writer,
+                      prefix=TARGET_PREFIX)
+
+
+def evaluate_with_target(model, ev: Evaluation, split: str, probe: bool, step: int = 0,
+                         probe_train: tuple[dict | None, dict] | None = None) -> dict:
+    """`evaluate_split` of the run's data, then of its target domain's (`target/<split>/...`, with its own probe)
+    when the run has one."""
+    metrics, _ = evaluate_split(model, ev, split, probe, step, probe_train)
+    if ev.target is not None:
+        probe_target = probe and "train" in ev.target.manifest["splits"]
+        metrics = {**metrics, **evaluate_split(model, ev.target, split, probe_target, step)[0]}
+    return metrics
 
 
 def share_buffers(model: torch.nn.Module, world: int) -> None:
@@ -161,16 +189,18 @@ def report_split(ev: Evaluation, split: str, scores: dict, train_features: dict 
     metrics.update(extra or {})
     if calibration is not None:
         metrics.update(temperature_metrics(calibration, scores, split, cfg.eval.calibration_split))
+    metrics = {f"{ev.prefix}{key}": value for key, value in metrics.items()}
     metrics["step"] = step
     update_metrics(ev.out_dir / METRICS, metrics)
-    io.atomic_write(ev.out_dir / f"scores_{split}.npz",
+    tag = ev.prefix.replace("/", "_")   # target_
+    io.atomic_write(ev.out_dir / f"scores_{tag}{split}.npz",
                     lambda f: np.savez(f, **{k: v for k, v in scores.items() if k != "features"}))
     if "probs" in scores:
-        suffix = "" if split == "val" else f"_{split}"
+        suffix = "" if split == "val" and not tag else f"_{tag}{split}"
         save_roc(ev.out_dir / f"roc{suffix}.png", {cfg.stage: (scores["probs"], scores["labels"])}, CLASSES)
         save_reliability(ev.out_dir / f"reliability{suffix}.png", {cfg.stage: (scores["probs"], scores["labels"])})
     if ev.writer is not None:
-        log_evaluation(ev.writer, step, metrics, scores, CLASSES, split)
+        log_evaluation(ev.writer, step, metrics, scores, CLASSES, ev.prefix + split)
     return metrics
 
 

@@ -24,9 +24,10 @@ ARCHITECTURE_KEYS = ("name", "in_channels", "small_input_stem", "width", "patch_
 def build_model(stage: str, encoder_cfg: EncoderConfig, image_shape: Sequence[int], n_classes: int = 3,
                 n_reg_targets: int = 0, tasks: Sequence[str] | None = None, classifier_dropout: float = 0.0,
                 target_names: Sequence[str] | None = None, target_stats: dict | None = None,
-                options: Mapping[str, dict] | None = None) -> TaskModel:
+                options: Mapping[str, dict] | None = None, total_steps: int = 0) -> TaskModel:
     """The encoder plus the heads of the tasks `stage` trains (`tasks` chooses them for stages that let the run
-    choose, e.g. multitask). `options` are the tasks' `model.task_options`; the weighting is set by the caller."""
+    choose, e.g. multitask). `options` are the tasks' `model.task_options`; `total_steps` the run's training
+    batches (schedules such as dann's ramp); the weighting is set by the caller."""
     image_shape = tuple(image_shape)
     if image_shape[0] != encoder_cfg.in_channels:
         raise ValueError(f"image_shape {image_shape} has {image_shape[0]} channels, encoder in_channels is "
@@ -40,7 +41,7 @@ def build_model(stage: str, encoder_cfg: EncoderConfig, image_shape: Sequence[in
     specs = {}
     for name in names:
         ctx = TaskContext(image_shape, encoder.out_channels, encoder.downsample, n_classes, targets, target_stats,
-                          classifier_dropout, task_options(name, (options or {}).get(name)), encoder)
+                          classifier_dropout, task_options(name, (options or {}).get(name)), encoder, total_steps)
         specs[name] = task_class(name)(ctx)
     return TaskModel(encoder, specs)
 
@@ -79,11 +80,11 @@ def check_init(path: str | Path, payload: dict, encoder_cfg: EncoderConfig, imag
                          f"{payload.get('classes')}, this data has {list(image_shape)} / {list(classes)}{hint}")
 
 
-def build_run_model(cfg, image_shape: tuple[int, ...], stats: dict | None) -> torch.nn.Module:
+def build_run_model(cfg, image_shape: tuple[int, ...], stats: dict | None, total_steps: int = 0) -> torch.nn.Module:
     """The model (encoder, heads, loss weighting) a run of `cfg` trains: the one function training and
-    `dlscale eval` both build it with."""
+    `dlscale eval` both build it with (`total_steps`: the run's training batches, known to training only)."""
     model = build_model(cfg.stage, cfg.model.encoder, image_shape, len(CLASSES), len(cfg.data.targets),
                         cfg.model.tasks, cfg.model.classifier_dropout, cfg.data.targets, stats,
-                        cfg.model.task_options)
+                        cfg.model.task_options, total_steps)
     model.weighting = build_weighting(cfg.loss.method, model.tasks, cfg.loss.method_options())
     return model

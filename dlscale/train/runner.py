@@ -23,12 +23,13 @@ from dlscale.data.classes import CLASSES
 from dlscale.distributed import DistInfo, dist_info
 from dlscale.train import artifacts
 from dlscale.train.config import Config, check_weighting
-from dlscale.train.data import (load_dataset, prepare_eval_set, resolve_transforms, simulated_eval_set,
-                                stream_image_shape, target_stats, train_stream)
+from dlscale.train.data import (check_target, load_dataset, prepare_eval_set, prepare_target_eval_set,
+                                resolve_transforms, simulated_eval_set, stream_image_shape, target_stats, train_stream)
 from dlscale.train.sources.simulate import EVAL_DATA
+from dlscale.train.sources.two_stream import TARGET_EVAL_DATA, simulated_target_set
 from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device
 from dlscale.train.trainer import DTYPES, EvaluationCallback, Trainer
-from dlscale.train.evaluation import Evaluation
+from dlscale.train.evaluation import Evaluation, target_evaluation
 from dlscale.train.model import build_run_model, init_encoder
 from dlscale.train.preflight import check_engine_settings
 from dlscale.train.watchdog import exit_with_launcher
@@ -66,11 +67,14 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
         cfg.data_dir = str(run_dir / EVAL_DATA)   # recorded in config.yaml
     else:
         load_dataset(cfg)
+    if simulated_target_set(cfg):
+        cfg.data.target.data_dir = str(run_dir / TARGET_EVAL_DATA)   # recorded in config.yaml
     stream, batches = train_stream(cfg, info, device)
     image_shape = stream_image_shape(stream)
+    check_target(cfg, image_shape)
     torch.manual_seed(cfg.seed)
     stats = target_stats(cfg, stream)
-    model = build_run_model(cfg, image_shape, stats)
+    model = build_run_model(cfg, image_shape, stats, total_steps=cfg.schedule.epochs * batches)
     if cfg.init_from:
         init_encoder(model.encoder, cfg.init_from, cfg.model.encoder, image_shape, CLASSES)
     check_engine_settings(cfg, model, info.world, device)
@@ -81,8 +85,10 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
         artifacts.create(run_dir, cfg, stream)
         if simulated_eval:
             prepare_eval_set(cfg)
+        prepare_target_eval_set(cfg)
     dist.barrier()
     manifest, _ = load_dataset(cfg)
+    check_target(cfg, image_shape)
     writer = None
     with artifacts.run_log(run_dir if info.is_main else None):
         try:
@@ -96,6 +102,7 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
                 from torch.utils.tensorboard import SummaryWriter
                 writer = SummaryWriter(str(run_dir / "tb"))
             evaluation = Evaluation(cfg, manifest, info, device, DTYPES[precision], run_dir, writer)
+            evaluation.target = target_evaluation(evaluation)
             trainer = Trainer(cfg, info, engine, stream, batches, DTYPES[precision], evaluation, on_evaluation, stats)
             if resume:
                 trainer.resume()

@@ -28,9 +28,9 @@ from dlscale.data.stream import finish_batch
 from dlscale.distributed import DistInfo
 from dlscale.train import artifacts, checkpoint
 from dlscale.train.config import Config
-from dlscale.train.data import describe_ids, epoch_loader, training_skips
-from dlscale.train.evaluation import (Evaluation, evaluate_split, finalize_heads, probe_features, rank0_buffers,
-                                      share_buffers, write_hparams)
+from dlscale.train.data import describe_ids, epoch_loader, training_skip_groups
+from dlscale.train.evaluation import (Evaluation, evaluate_with_target, finalize_heads, probe_features,
+                                      rank0_buffers, share_buffers, write_hparams)
 from dlscale.train.skipped import skip_metrics
 
 log = logging.getLogger(__name__)
@@ -269,8 +269,8 @@ class Trainer:
         if every and self.epoch % every == 0 and self.epoch < self.cfg.schedule.epochs:
             self.save_checkpoint()   # the evaluated state, so a sweep can report and later restore it
             with rank0_buffers(self.module, self.info.world):
-                metrics, _ = evaluate_split(self.module, self.evaluation, self.cfg.eval.split, probe=False,
-                                            step=self.engine.global_steps)
+                metrics = evaluate_with_target(self.module, self.evaluation, self.cfg.eval.split, probe=False,
+                                               step=self.engine.global_steps)
             if self.on_evaluation is not None:
                 self.on_evaluation(self.epoch, {**metrics, **self.weight_metrics()},
                                    self.run_dir / checkpoint.CHECKPOINTS)
@@ -295,8 +295,9 @@ class Trainer:
         self.sync()
         if self.agreed_stop:
             self.stop_preempted(self.agreed_stop)
-        skips = training_skips(self.stream, self.cfg)
-        extra = skip_metrics(skips, "data", "training", self.device)   # before anything can fail
+        extra = {}   # before anything can fail
+        for prefix, skips in training_skip_groups(self.stream, self.cfg).items():
+            extra.update(skip_metrics(skips, prefix, "training" if prefix == "data" else prefix, self.device))
         exported = False
         share_buffers(self.module, self.info.world)   # every rank evaluates the model it exports
         try:
@@ -304,8 +305,8 @@ class Trainer:
             extra.update(finalize_heads(self.module, self.evaluation, probe_train[0]))   # before the export
             self.export(image_shape)
             exported = True
-            metrics, _ = evaluate_split(self.module, self.evaluation, self.cfg.eval.split, probe=True,
-                                        step=self.engine.global_steps, probe_train=probe_train)
+            metrics = evaluate_with_target(self.module, self.evaluation, self.cfg.eval.split, probe=True,
+                                           step=self.engine.global_steps, probe_train=probe_train)
         except Exception:
             if not exported:
                 self.export(image_shape)

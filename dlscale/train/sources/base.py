@@ -12,6 +12,7 @@ run's config:
     source.describe(stream, ids)                   # readable keys of a batch's samples (error messages)
     source.target_sample(stream, n)                # >= n regression targets, the same on every rank
     source.skip_counts(stream)                     # what `skip_metrics` totals (None: nothing is ever skipped)
+    source.skip_groups(stream)                     # {metric prefix: skip counts} of every stream it reads
 
 A stream is an iterable with `set_epoch(epoch)`; each of its batches is a dict with the keys `batch_keys`
 (`image` (B, C, H, W), `label` (B,) int64, `ids` (B, 3) int64, `target` (B, T) with `data.targets`) and,
@@ -44,7 +45,13 @@ def source_class(name: str) -> type["TrainingSource"]:
 
 
 def training_source(cfg) -> "TrainingSource":
-    """The run's source (`data.source` of `cfg`), bound to the config."""
+    """The run's source (`data.source` of `cfg`), bound to the config; paired with the target domain's
+    (`two_stream.TwoStreamSource`) when a task of the run adapts to one."""
+    from dlscale.train.sources.two_stream import TwoStreamSource, needs_target
+    if getattr(getattr(cfg.data, "target", None), "source", ""):
+        from dlscale.train.config import run_tasks
+        if needs_target(run_tasks(cfg)):
+            return TwoStreamSource(cfg)
     return source_class(cfg.data.source)(cfg)
 
 
@@ -110,6 +117,10 @@ class TrainingSource:
         """What `dlscale.train.skipped.skip_metrics` totals (an object with a `skips` SkipCounter and `shards`),
         or None for a source that never skips data."""
         return None
+
+    def skip_groups(self, stream) -> dict:
+        """{metric prefix: `skip_counts`} of every stream the source reads (`data/skipped_*`, ...)."""
+        return {"data": self.skip_counts(stream)}
 
     def simulated_eval_set(self) -> bool:
         """True when the run evaluates on a set the source makes itself into RUN/eval_data (no `data_dir`)."""

@@ -38,6 +38,7 @@ class TaskContext:
     classifier_dropout: float = 0.0
     options: Any = None                       # an instance of the task's `Config` (model.task_options.<task>)
     encoder: nn.Module | None = field(default=None, compare=False, repr=False)
+    total_steps: int = 0                      # training batches of the whole run (0: unknown, e.g. at evaluation)
 
 
 class Task:

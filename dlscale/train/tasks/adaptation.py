@@ -1,0 +1,150 @@
+"""Domain adaptation tasks: align the encoder's features of the labelled domain with those of an unlabelled target
+domain (`data.target`; the batch carries its images under `TARGET_DOMAIN`). Combined with `classification` under
+any loss weighting (stage `adapt`: classification + dann).
+
+- `dann` (Ganin et al. 2016, "Domain-adversarial training of neural networks"): a domain classifier on the pooled
+  features, behind a gradient-reversal layer. The classifier learns to tell the domains apart; the encoder receives
+  the reversed gradient, scaled by lambda(p) = 2 / (1 + exp(-gamma p)) - 1 (gamma = 10) over training progress p in
+  [0, 1], so it learns features the classifier cannot separate.
+- `coral` (Sun & Saenko 2016, "Deep CORAL"): the squared Frobenius distance between the two domains' feature
+  covariances, divided by 4 d^2.
+
+Each task runs the encoder on the target images itself (train mode, so BatchNorm sees each domain's own batch
+statistics); with both tasks in one run the target batch passes the encoder twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlscale.models.heads import global_pool
+from dlscale.train.sources.two_stream import TARGET_DOMAIN
+from dlscale.train.tasks.base import Task, register_task
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by -coefficient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
+        ctx.coefficient = coefficient
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.coefficient * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, coefficient: torch.Tensor | float) -> torch.Tensor:
+    return GradientReversal.apply(x, torch.as_tensor(coefficient, dtype=x.dtype, device=x.device))
+
+
+def dann_coefficient(progress: torch.Tensor, gamma: float = 10.0) -> torch.Tensor:
+    """Ganin et al.'s schedule, 2 / (1 + exp(-gamma p)) - 1: 0 at the start of training, towards 1 at its end
+    (progress clipped to [0, 1]; a tensor, so the step never waits for the host)."""
+    return 2.0 / (1.0 + torch.exp(-gamma * progress.float().clamp(0.0, 1.0))) - 1.0
+
+
+def target_features(batch: dict, model: nn.Module) -> torch.Tensor:
+    """Pooled encoder features (B, C) of the batch's target-domain images."""
+    if TARGET_DOMAIN not in batch:
+        raise ValueError(f"this task adapts to a target domain and the batch has none ({TARGET_DOMAIN!r}): give the "
+                         "target's images with --target-data DIR or data.target.source=simulate")
+    return global_pool(model.encoder(batch[TARGET_DOMAIN]["image"]))
+
+
+def coral_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Deep CORAL: ||C_s - C_t||_F^2 / (4 d^2), C the unbiased covariance of (B, d) features."""
+    d = source.shape[1]
+    difference = torch.cov(source.float().T) - torch.cov(target.float().T)
+    return difference.square().sum() / (4 * d * d)
+
+
+@dataclass
+class DANNConfig:
+    hidden: int = 256
+    """width of the domain classifier's two hidden layers"""
+    gamma: float = 10.0
+    """steepness of the reversal coefficient's ramp, 2 / (1 + exp(-gamma p)) - 1"""
+    max_coefficient: float = 1.0
+    """the coefficient's end value (its ramp is scaled by it)"""
+    ramp_steps: int = 0
+    """training batches over which p goes 0 -> 1; 0 = the whole run (epochs x batches per epoch)"""
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1 or self.gamma <= 0 or self.max_coefficient < 0 or self.ramp_steps < 0:
+            raise ValueError(f"model.task_options.dann: expected hidden >= 1, gamma > 0, max_coefficient >= 0 and "
+                             f"ramp_steps >= 0 (got {self.hidden}, {self.gamma}, {self.max_coefficient}, "
+                             f"{self.ramp_steps})")
+
+
+class DomainClassifier(nn.Module):
+    """Pooled features -> one logit (target domain), and the count of training batches seen, which sets the
+    reversal coefficient (a buffer: checkpointed, so a resumed run continues the ramp exactly)."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).squeeze(1)
+
+
+@register_task
+class DANN(Task):
+    """Domain-adversarial training: a domain classifier behind a gradient-reversal layer (the loss reported is the
+    classifier's binary cross-entropy; chance is log 2 = 0.693)."""
+    name = "dann"
+    Config = DANNConfig
+    batch_keys = (TARGET_DOMAIN,)
+
+    def build_head(self) -> nn.Module:
+        o = self.ctx.options or DANNConfig()
+        return DomainClassifier(self.ctx.encoder_channels, o.hidden)
+
+    def coefficient(self, batches_seen: torch.Tensor) -> torch.Tensor:
+        """The reversal coefficient after `batches_seen` training batches."""
+        o = self.ctx.options or DANNConfig()
+        ramp = o.ramp_steps or self.ctx.total_steps
+        if not ramp:   # no schedule known (a model built outside a run): the end value
+            return torch.full((), o.max_coefficient, device=batches_seen.device)
+        return o.max_coefficient * dann_coefficient(batches_seen / ramp, o.gamma)
+
+    def forward(self, head, feature_map, images, batch, model):
+        if batch is None:   # evaluation and inference: nothing to adapt
+            return {}
+        coefficient = self.coefficient(head.batches_seen)
+        if head.training:
+            head.batches_seen += 1
+        features = torch.cat([global_pool(feature_map), target_features(batch, model)])
+        return {"domain_logits": head(reverse_gradient(features, coefficient))}
+
+    def loss(self, out, images, batch):
+        logits = out["domain_logits"].float()
+        n_target = len(batch[TARGET_DOMAIN]["image"])
+        domain = torch.zeros_like(logits)
+        domain[len(logits) - n_target:] = 1.0   # source 0, target 1
+        return F.binary_cross_entropy_with_logits(logits, domain)
+
+
+@register_task
+class CORAL(Task):
+    """Deep CORAL: the distance between the two domains' feature covariances (no head, no parameters)."""
+    name = "coral"
+    batch_keys = (TARGET_DOMAIN,)
+
+    def build_head(self) -> nn.Module:
+        return nn.Identity()
+
+    def forward(self, head, feature_map, images, batch, model):
+        if batch is None:
+            return {}
+        return {"coral": coral_loss(global_pool(feature_map), target_features(batch, model))}
+
+    def loss(self, out, images, batch):
+        return out["coral"]
