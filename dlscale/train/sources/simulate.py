@@ -15,8 +15,9 @@ EVAL_DATA = "eval_data"
 @register_source
 class SimulationSource(TrainingSource):
     name = "simulate"
-    description = ("fresh simulated lenses every step (data.simulator), schedule.batches_per_epoch per epoch; "
-                   "evaluated on data_dir, or on a set simulated once into RUN/eval_data")
+    description = ("fresh simulated lenses every step (data.simulator: one preset or a mixture of instruments), "
+                   "schedule.batches_per_epoch per epoch; evaluated on data_dir, or on a set simulated once into "
+                   "RUN/eval_data")
     needs_data_dir = False
 
     def build(self, info, device: torch.device):
@@ -43,4 +44,5 @@ class SimulationSource(TrainingSource):
 
     def prepare_eval_set(self) -> None:
         from dlscale.sim.stream import prepare_eval_set as simulate_set
-        simulate_set(self.cfg.data.simulator, self.cfg.data_dir)
+        data = self.cfg.data
+        simulate_set(data.simulator, self.cfg.data_dir, resize=data.resize, resize_mode=data.resize_mode)
