@@ -259,3 +259,23 @@ def test_a_killed_adapt_run_resumes_to_the_parameters_of_an_uninterrupted_one(ad
     assert got.keys() == want.keys() and "heads.dann.batches_seen" in got
     assert int(got["heads.dann.batches_seen"]) == EPOCHS * BATCHES
     assert [k for k, v in got.items() if torch.is_tensor(v) and not torch.equal(v, want[k])] == []
+
+
+@pytest.mark.slow
+def test_the_shipped_adapt_sweep_tunes_the_adaptation_strength_ranked_on_the_target(cli, separable_data, target_data,
+                                                                                   tmp_path):
+    """`dlscale tune --config dlscale/sweep/adapt.yaml`: real trials of stage adapt, ranked on target/val."""
+    import csv
+    out = tmp_path / "out"
+    result = cli("tune", "--config", Path(__file__).resolve().parents[1] / "dlscale" / "sweep" / "adapt.yaml",
+                 "--data", separable_data, f"--data.target.data_dir={target_data}", "--out", out, "--trials", "2",
+                 "--sweep.scheduler=fifo", "--cpus-per-trial", "2", "--model.encoder.name=small",
+                 "--model.encoder.width=8", "--deepspeed.precision=fp32", "--data.batch_size=16",
+                 "--data.num_workers=0", "--data.shuffle_buffer=48", "--schedule.epochs=1",
+                 "--schedule.batches_per_epoch=3", "--eval.probe_samples=32", "--eval.n_bootstrap=5")
+    assert result.code == 0, result.err[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    assert "target/val/auc_macro" in (out / "results.md").read_text()
+    weights = {float(r["loss.fixed.weights.dann"]) for r in rows}
+    assert len(weights) == 2 and all(1e-2 <= w <= 3.0 for w in weights)

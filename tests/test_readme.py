@@ -60,7 +60,11 @@ def has_key(cls: type, dotted: str) -> bool:
                 name, _, rest = dotted[len(prefix):].partition(".")
                 sub = options(name)
                 return sub is not None and (not rest or has_key(sub, rest))
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if dict in (typing.get_origin(cls), *map(typing.get_origin, typing.get_args(cls))) and i and \
+                parts[i - 1] == "weights":   # loss.fixed.weights.<task>
+            return len(parts) == i + 1 and part in TASKS
         if not dataclasses.is_dataclass(cls):
             return False
         fields = {f.name: f for f in dataclasses.fields(cls)}
