@@ -148,3 +148,23 @@ def test_roc_figure_renders_to_png(tmp_path):
     figure = roc_figure({"val": random_scores()}, CLASSES)
     figure.savefig(tmp_path / "roc.png")
     assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gap_closed_is_the_share_of_the_auc_gap_with_a_paired_bootstrap_ci():
+    from dlscale.metrics import gap_closed, one_vs_rest_aucs
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 200)
+    onehot = np.eye(3)[labels]
+    probs = {name: onehot * strength + rng.random((600, 3)) for name, strength in
+             (("source_only", 0.1), ("adapted", 0.4), ("target_supervised", 2.0))}
+    auc = {m: one_vs_rest_aucs(p, labels).mean() for m, p in probs.items()}
+    out = gap_closed(probs, labels, "source_only", "target_supervised", n_bootstrap=200)
+    expected = (auc["adapted"] - auc["source_only"]) / (auc["target_supervised"] - auc["source_only"])
+    assert out["adapted"]["gap_closed"] == pytest.approx(expected)
+    assert out["source_only"]["gap_closed"] == 0.0 and out["target_supervised"]["gap_closed"] == pytest.approx(1.0)
+    assert out["adapted"]["gap_closed_ci_low"] < expected < out["adapted"]["gap_closed_ci_high"]
+    assert out["adapted"]["gain_over_baseline_ci_low"] > 0    # clearly better than the baseline: CI above 0
+    assert out["gap"]["n_samples"] == 600 and out["gap"]["auc_macro"] == pytest.approx(
+        auc["target_supervised"] - auc["source_only"])
+    with pytest.raises(ValueError, match="'upper'"):
+        gap_closed(probs, labels, "source_only", "upper")
