@@ -1,7 +1,7 @@
 """Reading what earlier dlscale versions wrote, in one place, keyed by the format version.
 
 Every file dlscale writes for later reading carries `format_version` (config.yaml at the top level, encoder.pt and
-manifest.json beside their `format` string). Files without it were written before versions were recorded
+manifest.json beside their `format` string; model.pt, a plain state dict, has its run's config.yaml's). Files without it were written before versions were recorded
 (dlscale 0.1 and 0.2: `FORMAT_0_1`); their translation is detected from the keys present, as before, and is a
 no-op on trees that have none of 0.1's keys. A file of a newer version than this code reads is refused.
 
@@ -11,7 +11,7 @@ Shims (format 1 -> 2):
   heads (`model.task_options.classification.standardize=false`, `model.task_options.recon.decoder=wide`) so its
   model.pt loads (`upgrade_config`);
 - model.pt of 0.1 (attributes decoder/classifier/regressor, not heads.<task>): its keys are renamed when it is
-  loaded (`upgrade_model_state`).
+  loaded (`upgrade_model_state`). model.pt stays a plain state dict; its version is its run's config.yaml's.
 """
 from __future__ import annotations
 
@@ -74,9 +74,12 @@ LEGACY_HEADS = {"decoder.": "heads.recon.", "classifier.": "heads.classification
 """model.pt key prefixes of dlscale 0.1 -> today's."""
 
 
-def upgrade_model_state(state: dict) -> dict:
-    """A model.pt state dict in today's form: dlscale 0.1's (attributes decoder/classifier/regressor) renamed to
-    heads.<task>; a state dict of today passes unchanged."""
+def upgrade_model_state(state: dict, version: int) -> dict:
+    """A model.pt state dict in today's form. model.pt is a plain state dict (so any PyTorch code loads it); its
+    format is that of the run's config.yaml, written with it: `version`. Before format 2 (dlscale 0.1 / 0.2) the
+    heads of 0.1 (attributes decoder/classifier/regressor) are renamed to heads.<task>."""
+    if version >= 2:
+        return state
     out = {}
     for key, value in state.items():
         old = next((prefix for prefix in LEGACY_HEADS if key.startswith(prefix)), None)

@@ -68,3 +68,17 @@ def test_a_dlscale_0_1_config_is_translated_by_its_format_version(tmp_path):
     (tmp_path / "newer.yaml").write_text(f"format_version: {FORMAT_VERSION + 1}\n{text}")
     with pytest.raises(ValueError, match="newer than this dlscale reads"):
         load_config(tmp_path / "newer.yaml")
+
+
+def test_model_pt_keys_are_translated_by_the_run_s_format_version():
+    """model.pt stays a plain state dict; its run's config.yaml version decides: 0.1's head names are renamed for a
+    run without a version, and left alone (a missing key then fails loudly) for one of today's."""
+    import torch
+    from dlscale.compat import FORMAT_0_1, FORMAT_VERSION, upgrade_model_state
+    state = torch.load(FIXTURE / "model.pt", map_location="cpu", weights_only=True)
+    legacy = sorted(k for k in state if k.startswith(("decoder.", "classifier.", "regressor.")))
+    assert legacy, "the 0.1 fixture keeps 0.1's head names"
+    upgraded = upgrade_model_state(dict(state), FORMAT_0_1)
+    assert not any(k.startswith(("decoder.", "classifier.", "regressor.")) for k in upgraded)
+    assert {k for k in upgraded if k.startswith("heads.")} and len(upgraded) == len(state)
+    assert upgrade_model_state(dict(state), FORMAT_VERSION).keys() == state.keys()

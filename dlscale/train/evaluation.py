@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 
 from dlscale import io
-from dlscale.configtree import flatten, to_dict
+from dlscale.configtree import flatten, read_yaml, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.stream import eval_loader, finish_batch, leading_shards
 from dlscale.distributed import DistInfo
 from dlscale.collect import collect, gather
-from dlscale.compat import upgrade_model_state
+from dlscale.compat import format_version, upgrade_model_state
 from dlscale.metrics import (apply_temperature, expected_calibration_error, fit_temperature,
                              negative_log_likelihood, summarize)
 from dlscale.figures import save_reliability, save_roc
@@ -234,8 +234,9 @@ def load_run(run_dir: str | Path, data_dir: str | None = None) -> tuple[Config, 
     info = read_encoder_file(run_dir)
     shape = tuple(info["image_shape"])
     model = build_run_model(cfg, shape, info.get("target_stats"))
+    version = format_version(read_yaml(run_dir / "config.yaml"), f"{run_dir / 'config.yaml'}")
     model.load_state_dict(upgrade_model_state(torch.load(run_dir / "model.pt", map_location="cpu",
-                                                        weights_only=True)))
+                                                        weights_only=True), version))
     log.info("loaded %s (stage %s, tasks %s)", run_dir, cfg.stage, "+".join(run_tasks(cfg)))
     return cfg, model, info
 
