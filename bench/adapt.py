@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,9 +31,10 @@ import numpy as np
 SHIFTS = {
     # Euclid-like (Model II: 0.101"/px, PSF 0.16") -> HST-like (Model III: 0.08"/px, PSF 0.08"); both 64x64
     "ii_to_iii": ({"preset": "model_ii"}, {"preset": "model_iii"}),
-    # the same instrument without noise -> a short exposure (100 s) with Poisson and background noise
-    "noiseless_to_noisy": ({"preset": "model_ii", "overrides": "{instrument.noise: false}"},
-                           {"preset": "model_ii", "overrides": "{instrument.exposure_time: [100, 100]}"}),
+    # the same instrument: noiseless (as the preset) -> a short exposure (100 s) with Poisson and background noise
+    "noiseless_to_noisy": ({"preset": "model_ii"},
+                           {"preset": "model_ii", "overrides": "{instrument.noise: true, "
+                                                               "instrument.exposure_time: [100, 100]}"}),
 }
 METHODS = {
     "source_only": ("supervised", []),
@@ -55,6 +57,8 @@ def run_method(shift: str, method: str, args, run_dir: Path) -> float:
     """Train one method (unless finished in an earlier call); returns its wall time (0 when reused)."""
     if (run_dir / "metrics.json").is_file():
         return 0.0
+    if run_dir.exists():   # an interrupted run of an earlier call: train it again
+        shutil.rmtree(run_dir)
     source, target = SHIFTS[shift]
     stage, extra = METHODS[method]
     labelled = target if method == "target_supervised" else source

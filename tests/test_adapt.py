@@ -279,3 +279,20 @@ def test_the_shipped_adapt_sweep_tunes_the_adaptation_strength_ranked_on_the_tar
     assert "target/val/auc_macro" in (out / "results.md").read_text()
     weights = {float(r["loss.fixed.weights.dann"]) for r in rows}
     assert len(weights) == 2 and all(1e-2 <= w <= 3.0 for w in weights)
+
+
+def test_a_simulated_target_adapts_records_its_stream_and_is_scored_on_its_own_simulated_set(cli, separable_data,
+                                                                                               tmp_path, tiny_args):
+    run = tmp_path / "run"
+    result = cli("train", "--stage", "adapt", "--data", separable_data, "--run-dir", run, "--schedule.epochs=1",
+                 "--data.target.source=simulate", "--data.target.simulator.overrides={instrument.n_pix: 32}",
+                 "--data.target.simulator.eval_per_class=8", "--data.target.simulator.probe_per_class=8", *tiny_args)
+    assert result.code == 0, result.err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["target/val/n_samples"] == 24 and metrics["val/n_samples"] == 61
+    simulation = json.loads((run / "simulation.json").read_text())
+    assert set(simulation) == {"target"} and simulation["target"]["source"]["preset"] == "model_iii"
+    assert simulation["target"]["seed"] not in (0, None)   # its own seed, not the labelled side's
+    assert f"data_dir: {run / 'target_eval_data'}" in (run / "config.yaml").read_text()
+    manifest = json.loads((run / "target_eval_data" / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["samples"] == 24 and manifest["image_shape"] == [1, 32, 32]

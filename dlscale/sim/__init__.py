@@ -29,6 +29,9 @@ and its noise on the simulation device from another, both seeded from (seed, bat
 therefore give the same parameters on any device and dtype, and the same images on a given device whatever the
 number of --workers processes.
 
+Training streams (`dlscale.sim.stream`) draw fresh batches from one preset or, with `dlscale.sim.mixture`, from
+several instruments at once, with nuisance parameters redrawn within physical ranges.
+
 Speed: parameters the whole batch shares (the fixed DeepLense macro lens) are computed once per batch; the rest is
 in-place elementwise torch, so CPU batches of 16-64 and GPU batches of 1024+ work well. On CPU, glibc handing freed
 memory back to the OS costs up to a third of the time (64x64 images); MALLOC_TRIM_THRESHOLD_=1000000000

@@ -45,7 +45,7 @@ from dlscale.data.classes import CLASSES
 from dlscale.data.stream import resize
 from dlscale.sim.config import Range, SimulatorConfig, preset_with_overrides
 from dlscale.sim.simulator import LensParams, LensSimulator
-from dlscale.sim.write import add_pieces, check_batch, plan_batches
+from dlscale.sim.write import check_batch, plan_batches
 
 EVAL_KEY = 0xE7A1           # first spawn-key word of a mixture evaluation set's batch seeds
 
@@ -255,24 +255,25 @@ class Mixture:
 def write_mixture_set(mixture: Mixture, counts: dict[str, int], out: Path | str, source: dict, seed: int,
                       batch_size: int, shard_size: int = 2048, samples_per_record: int = 256) -> Path:
     """A new shard dataset of `counts[split]` raw images per class, drawn from `mixture` at its side (in this
-    process): batches of one class, the classes in turn (`plan_batches`), each class's images split among the
-    components by the share rule over that class's running count; batch j seeded by (seed, EVAL_KEY, j)."""
+    process): split by split, batches of one class, the classes in turn (`plan_batches`), each class's images in a
+    split shared among the components by the share rule over its running count there; batch j (over all splits)
+    seeded by (seed, EVAL_KEY, j)."""
     from dlscale.data.shards import DatasetWriter
-    drawn = dict.fromkeys(CLASSES, 0)
-    shape = (1, mixture.side, mixture.side)
-    with DatasetWriter(out, shape, source, shard_size=shard_size, samples_per_record=samples_per_record,
-                       seed=seed) as writer:
-        for index, (class_name, pieces) in enumerate(plan_batches(counts, batch_size)):
-            n = sum(k for _, k in pieces)
-            cells = mixture.class_cells(CLASSES.index(class_name), drawn[class_name], n)
-            drawn[class_name] += n
+    batches = ((split, class_name, k) for split, n in counts.items()
+               for class_name, [(_, k)] in plan_batches({split: n}, batch_size))
+    with DatasetWriter(out, (1, mixture.side, mixture.side), source, shard_size=shard_size,
+                       samples_per_record=samples_per_record, seed=seed) as writer:
+        drawn: dict[tuple[str, str], int] = {}
+        for index, (split, class_name, n) in enumerate(batches):
+            start = drawn.get((split, class_name), 0)
+            drawn[split, class_name] = start + n
+            cells = mixture.class_cells(CLASSES.index(class_name), start, n)
             params, noise, _, nuisance = batch_generators(np.random.SeedSequence(seed, spawn_key=(EVAL_KEY, index)),
                                                           mixture.device)
             images, labels, metas = mixture.draw(cells, params, noise, nuisance, metadata=True)
-            images = images.float().cpu().numpy()
-            start = 0
-            for sim, row in zip(mixture.sims, cells):
-                check_batch(images[start:start + sum(row)], class_name, index, sim.config, "float32")
-                start += sum(row)
-            add_pieces(writer, pieces, images, labels.numpy(), metas)
+            images, at = images.float().cpu().numpy(), 0
+            for sim, row in zip(mixture.sims, cells):      # each component's images, named by its own settings
+                check_batch(images[at:at + sum(row)], class_name, index, sim.config, "float32")
+                at += sum(row)
+            writer.add_batch(split, images, labels.numpy(), metas)
     return Path(out)

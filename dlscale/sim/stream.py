@@ -118,7 +118,8 @@ class SimulationSourceConfig:
         preset's (named after it)."""
         if not self.mixture:
             return [(self.preset, 1.0, self.simulator_config())]
-        return [(name, c.share, c.simulator_config(f"data.simulator.mixture.{name}")) for name, c in self.mixture.items()]
+        return [(name, c.share, c.simulator_config(f"data.simulator.mixture.{name}"))
+                for name, c in self.mixture.items()]
 
     def single_preset(self) -> bool:
         """One preset and no nuisance draws: its evaluation set is a plain `dlscale simulate` dataset."""

@@ -132,8 +132,11 @@ def simulate(config: SimulatorConfig, n_per_class: int, out: Path | str, splits:
         with writer, tqdm(total=len(CLASSES) * n_per_class, unit="img", desc="simulate") as bar:
             for (index, (class_name, pieces)), (images, metas) in zip(jobs, results):
                 check_batch(images, class_name, index, config, dtype)
-                add_pieces(writer, pieces, images, np.full(len(images), CLASSES.index(class_name), dtype=np.int64),
-                           metas)
+                labels = np.full(len(images), CLASSES.index(class_name), dtype=np.int64)
+                start = 0
+                for split, k in pieces:
+                    writer.add_batch(split, images[start:start + k], labels[start:start + k], metas[start:start + k])
+                    start += k
                 bar.update(len(images))
     finally:
         if pool is not None:
@@ -141,15 +144,6 @@ def simulate(config: SimulatorConfig, n_per_class: int, out: Path | str, splits:
             pool.join()
     log.info("wrote %s: %s per class", out, ", ".join(f"{s} {c}" for s, c in counts.items()))
     return out
-
-
-def add_pieces(writer, pieces: list[tuple[str, int]], images: np.ndarray, labels: np.ndarray,
-               metas: list[dict]) -> None:
-    """Write one planned batch (`plan_batches`) into its splits, in order."""
-    start = 0
-    for split, k in pieces:
-        writer.add_batch(split, images[start:start + k], labels[start:start + k], metas[start:start + k])
-        start += k
 
 
 def check_splits(splits: dict[str, float]) -> None:

@@ -37,13 +37,16 @@ def check_new(run_dir: Path, resume: bool) -> None:
 
 def create(run_dir: Path, cfg, stream=None) -> None:
     """Rank 0, once everything was validated: the directory, its checkpoint folder, config.yaml, git.txt and, for
-    a simulated training stream, simulation.json (everything that regenerates its batches bit for bit)."""
+    a simulated training stream, simulation.json (everything that regenerates its batches bit for bit: its
+    source's `record`; for an adapt run with a simulated side, `labelled` and / or `target`)."""
     from dlscale.train.checkpoint import CHECKPOINTS
+    from dlscale.train.sources import source_of
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     io.write_text(run_dir / "config.yaml", dump_yaml(cfg))
     io.write_text(run_dir / "git.txt", git_description() + "\n")
-    if hasattr(stream, "describe"):
-        io.write_json(run_dir / "simulation.json", stream.describe())
+    record = source_of(stream, cfg).record(stream) if stream is not None else None
+    if record is not None:
+        io.write_json(run_dir / "simulation.json", record)
 
 
 def git_description() -> str:

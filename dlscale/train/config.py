@@ -316,14 +316,18 @@ def fill_options(cfg: Config) -> Config:
 
 def print_config(cfg: Config) -> str:
     """The resolved config as YAML with each key's documentation as a comment above it (`--print-config`): the
-    chosen stage's task options, the weighting's options and, with data.source=simulate, every simulator key with
-    the preset's value (as `data.simulator.overrides`). Loads back (`--config`) to the same config."""
+    chosen stage's task options, the weighting's options and, for each simulated side (data.source=simulate,
+    data.target.source=simulate), every simulator key with the preset's value (as `overrides`; per component of a
+    mixture). Loads back (`--config`) to the same config."""
     import copy
     from dlscale.configtree import commented_yaml
     shown = copy.deepcopy(cfg)
-    if shown.data.source == "simulate":
-        sim = shown.data.simulator.simulator_config()
-        shown.data.simulator.overrides = {f.name: getattr(sim, f.name) for f in fields(sim) if f.name != "preset"}
+    simulated = [s.simulator for s, source in ((shown.data, shown.data.source),
+                                               (shown.data.target, shown.data.target.source)) if source == "simulate"]
+    for simulator in simulated:
+        for part in (simulator, *simulator.mixture.values()):
+            sim = part.simulator_config()
+            part.overrides = {f.name: getattr(sim, f.name) for f in fields(sim) if f.name != "preset"}
     return commented_yaml(shown)
 
 

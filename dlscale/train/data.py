@@ -9,11 +9,9 @@ sees a stream (`set_epoch`, iteration), its batches per epoch, `epoch_loader` an
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
 from dlscale.distributed import DistInfo
 from dlscale.train.sources import InMemorySource, source_class, source_of, training_source
@@ -21,57 +19,11 @@ from dlscale.train.sources import InMemorySource, source_class, source_of, train
 STATS_SAMPLES = 4096
 
 
-def check_dataset(cfg, manifest: dict) -> tuple[int, ...]:
-    """The manifest must match the model: canonical classes and the encoder's input channels. Returns the image
-    shape the model sees (after `data.resize`)."""
-    shape = tuple(manifest["image_shape"])
-    if tuple(manifest["classes"]) != CLASSES:
-        raise ValueError(f"{cfg.data_dir}: classes {manifest['classes']}, the models use {list(CLASSES)}")
-    if shape[0] != cfg.model.encoder.in_channels:
-        raise ValueError(f"{cfg.data_dir}: images have {shape[0]} channel(s) {shape}; set "
-                         f"--model.encoder.in_channels={shape[0]}")
-    needs_train = training_source(cfg).reads_train_split or cfg.eval.probe_samples > 0   # training, or the probe
-    if (needs_train and "train" not in manifest["splits"]) or cfg.eval.split not in manifest["splits"]:
-        raise ValueError(f"{cfg.data_dir}: needs {'a train split and ' if needs_train else ''}the eval split "
-                         f"{cfg.eval.split!r}; has {', '.join(manifest['splits'])}")
-    calibration = cfg.eval.calibration_split
-    if calibration is not None and calibration not in manifest["splits"]:
-        raise ValueError(f"{cfg.data_dir}: eval.calibration_split={calibration!r} is not a split of the dataset "
-                         f"(has {', '.join(manifest['splits'])})")
-    return cfg.data.output_shape(shape)   # the model's input: the stored images after data.resize
-
-
 def load_dataset(cfg) -> tuple[dict, tuple[int, ...]]:
     """(manifest, image shape) of the run's evaluation (and, for `shards`, training) dataset, checked."""
     manifest = load_manifest(cfg.data_dir)
+    from dlscale.train.preflight import check_dataset
     return manifest, check_dataset(cfg, manifest)
-
-
-def check_target(cfg, image_shape: tuple[int, ...]) -> None:
-    """The target domain's dataset must fit the run: the same classes, the same image shape after `data.resize` as
-    the labelled data's `image_shape`, a train split when the run adapts to it, the eval split when it is scored on
-    it. Raises naming both datasets and what differs."""
-    from dlscale.train.sources.two_stream import TwoStreamSource, describe_data, target_config
-    target = cfg.data.target
-    if not target.source or (target.source == "simulate" and not Path(target_config(cfg).data_dir).is_dir()):
-        return   # no target, or a simulated one whose evaluation set is still to make (checked once it exists)
-    tcfg = target_config(cfg)
-    manifest = load_manifest(tcfg.data_dir)
-    where = describe_data(cfg)
-    if tuple(manifest["classes"]) != CLASSES:
-        raise ValueError(f"the target domain's classes {manifest['classes']} differ from the labelled data's "
-                         f"{list(CLASSES)} ({where})")
-    shape = tuple(manifest["image_shape"])
-    if shape[0] != image_shape[0] or cfg.data.output_shape(shape) != tuple(image_shape):
-        raise ValueError(f"the target domain's images are {list(shape)}, the labelled data's become "
-                         f"{list(image_shape)} ({where}): set data.resize to bring both to one side")
-    adapting = isinstance(training_source(cfg), TwoStreamSource)
-    if adapting and target.source == "shards" and "train" not in manifest["splits"]:
-        raise ValueError(f"{tcfg.data_dir}: the target domain needs a train split to adapt to (has "
-                         f"{', '.join(manifest['splits'])})")
-    if target.evaluate and cfg.eval.split not in manifest["splits"]:
-        raise ValueError(f"{tcfg.data_dir}: the target domain has no {cfg.eval.split!r} split to be scored on (has "
-                         f"{', '.join(manifest['splits'])}); add one or set --data.target.evaluate=false")
 
 
 def prepare_target_eval_set(cfg) -> None:

@@ -23,7 +23,7 @@ from dlscale.data.classes import CLASSES
 from dlscale.distributed import DistInfo, dist_info
 from dlscale.train import artifacts
 from dlscale.train.config import Config, check_weighting
-from dlscale.train.data import (check_target, load_dataset, prepare_eval_set, prepare_target_eval_set,
+from dlscale.train.data import (load_dataset, prepare_eval_set, prepare_target_eval_set,
                                 resolve_transforms, simulated_eval_set, stream_image_shape, target_stats, train_stream)
 from dlscale.train.sources.simulate import EVAL_DATA
 from dlscale.train.sources.two_stream import TARGET_EVAL_DATA, simulated_target_set
@@ -31,7 +31,7 @@ from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_de
 from dlscale.train.trainer import DTYPES, EvaluationCallback, Trainer
 from dlscale.train.evaluation import Evaluation, target_evaluation
 from dlscale.train.model import build_run_model, init_encoder
-from dlscale.train.preflight import check_engine_settings
+from dlscale.train.preflight import check_engine_settings, check_target
 from dlscale.train.watchdog import exit_with_launcher
 
 log = logging.getLogger(__name__)

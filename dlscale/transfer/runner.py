@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
+from dlscale.train.preflight import check_manifest
 from dlscale.transfer import features as feats
 from dlscale.transfer.scoring import probe_classifier, probe_regressor, summarize_cell
 from dlscale.transfer.subsets import ALL, check_sizes, nested_subsets, subset_name, train_index, write_subset
@@ -168,11 +169,7 @@ def prepare(cfg: TransferConfig) -> Study:
     """Check everything that can be checked before any work: data, encoders and their input size, subset sizes."""
     cfg.validate()
     manifest = load_manifest(cfg.data_dir)
-    if cfg.split not in manifest["splits"] or "train" not in manifest["splits"]:
-        raise ValueError(f"{cfg.data_dir}: needs a train split and the eval split {cfg.split!r} (has "
-                         f"{', '.join(manifest['splits'])})")
-    if tuple(manifest["classes"]) != CLASSES:
-        raise ValueError(f"{cfg.data_dir}: classes {manifest['classes']}, the encoders use {list(CLASSES)}")
+    check_manifest(cfg.data_dir, manifest, ("train", cfg.split))
     eval_manifest = manifest if not cfg.eval_data else check_eval_data(cfg)
     train_cfg = training_config(cfg)
     sources = feats.load_sources(cfg.encoders)
@@ -197,12 +194,7 @@ def prepare(cfg: TransferConfig) -> Study:
 def check_eval_data(cfg: TransferConfig) -> dict:
     """The cross-dataset eval data: the eval split and the classes of the training data."""
     manifest = load_manifest(cfg.eval_data)
-    if cfg.split not in manifest["splits"]:
-        raise ValueError(f"--eval-data {cfg.eval_data}: has no {cfg.split!r} split (has "
-                         f"{', '.join(manifest['splits'])})")
-    if tuple(manifest["classes"]) != CLASSES:
-        raise ValueError(f"--eval-data {cfg.eval_data}: classes {manifest['classes']}, the encoders use "
-                         f"{list(CLASSES)}")
+    check_manifest(f"--eval-data {cfg.eval_data}", manifest, (cfg.split,))
     return manifest
 
 

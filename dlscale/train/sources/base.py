@@ -13,6 +13,7 @@ run's config:
     source.target_sample(stream, n)                # >= n regression targets, the same on every rank
     source.skip_counts(stream)                     # what `skip_metrics` totals (None: nothing is ever skipped)
     source.skip_groups(stream)                     # {metric prefix: skip counts} of every stream it reads
+    source.record(stream)                          # what regenerates a generated stream (RUN/simulation.json)
 
 A stream is an iterable with `set_epoch(epoch)`; each of its batches is a dict with the keys `batch_keys`
 (`image` (B, C, H, W), `label` (B,) int64, `ids` (B, 3) int64, `target` (B, T) with `data.targets`) and,
@@ -116,6 +117,11 @@ class TrainingSource:
     def skip_counts(self, stream):
         """What `dlscale.train.skipped.skip_metrics` totals (an object with a `skips` SkipCounter and `shards`),
         or None for a source that never skips data."""
+        return None
+
+    def record(self, stream) -> dict | None:
+        """What regenerates the stream's batches bit for bit, for RUN/simulation.json (None: the data on disk is
+        the record)."""
         return None
 
     def skip_groups(self, stream) -> dict:

@@ -30,6 +30,9 @@ class SimulationSource(TrainingSource):
         from dlscale.sim.stream import simulation_loader
         return simulation_loader(stream)
 
+    def record(self, stream) -> dict:
+        return stream.describe()
+
     def target_sample(self, stream, n: int) -> np.ndarray:
         """The targets of the first global batches of epoch 0 (the same on every rank)."""
         values, held, index = [], 0, 0

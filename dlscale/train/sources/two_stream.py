@@ -134,6 +134,10 @@ class TwoStreamSource(TrainingSource):
     def skip_counts(self, stream):
         return self.labelled.skip_counts(stream.labelled)
 
+    def record(self, stream) -> dict | None:
+        sides = {"labelled": self.labelled.record(stream.labelled), "target": self.target.record(stream.target)}
+        return {side: record for side, record in sides.items() if record is not None} or None
+
     def skip_groups(self, stream) -> dict:
         return {"data": self.skip_counts(stream), "target_data": self.target.skip_counts(stream.target)}
 
