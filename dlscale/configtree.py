@@ -31,7 +31,20 @@ def from_dict(cls: type, values: dict, where: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown config key {where + unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
-    return cls(**{name: _coerce(hints[name], value, where + name) for name, value in values.items()})
+    built = {name: _coerce(hints[name], value, where + name) for name, value in values.items()}
+    try:
+        return cls(**built)
+    except ValueError as err:
+        raise rehomed(err, cls, where) from None
+
+
+def rehomed(err: ValueError, cls: type, where: str) -> ValueError:
+    """`err` of a section class whose own messages name its usual place (`CONFIG_KEY`, e.g. data.simulator), with
+    that place replaced by where the section sits here (e.g. data.target.simulator.)."""
+    home = getattr(cls, "CONFIG_KEY", "")
+    if home and where and where != home + ".":
+        return ValueError(str(err).replace(home + ".", where).replace(home + " ", where.rstrip(".") + " "))
+    return err
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

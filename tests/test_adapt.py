@@ -296,3 +296,15 @@ def test_a_simulated_target_adapts_records_its_stream_and_is_scored_on_its_own_s
     assert f"data_dir: {run / 'target_eval_data'}" in (run / "config.yaml").read_text()
     manifest = json.loads((run / "target_eval_data" / "manifest.json").read_text())
     assert manifest["splits"]["val"]["samples"] == 24 and manifest["image_shape"] == [1, 32, 32]
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("--data.target.simulator.preset=model_x", "data.target.simulator.preset"),
+    ("--data.target.simulator.overrides={source.magnitude: -80}", "data.target.simulator.overrides"),
+    ("--data.target.source=disk", "data.target.source"),
+])
+def test_a_bad_target_setting_is_refused_naming_its_own_key(cli, separable_data, tmp_path, tiny_args, override, key):
+    result = cli("train", "--stage", "adapt", "--data", separable_data, "--run-dir", tmp_path / "run",
+                 "--data.target.source=simulate", override, *tiny_args)
+    assert result.code == 2 and key in result.err, result.err
+    assert not (tmp_path / "run").exists()

@@ -35,7 +35,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -59,6 +59,8 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass
 class SimulationSourceConfig:
     """Training images simulated on the fly (`data.simulator`); the preset and overrides are checked on load."""
+    CONFIG_KEY: ClassVar[str] = "data.simulator"
+    """Where its messages place it (`dlscale.configtree.rehomed` renames it for data.target.simulator)."""
     preset: str = "model_ii"
     """The simulator preset the overrides apply to: model_i | model_ii | model_iii."""
     overrides: dict[str, Any] = field(default_factory=dict)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dlscale.configtree import from_dict, merge, overrides_tree, read_yaml, to_dict
+from dlscale.configtree import from_dict, merge, overrides_tree, read_yaml, rehomed, to_dict
 from dlscale.data.stream import StreamConfig
 from dlscale.models import EncoderConfig
 from dlscale.preemption import DEFAULT_SIGNALS, signal_number
@@ -56,7 +56,10 @@ class TargetDataConfig:
         if self.source == "shards" and not self.data_dir:
             raise ValueError("data.target.source=shards needs the target dataset: --target-data DIR "
                              "(data.target.data_dir)")
-        self.simulator.validate()
+        try:
+            self.simulator.validate()
+        except ValueError as err:
+            raise rehomed(err, SimulationSourceConfig, "data.target.simulator.") from None
         return self
 
 
