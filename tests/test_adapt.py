@@ -88,8 +88,8 @@ def test_the_dann_encoder_gradient_is_the_reversed_domain_gradient_and_the_head_
         model.heads["dann"].batches_seen.fill_(4)
         if reverse:
             out = model(batch["image"], batch)
-        else:   # the same forward with the reversal layer replaced by the identity
-            feats = torch.cat([model.features(batch["image"]), model.features(batch[TARGET_DOMAIN]["image"])])
+        else:   # the same joint encoder pass with the reversal layer replaced by the identity
+            feats = model.features(torch.cat([batch["image"], batch[TARGET_DOMAIN]["image"]]))
             out = {"domain_logits": model.heads["dann"](feats)}
         model.task_specs["dann"].loss(out, batch["image"], batch).backward()
         return ({n: p.grad.clone() for n, p in model.encoder.named_parameters()},
@@ -308,3 +308,23 @@ def test_a_bad_target_setting_is_refused_naming_its_own_key(cli, separable_data,
                  "--data.target.source=simulate", override, *tiny_args)
     assert result.code == 2 and key in result.err, result.err
     assert not (tmp_path / "run").exists()
+
+
+def test_both_domains_pass_the_encoder_together_so_batchnorm_sees_one_statistic(separable_data, target_data,
+                                                                                 tmp_path):
+    """The labelled and target images are encoded in one pass: the model's outputs equal those of encoding the
+    concatenated batch (train-mode BatchNorm), not those of encoding each domain alone."""
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[classification,coral]")
+    source = training_source(cfg)
+    stream, _ = source.open(DistInfo(0, 1, 0), torch.device("cpu"))
+    batch = next(iter(source.loader(stream)))
+    torch.manual_seed(0)
+    model = build_run_model(cfg, (1, 32, 32), None)
+    images, target = batch["image"], batch[TARGET_DOMAIN]["image"]
+    with torch.no_grad():
+        out = model(images, batch)
+        joint = model.features(torch.cat([images, target]))
+        alone = model.features(images), model.features(target)
+    assert torch.allclose(out["features"], joint[:len(images)], atol=1e-6)
+    assert torch.allclose(out["coral"], coral_loss(joint[:len(images)], joint[len(images):]), atol=1e-6)
+    assert not torch.allclose(out["features"], alone[0], atol=1e-3)   # alone: another normalisation

@@ -14,11 +14,20 @@ from torch import nn
 
 from dlscale.models.heads import global_pool
 
+TARGET_DOMAIN = "target_domain"
+"""Batch key of a second domain's images (domain adaptation): a dict with `image` (B', C, H, W) and `ids`."""
+TARGET_FEATURES = "target_features"
+"""Key under which the tasks' batch gets the pooled features (B', C) of TARGET_DOMAIN's images."""
+
 
 class TaskModel(nn.Module):
     """`forward(images, batch=None)` returns a dict: `features` (pooled encoder features (B, C), whenever the clean
     image's feature map was computed) plus every task's outputs (`recon`, `logits`, `regression`, ...).
-    `batch` is the training batch (labels, views, ...) or None at evaluation and inference time."""
+    `batch` is the training batch (labels, views, ...) or None at evaluation and inference time.
+
+    A batch carrying a second domain's images (TARGET_DOMAIN) is encoded in the same encoder pass as `images`, so
+    BatchNorm normalises both domains with the same statistics in training, as its running statistics will at
+    evaluation; the tasks see the second domain's pooled features as `batch[TARGET_FEATURES]`."""
 
     def __init__(self, encoder: nn.Module, tasks: Mapping[str, object], weighting: nn.Module | None = None) -> None:
         super().__init__()
@@ -34,7 +43,13 @@ class TaskModel(nn.Module):
 
     def forward(self, images: torch.Tensor, batch: dict | None = None) -> dict[str, torch.Tensor]:
         need_map = batch is None or any(task.uses_feature_map for task in self.task_specs.values())
-        feature_map = self.encoder(images) if need_map else None
+        feature_map = None
+        if need_map and batch is not None and TARGET_DOMAIN in batch:
+            joint = self.encoder(torch.cat([images, batch[TARGET_DOMAIN]["image"]]))
+            feature_map = joint[:len(images)]
+            batch = {**batch, TARGET_FEATURES: global_pool(joint[len(images):])}
+        elif need_map:
+            feature_map = self.encoder(images)
         out = {} if feature_map is None else {"features": global_pool(feature_map)}
         for name, task in self.task_specs.items():
             out.update(task.forward(self.heads[name], feature_map, images, batch, self))

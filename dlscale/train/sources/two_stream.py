@@ -20,11 +20,9 @@ import numpy as np
 import torch
 
 from dlscale.data.stream import RAW
+from dlscale.models.model import TARGET_DOMAIN   # (a dict: `image`, `ids`, and RAW when data.transforms=device)
 from dlscale.train.sources.base import TrainingSource, source_class
 
-TARGET_DOMAIN = "target_domain"
-"""The batch key of the target domain's images (a dict: `image`, `ids`, and the raw-transform key when
-`data.transforms=device`)."""
 TARGET_EVAL_DATA = "target_eval_data"
 """RUN/target_eval_data: the simulated target's evaluation set, when `data.target.data_dir` names none."""
 TARGET_PREFIX = "target/"

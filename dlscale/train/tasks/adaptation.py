@@ -9,8 +9,8 @@ any loss weighting (stage `adapt`: classification + dann).
 - `coral` (Sun & Saenko 2016, "Deep CORAL"): the squared Frobenius distance between the two domains' feature
   covariances, divided by 4 d^2.
 
-Each task runs the encoder on the target images itself (train mode, so BatchNorm sees each domain's own batch
-statistics); with both tasks in one run the target batch passes the encoder twice.
+Both read the target's pooled features that `TaskModel` computes in the same encoder pass as the labelled images
+(one BatchNorm statistic for both domains, in training as at evaluation; the tasks share that pass).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlscale.models.heads import global_pool
-from dlscale.train.sources.two_stream import TARGET_DOMAIN
+from dlscale.models.model import TARGET_DOMAIN, TARGET_FEATURES
 from dlscale.train.tasks.base import Task, register_task
 
 
@@ -48,12 +48,13 @@ def dann_coefficient(progress: torch.Tensor, gamma: float = 10.0) -> torch.Tenso
     return 2.0 / (1.0 + torch.exp(-gamma * progress.float().clamp(0.0, 1.0))) - 1.0
 
 
-def target_features(batch: dict, model: nn.Module) -> torch.Tensor:
-    """Pooled encoder features (B, C) of the batch's target-domain images."""
-    if TARGET_DOMAIN not in batch:
+def target_features(batch: dict) -> torch.Tensor:
+    """Pooled encoder features (B', C) of the batch's target-domain images (`TaskModel` encodes them in the same
+    pass as the labelled images)."""
+    if TARGET_FEATURES not in batch:
         raise ValueError(f"this task adapts to a target domain and the batch has none ({TARGET_DOMAIN!r}): give the "
                          "target's images with --target-data DIR or data.target.source=simulate")
-    return global_pool(model.encoder(batch[TARGET_DOMAIN]["image"]))
+    return batch[TARGET_FEATURES]
 
 
 def coral_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,7 @@ class DANN(Task):
         coefficient = self.coefficient(head.batches_seen)
         if head.training:
             head.batches_seen += 1
-        features = torch.cat([global_pool(feature_map), target_features(batch, model)])
+        features = torch.cat([global_pool(feature_map), target_features(batch)])
         return {"domain_logits": head(reverse_gradient(features, coefficient))}
 
     def loss(self, out, images, batch):
@@ -144,7 +145,7 @@ class CORAL(Task):
     def forward(self, head, feature_map, images, batch, model):
         if batch is None:
             return {}
-        return {"coral": coral_loss(global_pool(feature_map), target_features(batch, model))}
+        return {"coral": coral_loss(global_pool(feature_map), target_features(batch))}
 
     def loss(self, out, images, batch):
         return out["coral"]
