@@ -26,12 +26,10 @@ from dlscale.train.weighting.classic import DWAConfig, FixedConfig
 from dlscale.train.weighting.famo import FAMOConfig
 
 
-SOURCES = ("shards", "simulate")
 BUILTIN_SECTIONS = ("fixed", "dwa", "famo")
 """Weightings whose options have a section of their own (`loss.<method>`), not `loss.options.<method>`."""
 
 
-TARGET_SOURCES = ("", "shards", "simulate")
 
 
 @dataclass
@@ -50,11 +48,12 @@ class TargetDataConfig:
     """score the run on the target's `eval.split` too (labels used for scoring only)"""
 
     def validate(self) -> "TargetDataConfig":
-        if self.source not in TARGET_SOURCES:
-            raise ValueError(f"data.target.source={self.source!r}: expected one of shards, simulate (or \"\" for "
-                             "none)")
-        if self.source == "shards" and not self.data_dir:
-            raise ValueError("data.target.source=shards needs the target dataset: --target-data DIR "
+        from dlscale.train.sources import SOURCES as REGISTERED   # the built-ins and user-registered sources
+        if self.source and self.source not in REGISTERED:
+            raise ValueError(f"data.target.source={self.source!r}: expected one of {', '.join(REGISTERED)} (or \"\" "
+                             "for none)")
+        if self.source and REGISTERED[self.source].needs_data_dir and not self.data_dir:
+            raise ValueError(f"data.target.source={self.source} needs the target dataset: --target-data DIR "
                              "(data.target.data_dir)")
         try:
             self.simulator.validate()
@@ -242,13 +241,9 @@ class Config:
         if self.schedule.epochs < 1 or self.deepspeed.grad_accum < 1:
             raise ValueError("schedule.epochs and deepspeed.grad_accum must be >= 1")
         self.data.validate()
-        if self.data.source == "simulate" and not self.schedule.batches_per_epoch:
-            raise ValueError("data.source=simulate: set schedule.batches_per_epoch (an epoch of fresh simulated "
-                             "lenses has no natural length)")
-        if (self.data.source == "simulate" and not self.data_dir and self.data.simulator.probe_per_class == 0
-                and self.eval.probe_samples > 0):
-            raise ValueError("data.simulator.probe_per_class=0 leaves the simulated evaluation set without a train "
-                             "split for the linear probe: set eval.probe_samples=0 or probe_per_class > 0")
+        from dlscale.train.sources import source_class
+        source = source_class(self.data.source)
+        source(self).check_config()
         if self.eval.calibration_split is not None and self.eval.calibration_split == self.eval.split:
             raise ValueError(f"eval.calibration_split={self.eval.calibration_split!r} is the scored split "
                              "(eval.split): a temperature fitted on the split it is scored on flatters it; "
@@ -272,7 +267,7 @@ class Config:
                              "dataset with a train split) or --data.target.source=simulate "
                              "--data.target.simulator.preset=model_iii")
         check_weighting(self)
-        if not self.run_dir or (not self.data_dir and self.data.source == "shards"):
+        if not self.run_dir or (not self.data_dir and source.needs_data_dir):
             raise ValueError("data_dir (--data) and run_dir (--run-dir) are required")
         return self
 

@@ -90,6 +90,9 @@ class TrainingSource:
         raise NotImplementedError
 
     # ---- defaults -----------------------------------------------------------------------------------------------
+    def check_config(self) -> None:
+        """What the config alone decides about this source, raising naming the key (run by `Config.validate`)."""
+
     def open(self, info, device: torch.device) -> tuple[Any, int]:
         """`build`, recording this source on the stream (so the trainer finds it from the stream alone)."""
         stream, batches = self.build(info, device)
