@@ -17,7 +17,7 @@ from dlscale.distributed import DistInfo
 from dlscale.train.config import load_config
 from dlscale.train.model import build_run_model
 from dlscale.train.sources import TARGET_DOMAIN, TwoStreamSource, training_source
-from dlscale.train.tasks.adaptation import coral_loss, dann_coefficient, reverse_gradient
+from dlscale.train.tasks.adaptation import coral_loss, dann_coefficient, mmd_loss, reverse_gradient
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import separable_image  # noqa: E402
@@ -117,6 +117,19 @@ def test_coral_is_the_squared_frobenius_distance_of_covariances_over_4_d_squared
     assert float(coral_loss(torch.tensor(s), torch.tensor(s + 3.0))) == pytest.approx(0.0, abs=1e-6)   # mean-blind
 
 
+def test_mmd_is_the_biased_squared_mmd_under_a_sum_of_gaussian_kernels():
+    rng = np.random.default_rng(1)
+    s, t = rng.normal(size=(12, 3)), rng.normal(size=(9, 3)) + 0.5
+    x = np.concatenate([s, t])
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    h = d2.mean()
+    k = sum(np.exp(-d2 / (scale * h)) for scale in (0.25, 0.5, 1.0, 2.0, 4.0))
+    expected = k[:12, :12].mean() + k[12:, 12:].mean() - 2 * k[:12, 12:].mean()
+    assert float(mmd_loss(torch.tensor(s), torch.tensor(t))) == pytest.approx(expected, rel=1e-5)
+    shifted = float(mmd_loss(torch.tensor(s), torch.tensor(s + 2.0)))   # a mean shift, which CORAL cannot see
+    assert shifted > 0.5 and float(coral_loss(torch.tensor(s), torch.tensor(s + 2.0))) == pytest.approx(0, abs=1e-6)
+
+
 # ---- the two-stream batch ------------------------------------------------------------------------------------------
 
 def test_target_labels_never_reach_a_loss(separable_data, target_data, tmp_path):
@@ -124,7 +137,7 @@ def test_target_labels_never_reach_a_loss(separable_data, target_data, tmp_path)
     permuted = write_target(tmp_path / "permuted", permute_labels=True)
     results = []
     for target in (target_data, permuted):
-        cfg = adapt_config(separable_data, target, tmp_path / "run", "--model.tasks=[classification,dann,coral]")
+        cfg = adapt_config(separable_data, target, tmp_path / "run", "--model.tasks=[classification,dann,coral,mmd]")
         source = training_source(cfg)
         assert isinstance(source, TwoStreamSource)
         stream, _ = source.open(DistInfo(0, 1, 0), torch.device("cpu"))

@@ -7,7 +7,9 @@ any loss weighting (stage `adapt`: classification + dann).
   the reversed gradient, scaled by lambda(p) = 2 / (1 + exp(-gamma p)) - 1 (gamma = 10) over training progress p in
   [0, 1], so it learns features the classifier cannot separate.
 - `coral` (Sun & Saenko 2016, "Deep CORAL"): the squared Frobenius distance between the two domains' feature
-  covariances, divided by 4 d^2.
+  covariances, divided by 4 d^2. Blind to a shift of the mean.
+- `mmd` (Long et al. 2015, "Learning transferable features with deep adaptation networks"): the squared maximum
+  mean discrepancy under a sum of Gaussian kernels, which sees every moment of the two feature distributions.
 
 Both read the target's pooled features that `TaskModel` computes in the same encoder pass as the labelled images
 (one BatchNorm statistic for both domains, in training as at evaluation; the tasks share that pass).
@@ -62,6 +64,19 @@ def coral_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     d = source.shape[1]
     difference = torch.cov(source.float().T) - torch.cov(target.float().T)
     return difference.square().sum() / (4 * d * d)
+
+
+def mmd_loss(source: torch.Tensor, target: torch.Tensor, scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+             ) -> torch.Tensor:
+    """Squared maximum mean discrepancy (biased estimate) under a sum of Gaussian kernels exp(-|x - y|^2 / (s h)),
+    h the mean squared distance over both domains (detached; the bandwidth follows the features' scale) and s in
+    `scales` (the multi-kernel MMD of Long et al. 2015). Unlike CORAL it sees every moment, the mean included."""
+    x = torch.cat([source, target]).float()
+    distances = torch.cdist(x, x).square()
+    bandwidth = distances.detach().mean().clamp_min(1e-12)
+    kernel = sum(torch.exp(-distances / (s * bandwidth)) for s in scales)
+    n = len(source)
+    return kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
 
 
 @dataclass
@@ -149,3 +164,21 @@ class CORAL(Task):
 
     def loss(self, out, images, batch):
         return out["coral"]
+
+
+@register_task
+class MMD(Task):
+    """Multi-kernel MMD between the two domains' pooled features (no head, no parameters)."""
+    name = "mmd"
+    batch_keys = (TARGET_DOMAIN,)
+
+    def build_head(self) -> nn.Module:
+        return nn.Identity()
+
+    def forward(self, head, feature_map, images, batch, model):
+        if batch is None:
+            return {}
+        return {"mmd": mmd_loss(global_pool(feature_map), target_features(batch))}
+
+    def loss(self, out, images, batch):
+        return out["mmd"]
