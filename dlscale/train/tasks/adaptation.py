@@ -148,37 +148,33 @@ class DANN(Task):
         return F.binary_cross_entropy_with_logits(logits, domain)
 
 
+class StatisticsAlignment(Task):
+    """A distance between the two domains' pooled features, minimised by the encoder (no head, no parameters);
+    subclasses set `name` and `distance`."""
+    batch_keys = (TARGET_DOMAIN,)
+    distance = staticmethod(coral_loss)
+
+    def build_head(self) -> nn.Module:
+        return nn.Identity()
+
+    def forward(self, head, feature_map, images, batch, model):
+        if batch is None:   # evaluation and inference: nothing to align
+            return {}
+        return {self.name: self.distance(global_pool(feature_map), target_features(batch))}
+
+    def loss(self, out, images, batch):
+        return out[self.name]
+
+
 @register_task
-class CORAL(Task):
-    """Deep CORAL: the distance between the two domains' feature covariances (no head, no parameters)."""
+class CORAL(StatisticsAlignment):
+    """Deep CORAL: the distance between the two domains' feature covariances."""
     name = "coral"
-    batch_keys = (TARGET_DOMAIN,)
-
-    def build_head(self) -> nn.Module:
-        return nn.Identity()
-
-    def forward(self, head, feature_map, images, batch, model):
-        if batch is None:
-            return {}
-        return {"coral": coral_loss(global_pool(feature_map), target_features(batch))}
-
-    def loss(self, out, images, batch):
-        return out["coral"]
+    distance = staticmethod(coral_loss)
 
 
 @register_task
-class MMD(Task):
-    """Multi-kernel MMD between the two domains' pooled features (no head, no parameters)."""
+class MMD(StatisticsAlignment):
+    """Multi-kernel MMD between the two domains' pooled features."""
     name = "mmd"
-    batch_keys = (TARGET_DOMAIN,)
-
-    def build_head(self) -> nn.Module:
-        return nn.Identity()
-
-    def forward(self, head, feature_map, images, batch, model):
-        if batch is None:
-            return {}
-        return {"mmd": mmd_loss(global_pool(feature_map), target_features(batch))}
-
-    def loss(self, out, images, batch):
-        return out["mmd"]
+    distance = staticmethod(mmd_loss)
