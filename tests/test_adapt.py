@@ -341,3 +341,18 @@ def test_both_domains_pass_the_encoder_together_so_batchnorm_sees_one_statistic(
     assert torch.allclose(out["features"], joint[:len(images)], atol=1e-6)
     assert torch.allclose(out["coral"], coral_loss(joint[:len(images)], joint[len(images):]), atol=1e-6)
     assert not torch.allclose(out["features"], alone[0], atol=1e-3)   # alone: another normalisation
+
+
+def test_with_device_transforms_the_target_images_are_finished_on_the_device_too(separable_data, target_data,
+                                                                                  tmp_path):
+    """data.transforms=device: workers hand both domains' images over raw; `finish_batch` normalises both."""
+    from dlscale.data.stream import RAW, finish_batch
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--data.transforms=device")
+    source = training_source(cfg)
+    stream, _ = source.open(DistInfo(0, 1, 0), torch.device("cpu"))
+    raw = next(iter(source.loader(stream)))
+    assert RAW in raw and RAW in raw[TARGET_DOMAIN] and float(raw[TARGET_DOMAIN]["image"].max()) > 1.2
+    done = finish_batch(raw, cfg.data, torch.device("cpu"))
+    for images in (done["image"], done[TARGET_DOMAIN]["image"]):   # per-image minmax: each spans [0, 1]
+        assert RAW not in done and torch.allclose(images.amax((1, 2, 3)), torch.ones(len(images)))
+        assert torch.allclose(images.amin((1, 2, 3)), torch.zeros(len(images)))

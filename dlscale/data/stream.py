@@ -243,8 +243,8 @@ def finish_batch(batch: dict, cfg: StreamConfig, device: torch.device, dtype: to
         seed = int(batch[RAW])
         generator = None if seed == NO_AUGMENTATION else torch.Generator().manual_seed(seed)
         images = transform(images.float(), cfg, generator)
-    rest = {k: finish_batch(v, cfg, device, dtype) if isinstance(v, dict) else v   # a second stream's batch
-            for k, v in batch.items() if k != RAW}
+    rest = {k: finish_batch(v, cfg, device, dtype) if isinstance(v, dict) and "image" in v else v   # a second
+            for k, v in batch.items() if k != RAW}                                                # domain's batch
     return {**rest, "image": images.to(dtype)}
 
 
