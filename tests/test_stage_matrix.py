@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dlscale.models.encoders import ENCODER_NAMES, VIT_ARCHITECTURES
+from dlscale.models.model import TARGET_DOMAIN
 from dlscale.train.config import load_config
 from dlscale.train.model import build_run_model
 from dlscale.train.stages import STAGES
@@ -42,7 +43,9 @@ def make_batch(model, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Images plus every batch entry the model's tasks read (a task needing an entry not known here fails)."""
     images = torch.rand(BATCH, *SHAPE, generator=generator)
     known = {"label": lambda: torch.arange(BATCH) % 3,
-             "target": lambda: torch.randn(BATCH, len(TARGETS), generator=generator)}
+             "target": lambda: torch.randn(BATCH, len(TARGETS), generator=generator),
+             TARGET_DOMAIN: lambda: {"image": torch.rand(BATCH, *SHAPE, generator=generator) * 2,
+                                     "ids": torch.zeros(BATCH, 3, dtype=torch.long)}}
     needed = {key for task in model.task_specs.values() for key in task.batch_keys}
     unknown = sorted(needed - set(known))
     if unknown:
