@@ -37,17 +37,16 @@ def target_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, TARGET_SEED_KEY]).generate_state(1)[0])
 
 
-def target_config(cfg, batches: int | None = None):
-    """The run's config seen from the target side: its source, dataset and simulator, its own seed, no regression
-    targets (a target's metadata need not have them), and `batches` per epoch (the labelled side's)."""
+def target_config(cfg):
+    """The run's config seen from the target side: its source, dataset and simulator, its own seed and no
+    regression targets (a target's metadata need not have them). `TwoStreamSource.build` sets its batches per
+    epoch to the labelled side's."""
     target = cfg.data.target
     tcfg = copy.deepcopy(cfg)
     tcfg.data.source, tcfg.data.simulator, tcfg.data.targets = target.source, target.simulator, []
     tcfg.data.target = type(target)()
     tcfg.data_dir = target.data_dir or str(Path(cfg.run_dir) / TARGET_EVAL_DATA)
     tcfg.seed = target_seed(cfg.seed)
-    if batches is not None:
-        tcfg.schedule.batches_per_epoch = batches
     return tcfg
 
 
