@@ -4,6 +4,7 @@ the logs and config.yaml all follow it."""
 import json
 
 import pytest
+import torch
 import yaml
 
 
@@ -44,3 +45,39 @@ def test_a_ds_config_file_dlscale_cannot_run_is_refused_before_the_run_directory
                  *tiny_args, f"--deepspeed.config_file={ds_json}")
     assert result.code == 2 and expected in result.err and str(ds_json) in result.err
     assert not (tmp_path / "run").exists()
+
+
+def _supervised_model_and_config(**optim):
+    from dlscale.train.config import load_config
+    from dlscale.train.model import build_model
+    cfg = load_config(None, [f"optim.{k}={v}" for k, v in optim.items()], stage="supervised")
+    torch.manual_seed(0)
+    model = build_model("supervised", cfg.model.encoder.__class__(name="small", width=8), (1, 16, 16))
+    return model, cfg
+
+
+def test_encoder_lr_scale_moves_the_encoder_at_that_multiple_of_the_heads_learning_rate():
+    from dlscale.train.deepspeed_setup import make_optimizer
+    model, cfg = _supervised_model_and_config(lr=1e-2, encoder_lr_scale=0.01, weight_decay=0.0)
+    optimizer = make_optimizer(model, cfg)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-2])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x = torch.rand(8, 1, 16, 16)
+    model.train()
+    torch.nn.functional.cross_entropy(model(x)["logits"], torch.arange(8) % 3).backward()
+    optimizer.step()
+    # Adam's first step moves a parameter with a gradient by about lr in each coordinate
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
+    encoder = max(v for k, v in moved.items() if k.startswith("encoder."))
+    heads = max(v for k, v in moved.items() if k.startswith("heads."))
+    assert 0.5e-4 < encoder <= 1.01e-4 and 0.5e-2 < heads <= 1.01e-2
+    one_group, cfg = _supervised_model_and_config(lr=1e-2)
+    assert len(make_optimizer(one_group, cfg).param_groups) == 1   # the default keeps checkpoints' single group
+
+
+def test_a_non_positive_encoder_lr_scale_is_refused_before_the_run_directory(separable_data, tiny_args, tmp_path,
+                                                                            cli):
+    run = tmp_path / "run"
+    result = cli("train", "--stage", "supervised", "--data", separable_data, "--run-dir", run, *tiny_args,
+                 "--optim.encoder_lr_scale=0")
+    assert result.code != 0 and "optim.encoder_lr_scale=0" in result.err and not run.exists()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from dlscale.data.shards import load_manifest, verify
 from dlscale.transfer.subsets import ALL, nested_subsets, parse_sizes, train_index, write_subset
@@ -141,7 +142,8 @@ def two_rank_study(runs, encoder_run, separable_data):
     out = runs / "two_ranks"
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
                      "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2", "--targets", "theta_E",
-                     "--methods", "probe,finetune,scratch", "--tasks", "classification", *SMALL, *FAST)
+                     "--methods", "probe,finetune,scratch", "--tasks", "classification",
+                     "--finetune-encoder-lr-scale", "0.5", *SMALL, *FAST)
     assert result.code == 0, result.err[-4000:]
     return out, result
 
@@ -157,6 +159,9 @@ def test_finetune_and_scratch_train_on_two_ranks_with_the_same_budget(two_rank_s
         assert "2 rank(s)" in (finetune / "log.txt").read_text()
         assert f"encoder initialised from {encoder_run / 'encoder.pt'}" in (finetune / "log.txt").read_text()
         assert "encoder initialised" not in (scratch / "log.txt").read_text()
+        lr_scales = [yaml.safe_load((d / "config.yaml").read_text())["optim"]["encoder_lr_scale"]
+                     for d in (finetune, scratch)]
+        assert lr_scales == [0.5, 1.0]              # only the pretrained encoder learns gently
         steps = [json.loads((d / "metrics.json").read_text())["step"] for d in (finetune, scratch)]
         assert steps[0] == steps[1] == 2            # 1 epoch of the floor of 2 batches: the same budget
         assert (finetune / "tb").is_dir()
@@ -167,7 +172,6 @@ def test_finetune_and_scratch_train_on_two_ranks_with_the_same_budget(two_rank_s
 
 
 def _data_dir(run_dir: Path) -> str:
-    import yaml
     return yaml.safe_load((run_dir / "config.yaml").read_text())["data_dir"]
 
 
@@ -178,6 +182,7 @@ def test_report_table_and_figures_are_written(two_rank_study, encoder_run, separ
     assert "| labels/class | method | encoder | repeats | accuracy (95% CI) | macro AUC (95% CI) |" in report
     assert "MAE theta_E (95% CI)" in report and "two-level bootstrap" in report
     assert f"trained on `{separable_data}`" in report and "the data of this study" in report
+    assert "fine-tuned encoders learn at 0.5x the learning rate of their new head" in report
     rows = [line for line in report.splitlines() if line.startswith("| 4 | finetune |")]
     assert len(rows) == 1 and rows[0] in result.out
     for figure in ("label_efficiency.png", "regression_scatter.png"):
@@ -190,7 +195,8 @@ def test_a_second_call_reuses_the_finished_runs(two_rank_study, encoder_run, sep
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("model.pt")}
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
                      "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2", "--targets", "theta_E",
-                     "--methods", "finetune,scratch", "--tasks", "classification", *SMALL, *FAST)
+                     "--methods", "finetune,scratch", "--tasks", "classification",
+                     "--finetune-encoder-lr-scale", "0.5", *SMALL, *FAST)
     assert result.code == 0, result.err[-3000:]
     assert "4 of 4 fine-tune/scratch runs finished before" in result.err
     assert before and {p: p.stat().st_mtime_ns for p in before} == before

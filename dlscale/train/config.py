@@ -158,6 +158,9 @@ class OptimConfig:
     warmup_steps: int = 50
     """linear warm-up, then cosine decay to min_lr_ratio * lr"""
     min_lr_ratio: float = 0.01
+    encoder_lr_scale: float = 1.0
+    """the encoder's learning rate as a multiple of lr (heads keep lr): below 1 fine-tunes a pretrained encoder
+    gently while its new heads learn at full speed"""
     grad_clip: float = 1.0
     """global gradient-norm clip (0 = off)"""
 

@@ -137,13 +137,29 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
+def make_optimizer(model: torch.nn.Module, cfg, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW of `cfg.optim`; with `optim.encoder_lr_scale` != 1 the encoder's parameters form a group of their own
+    at that multiple of the learning rate (one group otherwise, as checkpoints before the option hold)."""
+    o = cfg.optim
+    if o.encoder_lr_scale <= 0:
+        raise ValueError(f"optim.encoder_lr_scale={o.encoder_lr_scale}: expected a multiple of optim.lr > 0")
+    params: list = list(model.parameters())
+    if o.encoder_lr_scale != 1.0:
+        encoder = getattr(model, "encoder", None)
+        if not isinstance(encoder, torch.nn.Module):
+            raise ValueError("optim.encoder_lr_scale: this model has no encoder to give its own learning rate")
+        mine = {id(p) for p in encoder.parameters()}
+        params = [{"params": [p for p in params if id(p) in mine], "lr": o.lr * o.encoder_lr_scale},
+                  {"params": [p for p in params if id(p) not in mine], "lr": o.lr}]
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused)
+
+
 def make_engine(model: torch.nn.Module, cfg, world: int, device: torch.device, total_steps: int):
     """Wrap the model in a DeepSpeed engine with torch AdamW (fused on CUDA) and warm-up + cosine schedule."""
     import deepspeed
     precision = resolve_precision(cfg, device)
     config = ds_config(cfg, world, precision)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, cfg, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)

@@ -10,7 +10,7 @@ import torch
 
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
-from dlscale.train.deepspeed_setup import resolve_engine_settings
+from dlscale.train.deepspeed_setup import make_optimizer, resolve_engine_settings
 
 
 def check_manifest(where: str, manifest: dict, splits: Sequence[str] = ()) -> None:
@@ -71,8 +71,8 @@ def check_engine_settings(cfg, model: torch.nn.Module, world: int, device: torch
     will use them; raises naming the key."""
     resolve_engine_settings(cfg, world, device)
     try:
-        torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                          weight_decay=cfg.optim.weight_decay)
+        make_optimizer(model, cfg)
     except (ValueError, TypeError) as err:
         raise ValueError(f"optim: {err} (optim.lr={cfg.optim.lr}, optim.betas={cfg.optim.betas}, "
-                         f"optim.weight_decay={cfg.optim.weight_decay})") from None
+                         f"optim.weight_decay={cfg.optim.weight_decay}, "
+                         f"optim.encoder_lr_scale={cfg.optim.encoder_lr_scale})") from None

@@ -32,7 +32,7 @@ def write_outputs(study, cells: list[dict], ci_text: str) -> dict:
         "eval_samples": (study.eval_manifest or study.manifest)["splits"][cfg.split]["samples"],
         "labels_per_class": cfg.labels_per_class, "repeats": cfg.repeats, "methods": cfg.methods,
         "targets": cfg.targets, "epochs": cfg.epochs, "ranks": cfg.ranks, "seed": cfg.seed,
-        "overrides": cfg.overrides, "ci": ci_text, "budget": {str(n): b for n, b in study.budget.items()},
+        "overrides": cfg.overrides, "finetune_encoder_lr_scale": cfg.finetune_encoder_lr_scale, "ci": ci_text, "budget": {str(n): b for n, b in study.budget.items()},
         "encoders": [{"label": s.label, "path": str(s.path), "stage": s.stage, "architecture": s.arch_label,
                       "image_shape": list(s.image_shape), "normalize": s.normalize, "trained_on": s.trained_on}
                      for s in study.sources],
@@ -172,7 +172,8 @@ def report_text(results: dict) -> str:
     lines += ["", f"Subsets: N labels per class, stratified, nested (smaller inside larger), seeded (seed "
               f"{results['seed']}), {results['repeats']} repeat(s); at N = all the probe is deterministic (one "
               f"repeat). Fine-tune and scratch budget (epochs x batches): {budget or '-'}; config overrides "
-              f"{_settings_text(results['overrides']) or 'none'}.",
+              f"{_settings_text(results['overrides']) or 'none'}; fine-tuned encoders learn at "
+              f"{results.get('finetune_encoder_lr_scale', 1.0):g}x the learning rate of their new head.",
               f"Values: mean over repeats; CI: {results['ci']}.", ""]
     if any(c.get("task", "classification") == "classification" for c in results["cells"]):
         lines += ["## Task: classification", "", *table(results), "",

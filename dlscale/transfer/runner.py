@@ -17,8 +17,9 @@ one), each fitted on the same subsets and scored with the same bootstrap, every 
 `eval_data` scores the frozen-encoder methods on another dataset's eval split (cross-dataset transfer), the
 subsets still drawn from `data_dir`'s train split.
 Training budget: `epochs` x max(`min_batches_per_epoch`, N_train / (batch x ranks)) batches, warm-up a tenth of it;
-`overrides` (training config settings, dotted keys with typed values: what `dlscale transfer --section.key=value`
-says) come last and win. Each run is planned as typed settings (`PlannedRun`), never as command-line strings.
+A fine-tune run's encoder learns at `finetune_encoder_lr_scale` times the learning rate (its new head at the
+full rate). `overrides` (training config settings, dotted keys with typed values: what `dlscale transfer
+--section.key=value` says) come last and win. Each run is planned as typed settings (`PlannedRun`), never as command-line strings.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class TransferConfig:
     regression_targets: list[str] = field(default_factory=list)   # regression task (default: what the data vary)
     superres_steps: int = 200             # optimiser steps of the super-resolution head
     superres_eval: int = 512              # eval images the super-resolution task scores (the first by id)
+    finetune_encoder_lr_scale: float = 1.0   # fine-tune runs: the pretrained encoder's lr as a multiple of the head's
 
     @property
     def eval_dir(self) -> str:
@@ -88,6 +90,8 @@ class TransferConfig:
         if self.eval_data and {"finetune", "scratch"} & set(self.methods):
             raise ValueError("--eval-data scores the frozen-encoder methods (probe, random) on other data; fine-tune "
                              "and scratch runs evaluate on their own data: use --methods probe,random")
+        if self.finetune_encoder_lr_scale <= 0:
+            raise ValueError(f"--finetune-encoder-lr-scale {self.finetune_encoder_lr_scale}: expected a multiple > 0")
         if self.superres_steps < 1 or self.superres_eval < 1:
             raise ValueError("--superres-steps and --superres-eval must be >= 1")
         reserved = sorted({key.split(".")[0] for key in self.overrides} & set(RESERVED_KEYS))
@@ -265,7 +269,9 @@ def plan_runs(study: Study) -> list[tuple[tuple, PlannedRun]]:
         for r in range(cfg.repeats):
             for method, model, source in models:
                 targets = {"data.targets": list(cfg.targets)} if cfg.targets else {}
-                settings = {**targets, **source.settings(), **budget, "seed": cfg.seed + r, **tasks, **cfg.overrides}
+                gentle = {"optim.encoder_lr_scale": cfg.finetune_encoder_lr_scale} if method == "finetune" else {}
+                settings = {**targets, **source.settings(), **budget, "seed": cfg.seed + r, **tasks, **gentle,
+                            **cfg.overrides}
                 run = PlannedRun(str(out / model / f"{method}-n{n}-r{r}"), dirs[(n, r)], stage,
                                  str(source.path) if method == "finetune" else None, settings)
                 planned.append(((method, model, n), run))
