@@ -1,109 +1,187 @@
-"""The encoder as a foundation: label-efficiency curves on simulated Model II (64x64) with `dlscale transfer`.
+"""The encoder as a foundation: what pretraining from the simulation stream buys a linear probe as it sees more
+images, and how an encoder pretrained on one instrument transfers to another.
 
-    python bench/foundation.py [--n-per-class 2000] [--labels 10,100,1000] [--repeats 2] [--ssl-stage auto]
+    python bench/foundation.py [--parts seen transfer] [--methods autoencoder mae simclr byol recon+simclr]
+                               [--backbones small resnet18] [--images 5000 50000 500000] [--budget-s 3600]
                                [--work-dir runs/bench_foundation]                                 # prints JSON
 
-Steps, each a `dlscale` command (finished steps in --work-dir are reused):
-  1. `dlscale simulate --preset model_ii --n-per-class N --splits train=0.8,val=0.2`
-  2. pre-training of the small CNN (width 16) on the train split, labels unused: the autoencoder, and the
-     self-supervised stage (`--ssl-stage auto`: contrastive (SimCLR) if the stage exists, else mae, else none),
-     on every local rank through torchrun as the quickstart trains;
-  3. `dlscale transfer` of both encoders: probe, fine-tune, scratch and the random-init control at each N.
-Reported: mean macro AUC / accuracy and their 95% CI (two-level bootstrap, see dlscale.transfer.scoring) per cell,
-the wall time of each step and the machine load. The goal: pretrained encoders above scratch at N = 10 and 100.
+Labelled data: the quickstart's (`dlscale quickstart` small scale: Model-II-like 64x64, 2,000 images per class,
+60% train / 40% validation), simulated once into WORK/data.
+1. seen: each self-supervised method pretrains from the Model II simulation stream (fresh images, none repeated) on
+   about 5k / 50k / 500k images, for the small CNN (width 24, the demo's) and ResNet18 (standard stem), through the
+   quickstart's own step (`dlscale.quickstart.step_config` / `train_step`: every local rank); then `dlscale transfer
+   --methods probe,random --labels-per-class 100`: probe accuracy and macro AUC with 95% CIs (two-level bootstrap
+   over `--repeats` label subsets and the validation images), beside the random-init control.
+2. transfer: the demo's recipe (recon+simclr) pretrains on the Model I stream (150x150, noisy, resized to 64x64),
+   then probe, fine-tune and scratch on the Model II set at 100 and 1,000 labels per class, beside the same recipe
+   pretrained on Model II itself (part 1's cell with as many images, when measured) and Lens-LeJEPA's published
+   figures (ViT-S, ~6 GPU-hours, pretrained on Model I, evaluated on Model II).
+Wall and CPU seconds and the load average are recorded beside every figure (AUC does not depend on machine load,
+wall time does). Part 1 runs its cells cheapest first (images x the backbone's relative cost); a cell whose
+estimated cost (CPU seconds per image measured by the same backbone and method on a smaller cell, over the ranks)
+exceeds what is left of `--budget-s` is skipped and recorded with that estimate.
+Finished pretraining runs and studies in WORK are reused.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
+import math
 import os
-import subprocess
+import resource
 import sys
 import time
 from pathlib import Path
 
-SMALL_CNN = ["--model.encoder.name=small", "--model.encoder.width=16", "--data.batch_size=32",
-             "--data.num_workers=0", "--optim.lr=3e-3", "--optim.warmup_steps=20", "--eval.probe_samples=2000",
-             "--eval.n_bootstrap=50", "--schedule.log_every=50", "--schedule.checkpoint_every=0"]
-FINE_TUNE = ["--data.batch_size=32", "--data.num_workers=0", "--optim.lr=1e-3", "--schedule.log_every=50"]
+METHODS = ("autoencoder", "mae", "simclr", "byol", "recon+simclr")
+BACKBONES = {"small": {"model.encoder.name": "small", "model.encoder.width": 24},
+             "resnet18": {"model.encoder.name": "resnet18", "model.encoder.small_input_stem": False}}
+RELATIVE_COST = {"small": 1, "resnet18": 10}   # CPU per image against the small CNN (bench/pretrain.py), for order
+# Lens-LeJEPA (ViT-S pretrained on Model I) on Model II, accuracy by labels per class: frozen probe, fine-tuned.
+LENS_LEJEPA = {"probe": {100: 0.48, 1000: 0.80, 5000: 0.90}, "finetune": {100: 0.49, 1000: 0.81, 5000: 0.90}}
 
 
-def dlscale(*argv: str) -> None:
-    """One `dlscale` command in a child process (its output goes to our stderr, stdout is the JSON); a failure
-    stops the benchmark."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run([sys.executable, "-m", "dlscale.cli", *argv], check=True, env=env, stdout=sys.stderr)
+def recipe(method: str) -> tuple[str, dict]:
+    """(stage, settings) of a pretraining method; contrastive views are the demo's lensing-safe ones."""
+    from dlscale.quickstart import PRETRAIN, VIEWS
+    return {"autoencoder": ("autoencoder", {}), "mae": ("mae", {}),
+            "simclr": ("contrastive", {**VIEWS, "model.task_options.contrastive.method": "simclr"}),
+            "byol": ("contrastive", {**VIEWS, "model.task_options.contrastive.method": "byol"}),
+            "recon+simclr": ("multitask", PRETRAIN)}[method]
 
 
-def train(stage: str, data: Path, run_dir: Path, ranks: int, epochs: int) -> None:
-    args = ["--stage", stage, "--data", str(data), "--run-dir", str(run_dir), f"--schedule.epochs={epochs}",
-            *SMALL_CNN]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
-        if ranks > 1 else [sys.executable]
-    subprocess.run([*launcher, "-m", "dlscale.train", *args], check=True, env=env, stdout=sys.stderr)
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the ranks of a launch)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def ssl_stage(requested: str) -> str | None:
-    from dlscale.train.stages import STAGES
-    if requested == "none":
+@dataclasses.dataclass
+class Budget:
+    """Wall seconds left, and the CPU seconds per pretraining image each (backbone, method) has cost so far."""
+    deadline: float
+    ranks: int
+    rates: dict = dataclasses.field(default_factory=dict)
+
+    def refuse(self, key: tuple, images: int) -> str | None:
+        """Why a cell of `images` would not fit (None: run it)."""
+        left = self.deadline - time.monotonic()
+        rate = self.rates.get(key)
+        estimate = images * rate / self.ranks if rate else 0.0
+        if left <= 0 or estimate > left:
+            return f"budget: about {estimate:.0f} s of pretraining estimated, {max(left, 0):.0f} s left"
         return None
-    if requested != "auto":
-        if requested not in STAGES:
-            raise SystemExit(f"--ssl-stage {requested}: not a registered stage ({', '.join(STAGES)})")
-        return requested
-    return next((s for s in ("contrastive", "mae") if s in STAGES), None)
 
 
-def timed(timings: dict, name: str, done: bool, step) -> None:
-    if done:
-        timings[name] = "reused"
-        return
-    start = time.perf_counter()
-    step()
-    timings[name] = round(time.perf_counter() - start, 1)
+def pretrain(work: Path, data: Path, name: str, stage: str, settings: dict, images: int, backbone: dict,
+             preset_settings: dict | None = None) -> dict:
+    """One stream pretraining of about `images` fresh images (whole stream epochs of the train split's size),
+    through the quickstart's step; its cost, or "reused"."""
+    from dlscale import io
+    from dlscale.quickstart import SCALES, Step, is_done, record_path, step_config, train_step
+    from dlscale.quickstart_report import stream_images
+    scale = SCALES["small"]
+    scale = dataclasses.replace(scale, train={**scale.train, **backbone})
+    n_train = io.read_json(data / "manifest.json")["splits"]["train"]["samples"]
+    epochs = max(1, math.ceil(images / n_train))
+    step = Step(name, stage, {**settings, **(preset_settings or {}), "schedule.epochs": epochs,
+                              "optim.warmup_steps": min(50, epochs * 5)}, from_stream=True)
+    runs, cost = work / "runs", {"reused": True}
+    if not is_done(runs / name):
+        cfg = step_config(step, scale, data, runs, seed=0)
+        load, wall, cpu = os.getloadavg()[0], time.perf_counter(), cpu_seconds()
+        train_step(cfg, record_path(runs, step))
+        cost = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1),
+                "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
+    return {"run": str(runs / name), "images": stream_images(runs / name),
+            "samples_per_s": round(io.read_json(runs / name / "metrics.json")["throughput/samples_per_s"], 1), **cost}
+
+
+def study(work: Path, data: Path, encoder: str, name: str, labels: list[int], methods: list[str],
+          repeats: int) -> list[dict]:
+    """`dlscale transfer` of one encoder on the labelled set: accuracy and macro AUC (95% CI) per method and N."""
+    from dlscale.distributed import local_ranks
+    from dlscale.quickstart import SCALES
+    from dlscale.transfer.runner import TransferConfig, run_transfer
+    small = SCALES["small"].transfer
+    cfg = TransferConfig([encoder], str(data), str(work / "transfer" / name), labels_per_class=labels,
+                         repeats=repeats, methods=methods, tasks=["classification"], ranks=local_ranks(),
+                         epochs=small["epochs"], min_batches_per_epoch=small["min_batches_per_epoch"],
+                         n_bootstrap=300, overrides=small["overrides"])
+    return [{"method": c["method"], "n_per_class": c["n_per_class"], "repeats": len(c["repeats"]),
+             **{k: round(c["mean"][k], 4) for k in ("accuracy", "auc_macro")},
+             **{f"{k}_ci": [round(c["ci_low"][k], 4), round(c["ci_high"][k], 4)] for k in ("accuracy", "auc_macro")}}
+            for c in run_transfer(cfg.validate())["cells"]]
+
+
+def seen_part(work: Path, data: Path, a, budget: Budget) -> list[dict]:
+    """Probe at 100 labels per class against pretraining images seen, per backbone and method; cheapest cells
+    first, so the budget buys every method at the small sizes before any at the large ones."""
+    cells = []
+    order = sorted(itertools.product(a.images, a.backbones, a.methods),
+                   key=lambda c: (c[0] * RELATIVE_COST[c[1]], a.backbones.index(c[1])))
+    for images, backbone, method in order:
+        key, cell = (backbone, method), {"backbone": backbone, "method": method, "target_images": images}
+        refused = budget.refuse(key, images)
+        if refused:
+            cells.append({**cell, "skipped": refused})
+            continue
+        stage, settings = recipe(method)
+        name = f"{backbone}-{method}-{images}"
+        run = pretrain(work, data, name, stage, settings, images, BACKBONES[backbone])
+        if "cpu_s" in run:
+            budget.rates[key] = run["cpu_s"] / run["images"]
+        probe = study(work, data, run["run"], name, [100], ["probe", "random"], a.repeats)
+        cells.append({**cell, "pretraining": run, "probe_100": probe})
+        print(f"seen {name}: {json.dumps(probe)}", file=sys.stderr, flush=True)
+    return cells
+
+
+def transfer_part(work: Path, data: Path, a, seen: list[dict]) -> dict:
+    """The demo's recipe pretrained on Model I, scored on Model II at 100 and 1,000 labels per class."""
+    stage, settings = recipe("recon+simclr")
+    run = pretrain(work, data, f"model_i-recon+simclr-{a.transfer_images}", stage, settings, a.transfer_images,
+                   BACKBONES["small"], {"data.simulator.preset": "model_i", "data.resize": 64})
+    cells = study(work, data, run["run"], "model_i_to_model_ii", [100, 1000],
+                  ["probe", "finetune", "scratch", "random"], a.repeats)
+    in_domain = next((c for c in seen if c["backbone"] == "small" and c["method"] == "recon+simclr"
+                      and c["target_images"] == a.transfer_images and "probe_100" in c), None)
+    return {"pretrained_on": "model_i stream, 150x150 resized to 64x64", "evaluated_on": "model_ii (the labelled set)",
+            "encoder": "small CNN width 24", "pretraining": run, "cells": cells,
+            "same_recipe_pretrained_on_model_ii": in_domain and in_domain["probe_100"],
+            "lens_lejepa_accuracy": LENS_LEJEPA}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", choices=("seen", "transfer"), default=["seen", "transfer"])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=list(BACKBONES))
+    p.add_argument("--images", nargs="+", type=int, default=[5000, 50000, 500000],
+                   help="pretraining images seen (rounded up to whole stream epochs)")
+    p.add_argument("--transfer-images", type=int, default=50000, help="transfer part: Model I pretraining images")
+    p.add_argument("--repeats", type=int, default=3, help="label subsets per N")
+    p.add_argument("--budget-s", type=float, default=3600.0, help="wall seconds for part seen's pretraining cells")
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench_foundation"))
-    p.add_argument("--n-per-class", type=int, default=2000)
-    p.add_argument("--labels", default="10,100,1000", help="labels per class of the curve")
-    p.add_argument("--repeats", type=int, default=2, help="label subsets per N")
-    p.add_argument("--pretrain-epochs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=5, help="fine-tune / scratch epochs")
-    p.add_argument("--ssl-stage", default="auto", help="auto | contrastive | mae | none")
-    p.add_argument("--ranks", type=int, default=None, help="training ranks (default: the quickstart's choice)")
     a = p.parse_args(argv)
+    # Training ranks inherit stdout; the JSON goes to the original stdout alone (bench/run_all.py parses it).
+    result_stream = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     from dlscale.distributed import local_ranks
-    ranks = a.ranks or local_ranks()
-    work, timings = a.work_dir, {}
-    data, ae, out = work / "data", work / "autoencoder", work / "transfer"
-    timed(timings, "simulate_s", (data / "manifest.json").is_file(), lambda: dlscale(
-        "simulate", "--preset", "model_ii", "--n-per-class", str(a.n_per_class), "--out", str(data), "--splits",
-        "train=0.8,val=0.2", "--seed", "0", "--batch-size", "32"))
-    timed(timings, "pretrain_autoencoder_s", (ae / "encoder.pt").is_file(),
-          lambda: train("autoencoder", data, ae, ranks, a.pretrain_epochs))
-    encoders = [ae]
-    stage = ssl_stage(a.ssl_stage)
-    if stage:
-        ssl = work / stage
-        timed(timings, f"pretrain_{stage}_s", (ssl / "encoder.pt").is_file(),
-              lambda: train(stage, data, ssl, ranks, a.pretrain_epochs))
-        encoders.append(ssl)
-    timed(timings, "transfer_s", False, lambda: dlscale(
-        "transfer", *(x for e in encoders for x in ("--encoder", str(e))), "--data", str(data), "--out", str(out),
-        "--labels-per-class", a.labels, "--repeats", str(a.repeats), "--epochs", str(a.epochs),
-        "--ranks", str(ranks), *FINE_TUNE))
-    results = json.loads((out / "results.json").read_text())
-    table = [{"n_per_class": c["n_per_class"], "method": c["method"], "model": c["model"],
-              "repeats": len(c["repeats"]), **{f"{k}": round(c["mean"][k], 4) for k in ("accuracy", "auc_macro")},
-              "auc_macro_ci": [round(c["ci_low"]["auc_macro"], 4), round(c["ci_high"]["auc_macro"], 4)]}
-             for c in results["cells"]]
-    print(json.dumps({"benchmark": "foundation", "data": f"model_ii {a.n_per_class}/class 64x64",
-                      "ssl_stage": stage, "ranks": ranks, "pretrain_epochs": a.pretrain_epochs,
-                      "epochs": a.epochs, "timings": timings, "load_average": os.getloadavg(),
-                      "report": str(out / "report.md"), "table": table}, indent=1))
+    from dlscale.quickstart import SCALES, make_data
+    start, load = time.perf_counter(), os.getloadavg()
+    data = make_data(a.work_dir, SCALES["small"], seed=0, force=False)
+    budget = Budget(time.monotonic() + a.budget_s, local_ranks())
+    result: dict = {"benchmark": "foundation", "data": str(data), "ranks": local_ranks(), "cpus": os.cpu_count(),
+                    "load_average_start": list(load), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    result["seen"] = seen_part(a.work_dir, data, a, budget) if "seen" in a.parts else []
+    if "transfer" in a.parts:
+        result["transfer"] = transfer_part(a.work_dir, data, a, result["seen"])
+    result.update(load_average_end=list(os.getloadavg()), wall_s=round(time.perf_counter() - start, 1))
+    (a.work_dir / "foundation.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), file=result_stream, flush=True)
     return 0
 
 

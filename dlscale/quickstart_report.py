@@ -9,11 +9,14 @@ import numpy as np
 import torch
 
 from dlscale import io
+from dlscale.configtree import read_yaml
 from dlscale.data.classes import CLASSES
 from dlscale.figures import save_reliability, save_roc
+from dlscale.train.stages import stage_tasks
 
 PROBE_GOAL = 0.93          # linear-probe macro AUC of the pretrained encoder at 100 labels per class
 SUPERVISED_GOAL = 0.95     # macro AUC of the supervised baseline on the demo's validation split
+FINETUNE_GOAL_N = (10, 100)   # labels per class where fine-tuning must beat scratch, 95% CIs apart
 
 # The notebook project dlscale starts from (DeepLense common-test data, 3,500 images per class), by its stage; our
 # pretraining step stands where its autoencoder stood.
@@ -41,7 +44,7 @@ def encoder_text(run_dir: Path) -> str:
 
 
 def stage_rows(out: Path, scale) -> tuple[list[str], dict]:
-    header = ("| run | stage | encoder (parameters) | accuracy | ECE | macro AUC (95% CI) | "
+    header = ("| run | stage (tasks) | encoder (parameters) | accuracy | ECE | macro AUC (95% CI) | "
               + " | ".join(f"AUC {c}" for c in CLASSES) + " | probe acc | probe AUC | recon MSE |")
     rows, metrics, curves = [header, "|" + "---|" * (header.count("|") - 1)], {}, {}
     for step in scale.steps:
@@ -49,7 +52,8 @@ def stage_rows(out: Path, scale) -> tuple[list[str], dict]:
         metrics[step.name] = m
         ci = f" ({_f(m.get('val/auc_macro_ci_low'))}-{_f(m.get('val/auc_macro_ci_high'))})" \
             if m.get("val/auc_macro") is not None else ""
-        rows.append(f"| dlscale {step.name} | {step.stage} | {encoder_text(out / step.name)} | "
+        rows.append(f"| dlscale {step.name} | {step.stage} ({run_tasks(out / step.name)}) | "
+                    f"{encoder_text(out / step.name)} | "
                     f"{_f(m.get('val/accuracy'))} | {_f(m.get('val/ece'))} | {_f(m.get('val/auc_macro'))}{ci} | "
                     + " | ".join(_f(m.get(f"val/auc/{c}")) for c in CLASSES)
                     + f" | {_f(m.get('probe/accuracy'))} | {_f(m.get('probe/auc_macro'))} | "
@@ -86,36 +90,92 @@ def _auc(cell: dict | None) -> str:
            f"{_f(cell['ci_high'].get('auc_macro'))})"
 
 
+def _verdict(a: tuple, b: tuple) -> str:
+    """How interval `a` (mean, low, high) stands against `b`: apart above, apart below, or overlapping."""
+    return "above" if a[1] > b[2] else "below" if b[1] > a[2] else "overlap"
+
+
+def _cell_interval(cell: dict) -> tuple[float, float, float]:
+    return cell["mean"]["auc_macro"], cell["ci_low"]["auc_macro"], cell["ci_high"]["auc_macro"]
+
+
 def findings(metrics: dict, transfer: dict) -> list[str]:
-    """Sentences from the numbers: which stage wins and by how much, whether each goal is met."""
+    """Sentences from the numbers: which stage wins and by how much, what pretraining buys at each N."""
     lines = []
-    sup, mt = metrics.get("supervised", {}), metrics.get("multitask", {})
-    (a, a_lo, a_hi), (b, b_lo, b_hi) = _interval(mt), _interval(sup)
-    if all(math.isfinite(v) for v in (a, b)):
-        if a_lo > b_hi:
-            verdict = "beats supervised: the 95% CIs do not overlap"
-        elif b_lo > a_hi:
-            verdict = "falls below supervised: the 95% CIs do not overlap (the seed's claim is not reproduced)"
-        else:
-            verdict = "and supervised agree within their 95% CIs"
-        lines.append(f"- Multi-task {verdict} (macro AUC {_f(a)} [{_f(a_lo)}-{_f(a_hi)}] vs {_f(b)} "
-                     f"[{_f(b_lo)}-{_f(b_hi)}], difference {a - b:+.3f}).")
-        lines.append(f"- Supervised baseline: macro AUC {_f(b)}; goal >= {SUPERVISED_GOAL}: "
-                     f"{'met' if b >= SUPERVISED_GOAL else '**not met**'}.")
-    n = 100 if _cell(transfer, "probe", 100) else None
-    if n is not None:
+    sup, mt = _interval(metrics.get("supervised", {})), _interval(metrics.get("multitask", {}))
+    if all(math.isfinite(v) for v in (mt[0], sup[0])):
+        verdict = {"above": "beats supervised: the 95% CIs do not overlap",
+                   "below": "falls below supervised: the 95% CIs do not overlap (the seed's claim is not reproduced)",
+                   "overlap": "and supervised agree within their 95% CIs"}[_verdict(mt, sup)]
+        lines.append(f"- Multi-task {verdict} (macro AUC {_f(mt[0])} [{_f(mt[1])}-{_f(mt[2])}] vs {_f(sup[0])} "
+                     f"[{_f(sup[1])}-{_f(sup[2])}], difference {mt[0] - sup[0]:+.3f}).")
+        lines.append(f"- Supervised baseline: macro AUC {_f(sup[0])}; goal >= {SUPERVISED_GOAL}: "
+                     f"{'met' if sup[0] >= SUPERVISED_GOAL else '**not met**'}.")
+    for n in transfer.get("labels_per_class", []):
         probe, fine, scratch, random = (_cell(transfer, m, n) for m in ("probe", "finetune", "scratch", "random"))
-        p = probe["mean"]["auc_macro"]
-        lines.append(f"- At {n} labels per class the pretrained encoder's linear probe reaches macro AUC {_auc(probe)}"
-                     f"; goal >= {PROBE_GOAL}: {'met' if p >= PROBE_GOAL else '**not met**'}; the random-init "
-                     f"control probe gives {_auc(random)}.")
+        if probe:
+            lines.append(f"- At {n} labels per class the pretrained encoder's linear probe reaches macro AUC "
+                         f"{_auc(probe)}; the random-init control probe gives {_auc(random)}.")
         if fine and scratch:
-            f_lo, s_hi = fine["ci_low"]["auc_macro"], scratch["ci_high"]["auc_macro"]
             gap = fine["mean"]["auc_macro"] - scratch["mean"]["auc_macro"]
-            word = ("beats scratch (CIs do not overlap)" if f_lo > s_hi else
-                    "is above scratch, within the CIs" if gap > 0 else "does **not** beat scratch")
+            word = {"above": "beats scratch (CIs do not overlap)", "below": "falls below scratch (CIs do not overlap)",
+                    "overlap": "is above scratch, within the CIs" if gap > 0 else "does **not** beat scratch"}[
+                _verdict(_cell_interval(fine), _cell_interval(scratch))]
             lines.append(f"- Fine-tuned from the pretrained encoder with {n} labels per class it {word}: "
                          f"{_auc(fine)} vs {_auc(scratch)} ({gap:+.3f}).")
+    return lines
+
+
+def goals(metrics: dict, transfer: dict) -> list[str]:
+    """The foundation goals, each met or not met by the measured numbers (a goal without its cells says so)."""
+    lines = []
+    for n in FINETUNE_GOAL_N:
+        fine, scratch = _cell(transfer, "finetune", n), _cell(transfer, "scratch", n)
+        if fine and scratch:
+            met = _verdict(_cell_interval(fine), _cell_interval(scratch)) == "above"
+            lines.append(f"- (a) Fine-tuned beats scratch at {n} labels per class, 95% CIs apart: "
+                         f"{'met' if met else '**not met**'} ({_auc(fine)} vs {_auc(scratch)}).")
+        else:
+            lines.append(f"- (a) Fine-tuned beats scratch at {n} labels per class: not measured in this run.")
+    probe = _cell(transfer, "probe", 100)
+    lines.append(f"- (b) Linear probe at 100 labels per class >= {PROBE_GOAL}: " + (
+        f"{'met' if probe['mean']['auc_macro'] >= PROBE_GOAL else '**not met**'} ({_auc(probe)})." if probe
+        else "not measured in this run."))
+    sup, mt = _interval(metrics.get("supervised", {})), _interval(metrics.get("multitask", {}))
+    if all(math.isfinite(v) for v in (mt[0], sup[0])):
+        within = "; the CIs overlap" if _verdict(mt, sup) == "overlap" else ""
+        lines.append(f"- (c) Multi-task >= supervised: {'met' if mt[0] >= sup[0] else '**not met**'} (macro AUC "
+                     f"{_f(mt[0])} vs {_f(sup[0])}{within}).")
+    return lines
+
+
+def stream_images(run_dir: Path) -> int | None:
+    """Distinct simulated images a run saw from the simulation stream (its steps x batch x ranks: no image comes
+    twice); None for a run trained on stored images."""
+    if not (run_dir / "simulation.json").is_file():
+        return None
+    stream = io.read_json(run_dir / "simulation.json")
+    return int(io.read_json(run_dir / "metrics.json")["step"]) * stream["batch_size"] * stream["world"]
+
+
+def run_tasks(run_dir: Path) -> str:
+    """"recon+contrastive": the tasks a run trained, as its recorded config resolves them."""
+    cfg = read_yaml(run_dir / "config.yaml")
+    return "+".join(stage_tasks(cfg["stage"], cfg["model"]["tasks"], len(cfg["data"]["targets"])))
+
+
+def pretraining_lines(out: Path, scale, n_train: int) -> list[str]:
+    """What each stream-trained step learned from: its tasks and the fresh images it saw, against the labelled
+    train split."""
+    lines = []
+    for step in scale.steps:
+        images = stream_images(out / step.name)
+        if images is not None:
+            preset = read_yaml(out / step.name / "config.yaml")["data"]["simulator"]["preset"]
+            lines.append(f"- `{step.name}` ({run_tasks(out / step.name)}) trained on {images:,} fresh images from "
+                         f"the simulation stream (`{preset}`, none stored, none repeated): {images / n_train:.1f}x "
+                         f"the {n_train:,} images of the labelled train split; its metrics are taken on the "
+                         "labelled validation split.")
     return lines
 
 
@@ -124,9 +184,10 @@ def downstream_section(out: Path, results: dict | None) -> list[str]:
     if not results:
         return []
     from dlscale.transfer.report_tasks import task_sections
+    names = ",".join(t["name"] for t in results.get("tasks", []))
     return ["## Downstream tasks of the pretrained encoder (frozen features)", "",
-            "Regression, anomaly detection and 2x super-resolution on the frozen encoder at one N (`dlscale "
-            "transfer --tasks regression,anomaly,superres --methods probe`); its cost on this machine is logged and "
+            f"The frozen encoder at one N (`dlscale transfer --tasks {names} --methods probe`); its cost on this "
+            "machine is logged and "
             f"kept as `seconds` in `{out / 'downstream' / 'results.json'}` (this report stays reproducible); full "
             f"study: `{out / 'downstream' / 'report.md'}`.",
             *task_sections(results), ""]
@@ -145,6 +206,8 @@ def write_report(out: Path, data: Path, scale, transfer: dict, downstream: dict 
         " Every metric on the whole validation split; probe = logistic regression on the frozen encoder's features;"
         " CI = 95% bootstrap interval.", "",
         "## What this shows", "", *findings(metrics, transfer), "",
+        "## Goals", "", *goals(metrics, transfer), "",
+        "## Pretraining", "", *pretraining_lines(out, scale, manifest["splits"]["train"]["samples"]), "",
         "## Stages", "", *rows, "",
         "Seed rows: the notebook project dlscale starts from (DeepLense common-test data, 3,500 images per class, "
         "ResNet18). **The datasets differ**, so the rows are a reference point, not a like-for-like comparison.", "",

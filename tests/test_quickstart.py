@@ -1,5 +1,6 @@
-"""`dlscale quickstart` end to end at the tiny scale: report table, overlaid ROC and reliability figures, exported
-encoder, the same report from a process with another hash seed, step reuse."""
+"""`dlscale quickstart` end to end at the tiny scale: pretraining from the simulation stream, report table, goals,
+overlaid ROC and reliability figures, exported encoder, the same report from a process with another hash seed, step
+reuse; and the goals' verdicts on given numbers."""
 import os
 import re
 import subprocess
@@ -9,25 +10,45 @@ import pytest
 import torch
 
 import dlscale
+from dlscale import io
 from dlscale.cli import main
 from dlscale.data.classes import CLASSES
+from dlscale.quickstart_report import PROBE_GOAL, goals
 from conftest import RANK_VARIABLES
 
-pytestmark = pytest.mark.slow   # the whole quickstart pipeline in subprocesses
 
-
+@pytest.mark.slow   # the whole quickstart pipeline in subprocesses
 def test_quickstart_tiny_writes_report_and_a_loadable_encoder_then_reuses_finished_steps(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--scale", "tiny"]) == 0
     report = (out / "report.md").read_text()
     for step, seed in (("pretrain", "autoencoder"), ("supervised", "supervised"), ("multitask", "multitask")):
-        assert re.search(rf"^\| dlscale {step} \| \w+ \| small CNN width 8 \(0\.\d\dM\) \|", report, re.M), step
+        assert re.search(rf"^\| dlscale {step} \| \w+ \([a-z+]+\) \| small CNN width 8 \(0\.\d\dM\) \|", report,
+                         re.M), step
         assert re.search(rf"^\| seed {seed} \|", report, re.M), seed
         assert (out / step / "tb").is_dir() and (out / step / "encoder.pt").is_file()
-    for section in ("## What this shows", "## Stages", "## Label efficiency of the pretrained encoder"):
+    for section in ("## What this shows", "## Goals", "## Pretraining", "## Stages",
+                    "## Label efficiency of the pretrained encoder"):
         assert section in report
     assert re.search(r"^- Multi-task .* \(macro AUC 0\.\d{3} \[", report, re.M)
-    assert re.search(r"^\| 5 \| finetune \| ", report, re.M) and re.search(r"^\| 2 \| scratch \| ", report, re.M)
+    assert re.search(r"^\| dlscale pretrain \| multitask \(recon\+contrastive\) \|", report, re.M)
+
+    # pretraining saw >= 10x as many fresh simulated images as the labelled train split, counted from its run
+    stream = io.read_json(out / "pretrain" / "simulation.json")
+    seen = io.read_json(out / "pretrain" / "metrics.json")["step"] * stream["batch_size"] * stream["world"]
+    n_train = io.read_json(out / "data" / "manifest.json")["splits"]["train"]["samples"]
+    line = re.search(r"^- `pretrain` \(recon\+contrastive\) trained on ([\d,]+) fresh images .*: ([\d.]+)x the "
+                     r"([\d,]+) images", report, re.M)
+    assert line and int(line[1].replace(",", "")) == seen and int(line[3].replace(",", "")) == n_train
+    assert seen >= 10 * n_train and float(line[2]) >= 10.0
+
+    # label efficiency: 3 label subsets at each N, every method
+    for n in (2, 5):
+        for method in ("probe", "finetune", "scratch"):
+            assert re.search(rf"^\| {n} \| {method} \| [^|]+ \| 3 \| ", report, re.M), (n, method)
+    assert re.search(r"^- \(b\) Linear probe at 100 labels per class >= 0\.93: not measured", report, re.M)
+    assert re.search(r"^- \(c\) Multi-task >= supervised: (met|\*\*not met\*\*) \(macro AUC 0\.\d{3} vs", report,
+                     re.M)
     assert (out / "label_efficiency" / "label_efficiency.png").stat().st_size > 10_000
     # numbers in the table are this run's metrics, not placeholders
     supervised_row = next(line for line in report.splitlines() if line.startswith("| dlscale supervised"))
@@ -49,10 +70,37 @@ def test_quickstart_tiny_writes_report_and_a_loadable_encoder_then_reuses_finish
     done = subprocess.run([sys.executable, "-m", "dlscale.cli", "quickstart", "--out", str(again), "--scale", "tiny"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (again / "report.md").read_text().replace(str(again), "OUT") == report.replace(str(out), "OUT")
+    warnings = [line for line in done.stderr.splitlines() if re.search(r" [WE] dlscale", line)]
+    assert (again / "report.md").read_text().replace(str(again), "OUT") == report.replace(str(out), "OUT"), warnings
 
     stamp = (out / "supervised" / "encoder.pt").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["quickstart", "--out", str(out), "--scale", "tiny"]) == 0
     assert (out / "supervised" / "encoder.pt").stat().st_mtime_ns == stamp   # reused, not retrained
 
+
+def _cell(method: str, n: int, auc: float, low: float, high: float) -> dict:
+    return {"method": method, "n_per_class": n, "mean": {"auc_macro": auc}, "ci_low": {"auc_macro": low},
+            "ci_high": {"auc_macro": high}}
+
+
+def _stage(auc: float, low: float, high: float) -> dict:
+    return {"val/auc_macro": auc, "val/auc_macro_ci_low": low, "val/auc_macro_ci_high": high}
+
+
+def test_goals_are_met_only_by_intervals_apart_and_thresholds_reached():
+    transfer = {"cells": [_cell("finetune", 10, 0.86, 0.85, 0.87), _cell("scratch", 10, 0.82, 0.81, 0.84),
+                          _cell("finetune", 100, 0.95, 0.94, 0.96), _cell("scratch", 100, 0.94, 0.93, 0.955),
+                          _cell("probe", 100, PROBE_GOAL - 0.001, 0.92, 0.94)]}
+    lines = goals({"supervised": _stage(0.990, 0.987, 0.992), "multitask": _stage(0.991, 0.989, 0.993)}, transfer)
+    assert lines[0].startswith("- (a) Fine-tuned beats scratch at 10 labels per class, 95% CIs apart: met (")
+    assert "at 100 labels per class, 95% CIs apart: **not met**" in lines[1]     # 0.94 < 0.955: the CIs overlap
+    assert "(b) Linear probe at 100 labels per class >= 0.93: **not met** (0.929" in lines[2]
+    assert lines[3] == "- (c) Multi-task >= supervised: met (macro AUC 0.991 vs 0.990; the CIs overlap)."
+
+
+def test_goals_say_what_was_not_measured():
+    lines = goals({}, {"cells": [_cell("probe", 100, 0.95, 0.94, 0.96)]})
+    assert lines == ["- (a) Fine-tuned beats scratch at 10 labels per class: not measured in this run.",
+                     "- (a) Fine-tuned beats scratch at 100 labels per class: not measured in this run.",
+                     "- (b) Linear probe at 100 labels per class >= 0.93: met (0.950 (0.940-0.960))."]
