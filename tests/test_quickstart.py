@@ -104,3 +104,23 @@ def test_goals_say_what_was_not_measured():
     assert lines == ["- (a) Fine-tuned beats scratch at 10 labels per class: not measured in this run.",
                      "- (a) Fine-tuned beats scratch at 100 labels per class: not measured in this run.",
                      "- (b) Linear probe at 100 labels per class >= 0.93: met (0.950 (0.940-0.960))."]
+
+
+def test_the_full_scale_pretrains_from_the_three_instrument_mixture_for_whole_stream_epochs(tmp_path, monkeypatch):
+    """`--scale full` (the GPU recipe, not runnable here) resolves into a valid config: the mixture of the three
+    instruments' presets, simulated on the training device, epochs of as many images as the labelled train split."""
+    from dlscale import quickstart as qs
+    data = tmp_path / "data"
+    data.mkdir()
+    io.write_json(data / "manifest.json", {"splits": {"train": {"samples": 72_000}}})
+    monkeypatch.setattr(qs, "local_ranks", lambda: 8)
+    scale = qs.SCALES["full"]
+    step = next(s for s in scale.steps if s.name == "pretrain")
+    cfg = qs.step_config(step, scale, data, tmp_path / "out", seed=0)
+    assert step.from_stream and cfg.data.source == "simulate" and cfg.data.simulator.device == "auto"
+    assert sorted(c.preset for c in cfg.data.simulator.mixture.values()) == ["model_i", "model_ii", "model_iii"]
+    assert cfg.schedule.batches_per_epoch * cfg.data.batch_size * 8 >= 72_000
+    assert (cfg.schedule.batches_per_epoch - 1) * cfg.data.batch_size * 8 < 72_000
+    assert cfg.schedule.epochs >= 10 and list(cfg.model.tasks) == ["recon", "contrastive"]
+    assert (cfg.model.encoder.name, cfg.deepspeed.precision) == ("resnet18", "bf16")
+    assert "mixture" in (tmp_path / "out" / "configs" / "pretrain.yaml").read_text()
