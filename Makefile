@@ -21,7 +21,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 test: install
 	$(PY) -m pytest -q tests
 
-# The main job: simulated data -> shards -> autoencoder -> ResNet/CNN -> multi-task -> runs/quickstart/report.md
+# The main job: simulated data -> shards -> pretraining from the simulation stream -> supervised -> multi-task ->
+# label efficiency -> runs/quickstart/report.md
 demo: install
 	$(VENV)/bin/dlscale quickstart --out runs/quickstart
 

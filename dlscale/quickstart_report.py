@@ -164,6 +164,14 @@ def run_tasks(run_dir: Path) -> str:
     return "+".join(stage_tasks(cfg["stage"], cfg["model"]["tasks"], len(cfg["data"]["targets"])))
 
 
+def simulated_text(simulator: dict) -> str:
+    """What a stream simulated, from its recorded `data.simulator`: one preset, or the mixture's with their shares."""
+    mixture = simulator.get("mixture") or {}
+    if not mixture:
+        return f"`{simulator['preset']}`"
+    return "the mixture of " + ", ".join(f"`{c['preset']}` (share {c.get('share', 1.0):g})" for c in mixture.values())
+
+
 def pretraining_lines(out: Path, scale, n_train: int) -> list[str]:
     """What each stream-trained step learned from: its tasks and the fresh images it saw, against the labelled
     train split."""
@@ -171,9 +179,9 @@ def pretraining_lines(out: Path, scale, n_train: int) -> list[str]:
     for step in scale.steps:
         images = stream_images(out / step.name)
         if images is not None:
-            preset = read_yaml(out / step.name / "config.yaml")["data"]["simulator"]["preset"]
+            presets = simulated_text(read_yaml(out / step.name / "config.yaml")["data"]["simulator"])
             lines.append(f"- `{step.name}` ({run_tasks(out / step.name)}) trained on {images:,} fresh images from "
-                         f"the simulation stream (`{preset}`, none stored, none repeated): {images / n_train:.1f}x "
+                         f"the simulation stream ({presets}, none stored, none repeated): {images / n_train:.1f}x "
                          f"the {n_train:,} images of the labelled train split; its metrics are taken on the "
                          "labelled validation split.")
     return lines

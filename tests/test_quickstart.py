@@ -124,3 +124,11 @@ def test_the_full_scale_pretrains_from_the_three_instrument_mixture_for_whole_st
     assert cfg.schedule.epochs >= 10 and list(cfg.model.tasks) == ["recon", "contrastive"]
     assert (cfg.model.encoder.name, cfg.deepspeed.precision) == ("resnet18", "bf16")
     assert "mixture" in (tmp_path / "out" / "configs" / "pretrain.yaml").read_text()
+
+
+def test_the_report_names_a_mixture_streams_instruments_and_shares():
+    from dlscale.quickstart_report import simulated_text
+    assert simulated_text({"preset": "model_ii", "mixture": {}}) == "`model_ii`"
+    mixture = {"i": {"preset": "model_i", "share": 2.0}, "iii": {"preset": "model_iii", "share": 1.0}}
+    assert simulated_text({"preset": "model_ii", "mixture": mixture}) == \
+        "the mixture of `model_i` (share 2), `model_iii` (share 1)"
