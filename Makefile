@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 export DS_BUILD_OPS = 0
 export OMP_WAIT_POLICY = PASSIVE
@@ -11,10 +12,15 @@ export RAY_USAGE_STATS_ENABLED = 0
 
 install: $(STAMP)
 
-# Re-installs only when the package metadata or the pins change.
-$(STAMP): setup.cfg pyproject.toml constraints.txt
+# The package and what it runs on (all `make demo` needs); re-installs only when the metadata or the pins change.
+$(BASE): setup.cfg pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $(BASE)
+
+# ... and the test extras (pytest; lenstronomy, the physics reference, pulls numba and astropy: ~1 min to install).
+$(STAMP): $(BASE)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
@@ -23,7 +29,7 @@ test: install
 
 # The main job: simulated data -> shards -> pretraining from the simulation stream -> supervised -> multi-task ->
 # label efficiency -> runs/quickstart/report.md
-demo: install
+demo: $(BASE)
 	$(VENV)/bin/dlscale quickstart --out runs/quickstart
 
 # Benchmarks (not part of `make test`): bench/results.json

@@ -71,7 +71,9 @@ class Budget:
         rate = self.rates.get(key)
         estimate = images * rate / self.ranks if rate else 0.0
         if left <= 0 or estimate > left:
-            return f"budget: about {estimate:.0f} s of pretraining estimated, {max(left, 0):.0f} s left"
+            cost = f"about {estimate:.0f} s of pretraining estimated" if rate else \
+                "no smaller cell of this backbone and method ran to estimate its cost"
+            return f"budget: {cost}, {max(left, 0):.0f} s left"
         return None
 
 
