@@ -162,6 +162,8 @@ def test_finetune_and_scratch_train_on_two_ranks_with_the_same_budget(two_rank_s
         lr_scales = [yaml.safe_load((d / "config.yaml").read_text())["optim"]["encoder_lr_scale"]
                      for d in (finetune, scratch)]
         assert lr_scales == [0.5, 1.0]              # only the pretrained encoder learns gently
+        for run in (finetune, scratch):   # the head refitted to eval-mode features of exactly the subset's images
+            assert json.loads((run / "metrics.json").read_text())["refit/samples"] == 3 * n
         steps = [json.loads((d / "metrics.json").read_text())["step"] for d in (finetune, scratch)]
         assert steps[0] == steps[1] == 2            # 1 epoch of the floor of 2 batches: the same budget
         assert (finetune / "tb").is_dir()
