@@ -7,7 +7,7 @@
     -> report.md (the goals met or not, tables with CIs, "what this shows"), roc.png, label_efficiency.png,
     TensorBoard runs
 
-    dlscale quickstart --out runs/quickstart                 # CPU-sized: 64x64, the small CNN, 6 min 45 s here
+    dlscale quickstart --out runs/quickstart                 # CPU-sized: 64x64, the small CNN, about 7 min here
     dlscale quickstart --out runs/full --scale full          # GPUs: launch/full.yaml's settings (see README)
     dlscale quickstart --out /tmp/qs --scale tiny            # smoke test of every step (about a minute)
 
