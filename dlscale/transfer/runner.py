@@ -19,7 +19,8 @@ subsets still drawn from `data_dir`'s train split.
 Training budget: `epochs` x max(`min_batches_per_epoch`, N_train / (batch x ranks)) batches, warm-up a tenth of it;
 A fine-tune run's encoder learns at `finetune_encoder_lr_scale` times the learning rate (its new head at the
 full rate). `overrides` (training config settings, dotted keys with typed values: what `dlscale transfer
---section.key=value` says) come last and win. Each run is planned as typed settings (`PlannedRun`), never as command-line strings.
+--section.key=value` says) come last and win. Each run is planned as typed settings (`PlannedRun`), never as
+command-line strings.
 """
 from __future__ import annotations
 
@@ -280,17 +281,18 @@ def plan_runs(study: Study) -> list[tuple[tuple, PlannedRun]]:
     return planned
 
 
-def budget_settings(cfg: TransferConfig, n_train: int, batch: int) -> dict[str, Any]:
+def budget_settings(cfg: TransferConfig, n_train: int, batch: int, classification: bool = True) -> dict[str, Any]:
     """The shared training budget of a fine-tune or scratch run on `n_train` images: `epochs` x max(floor,
-    N_train / (batch x ranks)) batches, warm-up a tenth; evaluation on the eval split without bootstrap. The probe
-    reads all `n_train` labelled images, so the classification head is refitted to their eval-mode features as in
-    any training run (`classification.refit_head`; without it 2 of 3 label subsets ended with most no_sub images
-    called cdm, accuracy 0.58-0.61 at macro AUC 0.93)."""
+    N_train / (batch x ranks)) batches, warm-up a tenth; evaluation on the eval split without bootstrap. A run with
+    a classification head has the probe read all `n_train` labelled images, so the head is refitted to their
+    eval-mode features as in any training run (`classification.refit_head`; without it 2 of 3 label subsets ended
+    with most no_sub images called cdm, accuracy 0.58-0.61 at macro AUC 0.93); a regression-only run, which may
+    hold one class, has no probe."""
     batches = max(cfg.min_batches_per_epoch, n_train // (batch * cfg.ranks))
     return {"schedule.epochs": cfg.epochs, "schedule.batches_per_epoch": batches,
             "optim.warmup_steps": max(1, cfg.epochs * batches // 10), "eval.split": cfg.split,
-            "eval.probe_samples": n_train, "eval.n_bootstrap": 0, "schedule.checkpoint_every": 0,
-            "schedule.keep_checkpoints": 1}
+            "eval.probe_samples": n_train if classification else 0, "eval.n_bootstrap": 0,
+            "schedule.checkpoint_every": 0, "schedule.keep_checkpoints": 1}
 
 
 def resolved_budget(run: PlannedRun, ranks: int) -> dict:

@@ -94,7 +94,7 @@ def plan(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derived: set[
                     raise ValueError(f"--tasks regression: {len(index)} training image(s) of N={n} carry "
                                      f"{', '.join(names)}; fine-tuning needs at least 2")
                 data_dir = group_data(study, names, n, r, index, (train_mask, eval_mask), values, derived)
-                common = {**budget_settings(cfg, len(index), batch), "seed": cfg.seed + r,
+                common = {**budget_settings(cfg, len(index), batch, classification=False), "seed": cfg.seed + r,
                           "data.targets": list(names), "model.tasks": ["regression"], "loss.method": "fixed"}
                 for method, model, source in models:
                     run_dir = Path(cfg.out) / "runs" / model / f"regression-{'+'.join(names)}-{method}-n{n}-r{r}"
