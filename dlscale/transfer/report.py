@@ -32,7 +32,8 @@ def write_outputs(study, cells: list[dict], ci_text: str) -> dict:
         "eval_samples": (study.eval_manifest or study.manifest)["splits"][cfg.split]["samples"],
         "labels_per_class": cfg.labels_per_class, "repeats": cfg.repeats, "methods": cfg.methods,
         "targets": cfg.targets, "epochs": cfg.epochs, "ranks": cfg.ranks, "seed": cfg.seed,
-        "overrides": cfg.overrides, "finetune_encoder_lr_scale": cfg.finetune_encoder_lr_scale, "ci": ci_text, "budget": {str(n): b for n, b in study.budget.items()},
+        "overrides": cfg.overrides, "finetune_encoder_lr_scale": cfg.finetune_encoder_lr_scale, "ci": ci_text,
+        "budget": {str(n): b for n, b in study.budget.items()},
         "encoders": [{"label": s.label, "path": str(s.path), "stage": s.stage, "architecture": s.arch_label,
                       "image_shape": list(s.image_shape), "normalize": s.normalize, "trained_on": s.trained_on}
                      for s in study.sources],

@@ -16,7 +16,7 @@ serve) adds other downstream tasks (`dlscale.transfer.tasks`: regression, anomal
 one), each fitted on the same subsets and scored with the same bootstrap, every cell naming its `task`.
 `eval_data` scores the frozen-encoder methods on another dataset's eval split (cross-dataset transfer), the
 subsets still drawn from `data_dir`'s train split.
-Training budget: `epochs` x max(`min_batches_per_epoch`, N_train / (batch x ranks)) batches, warm-up a tenth of it;
+Training budget: `epochs` x max(`min_batches_per_epoch`, N_train / (batch x ranks)) batches, warm-up a tenth of it.
 A fine-tune run's encoder learns at `finetune_encoder_lr_scale` times the learning rate (its new head at the
 full rate). `overrides` (training config settings, dotted keys with typed values: what `dlscale transfer
 --section.key=value` says) come last and win. Each run is planned as typed settings (`PlannedRun`), never as
