@@ -12,7 +12,6 @@ from dlscale import io
 from dlscale.configtree import read_yaml
 from dlscale.data.classes import CLASSES
 from dlscale.figures import save_reliability, save_roc
-from dlscale.train.stages import stage_tasks
 
 PROBE_GOAL = 0.93          # linear-probe macro AUC of the pretrained encoder at 100 labels per class
 SUPERVISED_GOAL = 0.95     # macro AUC of the supervised baseline on the demo's validation split
@@ -52,7 +51,7 @@ def stage_rows(out: Path, scale) -> tuple[list[str], dict]:
         metrics[step.name] = m
         ci = f" ({_f(m.get('val/auc_macro_ci_low'))}-{_f(m.get('val/auc_macro_ci_high'))})" \
             if m.get("val/auc_macro") is not None else ""
-        rows.append(f"| dlscale {step.name} | {step.stage} ({run_tasks(out / step.name)}) | "
+        rows.append(f"| dlscale {step.name} | {step.stage} ({tasks_text(out / step.name)}) | "
                     f"{encoder_text(out / step.name)} | "
                     f"{_f(m.get('val/accuracy'))} | {_f(m.get('val/ece'))} | {_f(m.get('val/auc_macro'))}{ci} | "
                     + " | ".join(_f(m.get(f"val/auc/{c}")) for c in CLASSES)
@@ -158,10 +157,10 @@ def stream_images(run_dir: Path) -> int | None:
     return int(io.read_json(run_dir / "metrics.json")["step"]) * stream["batch_size"] * stream["world"]
 
 
-def run_tasks(run_dir: Path) -> str:
+def tasks_text(run_dir: Path) -> str:
     """"recon+contrastive": the tasks a run trained, as its recorded config resolves them."""
-    cfg = read_yaml(run_dir / "config.yaml")
-    return "+".join(stage_tasks(cfg["stage"], cfg["model"]["tasks"], len(cfg["data"]["targets"])))
+    from dlscale.train.config import load_config, run_tasks
+    return "+".join(run_tasks(load_config(run_dir / "config.yaml", run_dir=str(run_dir))))
 
 
 def simulated_text(simulator: dict) -> str:
@@ -180,7 +179,7 @@ def pretraining_lines(out: Path, scale, n_train: int) -> list[str]:
         images = stream_images(out / step.name)
         if images is not None:
             presets = simulated_text(read_yaml(out / step.name / "config.yaml")["data"]["simulator"])
-            lines.append(f"- `{step.name}` ({run_tasks(out / step.name)}) trained on {images:,} fresh images from "
+            lines.append(f"- `{step.name}` ({tasks_text(out / step.name)}) trained on {images:,} fresh images from "
                          f"the simulation stream ({presets}, none stored, none repeated): {images / n_train:.1f}x "
                          f"the {n_train:,} images of the labelled train split; its metrics are taken on the "
                          "labelled validation split.")
