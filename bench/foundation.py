@@ -106,16 +106,15 @@ def study(work: Path, data: Path, encoder: str, name: str, labels: list[int], me
     """`dlscale transfer` of one encoder on the labelled set: accuracy and macro AUC (95% CI) per method and N."""
     from dlscale.distributed import local_ranks
     from dlscale.quickstart import SCALES
-    from dlscale.transfer.runner import TransferConfig, run_transfer
-    small = SCALES["small"].transfer
-    cfg = TransferConfig([encoder], str(data), str(work / "transfer" / name), labels_per_class=labels,
-                         repeats=repeats, methods=methods, tasks=["classification"], ranks=local_ranks(),
-                         epochs=small["epochs"], min_batches_per_epoch=small["min_batches_per_epoch"],
-                         n_bootstrap=300, overrides=small["overrides"])
+    from dlscale.transfer import load_transfer_config, run_transfer
+    cfg = load_transfer_config(given={**SCALES["small"].transfer, "encoders": [encoder], "data_dir": str(data),
+                                      "out": str(work / "transfer" / name), "labels_per_class": labels,
+                                      "repeats": repeats, "methods": methods, "tasks": ["classification"],
+                                      "ranks": local_ranks(), "n_bootstrap": 300})
     return [{"method": c["method"], "n_per_class": c["n_per_class"], "repeats": len(c["repeats"]),
              **{k: round(c["mean"][k], 4) for k in ("accuracy", "auc_macro")},
              **{f"{k}_ci": [round(c["ci_low"][k], 4), round(c["ci_high"][k], 4)] for k in ("accuracy", "auc_macro")}}
-            for c in run_transfer(cfg.validate())["cells"]]
+            for c in run_transfer(cfg)["cells"]]
 
 
 def seen_part(work: Path, data: Path, a, budget: Budget) -> list[dict]:

@@ -82,6 +82,8 @@ from dlscale.configtree import dump_yaml
 from dlscale.distributed import launch_local_ranks, local_ranks
 from dlscale.train.build import build_config
 from dlscale.train.stages import get_stage
+from dlscale.transfer.config import load_transfer_config
+from dlscale.transfer.runner import run_transfer
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,8 @@ class Scale:
     sim_batch: int
     train: dict                           # training config settings shared by every step (dotted keys)
     steps: tuple[Step, ...]
-    transfer: dict = field(default_factory=dict)   # TransferConfig fields (labels_per_class, repeats, epochs, ...)
-    downstream: dict = field(default_factory=dict)  # the cheap downstream tasks' TransferConfig fields ({}: none)
+    transfer: dict = field(default_factory=dict)   # the label-efficiency study's TransferConfig keys (a nested recipe)
+    downstream: dict = field(default_factory=dict)  # the cheap downstream tasks' TransferConfig keys ({}: none)
     base: Path | None = None              # a training config YAML under `train` (the GPU settings)
     val_fraction: float = 0.2             # of the simulated images: the validation split every metric is taken on
 
@@ -132,10 +134,10 @@ SCALES = {
         Step("multitask", "multitask", {"schedule.epochs": 8, "optim.warmup_steps": 100, "loss.method": "fixed",
                                         "loss.fixed.weights": {"recon": 1.0, "classification": 1.0}},
              init_from="pretrain"),
-    ), {"labels_per_class": [10, 100], "repeats": 3, "epochs": 10, "min_batches_per_epoch": 20,
-        "n_bootstrap": 300, "overrides": {"data.batch_size": 16, "optim.lr": 3e-3, "data.num_workers": 0,
-                                          "deepspeed.zero_stage": 0}},
-        {"labels_per_class": [100], "n_bootstrap": 300, "overrides": {"data.batch_size": 64, "data.num_workers": 0}},
+    ), {"labels_per_class": [10, 100], "repeats": 3, "budget": {"epochs": 10, "min_batches_per_epoch": 20},
+        "n_bootstrap": 300, "data": {"batch_size": 16, "num_workers": 0}, "optim": {"lr": 3e-3},
+        "deepspeed": {"zero_stage": 0}},
+        {"labels_per_class": [100], "n_bootstrap": 300, "data": {"batch_size": 64, "num_workers": 0}},
         val_fraction=0.4),
     # Smoke test of the whole path (what `make test` runs): the numbers mean nothing.
     "tiny": Scale("model_ii", 40, 32, {"model.encoder.name": "small", "model.encoder.width": 8,
@@ -144,17 +146,17 @@ SCALES = {
         Step("pretrain", "multitask", {**PRETRAIN, "schedule.epochs": 10}, from_stream=True),
         Step("supervised", "supervised", {"schedule.epochs": 1}),
         Step("multitask", "multitask", {"schedule.epochs": 1}, init_from="pretrain"),
-    ), {"labels_per_class": [2, 5], "repeats": 3, "epochs": 1, "n_bootstrap": 20,
-        "overrides": {"data.batch_size": 8, "data.num_workers": 0}},
-        {"labels_per_class": [5], "n_bootstrap": 20, "overrides": {"data.batch_size": 16, "data.num_workers": 0}}),
+    ), {"labels_per_class": [2, 5], "repeats": 3, "budget": {"epochs": 1}, "n_bootstrap": 20,
+        "data": {"batch_size": 8, "num_workers": 0}},
+        {"labels_per_class": [5], "n_bootstrap": 20, "data": {"batch_size": 16, "num_workers": 0}}),
     # GPUs: the public datasets' size, ResNet18 with the 3x3 stem, bf16 (launch/full.yaml holds the same settings);
     # pretraining from the three instruments' mixture, simulated on the training GPU, brought to Model I's 150x150.
     "full": Scale("model_i", 30000, 512, {}, (
         Step("pretrain", "multitask", {**PRETRAIN, **MIXTURE, "schedule.epochs": 20}, from_stream=True),
         Step("supervised", "supervised", {"schedule.epochs": 30}),
         Step("multitask", "multitask", {"schedule.epochs": 30}, init_from="pretrain"),
-    ), {"labels_per_class": [10, 100, 1000, "all"], "repeats": 3, "epochs": 20, "n_bootstrap": 1000,
-        "overrides": {"data.batch_size": 128}}, base=LAUNCH / "full.yaml"),
+    ), {"labels_per_class": [10, 100, 1000, "all"], "repeats": 3, "budget": {"epochs": 20}, "n_bootstrap": 1000,
+        "data": {"batch_size": 128}}, base=LAUNCH / "full.yaml"),
 }
 
 
@@ -221,16 +223,16 @@ def train_step(cfg, record: Path) -> None:
 
 def label_efficiency(out: Path, data: Path, scale: Scale, seed: int, force: bool) -> dict:
     """`dlscale transfer` on the pretrained encoder (its results are reused unless `force`)."""
-    from dlscale.transfer.runner import TransferConfig, run_transfer
     where = out / "label_efficiency"
     if (where / "results.json").is_file() and not force:
         log.info("reusing the label-efficiency study in %s", where)
         return io.read_json(where / "results.json")
     shutil.rmtree(where, ignore_errors=True)
-    cfg = TransferConfig([str(out / "pretrain")], str(data), str(where), seed=seed, ranks=local_ranks(),
-                         methods=["probe", "finetune", "scratch", "random"], tasks=["classification"],
-                         **scale.transfer)
-    return run_transfer(cfg.validate())
+    cfg = load_transfer_config(given={**scale.transfer, "encoders": [str(out / "pretrain")], "data_dir": str(data),
+                                      "out": str(where), "seed": seed, "ranks": local_ranks(),
+                                      "methods": ["probe", "finetune", "scratch", "random"],
+                                      "tasks": ["classification"]})
+    return run_transfer(cfg)
 
 
 DOWNSTREAM_TASKS = ["regression", "anomaly"]   # superres left out: its light head matched bicubic, at 30-40 s
@@ -239,8 +241,6 @@ DOWNSTREAM_TASKS = ["regression", "anomaly"]   # superres left out: its light he
 def downstream(out: Path, data: Path, scale: Scale, seed: int, force: bool) -> dict | None:
     """The cheap downstream tasks on the pretrained encoder's frozen features (regression of log10 axion mass,
     anomaly detection at one N), timed: the report says what they cost."""
-    import time
-    from dlscale.transfer.runner import TransferConfig, run_transfer
     if not scale.downstream:
         return None
     where = out / "downstream"
@@ -248,14 +248,10 @@ def downstream(out: Path, data: Path, scale: Scale, seed: int, force: bool) -> d
         log.info("reusing the downstream-task study in %s", where)
         return io.read_json(where / "results.json")
     shutil.rmtree(where, ignore_errors=True)
-    start = time.perf_counter()
-    cfg = TransferConfig([str(out / "pretrain")], str(data), str(where), seed=seed, repeats=1,
-                         methods=["probe"], tasks=DOWNSTREAM_TASKS, **scale.downstream)
-    results = run_transfer(cfg.validate())
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    log.info("downstream tasks (%s) took %.1f s", ", ".join(DOWNSTREAM_TASKS), results["seconds"])
-    io.write_json(where / "results.json", results)
-    return results
+    cfg = load_transfer_config(given={**scale.downstream, "encoders": [str(out / "pretrain")], "data_dir": str(data),
+                                      "out": str(where), "seed": seed, "repeats": 1, "methods": ["probe"],
+                                      "tasks": DOWNSTREAM_TASKS})
+    return run_transfer(cfg)
 
 
 def resized(scale: Scale, n_per_class: int | None, epochs: int | None) -> Scale:
@@ -265,7 +261,8 @@ def resized(scale: Scale, n_per_class: int | None, epochs: int | None) -> Scale:
     if epochs is not None:
         steps = tuple(dataclasses.replace(s, settings={**s.settings, "schedule.epochs": epochs})
                       for s in scale.steps)
-        scale = dataclasses.replace(scale, steps=steps, transfer={**scale.transfer, "epochs": epochs})
+        budget = {**scale.transfer.get("budget", {}), "epochs": epochs}
+        scale = dataclasses.replace(scale, steps=steps, transfer={**scale.transfer, "budget": budget})
     return scale
 
 

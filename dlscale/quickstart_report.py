@@ -12,6 +12,8 @@ from dlscale import io
 from dlscale.configtree import read_yaml
 from dlscale.data.classes import CLASSES
 from dlscale.figures import save_reliability, save_roc
+from dlscale.transfer.report import task_sections
+from dlscale.transfer.tasks.classification import table
 
 PROBE_GOAL = 0.93          # linear-probe macro AUC of the pretrained encoder at 100 labels per class
 SUPERVISED_GOAL = 0.95     # macro AUC of the supervised baseline on the demo's validation split
@@ -190,18 +192,24 @@ def downstream_section(out: Path, results: dict | None) -> list[str]:
     """The cheap downstream tasks (frozen pretrained encoder, one N): their tables and what they cost."""
     if not results:
         return []
-    from dlscale.transfer.report_tasks import task_sections
     names = ",".join(t["name"] for t in results.get("tasks", []))
     return ["## Downstream tasks of the pretrained encoder (frozen features)", "",
             f"The frozen encoder at one N (`dlscale transfer --tasks {names} --methods probe`); its cost on this "
             "machine is logged and "
-            f"kept as `seconds` in `{out / 'downstream' / 'results.json'}` (this report stays reproducible); full "
+            f"kept as `seconds` (per task) in `{out / 'downstream' / 'results.json'}` (this report stays "
+            "reproducible); full "
             f"study: `{out / 'downstream' / 'report.md'}`.",
             *task_sections(results), ""]
 
 
+def classification_table(results: dict) -> list[str]:
+    """The label-efficiency study's classification table (its cells, with the regression targets it trained)."""
+    record = next(r for r in results["tasks"] if r["name"] == "classification")
+    return table([c for c in results["cells"] if c["task"] == "classification"],
+                 (record.get("options") or {}).get("targets", []))
+
+
 def write_report(out: Path, data: Path, scale, transfer: dict, downstream: dict | None = None) -> Path:
-    from dlscale.transfer.report import table
     manifest = io.read_json(data / "manifest.json")
     rows, metrics = stage_rows(out, scale)
     val, source = manifest["splits"]["val"], manifest["source"]
@@ -224,7 +232,7 @@ def write_report(out: Path, data: Path, scale, transfer: dict, downstream: dict 
         f"- Exported encoders: `{out / 'pretrain' / 'encoder.pt'}`, `{out / 'multitask' / 'encoder.pt'}` -> "
         "`dlscale.load_encoder(path)`", "",
         "## Label efficiency of the pretrained encoder", "",
-        f"`dlscale transfer` on `{out / 'pretrain'}`: {transfer.get('ci', '')}.", "", *table(transfer), "",
+        f"`dlscale transfer` on `{out / 'pretrain'}`: {transfer.get('ci', '')}.", "", *classification_table(transfer), "",
         f"- Figure: `{out / 'label_efficiency' / 'label_efficiency.png'}` (macro AUC vs labels per class)",
         f"- Full study: `{out / 'label_efficiency' / 'report.md'}`", "", *downstream_section(out, downstream)]
     report = out / "report.md"

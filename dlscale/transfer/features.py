@@ -8,7 +8,6 @@ whole split in sample-id order.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
 from dlscale.collect import collect, gather
 from dlscale.export import encoder_config, read_encoder_file
 from dlscale.models import EncoderConfig, build_encoder, global_pool
-from dlscale.train.model import ARCHITECTURE_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +45,6 @@ class EncoderSource:
             detail += f"p{a.patch_size}"
         side = "x".join(map(str, self.image_shape[1:]))
         return f"{a.name}{'-' + detail if detail else ''}-{side}-{self.normalize}"
-
-    def settings(self) -> dict:
-        """Training config settings (dotted keys) that rebuild this architecture and its input normalisation."""
-        fields = dataclasses.asdict(self.architecture)
-        return {**{f"model.encoder.{k}": fields[k] for k in ARCHITECTURE_KEYS}, "data.normalize": self.normalize}
 
 
 def load_sources(paths: list[str]) -> list[EncoderSource]:
