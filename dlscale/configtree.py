@@ -183,7 +183,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _flow(value: Any) -> str:
     """A value as one line of YAML."""
-    return yaml.safe_dump([plain(value)], default_flow_style=True, width=float("inf")).strip()[1:-1].strip()
+    text = yaml.safe_dump([plain(value)], default_flow_style=True, width=float("inf"), sort_keys=False)
+    return text.strip()[1:-1].strip()
 
 
 def commented_yaml(cfg: Any, indent: int = 0, width: int = 118) -> str:

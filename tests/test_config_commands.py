@@ -27,3 +27,15 @@ def test_transfer_config_refuses_a_misspelt_key_naming_it(cli):
 def test_transfer_refuses_to_run_without_its_inputs(cli, tmp_path):
     result = cli("transfer", "--out", tmp_path / "t")
     assert result.code == 2 and "--encoder" in result.err and not (tmp_path / "t").exists()
+
+
+def test_tune_print_config_round_trips_and_keeps_the_order_of_mappings(cli, tmp_path):
+    first = cli("tune", "--print-config", "--data", tmp_path, "--trials", "5", "--optim.lr=0.002")
+    assert first.code == 0, first.err
+    assert "pareto: {val/recon_mse: min, val/auc_macro: max}" in first.out   # x axis first, as the file says
+    assert "trials: 5" in first.out and "lr: 0.002" in first.out and "# ASHA keeps the best" in first.out
+    path = tmp_path / "sweep.yaml"
+    path.write_text(first.out)
+    again = cli("tune", "--print-config", "--config", path)
+    assert again.code == 0, again.err
+    assert again.out == first.out

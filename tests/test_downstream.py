@@ -197,7 +197,8 @@ def test_tasks_all_scores_on_another_dataset(encoder, separable_data, make_separ
 
 def test_the_default_runs_every_task_the_data_can_serve_and_logs_the_skipped(encoder, separable_data, tmp_path):
     result = run_cli("transfer", "--encoder", encoder, "--data", separable_data, "--out", tmp_path / "d",
-                     "--methods", "probe", "--labels-per-class", "4", "--repeats", "1", "--task_options.regression.targets=[e1]",
+                     "--methods", "probe", "--labels-per-class", "4", "--repeats", "1",
+                     "--task_options.regression.targets=[e1]",
                      *FAST)
     assert result.code == 0, result.err[-3000:]
     results = json.loads((tmp_path / "d" / "results.json").read_text())

@@ -141,7 +141,8 @@ def test_probe_on_all_labels_equals_the_run_probe(encoder_run, separable_data, r
 def two_rank_study(runs, encoder_run, separable_data):
     out = runs / "two_ranks"
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
-                     "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2", "--task_options.classification.targets=[theta_E]",
+                     "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2",
+                     "--task_options.classification.targets=[theta_E]",
                      "--methods", "probe,finetune,scratch", "--tasks", "classification",
                      "--budget.finetune_encoder_lr_scale=0.5", *SMALL, *FAST)
     assert result.code == 0, result.err[-4000:]
@@ -196,7 +197,8 @@ def test_a_second_call_reuses_the_finished_runs(two_rank_study, encoder_run, sep
     out, _ = two_rank_study
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("model.pt")}
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
-                     "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2", "--task_options.classification.targets=[theta_E]",
+                     "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2",
+                     "--task_options.classification.targets=[theta_E]",
                      "--methods", "finetune,scratch", "--tasks", "classification",
                      "--budget.finetune_encoder_lr_scale=0.5", *SMALL, *FAST)
     assert result.code == 0, result.err[-3000:]
@@ -204,7 +206,8 @@ def test_a_second_call_reuses_the_finished_runs(two_rank_study, encoder_run, sep
     assert before and {p: p.stat().st_mtime_ns for p in before} == before
     # other settings (2 epochs): the run is trained again, here in this process
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
-                     "--labels-per-class", "2", "--repeats", "1", "--ranks", "1", "--task_options.classification.targets=[theta_E]",
+                     "--labels-per-class", "2", "--repeats", "1", "--ranks", "1",
+                     "--task_options.classification.targets=[theta_E]",
                      "--methods", "scratch", "--tasks", "classification", *SMALL, *FAST, "--epochs=2")
     assert result.code == 0, result.err[-3000:]
     assert "0 of 1 fine-tune/scratch runs finished before" in result.err and "of other settings" in result.err

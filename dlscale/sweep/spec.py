@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlscale.configtree import from_dict, parse_override, read_yaml, set_dotted, to_dict
+from dlscale.configtree import commented_yaml, from_dict, parse_override, read_yaml, set_dotted, to_dict
 from dlscale.train.config import Config, check_weighting, migrate, run_tasks
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -75,9 +75,28 @@ class SweepSpec:
         """The metrics the results show: the ranking metric, the Pareto axes, accuracy."""
         return list(dict.fromkeys([self.settings.metric, *self.settings.pareto, "val/accuracy"]))
 
+    def to_file(self) -> "SweepFile":
+        return SweepFile(self.settings, {k: {kind: values} for k, (kind, values) in self.space.items()}, self.base)
+
     def to_tree(self) -> dict:
-        return {"sweep": dataclasses.asdict(self.settings), "space": {k: {kind: values} for k, (kind, values) in
-                                                                      self.space.items()}, "train": to_dict(self.base)}
+        return to_dict(self.to_file())
+
+
+@dataclass
+class SweepFile:
+    """A sweep file as `dlscale tune --config` reads it and `--print-config` prints it (comments included)."""
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    space: dict[str, dict[str, list]] = field(default_factory=dict)
+    """training-config keys -> one range each: {choice: [...]}, {grid: [...]}, {uniform: [low, high]},
+    {loguniform: [low, high]}, {randint: [low, high]}; loss.fixed.weights.<task>: that task's weight relative to
+    classification"""
+    train: Config = field(default_factory=Config)
+    """The base training config of every trial (the tree `dlscale train --config` reads)."""
+
+
+def print_sweep(spec: SweepSpec) -> str:
+    """The checked sweep as YAML, each key's meaning as a comment above it; `--config` reads it back."""
+    return commented_yaml(spec.to_file())
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: str | None = None,

@@ -10,6 +10,7 @@ import argparse
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.distributed import dist_info, setup_logging
 from dlscale.preemption import PREEMPTED_EXIT_CODE, Preempted
+from dlscale.recipes import config_path
 from dlscale.train.config import load_config, print_config
 from dlscale.train.sources.two_stream import TARGET_PREFIX
 from dlscale.train.stages import STAGES
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-data", help="stage adapt: the unlabelled target domain's dataset directory (its train "
                    "split adapts, its val split scores: target/val/...); = --data.target.data_dir=DIR")
     p.add_argument("--run-dir", help="new run directory (or the one to resume)")
-    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--config", help="YAML config file, or a packaged training recipe by name (full: the GPU "
+                   "settings)")
     p.add_argument("--init-from", help="encoder.pt, a finished run directory or an encoder state dict to start from")
     p.add_argument("--resume", choices=["auto"], help="continue from the latest complete checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, "
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
     if args.target_data:
         rest = [*rest, f"--data.target.data_dir={args.target_data}"]
-    cfg = load_config(args.config, rest, stage=args.stage, data_dir=args.data, run_dir=args.run_dir,
+    cfg = load_config(config_path(args.config) if args.config else None, rest, stage=args.stage, data_dir=args.data, run_dir=args.run_dir,
                       init_from=args.init_from)
     if args.print_config:
         print(print_config(cfg), end="")
