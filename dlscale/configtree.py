@@ -5,6 +5,7 @@ own schema beside their code and share this loader and override parser.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -100,6 +101,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or key.startswith("-"):
         raise ValueError(f"override {item!r}: expected --section.key=value")
     return key, yaml.safe_load(raw)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser,
+                         argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """A command line: the parser's own arguments, and the `--section.key=value` overrides left over; anything else
+    left over is a usage error (exit 2) naming it."""
+    args, rest = parser.parse_known_args(argv)
+    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
+    return args, rest
 
 
 def overrides_tree(overrides: list[str] | None) -> dict:

@@ -76,7 +76,7 @@ import shutil
 from pathlib import Path
 
 from dlscale import io
-from dlscale.configtree import dump_yaml
+from dlscale.configtree import dump_yaml, parse_with_overrides
 from dlscale.distributed import launch_local_ranks, local_ranks
 from dlscale.quickstart_config import QuickstartConfig, load_quickstart_config, print_quickstart_config, scale_names
 from dlscale.quickstart_report import write_report
@@ -164,10 +164,7 @@ def quickstart_main(argv: list[str] | None = None) -> int:
                    "split) and of the transfer runs (default: the scale's)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, each key's "
                    "meaning as a comment above it, and exit")
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
-    if bad:
-        p.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
+    args, rest = parse_with_overrides(p, argv)
     for name in ("n_per_class", "epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")

@@ -20,7 +20,7 @@ import importlib
 from pathlib import Path
 
 from dlscale import io
-from dlscale.configtree import dump_yaml
+from dlscale.configtree import dump_yaml, parse_with_overrides
 from dlscale.sweep.execution import Resources, node_resources, ray_cluster, run_sweep
 from dlscale.sweep.results import outcomes, trials_left, write_results
 from dlscale.sweep.spec import DEFAULT_SWEEP_FILE, SWEEP_RECORD, load_sweep, print_sweep
@@ -43,10 +43,7 @@ def tune_main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out")
     p.add_argument("--print-config", action="store_true", help="print the checked sweep (settings, space, base "
                    "training config) as YAML, each key's meaning as a comment above it, and exit")
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
-    if bad:
-        p.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
+    args, rest = parse_with_overrides(p, argv)
     if args.print_config:
         print(print_sweep(load_sweep(args.config or DEFAULT_SWEEP_FILE, rest, args.data, args.trials)), end="")
         return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from dlscale.configtree import parse_with_overrides
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.distributed import dist_info, setup_logging
 from dlscale.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -40,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                    "each key's meaning as a comment above it (the chosen stage's task options; with "
                    "--data.source=simulate every simulator key), and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
-    if bad:
-        p.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
+    args, rest = parse_with_overrides(p, argv)
     if args.target_data:
         rest = [*rest, f"--data.target.data_dir={args.target_data}"]
     cfg = load_config(config_path(args.config) if args.config else None, rest, stage=args.stage, data_dir=args.data, run_dir=args.run_dir,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from dlscale.configtree import set_dotted
+from dlscale.configtree import parse_with_overrides, set_dotted
 from dlscale.train.deepspeed_setup import prepare_process
 from dlscale.transfer.config import load_transfer_config, print_transfer_config
 from dlscale.transfer.report import task_sections
@@ -64,10 +64,7 @@ def transfer_main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML config file (what --print-config prints)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, each key's "
                    "meaning as a comment above it, and exit")
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
-    if bad:
-        p.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
+    args, rest = parse_with_overrides(p, argv)
     flags: dict = {}
     for flag, (key, convert) in FLAGS.items():
         text = getattr(args, flag[2:].replace("-", "_"))
