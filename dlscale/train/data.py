@@ -9,6 +9,8 @@ sees a stream (`set_epoch`, iteration), its batches per epoch, `epoch_loader` an
 """
 from __future__ import annotations
 
+import dataclasses
+
 
 import torch
 
@@ -43,11 +45,14 @@ def prepare_eval_set(cfg) -> None:
     training_source(cfg).prepare_eval_set()
 
 
-def resolve_transforms(cfg, device: torch.device) -> None:
-    """`data.transforms=auto`: on the device when training on CUDA (the host only reads and pins records), in the
-    DataLoader workers on CPU. Resolved once, before the streams are built, and recorded in config.yaml."""
-    if cfg.data.transforms == "auto":
-        cfg.data.transforms = "device" if device.type == "cuda" else "host"
+def resolve_transforms(cfg, device: torch.device):
+    """`cfg` with `data.transforms=auto` resolved: on the device when training on CUDA (the host only reads and pins
+    records), in the DataLoader workers on CPU. Resolved once, before the streams are built, and recorded in
+    config.yaml."""
+    if cfg.data.transforms != "auto":
+        return cfg
+    transforms = "device" if device.type == "cuda" else "host"
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, transforms=transforms))
 
 
 def train_stream(cfg, info: DistInfo, device: torch.device):

@@ -12,6 +12,7 @@ signals (`schedule.preempt_signals`, `dlscale.preemption`) are caught from here 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -61,14 +62,10 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
     info, device, run_dir = dist_info(local_rank), pick_device(cfg.device), Path(cfg.run_dir)
     exit_with_launcher(info.rank)
     artifacts.check_new(run_dir, resume)
-    resolve_transforms(cfg, device)
     simulated_eval = simulated_eval_set(cfg)
-    if simulated_eval:
-        cfg.data_dir = str(run_dir / EVAL_DATA)   # recorded in config.yaml
-    else:
+    cfg = resolved(cfg, device, simulated_eval)
+    if not simulated_eval:
         load_dataset(cfg)
-    if simulated_target_set(cfg):
-        cfg.data.target.data_dir = str(run_dir / TARGET_EVAL_DATA)   # recorded in config.yaml
     stream, batches = train_stream(cfg, info, device)
     image_shape = stream_image_shape(stream)
     check_target(cfg, image_shape)
@@ -116,6 +113,20 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
         finally:
             if writer is not None:
                 writer.close()
+
+
+def resolved(cfg: Config, device: torch.device, simulated_eval: bool) -> Config:
+    """The config this run records in config.yaml and trains with (the caller's is left as it is): transforms
+    resolved for the device, and the evaluation sets a simulated source makes in the run directory (RUN/eval_data,
+    RUN/target_eval_data) as its data directories."""
+    cfg = resolve_transforms(cfg, device)
+    run_dir = Path(cfg.run_dir)
+    if simulated_eval:
+        cfg = dataclasses.replace(cfg, data_dir=str(run_dir / EVAL_DATA))
+    if simulated_target_set(cfg):
+        target = dataclasses.replace(cfg.data.target, data_dir=str(run_dir / TARGET_EVAL_DATA))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target=target))
+    return cfg
 
 
 def stop_if_preempted(info: DistInfo, device: torch.device) -> None:
