@@ -52,6 +52,14 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
 LAUNCHER_MARKERS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK")   # set for its ranks by torchrun; by deepspeed's launch.py
 
 
+DRILL = "DLSCALE_SIGNAL_AT_STEP"   # a preemption drill: STEP[:SIGNAL[:RANK|launcher]] (`preemption.drill_from_env`)
+
+
+def drill_request(env: dict | None = None) -> str:
+    """The preemption drill this process is asked for ("" : none)."""
+    return (os.environ if env is None else env).get(DRILL, "").strip()
+
+
 def under_launcher(env: dict | None = None) -> bool:
     """Whether a launcher (torchrun / `python -m torch.distributed.run`, or the deepspeed launcher) started this
     process as one of its ranks (SLURM's srun, Ray or a plain `python` run are not such launchers)."""

@@ -10,7 +10,6 @@ find their own weights).
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dlscale.configtree import commented_yaml, from_dict, parse_override, read_yaml, set_dotted, to_dict
-from dlscale.train.config import Config, check_weighting, migrate, run_tasks
+from dlscale.train.config import Config, migrate, run_tasks
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 WEIGHT_KEYS = ("loss.fixed.weights.", "loss.weights.")   # `<prefix><task>`: weight relative to the reference task
@@ -129,7 +128,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: s
                          "sweeps the loss weighting of several tasks (e.g. the multitask stage)")
     if not base_cfg.data_dir and base_cfg.data.source == "shards":
         raise ValueError("no dataset: pass --data DIR (or train from the simulator: --data.source=simulate)")
-    check_trial_config(base_cfg)
+    base_cfg.validate(complete=False)
     space = check_space(tree.get("space"), base_cfg)
     if settings.scheduler == "asha":
         if base_cfg.schedule.eval_every_epochs < 1:
@@ -174,7 +173,7 @@ def check_space(space: Any, base: Config) -> dict[str, tuple[str, list]]:
             _check_weight_key(where, weight_task(key), probes, base)
         for value in probes:
             try:
-                check_trial_config(trial_config(base, {key: value}))
+                trial_config(base, {key: value})
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{where} = {value!r}: {err}") from None
         checked[key] = (kind, values)
@@ -209,7 +208,8 @@ def _check_weight_key(where: str, task: str, probes: list, base: Config) -> None
 def trial_config(base: Config, params: Mapping[str, Any], run_dir: str | Path | None = None) -> Config:
     """The training config of one trial: `base` with the sampled `params` (dotted keys) set. Loss weights apply to
     `fixed` weighting only: sampled `loss.fixed.weights.<task>` ratios become {<task>: ratio, classification: 1.0,
-    other tasks: their base weight or 1.0}; other weightings get `loss.fixed.weights=None`."""
+    other tasks: their base weight or 1.0}; other weightings get `loss.fixed.weights=None`. Checked (with
+    `run_dir`: complete)."""
     tree = to_dict(base)
     ratios = {}
     for key, value in params.items():
@@ -226,13 +226,8 @@ def trial_config(base: Config, params: Mapping[str, Any], run_dir: str | Path | 
         tasks = run_tasks(cfg)
         weights = {**{t: 1.0 for t in tasks}, **(cfg.loss.fixed.weights or {}), **ratios, REFERENCE_TASK: 1.0}
         cfg.loss.fixed.weights = {t: weights[t] for t in tasks}
-    return cfg
+    return cfg.validate(complete=run_dir is not None)
 
-
-def check_trial_config(cfg: Config) -> None:
-    """What `run` would reject at start-up, found before any trial starts."""
-    dataclasses.replace(cfg, run_dir=cfg.run_dir or "-", data_dir=cfg.data_dir or "-").validate()
-    check_weighting(cfg)
 
 
 def param_space(space: Mapping[str, tuple[str, list]]) -> dict:

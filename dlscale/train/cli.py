@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parse_with_overrides(p, argv)
     if args.target_data:
         rest = [*rest, f"--data.target.data_dir={args.target_data}"]
-    cfg = load_config(config_path(args.config) if args.config else None, rest, stage=args.stage, data_dir=args.data, run_dir=args.run_dir,
-                      init_from=args.init_from)
+    cfg = load_config(config_path(args.config) if args.config else None, rest, complete=not args.print_config,
+                      stage=args.stage, data_dir=args.data, run_dir=args.run_dir, init_from=args.init_from)
     if args.print_config:
         print(print_config(cfg), end="")
         return 0

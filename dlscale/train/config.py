@@ -232,7 +232,9 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self) -> "Config":
+    def validate(self, complete: bool = True) -> "Config":
+        """Check every value (once, when the config is loaded or derived); `complete`: the run's inputs too
+        (`check_inputs`), which a printed template or a sweep's base may leave empty."""
         get_stage(self.stage)
         weighting_class(self.loss.method)
         if self.device not in ("auto", "cpu", "cuda"):
@@ -270,9 +272,16 @@ class Config:
                              "dataset with a train split) or --data.target.source=simulate "
                              "--data.target.simulator.preset=model_iii")
         check_weighting(self)
-        if not self.run_dir or (not self.data_dir and source.needs_data_dir):
-            raise ValueError("data_dir (--data) and run_dir (--run-dir) are required")
+        if complete:
+            self.check_inputs()
         return self
+
+    def check_inputs(self) -> None:
+        """The run has its directory and what its source needs (its dataset, unless the source makes its own)."""
+        from dlscale.train.sources import source_class
+        if not self.run_dir:
+            raise ValueError("run_dir (--run-dir) is required")
+        source_class(self.data.source)(self).check_inputs()
 
 
 def run_tasks(cfg: Config) -> tuple[str, ...]:
@@ -332,12 +341,14 @@ def print_config(cfg: Config) -> str:
     return commented_yaml(shown)
 
 
-def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> Config:
-    """The training config: defaults < the stage's defaults < YAML file < dotted overrides (`section.key=value`)
-    < keyword arguments (None: not given). Unknown keys and wrong types raise naming the dotted key."""
+def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None, complete: bool = False,
+                **top: Any) -> Config:
+    """The training config, checked: defaults < the stage's defaults < YAML file < dotted overrides
+    (`section.key=value`) < keyword arguments (None: not given). Unknown keys, wrong types and bad values raise
+    naming the dotted key; `complete`: the run's inputs (data_dir, run_dir) must be there too."""
     given = upgrade_config(read_yaml(yaml_path)) if yaml_path else {}
     given = merge(given, upgrade_config(overrides_tree(overrides), FORMAT_0_1))   # 0.1's keys are still accepted
     given.update({k: v for k, v in top.items() if v is not None})
     stage = given.get("stage", Config.stage)
     stage_defaults = STAGES[stage].defaults if isinstance(stage, str) and stage in STAGES else {}
-    return fill_options(from_dict(Config, merge(merge(to_dict(Config()), stage_defaults), given)))
+    return fill_options(from_dict(Config, merge(merge(to_dict(Config()), stage_defaults), given))).validate(complete)

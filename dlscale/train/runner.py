@@ -23,7 +23,7 @@ from dlscale import preemption
 from dlscale.data.classes import CLASSES
 from dlscale.distributed import DistInfo, dist_info
 from dlscale.train import artifacts
-from dlscale.train.config import Config, check_weighting
+from dlscale.train.config import Config
 from dlscale.train.data import (load_dataset, prepare_eval_set, prepare_target_eval_set,
                                 resolve_transforms, simulated_eval_set, stream_image_shape, target_stats, train_stream)
 from dlscale.train.sources.simulate import EVAL_DATA
@@ -50,14 +50,14 @@ def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
     A stop signal (`schedule.preempt_signals`) raises `dlscale.preemption.Preempted` on every rank once a complete
     checkpoint is written; the entry points exit with `PREEMPTED_EXIT_CODE`.
     """
-    cfg.validate()
-    check_weighting(cfg)
-    preemption.drill_from_env()   # a malformed DLSCALE_SIGNAL_AT_STEP fails before anything is created
+    cfg.check_inputs()
+    drill = preemption.drill_from_env()   # a malformed DLSCALE_SIGNAL_AT_STEP fails before anything is created
     with preemption.listen(cfg.schedule.preempt_signals):
-        return _run(cfg, resume, local_rank, on_evaluation)
+        return _run(cfg, resume, local_rank, on_evaluation, drill)
 
 
-def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: EvaluationCallback | None) -> dict:
+def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: EvaluationCallback | None,
+         drill: preemption.Drill | None) -> dict:
     """`run` once the stop signals are caught."""
     info, device, run_dir = dist_info(local_rank), pick_device(cfg.device), Path(cfg.run_dir)
     exit_with_launcher(info.rank)
@@ -100,7 +100,8 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
                 writer = SummaryWriter(str(run_dir / "tb"))
             evaluation = Evaluation(cfg, manifest, info, device, DTYPES[precision], run_dir, writer)
             evaluation.target = target_evaluation(evaluation)
-            trainer = Trainer(cfg, info, engine, stream, batches, DTYPES[precision], evaluation, on_evaluation, stats)
+            trainer = Trainer(cfg, info, engine, stream, batches, DTYPES[precision], evaluation, on_evaluation, stats,
+                              drill)
             if resume:
                 trainer.resume()
             log.info("stage %s, tasks %s, %s encoder (%.2fM parameters), %d rank(s) on %s, %s, ZeRO %d, loss "

@@ -93,6 +93,12 @@ class TrainingSource:
     def check_config(self) -> None:
         """What the config alone decides about this source, raising naming the key (run by `Config.validate`)."""
 
+    def check_inputs(self) -> None:
+        """What a run of this source needs given beyond valid values (run by `Config.check_inputs`; a printed
+        template may lack it): by default its dataset."""
+        if self.needs_data_dir and not self.cfg.data_dir:
+            raise ValueError(f"data.source={self.name} needs the dataset: --data DIR (data_dir)")
+
     def open(self, info, device: torch.device) -> tuple[Any, int]:
         """`build`, recording this source on the stream (so the trainer finds it from the stream alone)."""
         stream, batches = self.build(info, device)

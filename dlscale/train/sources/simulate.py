@@ -20,11 +20,13 @@ class SimulationSource(TrainingSource):
                    "RUN/eval_data")
     needs_data_dir = False
 
-    def check_config(self) -> None:
-        cfg = self.cfg
-        if not cfg.schedule.batches_per_epoch:
+    def check_inputs(self) -> None:
+        if not self.cfg.schedule.batches_per_epoch:
             raise ValueError("data.source=simulate: set schedule.batches_per_epoch (an epoch of fresh simulated "
                              "lenses has no natural length)")
+
+    def check_config(self) -> None:
+        cfg = self.cfg
         if not cfg.data_dir and cfg.data.simulator.probe_per_class == 0 and cfg.eval.probe_samples > 0:
             raise ValueError("data.simulator.probe_per_class=0 leaves the simulated evaluation set without a train "
                              "split for the linear probe: set eval.probe_samples=0 or probe_per_class > 0")
