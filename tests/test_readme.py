@@ -73,8 +73,8 @@ def dlscale_part(command: str) -> list[str] | None:
     tokens = [t for t in shlex.split(command) if t != "..."]
     if "launch/train.py" in tokens:
         return ["train", *tokens[tokens.index("launch/train.py") + 1:]]
-    if "launch/slurm.sbatch" in tokens:
-        return ["train", *[t for t in tokens[tokens.index("launch/slurm.sbatch") + 1:] if t.startswith("--")]]
+    if "launch/slurm.sbatch" in tokens:     # sbatch launch/slurm.sbatch DATA_DIR RUN_DIR [train args]
+        return ["train", *tokens[tokens.index("launch/slurm.sbatch") + 3:]]
     if tokens and tokens[0] == "dlscale":
         return tokens[1:]
     if "dlscale.cli" in tokens:       # a launcher running the console script's module (torchrun -m dlscale.cli ...)
@@ -156,6 +156,36 @@ def test_command_uses_only_known_options(command, capsys):
             assert has_key(tree, name[2:]), f"{command}: {name} is not a {tree.root.__name__} key"
         else:
             assert name in known, f"{command}: {sub} has no option {name}"
+
+
+def loadable(args: list[str]) -> list[str]:
+    """A command's arguments without a shell redirection or --print-config; `--config FILE` reads the repository's
+    file (launch/gpu.yaml) and is left out where the file is one the user makes (a sweep's best_config.yaml)."""
+    out, rest = [], iter(args)
+    for arg in rest:
+        if arg == ">":
+            next(rest)
+        elif arg == "--config":
+            path = ROOT / next(rest)
+            out += ["--config", str(path)] if path.exists() else []
+        elif arg != "--print-config":
+            out.append(arg)
+    return out
+
+
+@pytest.mark.parametrize("command", all_commands())
+def test_command_loads_its_config(command, capsys):
+    """Values too: the command's arguments, with --print-config added, load into a checked config (a value of the
+    wrong type or out of range fails here; inputs such as directories are not looked at)."""
+    args = dlscale_part(command)
+    if args is None or len(args) == 1:
+        pytest.skip("not a dlscale command line (a subcommand named in the text)")
+    if "--print-config" not in help_text(args[0], capsys):
+        pytest.skip(f"dlscale {args[0]} has no config to print")
+    code = main([*loadable(args), "--print-config"])
+    printed = capsys.readouterr()
+    assert code == 0, f"{command}: {printed.err[-2000:]}"
+    assert printed.out.strip()
 
 
 # A backticked config key in the text: `--section.key=value` or `section.key`, whose first part is a section (a
