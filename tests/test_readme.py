@@ -10,8 +10,12 @@ training `Config` plus its `sweep.` settings.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 import typing
 from pathlib import Path
 from typing import Callable
@@ -215,6 +219,34 @@ def test_pages_name_task_options_and_simulator_keys():
 @pytest.mark.parametrize("key", all_named_keys())
 def test_named_config_keys_exist(key):
     assert any(has_key(tree, key) for tree in TREES.values()), f"{key} is not a key of any command's config"
+
+
+# Each registry of parts that users extend, as `module:NAME`; read in a fresh interpreter, since test modules register
+# parts of their own (a `toy` stage, a `brightness` task) when they are imported.
+REGISTRIES = {"stage": "dlscale.train.stages:STAGES", "task": "dlscale.train.tasks:TASKS",
+              "loss weighting": "dlscale.train.weighting:WEIGHTINGS", "backbone": "dlscale.models.encoders:BACKBONES",
+              "data source": "dlscale.train.sources:SOURCES", "downstream task": "dlscale.transfer.tasks:DOWNSTREAM"}
+
+
+@pytest.fixture(scope="module")
+def shipped_parts() -> dict[str, list[str]]:
+    """kind -> names of the parts that ship with dlscale."""
+    script = ("import importlib, json\n"
+              f"registries = {REGISTRIES!r}\n"
+              "print(json.dumps({kind: list(getattr(importlib.import_module(where.split(':')[0]), "
+              "where.split(':')[1])) for kind, where in registries.items()}))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", REGISTRIES)
+def test_every_shipped_part_is_named_in_the_docs(kind, shipped_parts):
+    """A stage, task, weighting, backbone, data source or downstream task that ships with dlscale is findable in the
+    docs, named in backticks as configs name it."""
+    text = "\n".join(page.read_text() for page in PAGES)
+    missing = [name for name in shipped_parts[kind] if f"`{name}`" not in text]
+    assert shipped_parts[kind] and not missing, f"no docs page names the {kind}(s) {', '.join(missing)}"
 
 
 def test_has_key_covers_the_typed_sections():
