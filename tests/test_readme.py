@@ -194,9 +194,13 @@ def test_command_loads_its_config(command, capsys):
 
 # A backticked config key in the text: `--section.key=value` or `section.key`, whose first part is a section (a
 # dataclass or mapping field) of one of the trees; file names (`model.pt`) are not keys.
-SECTIONS = sorted({f.name for tree in (TRAIN, TRANSFER, SIMULATOR) for f in dataclasses.fields(tree.root)
-                   if dataclasses.is_dataclass(f.default_factory() if callable(f.default_factory) else f.default)
-                   or f.name in ("task_options",)} | {"sweep"})
+def sections(cls: type) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {name for name, hint in hints.items() if dataclasses.is_dataclass(hint) or typing.get_origin(hint) is dict}
+
+
+SECTIONS = sorted(set().union(*(sections(tree.root) for tree in TREES.values()),
+                              *({prefix.split(".")[0] for prefix in tree.nested} for tree in TREES.values())))
 FILE_SUFFIXES = {"pt", "json", "yaml", "md", "png", "npy", "npz", "csv", "txt", "tar", "safetensors", "py", "ipynb"}
 
 
