@@ -125,7 +125,9 @@ def all_commands() -> list:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_name)
-def test_page_is_mapped_from_the_readme_and_its_links_resolve(page):
+def test_page_is_mapped_from_the_readme_its_links_resolve_and_its_code_blocks_close(page):
+    fences = re.findall(r"^```", page.read_text(), re.M)
+    assert len(fences) % 2 == 0, f"{page_name(page)}: a code block is not closed"
     if page != README:
         assert f"]({page_name(page)})" in README.read_text(), f"README's map does not link {page_name(page)}"
     for link in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
