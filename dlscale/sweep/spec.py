@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlscale.configtree import from_dict, parse_override, read_yaml, set_dotted, to_dict
+from dlscale.configtree import from_dict, merge, overrides_tree, parse_override, read_yaml, set_dotted, to_dict
 from dlscale.train.config import Config, check_weighting, migrate, run_tasks
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -97,7 +97,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: s
         if key.startswith("sweep."):
             settings[key.removeprefix("sweep.")] = value
         else:
-            set_dotted(base, key, value)
+            base = merge(base, overrides_tree([item]), Config)   # another encoder name drops the base's options
     base = migrate(base)
     if trials is not None:
         settings["trials"] = trials
@@ -191,13 +191,13 @@ def trial_config(base: Config, params: Mapping[str, Any], run_dir: str | Path | 
     """The training config of one trial: `base` with the sampled `params` (dotted keys) set. Loss weights apply to
     `fixed` weighting only: sampled `loss.fixed.weights.<task>` ratios become {<task>: ratio, classification: 1.0,
     other tasks: their base weight or 1.0}; other weightings get `loss.fixed.weights=None`."""
-    tree = to_dict(base)
-    ratios = {}
+    sampled, ratios = {}, {}
     for key, value in params.items():
         if weight_task(key) is not None:
             ratios[weight_task(key)] = float(value)
         else:
-            set_dotted(tree, key, value)
+            set_dotted(sampled, key, value)
+    tree = merge(to_dict(base), sampled, Config)     # a sampled encoder name drops the base encoder's options
     if run_dir is not None:
         tree["run_dir"] = str(run_dir)
     cfg = from_dict(Config, tree)

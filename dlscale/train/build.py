@@ -24,10 +24,10 @@ def settings_tree(settings: dict[str, Any] | None) -> dict:
 def build_config(base: str | Path | None = None, settings: dict[str, Any] | None = None, **top: Any):
     """The training config: defaults < the stage's defaults < the YAML file `base` < `settings` < keyword fields
     (None: not given); unknown keys and wrong types raise naming the dotted key (all through `load_config`)."""
-    from dlscale.train.config import load_config
+    from dlscale.train.config import Config, load_config
     if not settings:
         return load_config(base, None, **top)
     given = upgrade_config(read_yaml(base)) if base else {}      # as load_config reads its YAML file
-    given = merge(given, settings_tree(settings))
+    given = merge(given, settings_tree(settings), Config)
     given.update({k: v for k, v in top.items() if v is not None})
     return load_config(None, None, **given)
