@@ -14,13 +14,13 @@ Shims (format 1 -> 2):
   loaded (`upgrade_model_state`). model.pt stays a plain state dict; its version is its run's config.yaml's.
 
 Shims (format 2 -> 3): `model.encoder` (config.yaml) and `encoder_config` (encoder.pt, encoder.json) held every
-backbone's options (`FLAT_ENCODER_FIELDS`); each backbone now takes its own only. A field at the value format 2
-wrote by default is dropped: the backbone that takes it has the same default, the others never read it
-(`upgrade_config`, `upgrade_encoder_config`). A field set to another value stays, for the backbone to take or refuse
-naming the key.
+backbone's options (`FLAT_ENCODER_FIELDS`); each backbone now takes its own only. A field the named backbone does
+not take is dropped where it holds the value format 2 wrote by default (the backbone never read it); set to another
+value it stays, and the backbone refuses it naming the key (`upgrade_config`, `upgrade_encoder_config`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 FORMAT_0_1 = 1
@@ -67,8 +67,14 @@ def upgrade_encoder_config(encoder: dict, version: int) -> dict:
 
 
 def _flat_encoder(encoder: dict) -> None:
+    # Imported here: the models need torch and torchvision, which reading a manifest (dlscale.data.shards) does not.
+    from dlscale.models.encoders import BACKBONES, EncoderConfig
+    backbone = BACKBONES.get(encoder.get("name", EncoderConfig.name))
+    if backbone is None:
+        return                              # an unknown name: the config is refused naming it
+    takes = {f.name for f in dataclasses.fields(backbone.Config)}
     for key, default in FLAT_ENCODER_FIELDS.items():
-        if key in encoder and type(encoder[key]) is type(default) and encoder[key] == default:
+        if key in encoder and key not in takes and type(encoder[key]) is type(default) and encoder[key] == default:
             del encoder[key]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dlscale.cli import COMMANDS, main
+from dlscale.models import BACKBONES, EncoderConfig
 from dlscale.train.config import Config
 from dlscale.sim import SimulatorConfig
 from dlscale.train.tasks import TASKS
@@ -67,12 +68,18 @@ def has_key(cls: type, dotted: str) -> bool:
             return len(parts) == i + 1 and part in TASKS
         if not dataclasses.is_dataclass(cls):
             return False
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
+        owner = next((c for c in variants(cls) if part in {f.name for f in dataclasses.fields(c)}), None)
+        if owner is None:
             return False
-        cls = typing.get_type_hints(cls)[part]
+        cls = typing.get_type_hints(owner)[part]
         cls = next((a for a in typing.get_args(cls) if dataclasses.is_dataclass(a)), cls)
     return True
+
+
+def variants(cls: type) -> list[type]:
+    """The classes a section may be: the encoder's are the registered backbones' options (`model.encoder.width` of
+    `small`, ...); other sections have one."""
+    return [cls, *(backbone.Config for backbone in BACKBONES.values())] if cls is EncoderConfig else [cls]
 
 
 def help_text(sub: str, capsys) -> str:
@@ -133,3 +140,5 @@ def test_has_key_covers_the_typed_sections():
     assert has_key(Config, "data.simulator.overrides.lens.randomize")
     assert not has_key(Config, "data.simulator.overrides.lens.randomise")
     assert not has_key(Config, "loss.options.nosuch.x")
+    assert has_key(Config, "model.encoder.width") and has_key(Config, "model.encoder.patch_size")
+    assert not has_key(Config, "model.encoder.depth")

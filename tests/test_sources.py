@@ -125,6 +125,8 @@ def test_a_registered_backbone_builds_by_name_and_keeps_the_checks():
         build_encoder(EncoderConfig(name="nope"))
     with pytest.raises(ValueError, match="'vit_tiny' needs the image shape"):
         build_encoder(EncoderConfig(name="vit_tiny"))
+    assert _cfg("--model.encoder.name=strided", "--model.encoder.width=32").model.encoder == StridedConfig(
+        name="strided", width=32)      # its own option, even at the value another backbone has by default
 
 
 def test_the_shard_source_answers_the_protocol(separable_data, records):

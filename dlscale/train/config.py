@@ -92,8 +92,8 @@ class DataConfig(StreamConfig):
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="resnet18"))
-    """The backbone (`name`, a registered one) and its own options; naming another backbone (in a file or an
-    override) drops the options of the one it replaces, and refuses another backbone's option naming its key."""
+    """The backbone (`name`: a registered one) with its own options. Naming another backbone (in a file or an
+    override) drops the options of the one it replaces; an option of another backbone is refused, naming its key."""
     tasks: list[str] | None = None
     """Tasks of stages that let the run choose (multitask); default recon + classification (+ regression if
     data.targets)."""
