@@ -280,6 +280,17 @@ def test_architecture_labels_are_the_ones_transfer_studies_key_their_rows_by(cfg
     assert source.arch_label == f"{label}-64x64-minmax"
 
 
+@pytest.mark.parametrize(("cfg", "text"), [(dict(name="small", width=8), "small CNN width 8"),
+                                         (dict(name="resnet18", small_input_stem=True), "ResNet18 3x3 stem"),
+                                         (dict(name="convnext_nano"), "convnext_nano")])
+def test_the_quickstart_report_describes_a_run_s_encoder_in_words(tmp_path, cfg, text):
+    from dlscale.export import save_encoder
+    from dlscale.quickstart_report import encoder_text
+    encoder = build_encoder(EncoderConfig(**cfg), (1, 32, 32))
+    save_encoder(tmp_path / "encoder.pt", encoder, EncoderConfig(**cfg), {"image_shape": [1, 32, 32]})
+    assert encoder_text(tmp_path) == f"{text} ({sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M)"
+
+
 @pytest.mark.parametrize("name", ENCODER_NAMES)
 def test_each_backbone_config_holds_its_own_options_and_survives_copies(name):
     cfg = EncoderConfig(name=name)

@@ -44,6 +44,8 @@ class EncoderConfig:
     """Image channels: 1 for DeepLense Models I-III and the common test, 3 for some Model IV copies."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "EncoderConfig":
+        """One constructor for every backbone: `EncoderConfig(name=..., **options)` is an instance of the named
+        backbone's `Config` (Python then runs that class's `__init__`)."""
         chosen = cls.variant({"name": args[0] if args else kwargs.get("name", EncoderConfig.name), **kwargs},
                              "model.encoder.")
         if cls is not EncoderConfig and chosen is not cls:
