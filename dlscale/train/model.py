@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 from dlscale.data.classes import CLASSES
+from dlscale.export import FORMAT, encoder_config, read_encoder_file
 from dlscale.models import EncoderConfig, TaskModel, build_encoder, load_encoder_weights
 from dlscale.train.stages import stage_tasks
 from dlscale.train.tasks import TaskContext, task_class, task_options
 from dlscale.train.weighting import build_weighting
+
 
 def build_model(stage: str, encoder_cfg: EncoderConfig, image_shape: Sequence[int], n_classes: int = 3,
                 n_reg_targets: int = 0, tasks: Sequence[str] | None = None, classifier_dropout: float = 0.0,
@@ -47,7 +49,6 @@ def init_encoder(encoder: torch.nn.Module, path: str | Path, encoder_cfg: Encode
                  image_shape: Sequence[int], classes: Sequence[str]) -> None:
     """Load `init_from` into `encoder` after every check (architecture and data of an exported encoder; keys and
     shapes of every state dict). The file is read once."""
-    from dlscale.export import FORMAT, read_encoder_file
     path = Path(path)
     if path.is_dir():
         payload = read_encoder_file(path)
@@ -64,7 +65,6 @@ def init_encoder(encoder: torch.nn.Module, path: str | Path, encoder_cfg: Encode
 def check_init(path: str | Path, payload: dict, encoder_cfg: EncoderConfig, image_shape: Sequence[int],
                classes: Sequence[str]) -> None:
     """An exported encoder must have this run's architecture, image shape and classes; raise naming the key."""
-    from dlscale.export import encoder_config
     theirs, ours = dataclasses.asdict(encoder_config(payload)), dataclasses.asdict(encoder_cfg)
     for key in dict.fromkeys([*theirs, *ours]):     # the name first: other backbones have other options
         if theirs.get(key) != ours.get(key):
