@@ -327,7 +327,7 @@ def test_another_backbone_s_option_is_refused_naming_the_key(overrides, message)
 def test_naming_another_backbone_drops_the_options_of_the_one_it_replaces(tmp_path):
     """A file's resnet18 options do not follow an override (or a sweep trial) to another backbone."""
     from pathlib import Path
-    from dlscale.sweep.spec import trial_config
+    from dlscale.sweep.spec import load_sweep, trial_config
     from dlscale.train.config import load_config
     full = Path(__file__).resolve().parents[1] / "launch" / "full.yaml"
     assert load_config(full).model.encoder == EncoderConfig(name="resnet18", small_input_stem=True)
@@ -336,6 +336,9 @@ def test_naming_another_backbone_drops_the_options_of_the_one_it_replaces(tmp_pa
     assert base.model.encoder == EncoderConfig(name="small", width=8)
     trial = trial_config(base, {"model.encoder.name": "resnet18"})
     assert trial.model.encoder == EncoderConfig(name="resnet18")
+    sweep = load_sweep(full.parents[1] / "dlscale" / "sweep" / "multitask.yaml",     # its base: resnet18
+                       ["--model.encoder.width=8", "--model.encoder.name=small"], data_dir=str(tmp_path))
+    assert sweep.base.model.encoder == EncoderConfig(name="small", width=8)
 
 
 # ---- files of format 2 (every backbone's options in every encoder config) still load --------------------------------

@@ -92,13 +92,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: s
         raise ValueError(f"{path}: expected a mapping with the sections sweep, space and train; got {sorted(tree)}")
     settings = dict(tree.get("sweep") or {})
     base = to_dict(from_dict(Config, migrate(dict(tree.get("train") or {})), "train."))
+    train = []
     for item in overrides or []:
         key, value = parse_override(item)
         if key.startswith("sweep."):
             settings[key.removeprefix("sweep.")] = value
         else:
-            base = merge(base, overrides_tree([item]), Config)   # another encoder name drops the base's options
-    base = migrate(base)
+            train.append(item)
+    base = migrate(merge(base, overrides_tree(train), Config))   # another encoder name drops the base's options
     if trials is not None:
         settings["trials"] = trials
     if data_dir is not None:
