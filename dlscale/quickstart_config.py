@@ -122,12 +122,13 @@ def _scale(name: str) -> dict:
 def resolved_step(scale: str, step: dict) -> dict:
     """A recipe step (stage, init_from, from_stream, train settings) of scale `scale` as a StepConfig tree: its
     training config loaded from defaults < stage defaults < the scale's base recipe < its `common` settings < the
-    step's own; a stream step simulates the scale's preset."""
+    step's own (merged as training configs merge: a step naming another backbone drops the options of the one
+    below it); a stream step simulates the scale's preset."""
     recipe = _scale(scale)
     base = read_yaml(config_path(recipe["base"])) if recipe.get("base") else {}
-    tree = merge(merge(base, recipe.get("common", {})), step.get("train", {}))
+    tree = merge(merge(base, recipe.get("common", {}), Config), step.get("train", {}), Config)
     if step.get("from_stream"):
-        tree = merge({"data": {"source": "simulate", "simulator": {"preset": recipe["preset"]}}}, tree)
+        tree = merge({"data": {"source": "simulate", "simulator": {"preset": recipe["preset"]}}}, tree, Config)
     train = load_config(None, None, **{**tree, "stage": step["stage"]})
     return {"init_from": step.get("init_from"), "from_stream": bool(step.get("from_stream")), "train": to_dict(train)}
 

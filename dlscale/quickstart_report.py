@@ -11,7 +11,9 @@ import torch
 from dlscale import io
 from dlscale.configtree import read_yaml
 from dlscale.data.classes import CLASSES
+from dlscale.export import encoder_config
 from dlscale.figures import save_reliability, save_roc
+from dlscale.models import backbone_class
 from dlscale.train.config import load_config, run_tasks
 from dlscale.transfer.report import task_sections
 from dlscale.transfer.report_text import fmt as _f
@@ -34,12 +36,10 @@ SEED_RESULTS = {
 def encoder_text(run_dir: Path) -> str:
     """"small CNN width 16 (0.10M)": the row's encoder and its parameter count."""
     payload = torch.load(run_dir / "encoder.pt", map_location="cpu", weights_only=True)
-    c = payload["encoder_config"]
+    cfg = encoder_config(payload)
     n = sum(v.numel() for k, v in payload["state_dict"].items() if torch.is_tensor(v) and "running" not in k
             and "num_batches" not in k)
-    name = {"small": f"small CNN width {c.get('width')}", "resnet18": "ResNet18" + (" 3x3 stem" if c.get(
-        "small_input_stem") else "")}.get(c["name"], c["name"])
-    return f"{name} ({n / 1e6:.2f}M)"
+    return f"{backbone_class(cfg.name).describe(cfg)} ({n / 1e6:.2f}M)"
 
 
 def stage_rows(out: Path, cfg) -> tuple[list[str], dict]:

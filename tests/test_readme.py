@@ -23,6 +23,7 @@ from typing import Callable
 import pytest
 
 from dlscale.cli import COMMANDS, main
+from dlscale.models import BACKBONES, EncoderConfig
 from dlscale.sim import SimulatorConfig
 from dlscale.sweep import SweepSettings
 from dlscale.train.config import Config
@@ -105,12 +106,18 @@ def has_key(tree: Tree | type, dotted: str) -> bool:
             return len(parts) == i + 1 and part in TASKS
         if not dataclasses.is_dataclass(cls):
             return False
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
+        owner = next((c for c in variants(cls) if part in {f.name for f in dataclasses.fields(c)}), None)
+        if owner is None:
             return False
-        cls = typing.get_type_hints(cls)[part]
+        cls = typing.get_type_hints(owner)[part]
         cls = next((a for a in typing.get_args(cls) if dataclasses.is_dataclass(a)), cls)
     return True
+
+
+def variants(cls: type) -> list[type]:
+    """The classes a section may be: the encoder's are the registered backbones' options (`model.encoder.width` of
+    `small`, ...); other sections have one."""
+    return [cls, *(backbone.Config for backbone in BACKBONES.values())] if cls is EncoderConfig else [cls]
 
 
 def help_text(sub: str, capsys) -> str:
@@ -275,3 +282,5 @@ def test_has_key_checks_transfer_keys_against_the_downstream_tasks_options():
     assert has_key(TRANSFER, "budget.finetune_encoder_lr_scale") and has_key(TRANSFER, "data.resize")
     assert not has_key(TRANSFER, "superres_steps") and not has_key(TRANSFER, "model.encoder.name")
     assert has_key(TUNE, "sweep.scheduler") and not has_key(TRAIN, "sweep.scheduler")
+    assert has_key(TRAIN, "model.encoder.width") and has_key(TRAIN, "model.encoder.patch_size")
+    assert not has_key(TRAIN, "model.encoder.depth")

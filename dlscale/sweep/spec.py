@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlscale.configtree import commented_yaml, from_dict, parse_override, read_yaml, set_dotted, to_dict
+from dlscale.configtree import (commented_yaml, from_dict, merge, overrides_tree, parse_override, read_yaml,
+                                set_dotted, to_dict)
 from dlscale.train.config import Config, migrate, run_tasks
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -110,13 +111,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: s
         raise ValueError(f"{path}: expected a mapping with the sections sweep, space and train; got {sorted(tree)}")
     settings = dict(tree.get("sweep") or {})
     base = to_dict(from_dict(Config, migrate(dict(tree.get("train") or {})), "train."))
+    train = []
     for item in overrides or []:
         key, value = parse_override(item)
         if key.startswith("sweep."):
             settings[key.removeprefix("sweep.")] = value
         else:
-            set_dotted(base, key, value)
-    base = migrate(base)
+            train.append(item)
+    base = migrate(merge(base, overrides_tree(train), Config))   # another encoder name drops the base's options
     if trials is not None:
         settings["trials"] = trials
     if data_dir is not None:
@@ -210,13 +212,13 @@ def trial_config(base: Config, params: Mapping[str, Any], run_dir: str | Path | 
     `fixed` weighting only: sampled `loss.fixed.weights.<task>` ratios become {<task>: ratio, classification: 1.0,
     other tasks: their base weight or 1.0}; other weightings get `loss.fixed.weights=None`. Checked (with
     `run_dir`: complete)."""
-    tree = to_dict(base)
-    ratios = {}
+    sampled, ratios = {}, {}
     for key, value in params.items():
         if weight_task(key) is not None:
             ratios[weight_task(key)] = float(value)
         else:
-            set_dotted(tree, key, value)
+            set_dotted(sampled, key, value)
+    tree = merge(to_dict(base), sampled, Config)     # a sampled encoder name drops the base encoder's options
     if run_dir is not None:
         tree["run_dir"] = str(run_dir)
     cfg = from_dict(Config, tree)
@@ -227,7 +229,6 @@ def trial_config(base: Config, params: Mapping[str, Any], run_dir: str | Path | 
         weights = {**{t: 1.0 for t in tasks}, **(cfg.loss.fixed.weights or {}), **ratios, REFERENCE_TASK: 1.0}
         cfg.loss.fixed.weights = {t: weights[t] for t in tasks}
     return cfg.validate(complete=run_dir is not None)
-
 
 
 def param_space(space: Mapping[str, tuple[str, list]]) -> dict:

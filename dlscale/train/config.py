@@ -92,6 +92,8 @@ class DataConfig(StreamConfig):
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="resnet18"))
+    """The backbone (`name`: a registered one) with its own options. Naming another backbone (in a file or an
+    override) drops the options of the one it replaces; an option of another backbone is refused, naming its key."""
     tasks: list[str] | None = None
     """Tasks of stages that let the run choose (multitask); default recon + classification (+ regression if
     data.targets)."""
@@ -347,8 +349,9 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
     (`section.key=value`) < keyword arguments (None: not given). Unknown keys, wrong types and bad values raise
     naming the dotted key; `complete`: the run's inputs (data_dir, run_dir) must be there too."""
     given = upgrade_config(read_yaml(yaml_path)) if yaml_path else {}
-    given = merge(given, upgrade_config(overrides_tree(overrides), FORMAT_0_1))   # 0.1's keys are still accepted
+    given = merge(given, upgrade_config(overrides_tree(overrides), FORMAT_0_1), Config)   # 0.1's keys still accepted
     given.update({k: v for k, v in top.items() if v is not None})
     stage = given.get("stage", Config.stage)
     stage_defaults = STAGES[stage].defaults if isinstance(stage, str) and stage in STAGES else {}
-    return fill_options(from_dict(Config, merge(merge(to_dict(Config()), stage_defaults), given))).validate(complete)
+    tree = merge(merge(to_dict(Config()), stage_defaults, Config), given, Config)
+    return fill_options(from_dict(Config, tree)).validate(complete)

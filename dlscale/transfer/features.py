@@ -20,7 +20,7 @@ from tqdm import tqdm
 from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
 from dlscale.collect import collect, gather
 from dlscale.export import encoder_config, read_encoder_file
-from dlscale.models import EncoderConfig, build_encoder, global_pool
+from dlscale.models import EncoderConfig, backbone_class, build_encoder, global_pool
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,8 @@ class EncoderSource:
     @property
     def arch_label(self) -> str:
         """A short name of the architecture at its input size: scratch and random-init rows are keyed by it."""
-        a = self.architecture
-        detail = {"small": f"w{a.width}", "resnet18": "s" if a.small_input_stem else ""}.get(a.name, "")
-        if a.patch_size:
-            detail += f"p{a.patch_size}"
         side = "x".join(map(str, self.image_shape[1:]))
-        return f"{a.name}{'-' + detail if detail else ''}-{side}-{self.normalize}"
+        return f"{backbone_class(self.architecture.name).arch_label(self.architecture)}-{side}-{self.normalize}"
 
 
 def load_sources(paths: list[str]) -> list[EncoderSource]:
