@@ -24,6 +24,7 @@ import pytest
 
 from dlscale.cli import COMMANDS, main
 from dlscale.models import BACKBONES, EncoderConfig
+from dlscale.recipes import train_recipes
 from dlscale.sim import SimulatorConfig
 from dlscale.sweep import SweepSettings
 from dlscale.train.config import Config
@@ -173,14 +174,16 @@ def test_command_uses_only_known_options(command, capsys):
 
 def loadable(args: list[str]) -> list[str]:
     """A command's arguments without a shell redirection or --print-config; `--config FILE` reads the repository's
-    file (launch/gpu.yaml) and is left out where the file is one the user makes (a sweep's best_config.yaml)."""
+    file (launch/gpu.yaml) or a packaged recipe (full), and is left out where the file is one the user makes (a
+    sweep's best_config.yaml)."""
     out, rest = [], iter(args)
     for arg in rest:
         if arg == ">":
             next(rest)
         elif arg == "--config":
-            path = ROOT / next(rest)
-            out += ["--config", str(path)] if path.exists() else []
+            name = next(rest)
+            path = ROOT / name
+            out += ["--config", str(path)] if path.exists() else ["--config", name] if name in train_recipes() else []
         elif arg != "--print-config":
             out.append(arg)
     return out
@@ -195,6 +198,8 @@ def test_command_loads_its_config(command, capsys):
         pytest.skip("not a dlscale command line (a subcommand named in the text)")
     if "--print-config" not in help_text(args[0], capsys):
         pytest.skip(f"dlscale {args[0]} has no config to print")
+    if "--resume" in args:
+        pytest.skip("it resumes what an earlier command made (its recorded config)")
     code = main([*loadable(args), "--print-config"])
     printed = capsys.readouterr()
     assert code == 0, f"{command}: {printed.err[-2000:]}"

@@ -45,7 +45,9 @@ def tune_main(argv: list[str] | None = None) -> int:
                    "training config) as YAML, each key's meaning as a comment above it, and exit")
     args, rest = parse_with_overrides(p, argv)
     if args.print_config:
-        print(print_sweep(load_sweep(args.config or DEFAULT_SWEEP_FILE, rest, args.data, args.trials)), end="")
+        recorded = args.resume and args.out is not None
+        path = args.out.resolve() / SWEEP_RECORD if recorded else args.config or DEFAULT_SWEEP_FILE
+        print(print_sweep(load_sweep(path, rest, args.data, args.trials, complete=False)), end="")
         return 0
     if args.out is None:
         p.error("--out is required: the sweep directory (new, or the one to --resume)")

@@ -100,9 +100,10 @@ def print_sweep(spec: SweepSpec) -> str:
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: str | None = None,
-               trials: int | None = None) -> SweepSpec:
+               trials: int | None = None, complete: bool = True) -> SweepSpec:
     """Read a sweep file; `overrides` are `--sweep.key=value` (settings) or `--section.key=value` (base training
-    config). Everything is checked here, before Ray starts: an unknown key or a bad range raises naming it."""
+    config). Everything is checked here, before Ray starts: an unknown key or a bad range raises naming it;
+    `complete`: the dataset must be given too (a printed sweep may leave it out)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} not found")
@@ -128,7 +129,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: s
     if len(run_tasks(base_cfg)) < 2:
         raise ValueError(f"{path}: train.stage {base_cfg.stage!r} trains {list(run_tasks(base_cfg))}; dlscale tune "
                          "sweeps the loss weighting of several tasks (e.g. the multitask stage)")
-    if not base_cfg.data_dir and base_cfg.data.source == "shards":
+    if complete and not base_cfg.data_dir and base_cfg.data.source == "shards":
         raise ValueError("no dataset: pass --data DIR (or train from the simulator: --data.source=simulate)")
     base_cfg.validate(complete=False)
     space = check_space(tree.get("space"), base_cfg)
