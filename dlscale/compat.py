@@ -21,25 +21,14 @@ value it stays, and the backbone refuses it naming the key (`upgrade_config`, `u
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-FORMAT_0_1 = 1
-"""Format version of files that carry none (dlscale 0.1 / 0.2)."""
-FORMAT_VERSION = 3
-"""Format version written now (config.yaml, encoder.pt, manifest.json)."""
+from dlscale.formats import FORMAT_0_1, FORMAT_VERSION, format_version
+from dlscale.models.encoders import BACKBONES, EncoderConfig
+
+__all__ = ["FORMAT_0_1", "FORMAT_VERSION", "format_version", "upgrade_config", "upgrade_encoder_config",
+           "upgrade_model_state"]
 FLAT_ENCODER_FIELDS = {"small_input_stem": False, "width": 32, "patch_size": None}
 """The backbone options format 2 wrote into every encoder config, whatever the backbone, with their defaults."""
-
-
-def format_version(tree: Any, what: str = "file") -> int:
-    """The format version `tree` (a loaded config / payload / manifest) was written with; refuses newer ones."""
-    version = tree.get("format_version", FORMAT_0_1) if isinstance(tree, dict) else FORMAT_0_1
-    if not isinstance(version, int) or isinstance(version, bool) or version < FORMAT_0_1:
-        raise ValueError(f"{what}: format_version={version!r}: expected an integer >= {FORMAT_0_1}")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{what}: format_version={version} is newer than this dlscale reads ({FORMAT_VERSION}); "
-                         "upgrade dlscale")
-    return version
 
 
 def upgrade_config(tree: dict, version: int | None = None) -> dict:
@@ -67,8 +56,6 @@ def upgrade_encoder_config(encoder: dict, version: int) -> dict:
 
 
 def _flat_encoder(encoder: dict) -> None:
-    # Imported here: the models need torch and torchvision, which reading a manifest (dlscale.data.shards) does not.
-    from dlscale.models.encoders import BACKBONES, EncoderConfig
     backbone = BACKBONES.get(encoder.get("name", EncoderConfig.name))
     if backbone is None:
         return                              # an unknown name: the config is refused naming it

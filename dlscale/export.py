@@ -18,6 +18,7 @@ from dlscale import io
 from dlscale.compat import FORMAT_VERSION, format_version, upgrade_encoder_config
 from dlscale.configtree import from_dict
 from dlscale.models import EncoderConfig, backbone_class, build_encoder
+from dlscale.version import __version__
 
 FORMAT = "dlscale-encoder/1"
 
@@ -83,7 +84,6 @@ def save_portable_encoder(run_dir: Path, encoder: nn.Module, encoder_cfg: Encode
     version, the weights' sha256 and how a timm backbone loads into `timm.create_model`). The weights are written
     first: a crash between the two leaves a json whose sha256 does not match, which `load_encoder` refuses."""
     from safetensors.torch import save
-    from dlscale import __version__
     state = {k: v.contiguous() for k, v in cpu_state_dict(encoder).items()}
     blob = save(state, metadata={"format": FORMAT})
     io.write_bytes(run_dir / WEIGHTS, blob)

@@ -326,17 +326,17 @@ def test_another_backbone_s_option_is_refused_naming_the_key(overrides, message)
 
 def test_naming_another_backbone_drops_the_options_of_the_one_it_replaces(tmp_path):
     """A file's resnet18 options do not follow an override (or a sweep trial) to another backbone."""
-    from pathlib import Path
-    from dlscale.sweep.spec import load_sweep, trial_config
+    from dlscale.recipes import config_path
+    from dlscale.sweep.spec import DEFAULT_SWEEP_FILE, load_sweep, trial_config
     from dlscale.train.config import load_config
-    full = Path(__file__).resolve().parents[1] / "launch" / "full.yaml"
+    full = config_path("full")
     assert load_config(full).model.encoder == EncoderConfig(name="resnet18", small_input_stem=True)
     assert load_config(full, ["--model.encoder.name=vit_small"]).model.encoder == EncoderConfig(name="vit_small")
     base = load_config(full, ["--model.encoder.name=small", "--model.encoder.width=8"], stage="multitask")
     assert base.model.encoder == EncoderConfig(name="small", width=8)
     trial = trial_config(base, {"model.encoder.name": "resnet18"})
     assert trial.model.encoder == EncoderConfig(name="resnet18")
-    sweep = load_sweep(full.parents[1] / "dlscale" / "sweep" / "multitask.yaml",     # its base: resnet18
+    sweep = load_sweep(DEFAULT_SWEEP_FILE,                                             # its base: resnet18
                        ["--model.encoder.width=8", "--model.encoder.name=small"], data_dir=str(tmp_path))
     assert sweep.base.model.encoder == EncoderConfig(name="small", width=8)
 

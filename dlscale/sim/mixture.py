@@ -42,6 +42,7 @@ import torch
 
 from dlscale.configtree import plain, to_dict
 from dlscale.data.classes import CLASSES
+from dlscale.data.shards import DatasetWriter
 from dlscale.data.stream import resize
 from dlscale.sim.config import Range, SimulatorConfig, preset_with_overrides
 from dlscale.sim.simulator import LensParams, LensSimulator
@@ -258,7 +259,6 @@ def write_mixture_set(mixture: Mixture, counts: dict[str, int], out: Path | str,
     process): split by split, batches of one class, the classes in turn (`plan_batches`), each class's images in a
     split shared among the components by the share rule over its running count there; batch j (over all splits)
     seeded by (seed, EVAL_KEY, j)."""
-    from dlscale.data.shards import DatasetWriter
     batches = ((split, class_name, k) for split, n in counts.items()
                for class_name, [(_, k)] in plan_batches({split: n}, batch_size))
     with DatasetWriter(out, (1, mixture.side, mixture.side), source, shard_size=shard_size,

@@ -25,6 +25,7 @@ from dlscale.sweep.execution import Resources, node_resources, ray_cluster, run_
 from dlscale.sweep.results import outcomes, trials_left, write_results
 from dlscale.sweep.spec import DEFAULT_SWEEP_FILE, SWEEP_RECORD, load_sweep, print_sweep
 from dlscale.train.config import Config
+from dlscale.train.data import load_dataset
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
@@ -102,5 +103,4 @@ def _check_state_api() -> None:
 def _check_dataset(cfg: Config) -> None:
     """The dataset fits the model (trials training from the simulator without one simulate their own eval set)."""
     if cfg.data_dir:
-        from dlscale.train.data import load_dataset
         load_dataset(cfg)

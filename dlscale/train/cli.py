@@ -12,7 +12,11 @@ from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.distributed import dist_info, setup_logging
 from dlscale.preemption import PREEMPTED_EXIT_CODE, Preempted
 from dlscale.recipes import config_path
+from dlscale.summaries import metrics_table
 from dlscale.train.config import load_config, print_config
+from dlscale.train.deepspeed_setup import prepare_process
+from dlscale.train.evaluation import evaluate_run
+from dlscale.train.runner import run
 from dlscale.train.sources.two_stream import TARGET_PREFIX
 from dlscale.train.stages import STAGES
 
@@ -49,12 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(print_config(cfg), end="")
         return 0
-    from dlscale.train.deepspeed_setup import prepare_process
     info = dist_info(args.local_rank)
     setup_logging(info.rank)
     prepare_process(cfg.device)
-    from dlscale.summaries import metrics_table
-    from dlscale.train.runner import run
     try:
         metrics = run(cfg, resume=args.resume == "auto", local_rank=args.local_rank)
     except Preempted:   # the run has logged which signal stopped it where, and how to resume
@@ -78,12 +79,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val", choices=list(SPLITS))
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = p.parse_args(argv)
-    from dlscale.train.deepspeed_setup import prepare_process
     info = dist_info(args.local_rank)
     setup_logging(info.rank)
     prepare_process()
-    from dlscale.summaries import metrics_table
-    from dlscale.train.evaluation import evaluate_run
     metrics, out_dir = evaluate_run(args.run_dir, args.data, args.split, args.local_rank)
     if info.is_main:
         print(f"{args.run_dir} on {args.data or 'its own data'} [{args.split}] -> {out_dir}\n"

@@ -16,7 +16,9 @@ import torch
 
 from dlscale.data.shards import load_manifest
 from dlscale.distributed import DistInfo
+from dlscale.train.preflight import check_dataset
 from dlscale.train.sources import InMemorySource, source_class, source_of, training_source
+from dlscale.train.sources.two_stream import simulated_target_set, target_config
 
 STATS_SAMPLES = 4096
 
@@ -24,13 +26,11 @@ STATS_SAMPLES = 4096
 def load_dataset(cfg) -> tuple[dict, tuple[int, ...]]:
     """(manifest, image shape) of the run's evaluation (and, for `shards`, training) dataset, checked."""
     manifest = load_manifest(cfg.data_dir)
-    from dlscale.train.preflight import check_dataset
     return manifest, check_dataset(cfg, manifest)
 
 
 def prepare_target_eval_set(cfg) -> None:
     """Rank 0: make (or reuse) the simulated target's evaluation set in RUN/target_eval_data."""
-    from dlscale.train.sources.two_stream import simulated_target_set, target_config
     if simulated_target_set(cfg) and cfg.data.target.evaluate:
         source_class("simulate")(target_config(cfg)).prepare_eval_set()
 

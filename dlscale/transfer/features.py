@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
 from dlscale.collect import collect, gather
-from dlscale.export import encoder_config, read_encoder_file
+from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
+from dlscale.export import encoder_config, load_encoder, read_encoder_file
 from dlscale.models import EncoderConfig, backbone_class, build_encoder, global_pool
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,6 @@ class FeatureModel(nn.Module):
 
 def load_weights(source: EncoderSource) -> nn.Module:
     """The trained encoder (fp32, eval mode)."""
-    from dlscale.export import load_encoder
     return load_encoder(source.path)
 
 

@@ -25,8 +25,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from dlscale.data.classes import CLASSES
 from dlscale.transfer.bootstrap import weighted_auc
-from dlscale.transfer.tasks import DOWNSTREAM
-from dlscale.transfer.tasks.base import Anchor, DownstreamTask, cell, summarize
+from dlscale.transfer.tasks.base import DOWNSTREAM, Anchor, DownstreamTask, cell, summarize
 
 log = logging.getLogger(__name__)
 NORMAL = CLASSES.index("no_sub")

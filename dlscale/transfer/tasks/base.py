@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dlscale.registry import Registry
 from dlscale.transfer.bootstrap import Draw, summarize_draws
 from dlscale.transfer.report_text import task_table
 
@@ -61,6 +62,10 @@ class DownstreamTask:
 
     def refuse(self, why: str) -> ValueError:
         return ValueError(f"--tasks {self.name}: {why}; the task needs {self.needs}")
+
+
+DOWNSTREAM: Registry[DownstreamTask] = Registry("downstream task")
+"""Every downstream task by name, in registration order (the report and `--tasks all` follow it)."""
 
 
 def cell(task: str, method: str, model: str, n, n_train: int, summary: dict, runs: list | None = None) -> dict:

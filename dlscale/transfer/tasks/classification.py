@@ -24,8 +24,7 @@ from dlscale.transfer.methods import METHODS
 from dlscale.transfer.report_text import fmt, with_ci
 from dlscale.transfer.scoring import probe_classifier, probe_regressor, summarize_cell
 from dlscale.transfer.subsets import ALL
-from dlscale.transfer.tasks import DOWNSTREAM
-from dlscale.transfer.tasks.base import DownstreamTask
+from dlscale.transfer.tasks.base import DOWNSTREAM, DownstreamTask
 from dlscale.transfer.training import PlannedRun, budget_of, read_scores, run_config, train_all
 
 LINE_STYLES = {"probe": "-", "finetune": "--", "scratch": ":", "random": "-."}

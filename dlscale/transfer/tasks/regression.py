@@ -19,9 +19,8 @@ from matplotlib.figure import Figure
 from dlscale.transfer import samples
 from dlscale.transfer.bootstrap import weighted_mean, weighted_r2
 from dlscale.transfer.scoring import probe_regressor
-from dlscale.transfer.tasks import DOWNSTREAM
 from dlscale.transfer.tasks.regression_runs import run_trained
-from dlscale.transfer.tasks.base import Anchor, DownstreamTask, cell, summarize
+from dlscale.transfer.tasks.base import DOWNSTREAM, Anchor, DownstreamTask, cell, summarize
 
 MASS, LOG_MASS = "axion_mass", "log10_axion_mass"
 CANDIDATES = (LOG_MASS, "theta_E", "e1", "e2", "gamma1", "gamma2")

@@ -25,8 +25,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from dlscale.data.stream import normalize
 from dlscale.transfer import samples
 from dlscale.transfer.bootstrap import weighted_mean
-from dlscale.transfer.tasks import DOWNSTREAM
-from dlscale.transfer.tasks.base import Anchor, DownstreamTask, cell, summarize
+from dlscale.transfer.tasks.base import DOWNSTREAM, Anchor, DownstreamTask, cell, summarize
 
 MIN_SIDE = 16              # halved to 8, and SSIM's 11x11 window fits the high-resolution image
 ANCHOR_SOURCE = "DeepLense Model II 2x super-resolution (noiseless), as quoted in the dlscale issue; other data"
