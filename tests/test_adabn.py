@@ -175,3 +175,30 @@ def test_a_run_without_batchnorm_is_refused(separable_data, target, work, tiny_a
     result = adapt(run, target, work / "refused_vit")
     assert result.code == 2 and "no BatchNorm" in result.err and "vit_tiny" in result.err, result.err
     assert not (work / "refused_vit").exists()
+
+
+def test_stage_adapt_ends_with_adabn_and_scores_it_on_the_target(cli, separable_data, target, tmp_path, tiny_args):
+    run = tmp_path / "run"
+    result = cli("train", "--stage", "adapt", "--data", separable_data, "--target-data", target, "--run-dir", run,
+                 "--model.tasks=[classification,mmd]", "--data.target.adabn=true", "--schedule.epochs=1",
+                 "--schedule.batches_per_epoch=4", *tiny_args)
+    assert result.code == 0, result.err[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    record = json.loads((run / "adabn" / "adabn.json").read_text())
+    assert record["source_run"] == str(run.resolve()) and record["images"] == 120
+    result = cli("eval", "--run-dir", run / "adabn")   # its own data: the target
+    assert result.code == 0, result.err[-3000:]
+    evaluated = json.loads((run / "adabn" / "metrics.json").read_text())
+    for key in ("accuracy", "auc_macro"):
+        assert metrics[f"adabn/target/val/{key}"] == evaluated[f"val/{key}"], key
+    assert (run / "scores_adabn_target_val.npz").is_file()
+
+
+def test_stage_adapt_with_adabn_refuses_a_model_without_batchnorm_before_writing(cli, separable_data, target,
+                                                                                  tmp_path, tiny_args):
+    run = tmp_path / "run"
+    result = cli("train", "--stage", "adapt", "--data", separable_data, "--target-data", target, "--run-dir", run,
+                 *tiny_args, "--model.tasks=[classification,mmd]", "--data.target.adabn=true",
+                 "--model.encoder.name=vit_tiny", "--model.task_options.classification.standardize=false")
+    assert result.code == 2 and "data.target.adabn" in result.err and "no BatchNorm" in result.err, result.err
+    assert not run.exists()

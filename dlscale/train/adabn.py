@@ -29,19 +29,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from dlscale import io
 from dlscale.configtree import dump_yaml
+from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
 from dlscale.data.stream import StreamConfig, eval_loader, leading_shards
 from dlscale.train import artifacts
 from dlscale.train.deepspeed_setup import pick_device
-from dlscale.train.evaluation import load_run
+from dlscale.train.evaluation import evaluate_split, load_run
+from dlscale.train.sources.two_stream import simulated_target_set
 
 log = logging.getLogger(__name__)
 PROVENANCE = "adabn.json"
+RUN_STEP_DIR = "adabn"
+"""RUN/adabn: the adapted run that stage adapt writes as its last step (`data.target.adabn`)."""
+RUN_STEP_PREFIX = "adabn/target/"
 
 
 @dataclass
@@ -225,6 +231,51 @@ def write_run(out: Path, cfg, model: nn.Module, info: dict, manifest: dict, prov
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_run_step(cfg, model: nn.Module) -> None:
+    """`data.target.adabn`, before a run directory is created: the model has BatchNorm layers and the target's
+    train split holds at least one batch."""
+    if not cfg.data.target.adabn:
+        return
+    if not batchnorm_layers(model):
+        raise ValueError(f"data.target.adabn=true: the model ({cfg.model.encoder.name} encoder, heads "
+                         f"{'+'.join(model.task_specs)}) has no BatchNorm layer, AdaBN has no statistics to adapt")
+    target = cfg.data.target
+    if simulated_target_set(cfg):
+        images, where = len(CLASSES) * target.simulator.probe_per_class, "data.target.simulator.probe_per_class x 3"
+    else:
+        images = load_manifest(target.data_dir)["splits"].get("train", {}).get("samples", 0)
+        where = f"{target.data_dir}'s train split"
+    if images < cfg.data.batch_size:
+        raise ValueError(f"data.target.adabn=true: {images} target image(s) ({where}), fewer than one batch of "
+                         f"{cfg.data.batch_size}")
+
+
+def run_step(cfg, evaluation, info, device: torch.device, step: int) -> dict:
+    """Stage adapt's last step (`data.target.adabn`): rank 0 writes RUN/adabn from the finished run (a resumed run
+    writes it again: it derives from model.pt alone); every rank then scores it on the target's evaluation split
+    (`adabn/target/<split>/...`, merged into RUN/metrics.json at the run's last `step`). A failure on rank 0 is shared with every rank."""
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / RUN_STEP_DIR
+    outcome: list = [None]
+    if info.is_main:
+        try:
+            shutil.rmtree(out, ignore_errors=True)
+            adapt_batchnorm(AdaBNConfig(run_dir, cfg.data.target.data_dir, out, num_workers=cfg.data.num_workers,
+                                        device=cfg.device))
+        except Exception as err:
+            outcome = [f"AdaBN of {run_dir} failed: {type(err).__name__}: {err}"]
+    if info.world > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RuntimeError(outcome[0])
+    if evaluation.target is None:
+        return {}
+    _, model, _ = load_run(out)
+    scored, _ = evaluate_split(model.to(device), dataclasses.replace(evaluation.target, prefix=RUN_STEP_PREFIX),
+                               cfg.eval.split, probe=False, step=step)   # (merged into RUN/metrics.json there)
+    return {k: v for k, v in scored.items() if k.startswith(RUN_STEP_PREFIX)}
 
 
 def adapt_bn_main(argv: list[str] | None = None) -> int:

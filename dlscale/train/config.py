@@ -46,6 +46,9 @@ class TargetDataConfig:
     """Simulated target images (source=simulate): preset, simulator overrides, evaluation set."""
     evaluate: bool = True
     """score the run on the target's `eval.split` too (labels used for scoring only)"""
+    adabn: bool = False
+    """after training, re-estimate every BatchNorm's statistics on the target's unlabelled train images (AdaBN,
+    `dlscale adapt-bn`) into RUN/adabn, a run of its own, scored as `adabn/target/<split>/...`"""
 
     def validate(self) -> "TargetDataConfig":
         from dlscale.train.sources import SOURCES as REGISTERED   # the built-ins and user-registered sources
@@ -55,6 +58,9 @@ class TargetDataConfig:
         if self.source and REGISTERED[self.source].needs_data_dir and not self.data_dir:
             raise ValueError(f"data.target.source={self.source} needs the target dataset: --target-data DIR "
                              "(data.target.data_dir)")
+        if self.adabn and not self.source:
+            raise ValueError("data.target.adabn=true needs a target domain: --target-data DIR or "
+                             "data.target.source=simulate")
         try:
             self.simulator.validate()
         except ValueError as err:
