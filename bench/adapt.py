@@ -11,7 +11,8 @@ Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 
   mmd, dann_sn       stage adapt from scratch, `--batches` batches (dann_sn: spectrally normalised domain classifier)
   selftrain, adda, adda_selftrain
                      stage adapt started from source_only's encoder (`init_from`), `--batches` / 2 batches (AdaMatch
-                     pseudo-labels; ADDA with the encoder at 0.1x the discriminator's learning rate; both)
+                     pseudo-labels; ADDA with the encoder at 0.1x the discriminator's learning rate; both);
+                     `_sep`: the same with `model.domain_batchnorm=separate` (each domain normalised alone)
   target_supervised  stage supervised on the target simulator: the upper bound at the same budget
 Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`). All are
 scored on one simulated target evaluation set (its labels used for scoring only) and one source evaluation set.
@@ -56,6 +57,10 @@ METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
              True),
     "adda_selftrain": ("adapt", ["--model.tasks=[classification,adda,selftrain]", "--optim.encoder_lr_scale=0.1",
                                  *FROM_SOURCE], 0.5, True),
+    "selftrain_sep": ("adapt", ["--model.tasks=[classification,selftrain]", "--model.domain_batchnorm=separate",
+                                *FROM_SOURCE], 0.5, True),
+    "adda_selftrain_sep": ("adapt", ["--model.tasks=[classification,adda,selftrain]", "--optim.encoder_lr_scale=0.1",
+                                     "--model.domain_batchnorm=separate", *FROM_SOURCE], 0.5, True),
     "target_supervised": ("supervised", [], 1.0, False),
 }
 TRAIN = ["--model.encoder.name=small", "--model.encoder.width=16", "--data.batch_size=32", "--data.num_workers=1",
@@ -127,19 +132,9 @@ def outputs(run_dir: Path, work: Path) -> dict[str, dict]:
             for side, where in (("source", source), ("target", target)) for split in ("train", "val")}
 
 
-def label_free_scores(out: dict, seed: int) -> dict:
-    """What a user without target labels can compute: the source val macro AUC and the DEV risk."""
-    from dlscale.metrics import one_vs_rest_aucs
-    from dlscale.train.selection import cross_entropy, deep_embedded_validation, importance_weights
-    val = out["source_val"]
-    weights = importance_weights(out["source_train"]["features"], out["target_train"]["features"], val["features"],
-                                 seed)
-    return {"source_auc_macro": float(one_vs_rest_aucs(val["probs"], val["labels"]).mean()),
-            "dev_risk": deep_embedded_validation(weights, cross_entropy(val["probs"], val["labels"]))}
-
-
 def study(shift: str, args, work: Path) -> dict:
     from dlscale.metrics import gap_closed
+    from dlscale.train.selection import label_free_scores
     seconds = {m: run_method(shift, m, args, work) for m in ["source_only", *args.methods, "target_supervised"]}
     runs = candidates(work, args.methods)
     runs["target_supervised"] = work / "target_supervised"
@@ -152,7 +147,8 @@ def study(shift: str, args, work: Path) -> dict:
     for name, o in outs.items():
         rows[name] = {**closed[name], "gain_over_adabn_ci_low": over_adabn[name]["gain_over_baseline_ci_low"],
                       "gain_over_adabn_ci_high": over_adabn[name]["gain_over_baseline_ci_high"],
-                      **label_free_scores(o, args.seed),
+                      **label_free_scores(o["source_train"], o["source_val"], o["target_train"]["features"],
+                                          args.seed),
                       "seconds": round(seconds.get(name.split("+")[0], 0.0), 1)}
     deployable = [n for n in rows if n != "target_supervised"]
     chosen = {"source_val": max(deployable, key=lambda n: rows[n]["source_auc_macro"]),

@@ -13,6 +13,8 @@ from dlscale import preemption
 from dlscale.distributed import DistInfo
 from dlscale.train.model import build_run_model
 from dlscale.train.sources import TARGET_DOMAIN, training_source
+from dlscale.train.selection import deep_embedded_validation, importance_weights
+from dlscale.train.tasks.adaptation import mmd_loss
 from dlscale.train.tasks.selftraining import SelfTrainConfig, adamatch_ramp, pseudo_labels, strong_view
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -142,3 +144,38 @@ def test_adda_and_selftrain_on_two_ranks_resume_exactly_from_a_sigkill(tmp_path,
     assert got.keys() == want.keys()
     assert [k for k, v in got.items() if torch.is_tensor(v) and not torch.equal(v, want[k])] == []
     assert not np.isnan(float(got["heads.classification.linear.weight"].sum()))
+
+
+# ---- label-free model selection -----------------------------------------------------------------------------------
+
+def test_dev_is_the_importance_weighted_loss_with_its_control_variate():
+    rng = np.random.default_rng(0)
+    w, loss = rng.uniform(0.2, 3, 50), rng.uniform(0, 2, 50)
+    eta = -np.cov(w * loss, w)[0, 1] / np.var(w, ddof=1)
+    assert deep_embedded_validation(w, loss) == pytest.approx((w * loss).mean() + eta * w.mean() - eta)
+    assert deep_embedded_validation(np.ones(50), loss) == pytest.approx(loss.mean())   # no shift: the plain loss
+
+
+def test_importance_weights_favour_validation_images_that_look_like_the_target():
+    rng = np.random.default_rng(1)
+    source, target = rng.normal(size=(300, 4)), rng.normal(size=(200, 4)) + [2, 0, 0, 0]
+    w = importance_weights(source, target, np.array([[2.0, 0, 0, 0], [-2.0, 0, 0, 0]]))
+    assert w[0] > 5 * w[1]
+    same = importance_weights(source, rng.normal(size=(300, 4)), source[:50])
+    assert np.abs(np.log(same)).mean() < 0.5   # no shift: weights near 1
+
+
+def test_separate_domain_batchnorm_encodes_each_domain_alone(separable_data, target_data, tmp_path):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[classification,mmd]",
+                       "--model.domain_batchnorm=separate")
+    batch = first_batch(cfg)
+    torch.manual_seed(0)
+    model = build_run_model(cfg, (1, 32, 32), None)
+    images, target = batch["image"], batch[TARGET_DOMAIN]["image"]
+    with torch.no_grad():
+        out = model(images, batch)
+        alone = model.features(images), model.features(target)
+        joint = model.features(torch.cat([images, target]))
+    assert torch.allclose(out["features"], alone[0], atol=1e-6)
+    assert torch.allclose(out["mmd"], mmd_loss(*alone), atol=1e-6)
+    assert not torch.allclose(out["features"], joint[:len(images)], atol=1e-3)

@@ -26,6 +26,7 @@ from dlscale.train.weighting.classic import DWAConfig, FixedConfig
 from dlscale.train.weighting.famo import FAMOConfig
 
 
+DOMAIN_BATCHNORM = ("joint", "separate")
 BUILTIN_SECTIONS = ("fixed", "dwa", "famo")
 """Weightings whose options have a section of their own (`loss.<method>`), not `loss.options.<method>`."""
 
@@ -102,12 +103,18 @@ class ModelConfig:
     """Tasks of stages that let the run choose (multitask); default recon + classification (+ regression if
     data.targets)."""
     classifier_dropout: float = 0.0
+    domain_batchnorm: str = "joint"
+    """stage adapt: joint (the labelled and target images pass the encoder in one batch: BatchNorm normalises both
+    with one statistic) | separate (each domain's images pass alone, normalised with their own batch statistics,
+    as AdaBN's target statistics do at inference)"""
     task_options: dict[str, Any] = field(default_factory=dict)
     """Per-task options, typed: task name -> an instance of that task's `Config` (e.g. `mae: {mask_ratio: 0.6}`);
     loading fills in the defaults of every task the run trains, so `--print-config` lists them, and refuses a
     misspelt option naming its dotted key (`model.task_options.<task>.<field>`)."""
 
     def __post_init__(self) -> None:
+        if self.domain_batchnorm not in DOMAIN_BATCHNORM:
+            raise ValueError(f"model.domain_batchnorm={self.domain_batchnorm!r}: expected one of {DOMAIN_BATCHNORM}")
         typed = {}
         for name, values in (self.task_options or {}).items():
             if not isinstance(name, str) or name not in TASKS:

@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from dlscale.data.stream import StreamConfig, eval_loader
+from dlscale.metrics import one_vs_rest_aucs
 
 
 @torch.no_grad()
@@ -59,3 +60,12 @@ def deep_embedded_validation(weights: np.ndarray, losses: np.ndarray) -> float:
 
 def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return -np.log(probs[np.arange(len(labels)), labels].clip(1e-12))
+
+
+def label_free_scores(source_train: dict, source_val: dict, target_features: np.ndarray, seed: int = 0) -> dict:
+    """What a user without target labels can rank a candidate by: its labelled validation macro AUC
+    (`source_auc_macro`) and its DEV risk (`dev_risk`), from its `split_outputs` on the labelled train and val
+    splits and its features of the target's unlabelled images."""
+    weights = importance_weights(source_train["features"], target_features, source_val["features"], seed)
+    return {"source_auc_macro": float(one_vs_rest_aucs(source_val["probs"], source_val["labels"]).mean()),
+            "dev_risk": deep_embedded_validation(weights, cross_entropy(source_val["probs"], source_val["labels"]))}
