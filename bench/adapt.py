@@ -20,7 +20,9 @@ scored on one simulated target evaluation set (its labels used for scoring only)
 Reported per candidate: target macro AUC with a 95% CI, the share of the gap closed ((AUC - AUC_source_only) /
 (AUC_target_supervised - AUC_source_only)) with a paired bootstrap CI (`dlscale.metrics.gap_closed`), the gain over
 AdaBN alone (paired bootstrap CI), the source validation macro AUC and the deep-embedded-validation risk
-(`dlscale.train.selection`). Then the candidate each selection rule picks: `source_val` (highest source validation
+(`dlscale.train.selection`); an AdaBN candidate is a target-specific export, so its labelled-domain side (source
+validation AUC and loss, source features of DEV's domain classifier) is its weights with the source statistics
+(`twin`), its target side its own features. Then the candidate each selection rule picks: `source_val` (highest source validation
 AUC), `dev` (lowest DEV risk; label-free), against `oracle` (highest target AUC: what a user cannot do). Wall times
 and the machine load are recorded; finished runs in --work-dir are reused.
 """
@@ -132,6 +134,13 @@ def outputs(run_dir: Path, work: Path) -> dict[str, dict]:
             for side, where in (("source", source), ("target", target)) for split in ("train", "val")}
 
 
+def twin(name: str) -> str:
+    """The run whose BatchNorm statistics serve the labelled domain for candidate `name`: an AdaBN run is a
+    target-specific export (domain-specific normalisation, as in AdaBN), its weights' source-statistics twin
+    (`source_only` for `adabn`, `m` for `m+adabn`) is what scores the labelled validation set."""
+    return "source_only" if name == "adabn" else name.removesuffix("+adabn")
+
+
 def study(shift: str, args, work: Path) -> dict:
     from dlscale.metrics import gap_closed
     from dlscale.train.selection import label_free_scores
@@ -147,8 +156,8 @@ def study(shift: str, args, work: Path) -> dict:
     for name, o in outs.items():
         rows[name] = {**closed[name], "gain_over_adabn_ci_low": over_adabn[name]["gain_over_baseline_ci_low"],
                       "gain_over_adabn_ci_high": over_adabn[name]["gain_over_baseline_ci_high"],
-                      **label_free_scores(o["source_train"], o["source_val"], o["target_train"]["features"],
-                                          args.seed),
+                      **label_free_scores(outs[twin(name)]["source_train"], outs[twin(name)]["source_val"],
+                                          o["target_train"]["features"], args.seed),
                       "seconds": round(seconds.get(name.split("+")[0], 0.0), 1)}
     deployable = [n for n in rows if n != "target_supervised"]
     chosen = {"source_val": max(deployable, key=lambda n: rows[n]["source_auc_macro"]),

@@ -40,10 +40,12 @@ def test_adda_trains_the_encoder_on_inverted_labels_and_the_discriminator_on_tru
     torch.manual_seed(0)
     model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
     head = model.heads["adda"]
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     out = model(batch["image"], batch)
-    assert bool(head.copied)   # the first training step froze the encoder as the source encoder
+    assert bool(head.copied)   # the first training pass froze the encoder, as it was before, as the source encoder
     frozen = head.source_encoder.state_dict()
-    assert all(torch.equal(frozen[k], v) for k, v in model.encoder.state_dict().items() if "running" not in k)
+    assert frozen.keys() == before.keys() and all(torch.equal(frozen[k], v) for k, v in before.items())
+    assert not torch.equal(model.encoder.state_dict()["0.1.running_mean"], before["0.1.running_mean"])
     assert not any(n.startswith("heads.adda.source_encoder") for n, _ in model.named_parameters())
     model.task_specs["adda"].loss(out, batch["image"], batch).backward()
     got_encoder = {n: p.grad.clone() for n, p in model.encoder.named_parameters()}

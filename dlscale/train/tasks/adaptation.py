@@ -11,8 +11,8 @@ any loss weighting (stage `adapt`: classification + dann).
 - `mmd` (Long et al. 2015, "Learning transferable features with deep adaptation networks"): the squared maximum
   mean discrepancy under a sum of Gaussian kernels, which sees every moment of the two feature distributions.
 - `adda` (Tzeng et al. 2017, "Adversarial discriminative domain adaptation"): the run's encoder is the target
-  encoder (start it from the source run: `init_from`); a frozen copy of it, taken at the first training step, is
-  the source encoder. A discriminator learns source features (frozen copy, labelled images) from target features
+  encoder (start it from the source run: `init_from`); a frozen copy of it, taken as the first training step
+  starts, is the source encoder. A discriminator learns source features (frozen copy, labelled images) from target features
   (trained encoder, target images); the encoder is trained with the inverted-label GAN loss (its target features
   labelled "source"), which keeps its gradient when the discriminator wins, unlike a reversed one. The
   discriminator gets no gradient from the encoder's term. Give the encoder a much smaller learning rate than the
@@ -210,15 +210,25 @@ class ADDA(Task):
 
     def build_head(self) -> nn.Module:
         o = self.ctx.options or ADDAConfig()
-        if self.ctx.encoder is None:
+        encoder = self.ctx.encoder
+        if encoder is None:
             raise ValueError("task adda needs the run's encoder to copy as its source encoder")
-        return ADDAHead(self.ctx.encoder, self.ctx.encoder_channels, o.hidden, o.spectral_norm)
+        head = ADDAHead(encoder, self.ctx.encoder_channels, o.hidden, o.spectral_norm)
+
+        def take_source(module, args) -> None:
+            """Before the first training pass of the encoder updates its BatchNorm statistics (which differ per rank
+            from then on): copy it, unless a resumed checkpoint holds the copy already; then never again."""
+            if module.training:
+                if not bool(head.copied):
+                    head.take_source(module)
+                hook.remove()
+
+        hook = encoder.register_forward_pre_hook(take_source)
+        return head
 
     def forward(self, head, feature_map, images, batch, model):
         if batch is None:   # evaluation and inference: nothing to adapt
             return {}
-        if head.training and not bool(head.copied):
-            head.take_source(model.encoder)
         with torch.no_grad():
             head.source_encoder.eval()   # the source model as trained: its own BatchNorm statistics
             source = global_pool(head.source_encoder(images))
