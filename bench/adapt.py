@@ -61,6 +61,8 @@ METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
                                  *FROM_SOURCE], 0.5, True),
     "selftrain_sep": ("adapt", ["--model.tasks=[classification,selftrain]", "--model.domain_batchnorm=separate",
                                 *FROM_SOURCE], 0.5, True),
+    "selftrain_sep_lr3e-4": ("adapt", ["--model.tasks=[classification,selftrain]", "--model.domain_batchnorm=separate",
+                                       "--optim.lr=3e-4", *FROM_SOURCE], 0.5, True),
     "adda_selftrain_sep": ("adapt", ["--model.tasks=[classification,adda,selftrain]", "--optim.encoder_lr_scale=0.1",
                                      "--model.domain_batchnorm=separate", *FROM_SOURCE], 0.5, True),
     "target_supervised": ("supervised", [], 1.0, False),
