@@ -181,3 +181,16 @@ def test_separate_domain_batchnorm_encodes_each_domain_alone(separable_data, tar
     assert torch.allclose(out["features"], alone[0], atol=1e-6)
     assert torch.allclose(out["mmd"], mmd_loss(*alone), atol=1e-6)
     assert not torch.allclose(out["features"], joint[:len(images)], atol=1e-3)
+
+
+def test_a_spectrally_normalised_dann_classifier_has_unit_spectral_norm_layers(separable_data, target_data, tmp_path):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[classification,dann]",
+                       "--model.task_options.dann.spectral_norm=true")
+    batch = first_batch(cfg)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    for _ in range(20):   # power iterations converge as the layer is used in training
+        model(batch["image"], batch)
+    linears = [m for m in model.heads["dann"].net if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3
+    assert all(float(torch.linalg.matrix_norm(m.weight.detach(), ord=2)) == pytest.approx(1.0, abs=0.05)
+               for m in linears)
