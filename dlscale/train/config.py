@@ -29,6 +29,7 @@ from dlscale.train.weighting.famo import FAMOConfig
 import copy
 
 
+DOMAIN_BATCHNORM = ("joint", "separate")
 BUILTIN_SECTIONS = ("fixed", "dwa", "famo")
 """Weightings whose options have a section of their own (`loss.<method>`), not `loss.options.<method>`."""
 
@@ -49,6 +50,9 @@ class TargetDataConfig:
     """Simulated target images (source=simulate): preset, simulator overrides, evaluation set."""
     evaluate: bool = True
     """score the run on the target's `eval.split` too (labels used for scoring only)"""
+    adabn: bool = False
+    """after training, re-estimate every BatchNorm's statistics on the target's unlabelled train images (AdaBN,
+    `dlscale adapt-bn`) into RUN/adabn, a run of its own, scored as `adabn/target/<split>/...`"""
 
     def validate(self) -> "TargetDataConfig":
         if self.source and self.source not in SOURCES:
@@ -57,6 +61,9 @@ class TargetDataConfig:
         if self.source and SOURCES[self.source].needs_data_dir and not self.data_dir:
             raise ValueError(f"data.target.source={self.source} needs the target dataset: --target-data DIR "
                              "(data.target.data_dir)")
+        if self.adabn and not self.source:
+            raise ValueError("data.target.adabn=true needs a target domain: --target-data DIR or "
+                             "data.target.source=simulate")
         try:
             self.simulator.validate()
         except ValueError as err:
@@ -99,12 +106,18 @@ class ModelConfig:
     """Tasks of stages that let the run choose (multitask); default recon + classification (+ regression if
     data.targets)."""
     classifier_dropout: float = 0.0
+    domain_batchnorm: str = "joint"
+    """stage adapt: joint (the labelled and target images pass the encoder in one batch: BatchNorm normalises both
+    with one statistic) | separate (each domain's images pass alone, normalised with their own batch statistics,
+    as AdaBN's target statistics do at inference)"""
     task_options: dict[str, Any] = field(default_factory=dict)
     """Per-task options, typed: task name -> an instance of that task's `Config` (e.g. `mae: {mask_ratio: 0.6}`);
     loading fills in the defaults of every task the run trains, so `--print-config` lists them, and refuses a
     misspelt option naming its dotted key (`model.task_options.<task>.<field>`)."""
 
     def __post_init__(self) -> None:
+        if self.domain_batchnorm not in DOMAIN_BATCHNORM:
+            raise ValueError(f"model.domain_batchnorm={self.domain_batchnorm!r}: expected one of {DOMAIN_BATCHNORM}")
         typed = {}
         for name, values in (self.task_options or {}).items():
             if not isinstance(name, str) or name not in TASKS:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from dlscale import preemption
 from dlscale.data.classes import CLASSES
 from dlscale.distributed import DistInfo, dist_info
-from dlscale.train import artifacts
+from dlscale.train import adabn, artifacts
 from dlscale.train.config import Config
 from dlscale.train.data import (load_dataset, prepare_eval_set, prepare_target_eval_set,
                                 resolve_transforms, simulated_eval_set, stream_image_shape, target_stats, train_stream)
@@ -75,6 +75,7 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
     if cfg.init_from:
         init_encoder(model.encoder, cfg.init_from, cfg.model.encoder, image_shape, CLASSES)
     check_engine_settings(cfg, model, info.world, device)
+    adabn.check_run_step(cfg, model)
     init_distributed(info, device)
     stop_if_preempted(info, device)
     dist.barrier()   # every rank has checked the run directory before rank 0 creates it
@@ -110,7 +111,10 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
                      precision, cfg.deepspeed.zero_stage, cfg.loss.method, cfg.schedule.epochs, batches,
                      cfg.data.batch_size)
             trainer.train()
-            return trainer.finish(image_shape)
+            metrics = trainer.finish(image_shape)
+            if cfg.data.target.adabn:
+                metrics.update(adabn.run_step(cfg, evaluation, info, device, metrics["step"]))
+            return metrics
         finally:
             if writer is not None:
                 writer.close()
