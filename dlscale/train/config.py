@@ -161,6 +161,13 @@ class OptimConfig:
     encoder_lr_scale: float = 1.0
     """the encoder's learning rate as a multiple of lr (heads keep lr): below 1 fine-tunes a pretrained encoder
     gently while its new heads learn at full speed"""
+    layer_decay: float = 1.0
+    """layer-wise learning-rate decay (BEiT, Bao et al. 2022): the encoder's layer group at depth d from the output
+    (the last stage or ViT block d = 1, the stem d = G; `dlscale.models.layers`) learns at lr x encoder_lr_scale x
+    layer_decay^d, the heads at lr; 1 = off"""
+    freeze_stages: int = 0
+    """partial fine-tuning: the encoder's first k layer groups (stem first) are frozen: no gradient, not in the
+    optimiser (their BatchNorm statistics still follow the data); 0 = none"""
     grad_clip: float = 1.0
     """global gradient-norm clip (0 = off)"""
 
@@ -243,6 +250,10 @@ class Config:
             raise ValueError(f"deepspeed.precision={self.deepspeed.precision!r}: expected auto, fp32, bf16 or fp16")
         if self.schedule.epochs < 1 or self.deepspeed.grad_accum < 1:
             raise ValueError("schedule.epochs and deepspeed.grad_accum must be >= 1")
+        if not 0 < self.optim.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay={self.optim.layer_decay}: expected a factor in (0, 1] (1 = off)")
+        if self.optim.freeze_stages < 0:
+            raise ValueError(f"optim.freeze_stages={self.optim.freeze_stages}: expected a count >= 0 (0 = none)")
         self.data.validate()
         from dlscale.train.sources import source_class
         source = source_class(self.data.source)
