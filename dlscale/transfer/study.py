@@ -22,6 +22,7 @@ from dlscale.train.deepspeed_setup import pick_device
 from dlscale.train.preflight import check_manifest
 from dlscale.transfer import features as feats
 from dlscale.transfer.config import TransferConfig
+from dlscale.transfer.methods import METHOD_TABLE, TRAINED
 from dlscale.transfer.subsets import (ALL, check_sizes, is_subset, nested_subsets, subset_name, train_index,
                                      write_subset)
 from dlscale.transfer.tasks import resolve_tasks
@@ -98,11 +99,14 @@ class Study:
         return list(self.repeats(method, n)) if init_seed is None else [init_seed]
 
     def trained_models(self) -> list[tuple]:
-        """(method, model label, source) of every fine-tune (per trained encoder) and scratch run (per
-        architecture)."""
-        cfg = self.cfg
-        return ([("finetune", s.label, s) for s in self.sources] if "finetune" in cfg.methods else []) + \
-            ([("scratch", a, s) for a, s in self.architectures.items()] if "scratch" in cfg.methods else [])
+        """(method, model label, source) of every training run of the study's methods: per trained encoder for a
+        method that starts from it (finetune, lpft, ...), per architecture for one that does not (scratch)."""
+        jobs = []
+        for method in TRAINED:
+            if method in self.cfg.methods:
+                jobs += [(method, s.label, s) for s in self.sources] if METHOD_TABLE[method].pretrained else \
+                    [(method, a, s) for a, s in self.architectures.items()]
+        return jobs
 
     def subset_dirs(self) -> dict:
         """{(N, repeat): dataset directory} of the training methods (the source itself at N = all)."""
