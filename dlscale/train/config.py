@@ -16,6 +16,7 @@ from typing import Any
 from dlscale.configtree import from_dict, merge, overrides_tree, read_yaml, rehomed, to_dict
 from dlscale.data.stream import StreamConfig
 from dlscale.models import EncoderConfig
+from dlscale.models.adapters import LoRAConfig
 from dlscale.preemption import DEFAULT_SIGNALS, signal_number
 from dlscale.sim.stream import SimulationSourceConfig
 from dlscale.compat import FORMAT_0_1, FORMAT_VERSION, format_version, upgrade_config
@@ -96,6 +97,8 @@ class ModelConfig:
     """Tasks of stages that let the run choose (multitask); default recon + classification (+ regression if
     data.targets)."""
     classifier_dropout: float = 0.0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters on the encoder (`dlscale.models.adapters`): with rank > 0 only they and the heads train"""
     task_options: dict[str, Any] = field(default_factory=dict)
     """Per-task options, typed: task name -> an instance of that task's `Config` (e.g. `mae: {mask_ratio: 0.6}`);
     loading fills in the defaults of every task the run trains, so `--print-config` lists them, and refuses a
@@ -252,6 +255,7 @@ class Config:
             raise ValueError("schedule.epochs and deepspeed.grad_accum must be >= 1")
         if not 0 < self.optim.layer_decay <= 1:
             raise ValueError(f"optim.layer_decay={self.optim.layer_decay}: expected a factor in (0, 1] (1 = off)")
+        self.model.lora.validate()
         if self.optim.freeze_stages < 0:
             raise ValueError(f"optim.freeze_stages={self.optim.freeze_stages}: expected a count >= 0 (0 = none)")
         self.data.validate()

@@ -145,7 +145,7 @@ def make_optimizer(model: torch.nn.Module, cfg, fused: bool = False) -> torch.op
     o = cfg.optim
     if o.encoder_lr_scale <= 0:
         raise ValueError(f"optim.encoder_lr_scale={o.encoder_lr_scale}: expected a multiple of optim.lr > 0")
-    params: list = list(model.parameters())
+    params: list = [p for p in model.parameters() if p.requires_grad]   # (LoRA freezes the encoder's own weights)
     if o.encoder_lr_scale == 1.0 and o.layer_decay == 1.0 and o.freeze_stages == 0:
         return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused)
     encoder = getattr(model, "encoder", None)
@@ -160,10 +160,12 @@ def make_optimizer(model: torch.nn.Module, cfg, fused: bool = False) -> torch.op
         for p in layer:
             p.requires_grad_(False)
     mine = {id(p) for p in encoder.parameters()}
-    groups = [{"params": layer, "lr": o.lr * o.encoder_lr_scale * o.layer_decay ** (len(layers) - i)}
+    groups = [{"params": [p for p in layer if p.requires_grad],
+               "lr": o.lr * o.encoder_lr_scale * o.layer_decay ** (len(layers) - i)}
               for i, layer in enumerate(layers) if i >= o.freeze_stages]
     if o.layer_decay == 1.0:   # one encoder group, as before layer-wise decay
         groups = [{"params": [p for g in groups for p in g["params"]], "lr": o.lr * o.encoder_lr_scale}]
+    groups = [g for g in groups if g["params"]]
     groups.append({"params": [p for p in params if id(p) not in mine], "lr": o.lr})
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused)
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from dlscale import preemption
 from dlscale.data.classes import CLASSES
 from dlscale.distributed import DistInfo, dist_info
+from dlscale.models.adapters import add_adapters
 from dlscale.train import artifacts
 from dlscale.train.config import Config, check_weighting
 from dlscale.train.data import (load_dataset, prepare_eval_set, prepare_target_eval_set,
@@ -77,6 +78,7 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
     model = build_run_model(cfg, image_shape, stats, total_steps=cfg.schedule.epochs * batches)
     if cfg.init_from:
         init_encoder(model.encoder, cfg.init_from, cfg.model.encoder, image_shape, CLASSES)
+    add_adapters(model.encoder, cfg.model.lora, cfg.model.encoder.name)
     check_engine_settings(cfg, model, info.world, device)
     init_distributed(info, device)
     stop_if_preempted(info, device)
