@@ -14,6 +14,8 @@ from dlscale.cli import main
 from dlscale.train import checkpoint
 from runs import own_logging
 
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+
 
 def _model_and_config(encoder: str = "small", **optim):
     from dlscale.train.config import load_config
@@ -141,21 +143,35 @@ def test_lpft_head_starts_as_the_linear_probe_on_the_encoder_s_frozen_features(p
     assert (head.argmax(1) == probe.argmax(1)).all()
 
 
-METHOD_OPTIONS = {
-    "lpft": ["--model.task_options.classification.probe_init=true"],
-    "layer_decay": ["--optim.layer_decay=0.5"],
-    "partial": ["--optim.freeze_stages=1"],
+VIT = ["--model.encoder.name=vit_tiny"]
+LORA = ["--model.lora.rank=4"]
+
+
+@pytest.fixture(scope="module")
+def vit_pretrained(separable_data, tiny_args, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("methods") / "vit"
+    return train("--stage", "supervised", "--data", separable_data, "--run-dir", run, *tiny_args, *VIT,
+                 "--schedule.epochs=1", "--schedule.batches_per_epoch=2")
+
+
+METHOD_OPTIONS = {   # method -> (its training options, the pretrained encoder's fixture)
+    "lpft": (["--model.task_options.classification.probe_init=true"], "pretrained"),
+    "layer_decay": (["--optim.layer_decay=0.5"], "pretrained"),
+    "partial": (["--optim.freeze_stages=1"], "pretrained"),
+    "lora": ([*VIT, *LORA], "vit_pretrained"),
 }
 
 
 @pytest.mark.slow   # two runs per method
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
-def test_each_method_s_run_resumes_to_the_same_parameters_as_an_uninterrupted_one(method, pretrained,
+def test_each_method_s_run_resumes_to_the_same_parameters_as_an_uninterrupted_one(method, request,
                                                                                   separable_data, tiny_args,
                                                                                   tmp_path):
+    options, encoder = METHOD_OPTIONS[method]
+    pretrained = request.getfixturevalue(encoder)
     argv = ["--stage", "supervised", "--data", separable_data, *tiny_args, "--init-from", pretrained / "encoder.pt",
             "--schedule.epochs=2", "--schedule.batches_per_epoch=5", "--schedule.checkpoint_every=3",
-            "--schedule.keep_checkpoints=10", *METHOD_OPTIONS[method]]
+            "--schedule.keep_checkpoints=10", *options]
     whole = train(*argv, "--run-dir", tmp_path / "whole")
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)
@@ -175,3 +191,33 @@ def test_each_method_s_run_resumes_to_the_same_parameters_as_an_uninterrupted_on
     recorded = yaml.safe_load((whole / "config.yaml").read_text())
     assert json.loads((whole / "metrics.json").read_text())["step"] == 10
     assert recorded["optim"]["layer_decay"] == (0.5 if method == "layer_decay" else 1.0)
+
+
+# ---- LoRA on 2 ranks ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow   # torchrun
+def test_lora_trains_on_two_ranks_and_leaves_the_frozen_weights_bitwise_unchanged(vit_pretrained, separable_data,
+                                                                                  tiny_args, launch, venv_bin,
+                                                                                  tmp_path):
+    run = tmp_path / "lora"
+    launched = launch([venv_bin / "torchrun", "--standalone", "--nproc_per_node", "2", TRAIN_SCRIPT, "--stage",
+                       "supervised", "--data", separable_data, "--run-dir", run, *tiny_args, *VIT, *LORA,
+                       "--init-from", vit_pretrained / "encoder.pt", "--schedule.epochs=1",
+                       "--schedule.batches_per_epoch=4"], tmp_path / "lora.log", tmp_path)
+    assert launched.wait(420) == 0, launched.output()[-4000:]
+    assert "2 rank(s)" in (run / "log.txt").read_text()
+    pretrained = torch.load(vit_pretrained / "encoder.pt", weights_only=True)["state_dict"]
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    trained = torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    adapted = {k for k in trained if ".lora_" in k}
+    assert adapted and any(trained[k].abs().max() > 0 for k in adapted if ".lora_B." in k)   # the adapters trained
+    for name, weight in pretrained.items():
+        key = f"encoder.{name}"
+        if key not in trained:   # a layer with adapters keeps its own weight as base_layer
+            key = f"encoder.{name.rpartition('.')[0]}.base_layer.{name.rpartition('.')[2]}"
+        assert torch.equal(trained[key], weight), name
+    exported = torch.load(run / "model.pt", weights_only=True)   # the adapters merged under the plain names
+    assert not any(".lora_" in k or "base_layer" in k for k in exported)
+    qkv = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(exported[f"encoder.{qkv}"], pretrained[qkv])
+    assert torch.equal(exported["encoder.pos_embed"], pretrained["pos_embed"])

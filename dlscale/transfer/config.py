@@ -37,6 +37,8 @@ class BudgetConfig:
     (`optim.layer_decay` of its runs)"""
     freeze_stages: int = 2
     """method partial: the encoder's first k layer groups (stem first) stay frozen (`optim.freeze_stages`)"""
+    lora_rank: int = 8
+    """method lora: rank of the adapters (`model.lora.rank`; ViT encoders only)"""
 
 
 @dataclass
@@ -55,7 +57,7 @@ class TransferConfig:
     repeats: int = 3
     """seeded label subsets per N"""
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    """some of probe, finetune, scratch, random, lpft, layer_decay, partial (`dlscale.transfer.methods`)"""
+    """some of probe, finetune, scratch, random, lpft, layer_decay, partial, lora (`dlscale.transfer.methods`)"""
     split: str = "val"
     """the eval split every metric is taken on: val | test"""
     tasks: list[str] = field(default_factory=lambda: [ALL_TASKS])
@@ -140,9 +142,10 @@ class TransferConfig:
         if self.budget.finetune_encoder_lr_scale <= 0:
             raise ValueError(f"budget.finetune_encoder_lr_scale={self.budget.finetune_encoder_lr_scale}: expected a "
                              "multiple > 0")
-        if not 0 < self.budget.layer_decay <= 1 or self.budget.freeze_stages < 0:
+        if not 0 < self.budget.layer_decay <= 1 or self.budget.freeze_stages < 0 or self.budget.lora_rank < 1:
             raise ValueError(f"budget.layer_decay={self.budget.layer_decay}, budget.freeze_stages="
-                             f"{self.budget.freeze_stages}: expected a factor in (0, 1] and a count >= 0")
+                             f"{self.budget.freeze_stages}, budget.lora_rank={self.budget.lora_rank}: expected a "
+                             "factor in (0, 1], a count >= 0 and a rank >= 1")
         for name, options in self.task_options.items():
             check = getattr(options, "validate", None)
             if check is not None:

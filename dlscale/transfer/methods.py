@@ -24,6 +24,8 @@ class Method:
     """the encoder learns with layer-wise learning-rate decay `budget.layer_decay`"""
     freeze_stages: bool = False
     """the encoder's first `budget.freeze_stages` layer groups stay frozen"""
+    adapters: bool = False
+    """only LoRA adapters of rank `budget.lora_rank` on the encoder (a ViT's attention) and the heads train"""
 
 
 METHOD_TABLE = {
@@ -40,6 +42,8 @@ METHOD_TABLE = {
                           layer_decay=True),
     "partial": Method("partial fine-tuning: the encoder's first budget.freeze_stages layer groups frozen, the rest "
                       "and the head trained", freeze_stages=True),
+    "lora": Method("LoRA adapters (Hu et al. 2022, rank-stabilised) of rank budget.lora_rank on the ViT encoder's "
+                   "attention projections train with the new head, every pretrained weight frozen", adapters=True),
 }
 METHOD_TEXT = {name: m.text for name, m in METHOD_TABLE.items()}
 METHODS = tuple(METHOD_TABLE)

@@ -18,6 +18,7 @@ import numpy as np
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
 from dlscale.data.stream import StreamConfig
+from dlscale.models.adapters import LoRAConfig, add_adapters
 from dlscale.train.deepspeed_setup import pick_device
 from dlscale.train.preflight import check_manifest
 from dlscale.transfer import features as feats
@@ -143,9 +144,22 @@ def prepare(cfg: TransferConfig) -> Study:
         if not source.trained_on:
             log.warning("encoder %s: neither its metadata nor a config.yaml beside it says what it was trained on",
                         source.path)
+    check_adapters(cfg, sources)
     ids, labels = train_index(cfg.data_dir)
     check_sizes(cfg.labels_per_class, labels, cfg.data_dir)
     subsets = [nested_subsets(labels, cfg.labels_per_class, cfg.seed, r) for r in range(cfg.repeats)]
     study = Study(cfg, manifest, sources, ids, labels, subsets, pick_device(cfg.device), eval_manifest=eval_manifest)
     study.tasks = resolve_tasks(study)
     return study
+
+
+def check_adapters(cfg: TransferConfig, sources: list[feats.EncoderSource]) -> None:
+    """A method with LoRA adapters (lora) needs encoders that have the layers to put them on: refused before any
+    training, naming the encoder."""
+    adapted = [m for m in cfg.methods if METHOD_TABLE[m].adapters]
+    for source in sources if adapted else []:
+        try:
+            add_adapters(feats.random_encoder(source, 0), LoRAConfig(rank=cfg.budget.lora_rank),
+                         source.architecture.name)
+        except ValueError as err:
+            raise ValueError(f"methods {','.join(adapted)}: encoder {source.label} ({source.path}): {err}") from None

@@ -25,6 +25,7 @@ from dlscale import io
 from dlscale.configtree import from_dict, plain, to_dict
 from dlscale.data.stream import StreamConfig
 from dlscale.distributed import dist_info, launch_local_ranks, setup_logging
+from dlscale.models.adapters import LoRAConfig
 from dlscale.preemption import Preempted
 from dlscale.train.config import Config, DataConfig, fill_options, load_config, run_tasks
 from dlscale.train.deepspeed_setup import prepare_process
@@ -54,7 +55,7 @@ class PlannedRun:
 def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir: str, seed: int,
                stage: str = "supervised", tasks: list[str] | None = None, targets: list[str] | None = None) -> Config:
     """The typed config of one run of trained `method` on `n_train` labelled images, as its `Method` declares
-    (from `source`'s weights or from scratch; LP-FT's probe head, layer-wise decay, frozen stages): `source`'s
+    (from `source`'s weights or from scratch; LP-FT's probe head, layer-wise decay, frozen stages, LoRA): `source`'s
     architecture and normalisation; the study's data, optim and deepspeed sections;
     the shared budget: `epochs` x max(floor, N_train / (batch x ranks)) batches, warm-up a tenth; evaluation on the
     eval split without bootstrap. A run with a classification head has the probe read all `n_train` labelled
@@ -73,7 +74,8 @@ def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir
         warmup_steps=max(1, budget.epochs * batches // 10))
     run = dataclasses.replace(
         base, data=DataConfig(**{**stream_fields(study.stream(source)), "targets": list(targets or [])}),
-        model=dataclasses.replace(base.model, encoder=source.architecture, tasks=tasks, task_options={}),
+        model=dataclasses.replace(base.model, encoder=source.architecture, tasks=tasks, task_options={},
+                                  lora=LoRAConfig(rank=budget.lora_rank) if m.adapters else base.model.lora),
         loss=dataclasses.replace(base.loss, method="fixed") if tasks else base.loss, optim=optim,
         deepspeed=cfg.deepspeed,
         schedule=dataclasses.replace(base.schedule, epochs=cfg.budget.epochs, batches_per_epoch=batches,
