@@ -221,3 +221,35 @@ def test_lora_trains_on_two_ranks_and_leaves_the_frozen_weights_bitwise_unchange
     qkv = "blocks.0.attn.qkv.weight"
     assert not torch.equal(exported[f"encoder.{qkv}"], pretrained[qkv])
     assert torch.equal(exported["encoder.pos_embed"], pretrained["pos_embed"])
+
+
+# ---- the methods in a study ---------------------------------------------------------------------------------------
+
+def transfer(*argv):
+    with own_logging():
+        return main(["transfer", *map(str, argv)])
+
+
+def test_lora_on_an_encoder_without_attention_is_refused_before_any_training(pretrained, separable_data, tmp_path,
+                                                                             capsys):
+    code = transfer("--encoder", pretrained, "--data", separable_data, "--out", tmp_path / "out", "--methods",
+                    "probe,lora", "--labels-per-class", "2", "--repeats", "1", "--ranks", "1")
+    assert code != 0 and "methods lora: encoder" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+@pytest.mark.slow   # a study of LoRA runs
+def test_a_lora_study_trains_adapters_of_the_budget_s_rank_and_records_the_method(vit_pretrained, separable_data,
+                                                                                  tmp_path):
+    out = tmp_path / "study"
+    assert transfer("--encoder", vit_pretrained, "--data", separable_data, "--out", out, "--methods", "lora",
+                    "--tasks", "classification", "--labels-per-class", "2", "--repeats", "1", "--ranks", "1",
+                    "--budget.lora_rank=2", "--epochs=1", "--n-bootstrap=20", "--budget.min_batches_per_epoch=2",
+                    "--data.num_workers=0", "--data.batch_size=8", "--data.shuffle_buffer=32") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["lora"] and results["config"]["budget"]["lora_rank"] == 2
+    (cell,) = results["cells"]
+    assert cell["method"] == "lora" and "auc_macro" in cell["mean"]
+    config = yaml.safe_load((Path(cell["runs"][0]) / "config.yaml").read_text())
+    assert config["model"]["lora"]["rank"] == 2 and config["init_from"] == str(vit_pretrained / "encoder.pt")
+    assert "lora:" in (out / "report.md").read_text()
