@@ -30,7 +30,7 @@ class BudgetConfig:
     min_batches_per_epoch: int = 5
     """floor of an epoch on a small subset"""
     finetune_encoder_lr_scale: float = 1.0
-    """runs from a pretrained encoder (finetune, lpft, layer_decay, partial): its learning rate as a multiple of its
+    """runs from a pretrained encoder (every trained method but scratch): its learning rate as a multiple of its
     new head's"""
     layer_decay: float = 0.75
     """method layer_decay: the encoder's layer group d from the output learns at layer_decay^d of the head's rate
