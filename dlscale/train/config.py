@@ -16,6 +16,7 @@ from typing import Any
 from dlscale.configtree import commented_yaml, from_dict, merge, merge_overrides, read_yaml, rehomed, to_dict
 from dlscale.data.stream import StreamConfig
 from dlscale.models import EncoderConfig
+from dlscale.models.adapters import LoRAConfig
 from dlscale.preemption import DEFAULT_SIGNALS, signal_number
 from dlscale.sim.stream import SimulationSourceConfig
 from dlscale.compat import FORMAT_0_1, FORMAT_VERSION, format_version, upgrade_config
@@ -110,6 +111,8 @@ class ModelConfig:
     """stage adapt: joint (the labelled and target images pass the encoder in one batch: BatchNorm normalises both
     with one statistic) | separate (each domain's images pass alone, normalised with their own batch statistics,
     as AdaBN's target statistics do at inference)"""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters on the encoder (`dlscale.models.adapters`): with rank > 0 only they and the heads train"""
     task_options: dict[str, Any] = field(default_factory=dict)
     """Per-task options, typed: task name -> an instance of that task's `Config` (e.g. `mae: {mask_ratio: 0.6}`);
     loading fills in the defaults of every task the run trains, so `--print-config` lists them, and refuses a
@@ -177,6 +180,13 @@ class OptimConfig:
     encoder_lr_scale: float = 1.0
     """the encoder's learning rate as a multiple of lr (heads keep lr): below 1 fine-tunes a pretrained encoder
     gently while its new heads learn at full speed"""
+    layer_decay: float = 1.0
+    """layer-wise learning-rate decay (BEiT, Bao et al. 2022): the encoder's layer group at depth d from the output
+    (the last stage or ViT block d = 1, the stem d = G; `dlscale.models.layer_groups`) learns at lr x encoder_lr_scale x
+    layer_decay^d, the heads at lr; 1 = off"""
+    freeze_stages: int = 0
+    """partial fine-tuning: the encoder's first k layer groups (stem first) are frozen: no gradient, not in the
+    optimiser (their BatchNorm statistics still follow the data); 0 = none"""
     grad_clip: float = 1.0
     """global gradient-norm clip (0 = off)"""
 
@@ -261,6 +271,11 @@ class Config:
             raise ValueError(f"deepspeed.precision={self.deepspeed.precision!r}: expected auto, fp32, bf16 or fp16")
         if self.schedule.epochs < 1 or self.deepspeed.grad_accum < 1:
             raise ValueError("schedule.epochs and deepspeed.grad_accum must be >= 1")
+        if not 0 < self.optim.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay={self.optim.layer_decay}: expected a factor in (0, 1] (1 = off)")
+        self.model.lora.validate()
+        if self.optim.freeze_stages < 0:
+            raise ValueError(f"optim.freeze_stages={self.optim.freeze_stages}: expected a count >= 0 (0 = none)")
         self.data.validate()
         source = source_class(self.data.source)
         source(self).check_config()

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from dlscale import preemption
 from dlscale.data.stream import finish_batch
 from dlscale.distributed import DistInfo
+from dlscale.models.adapters import merged
 from dlscale.train import artifacts, checkpoint
 from dlscale.train.config import Config
 from dlscale.train.data import describe_ids, epoch_loader, training_skip_groups
@@ -280,10 +281,11 @@ class Trainer:
         return {f"train/weight_{task}": w for task, w in self.module.weighting.weights.items()}
 
     def export(self, image_shape: tuple[int, ...]) -> None:
-        """model.pt and encoder.pt (rank 0)."""
+        """model.pt and encoder.pt (rank 0), LoRA adapters merged into their layers' weights."""
         if self.info.is_main:
-            artifacts.save_model(self.run_dir, self.module)
-            artifacts.export_encoder(self.run_dir, self.module, self.cfg, image_shape, self.stats,
+            module = merged(self.module)
+            artifacts.save_model(self.run_dir, module)
+            artifacts.export_encoder(self.run_dir, module, self.cfg, image_shape, self.stats,
                                      self.evaluation.manifest)
 
     def finish(self, image_shape: tuple[int, ...]) -> dict:
