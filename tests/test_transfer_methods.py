@@ -74,9 +74,8 @@ def test_frozen_stages_get_no_gradient_and_stay_unchanged_while_the_rest_trains(
                                                     ("optim.freeze_stages=-1", "optim.freeze_stages=-1")])
 def test_bad_layer_options_are_refused_naming_the_key(override, expected):
     from dlscale.train.config import load_config
-    cfg = load_config(None, [override], stage="supervised", data_dir="d", run_dir="r")
     with pytest.raises(ValueError, match=expected):
-        cfg.validate()
+        load_config(None, [override], stage="supervised", data_dir="d", run_dir="r")
 
 
 # ---- runs through the engine, in this process ---------------------------------------------------------------------
