@@ -26,7 +26,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -131,15 +131,21 @@ class ShardSet:
 
     def records(self, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Decoded records of shard `index`: images, labels, ids (shard, record, position), targets or None."""
-        name = self.shards[index]["name"]
-        targets = self.cfg.targets
         with self.open(index) as stream:
-            for r, (key, record) in enumerate(iter_records(stream, name)):
-                images, labels, metas = decode_record(record, self.manifest["record_layout"], self.image_shape,
-                                                      len(self.manifest["classes"]), f"{name}:{key}", bool(targets))
-                ids = np.stack([np.full(len(labels), index), np.full(len(labels), r), np.arange(len(labels))], 1)
-                yield (torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(ids),
-                       torch.tensor(extract_targets(metas, targets, f"{name}:{key}")) if targets else None)
+            for r, (key, record) in enumerate(iter_records(stream, self.shards[index]["name"])):
+                yield self.decode(index, r, key, record)
+
+    def decode(self, index: int, r: int, key: str, record: dict) -> tuple:
+        """Record `r` (tar key `key`) of shard `index` as (images, labels, ids, targets or None) tensors."""
+        where = f"{self.shards[index]['name']}:{key}"
+        images, labels, metas = decode_record(record, self.manifest["record_layout"], self.image_shape,
+                                              len(self.manifest["classes"]), where, bool(self.cfg.targets))
+        if len(labels) > self.manifest["record_layout"]["samples_per_record"]:
+            raise CorruptShardError(f"{where}: {len(labels)} samples, the manifest's records hold at most "
+                                    f"{self.manifest['record_layout']['samples_per_record']}")
+        ids = np.stack([np.full(len(labels), index), np.full(len(labels), r), np.arange(len(labels))], 1)
+        return (torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(ids),
+                torch.tensor(extract_targets(metas, self.cfg.targets, where)) if self.cfg.targets else None)
 
     def describe(self, ids: torch.Tensor) -> list[str]:
         """Human-readable sample keys ("train-000003.tar:record 5:sample 17") for ids from a batch."""
@@ -184,23 +190,17 @@ def resize(images: torch.Tensor, side: int, mode: str = "interpolate") -> torch.
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Apply one of the 8 dihedral transforms (90-degree rotations x optional flip) per image.
-
-    Batches arrive in random order, so giving transform k to the k-th run of images (run lengths drawn as for
-    independent per-image choices) has the same distribution as a per-image draw, at the cost of 8 slice ops.
-    """
+    """Apply one of the 8 dihedral transforms (90-degree rotations x optional flip), drawn per image, in place of
+    the images' order (a record's images may arrive grouped by class: the draw must not follow their order)."""
     square = images.shape[2] == images.shape[3]
     choices = torch.randint(0, 8 if square else 4, (len(images),), generator=generator)
-    counts = torch.bincount(choices, minlength=8).tolist()
     out = torch.empty_like(images)
-    start = 0
-    for k, n in enumerate(counts):
-        if n:
-            x = images[start:start + n]
-            x = x.flip(3) if k % 2 else x
-            x = x.flip(2) if (k // 2) % 2 else x
-            out[start:start + n] = x.transpose(2, 3) if k >= 4 else x
-            start += n
+    for k in torch.unique(choices).tolist():
+        rows = (choices == k).nonzero().flatten()
+        x = images.index_select(0, rows)
+        x = x.flip(3) if k % 2 else x
+        x = x.flip(2) if (k // 2) % 2 else x
+        out.index_copy_(0, rows, x.transpose(2, 3) if k >= 4 else x)
     return out
 
 
@@ -211,19 +211,16 @@ never sees it. (0.x batches also had `augment_seed`: now the value of `raw`.)"""
 NO_AUGMENTATION = -1
 
 
-def _batch(images, labels, ids, targets, cfg: StreamConfig, generator: torch.Generator | None) -> dict:
-    """Finish a batch whose tensors the caller owns: resized, normalised in place and (with a generator)
-    augmented here, or, with `transforms=device`, left raw with the seed of its augmentation (`RAW`) for
-    `finish_batch`."""
-    batch = {"label": labels, "ids": ids}
+def _batch(rows: tuple, cfg: StreamConfig, generator: torch.Generator | None) -> dict:
+    """A batch of rows (images, labels, ids, targets or None) finished in the records' worker (`transforms=host`),
+    or left raw with the seed of its augmentation (`RAW`, drawn from `generator`) for `finish_batch`."""
+    images, labels, ids, targets = rows
+    batch = {"image": images, "label": labels, "ids": ids}
     if targets is not None:
         batch["target"] = targets
     if cfg.transforms == "device":
         augmented = generator is not None and cfg.augment
-        seed = torch.randint(0, 2**62, (), generator=generator) if augmented else torch.tensor(NO_AUGMENTATION)
-        batch.update(image=images, **{RAW: seed})
-        return batch
-    batch["image"] = transform(images, cfg, generator if cfg.augment else None)
+        batch[RAW] = torch.randint(0, 2**62, (), generator=generator) if augmented else torch.tensor(NO_AUGMENTATION)
     return batch
 
 
@@ -253,11 +250,25 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
+def _generator(seeds: list[int], *key: int) -> torch.Generator:
+    """A torch generator for the part `key` of the epoch seeded by `seeds` (a record, a batch): a function of its
+    place in the epoch, never of the worker that draws from it."""
+    return torch.Generator().manual_seed(int(np.random.default_rng(seeds + list(key)).integers(2**62)))
+
+
+RECORD_KEY, BATCH_KEY, SHUFFLE_KEY = 2, 1, 3   # seed words: a record's augmentation, a batch's, the shuffle buffer
+
+
+def _empty_like(t: torch.Tensor, rows: int, pin: bool) -> torch.Tensor:
+    """Fresh rows shaped like `t`'s, in page-locked memory when `pin` (a GPU copies them asynchronously)."""
+    return torch.empty((rows, *t.shape[1:]), dtype=t.dtype, pin_memory=pin)
+
+
 class ShuffleBuffer:
     """Fixed-capacity sample store: records are copied in once, batches gathered out once (no whole-pool copies)."""
 
-    def __init__(self, capacity: int, record: tuple, rng: np.random.Generator):
-        self.rng = rng
+    def __init__(self, capacity: int, record: tuple, rng: np.random.Generator, pin: bool = False):
+        self.rng, self.pin = rng, pin
         self.store = [None if t is None else torch.empty((capacity, *t.shape[1:]), dtype=t.dtype) for t in record]
         self.free = np.arange(capacity)[::-1].copy()
         self.n_free = capacity
@@ -277,119 +288,248 @@ class ShuffleBuffer:
     def shuffle(self) -> None:
         self.occupied[:self.n] = self.occupied[self.rng.permutation(self.n)]
 
-    def take(self, k: int, gather: bool = True) -> tuple | None:
-        """The next `k` samples; with `gather=False` only their slots are freed (another worker's batch)."""
+    def take(self, k: int) -> tuple:
+        """The next `k` samples, in fresh memory (pinned when the buffer pins)."""
         slots = self.occupied[self.n - k:self.n].copy()
         self.n -= k
         self.free[self.n_free:self.n_free + k] = slots
         self.n_free += k
-        if not gather:
-            return None
         index = torch.from_numpy(slots)   # index_select: ~6x faster than store[index] here
-        return tuple(None if store is None else store.index_select(0, index) for store in self.store)
+        return tuple(None if store is None else torch.index_select(store, 0, index, out=_empty_like(store, k, self.pin))
+                     for store in self.store)
 
 
-class TrainStream(IterableDataset):
+class Read(NamedTuple):
+    """One record of a rank's epoch as a worker hands it over: `j` its place in the epoch, `draw` the shard read it
+    belongs to (`shard` its index, `record` its place there), `rows` (images, labels, ids, targets or None) prepared
+    by the worker, or None with the `error` that lost it."""
+    j: int
+    draw: int
+    shard: int
+    record: int
+    worker: int
+    rows: tuple | None
+    error: Exception | None
+
+
+class RecordStream(IterableDataset):
+    """A rank's epoch as a fixed sequence of shard reads (`draws`), their records numbered j = 0, 1, ... in order.
+
+    Worker w of W reads and decodes only the records j = w (mod W) (the others' bytes are skipped: a seek on local
+    files), prepares them (`prepare`: resize, normalise, augment with a generator seeded by the record's j) and hands
+    them over in order; the DataLoader collects its workers' items round-robin, so the main process receives the
+    records in the order of j for any W, and `assemble` cuts the batches there. Iterating the stream itself reads
+    everything in this process (0 workers)."""
+
+    def __init__(self, shards: ShardSet, rank: int, world: int):
+        self.shards, self.rank, self.world = shards, rank, world
+        self.skips = SkipCounter(len(shards.urls))
+
+    def draws(self) -> Iterator[int]:
+        """Shard indices of the epoch's reads, in order (the same in every worker)."""
+        raise NotImplementedError
+
+    def prepare(self, rows: tuple, j: int) -> tuple:
+        """What a worker does to record j after decoding it."""
+        return rows
+
+    def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
+        """The main process: batches from the records in order of j (pinned when `pin`)."""
+        raise NotImplementedError
+
+    def reads(self) -> Iterator[Read]:
+        """This worker's records, in order of j."""
+        worker, workers = _worker()
+        j = 0
+        for draw, index in enumerate(self.draws()):
+            count = self.shards.shards[index]["records"]
+            if any((j + r) % workers == worker for r in range(min(count, workers))):
+                yield from self._read(draw, index, j, count, worker, workers)
+            j += count
+
+    def _read(self, draw: int, index: int, j: int, count: int, worker: int, workers: int) -> Iterator[Read]:
+        """This worker's records of shard `index` read as `draw`, the first of them record j of the epoch. A record
+        that does not decode is lost alone; every record after a cut or unreadable part of the shard is lost."""
+        mine = lambda r: (j + r) % workers == worker   # noqa: E731
+        name, passed, error = self.shards.shards[index]["name"], 0, None
+        try:
+            with self.shards.open(index) as stream:
+                for r, (key, record) in enumerate(iter_records(stream, name, mine)):
+                    if r >= count:
+                        break
+                    passed = r + 1
+                    if record is None:
+                        continue
+                    try:
+                        rows = self.prepare(self.shards.decode(index, r, key, record), j + r)
+                    except CorruptShardError as err:
+                        yield Read(j + r, draw, index, r, worker, None, err)
+                        continue
+                    yield Read(j + r, draw, index, r, worker, rows, None)
+        except (CorruptShardError, OSError) as err:
+            error = err
+        if passed < count and error is None:
+            error = CorruptShardError(f"{name}: {passed} records, its manifest entry lists {count}")
+        yield from (Read(j + r, draw, index, r, worker, None, error) for r in range(passed, count) if mine(r))
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.assemble(self.reads(), pin=False)
+
+    def _lost(self, read: Read, counted: set) -> None:
+        """Count the first lost record of a shard read (the first skip of a rank is a warning)."""
+        if read.draw not in counted:
+            counted.add(read.draw)
+            count_skip(self.skips, self.shards, read.shard, read.record, read.error, self.rank, read.worker)
+
+
+class _Reads(IterableDataset):
+    """The DataLoader's view of a record stream: each worker's records (`RecordStream.reads`)."""
+
+    def __init__(self, stream: RecordStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[Read]:
+        return self.stream.reads()
+
+
+class RecordLoader:
+    """One epoch of a record stream's batches: DataLoader workers read and prepare records, this process cuts the
+    batches in their fixed order. `dataset` is the stream (as on a DataLoader).
+
+    Memory per rank: the stream's own buffer (`TrainStream`: shuffle_buffer + batch_size + one record of samples;
+    `EvalStream`: one batch plus a record) and the records in flight, at most 2 queued per worker plus one being
+    read by each, so (shuffle_buffer + batch_size + (3 x workers + 1) x samples_per_record) samples in all."""
+
+    def __init__(self, stream: RecordStream, cfg: StreamConfig):
+        self.dataset, self.cfg = stream, cfg
+
+    def __iter__(self) -> Iterator[dict]:
+        workers = self.cfg.num_workers
+        records = DataLoader(_Reads(self.dataset), batch_size=None, num_workers=workers,
+                             prefetch_factor=RECORDS_IN_FLIGHT if workers else None, persistent_workers=False)
+        return self._in_order(iter(records))
+
+    def _in_order(self, records) -> Iterator[dict]:
+        def checked() -> Iterator[Read]:
+            for j, read in enumerate(records):
+                if read.j != j:
+                    raise RuntimeError(f"record {read.j} arrived as the epoch's record {j}: workers out of step")
+                yield read
+        yield from self.dataset.assemble(checked(), pin=torch.cuda.is_available())
+
+
+RECORDS_IN_FLIGHT = 2
+"""Records each worker may have queued for the main process (the DataLoader's prefetch factor)."""
+
+
+class TrainStream(RecordStream):
     """Endless resampled stream cut to `batches_per_epoch` batches per rank; call `set_epoch` before each epoch."""
 
     def __init__(self, shards: ShardSet, rank: int, world: int, batches_per_epoch: int, seed: int = 0):
-        self.shards, self.rank, self.world = shards, rank, world
+        super().__init__(shards, rank, world)
         self.batches_per_epoch, self.seed, self.epoch = batches_per_epoch, seed, 0
         self.image_shape = shards.cfg.output_shape(shards.image_shape)   # of the batches (after data.resize)
         self.max_failures = 10 * len(shards.urls) + 10
-        self.skips = SkipCounter(len(shards.urls))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker()
-        seeds = [self.seed, self.epoch, self.rank]
-        rng = np.random.default_rng(seeds)
+    def seeds(self) -> list[int]:
+        return [self.seed, self.epoch, self.rank]
+
+    def draws(self) -> Iterator[int]:
+        rng = np.random.default_rng(self.seeds())
+        while True:
+            yield int(rng.integers(len(self.shards.urls)))
+
+    def prepare(self, rows: tuple, j: int) -> tuple:
         cfg = self.shards.cfg
+        if cfg.transforms == "device":
+            return rows
+        images, *rest = rows
+        return (transform(images, cfg, _generator(self.seeds(), j, RECORD_KEY) if cfg.augment else None), *rest)
+
+    def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
+        cfg, seeds = self.shards.cfg, self.seeds()
         bs, low = cfg.batch_size, max(cfg.shuffle_buffer, cfg.batch_size) // 2
+        rng = np.random.default_rng(seeds + [SHUFFLE_KEY])
         pool: ShuffleBuffer | None = None
         k = failures = 0     # k: the batch of this rank's epoch about to be cut
-        while k < self.batches_per_epoch:
-            index, read = int(rng.integers(len(self.shards.urls))), 0
-            try:
-                for record in self.shards.records(index):
-                    failures, read = 0, read + 1
-                    if pool is None:
-                        capacity = 2 * low + bs + self.shards.manifest["record_layout"]["samples_per_record"]
-                        pool = ShuffleBuffer(capacity, record, rng)
-                    pool.put(record)
-                    if pool.n < 2 * low + bs:
-                        continue
-                    pool.shuffle()
-                    while pool.n >= low + bs and k < self.batches_per_epoch:
-                        mine = k % workers == worker
-                        rows = pool.take(bs, gather=mine)
-                        if mine:
-                            yield _batch(*rows, cfg, batch_generator(seeds, k))
-                        k += 1
-                    if k >= self.batches_per_epoch:
-                        return
-            except (CorruptShardError, OSError) as err:
+        counted: set[int] = set()
+        for read in reads:
+            if read.rows is None:
                 if cfg.strict:
-                    raise
-                failures += 1
-                if worker == 0:
-                    count_skip(self.skips, self.shards, index, read, err, self.rank, worker)
+                    raise read.error
+                failures += read.draw not in counted
+                self._lost(read, counted)
                 if failures > self.max_failures:
                     raise RuntimeError(f"{failures} consecutive shard failures in split {self.shards.split!r}; "
-                                       f"last: {err}") from err
+                                       f"last: {read.error}") from read.error
+                continue
+            failures = 0
+            if pool is None:
+                capacity = 2 * low + bs + self.shards.manifest["record_layout"]["samples_per_record"]
+                pool = ShuffleBuffer(capacity, read.rows, rng, pin)
+            pool.put(read.rows)
+            if pool.n < 2 * low + bs:
+                continue
+            pool.shuffle()
+            while pool.n >= low + bs and k < self.batches_per_epoch:
+                yield _batch(pool.take(bs), cfg, _generator(seeds, k, BATCH_KEY))
+                k += 1
+            if k >= self.batches_per_epoch:
+                return
 
 
-def batch_generator(seeds: list[int], k: int) -> torch.Generator:
-    """The augmentation generator of batch `k` of the epoch seeded by `seeds`: a function of the batch's place in
-    the epoch, not of the worker that cuts it."""
-    return torch.Generator().manual_seed(int(np.random.default_rng(seeds + [k, 1]).integers(2**62)))
+def _concat(records: list[tuple], pin: bool) -> tuple:
+    return tuple(None if parts[0] is None else torch.cat(parts, out=_empty_like(parts[0], sum(map(len, parts)), pin))
+                 for parts in zip(*records))
 
 
-def _concat(records: list[tuple]) -> tuple:
-    images, labels, ids, targets = zip(*records)
-    return (torch.cat(images), torch.cat(labels), torch.cat(ids),
-            None if targets[0] is None else torch.cat(targets))
-
-
-class EvalStream(IterableDataset):
+class EvalStream(RecordStream):
     """Every sample of the split (or of its first `shard_limit` shards) exactly once across all ranks and workers, in
     batches cut per shard; `tolerant`: every readable sample, corrupt parts skipped and counted in `skips`."""
 
     def __init__(self, shards: ShardSet, rank: int, world: int, tolerant: bool = False,
                  shard_limit: int | None = None):
-        self.shards, self.rank, self.world, self.tolerant = shards, rank, world, tolerant
+        super().__init__(shards, rank, world)
+        self.tolerant = tolerant
         self.shard_count = len(shards.urls) if shard_limit is None else min(shard_limit, len(shards.urls))
-        self.skips = SkipCounter(len(shards.urls))
 
-    def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker()
-        slot, slots = self.rank * workers + worker, self.world * workers
-        for index in range(slot, self.shard_count, slots):
-            read, pending = 0, []
-            try:
-                for record in self.shards.records(index):
-                    read += 1
-                    pending.append(record)
-                    if sum(len(r[1]) for r in pending) >= self.shards.cfg.batch_size:
-                        *batches, rest = _cut(_concat(pending), self.shards.cfg.batch_size)
-                        yield from (_batch(*rows, self.shards.cfg, None) for rows in batches)
-                        pending = [rest] if len(rest[1]) else []
-            except (CorruptShardError, OSError) as err:
+    def draws(self) -> Iterator[int]:
+        return iter(range(self.rank, self.shard_count, self.world))
+
+    def prepare(self, rows: tuple, j: int) -> tuple:
+        cfg = self.shards.cfg
+        return rows if cfg.transforms == "device" else (transform(rows[0], cfg, None), *rows[1:])
+
+    def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
+        cfg, bs = self.shards.cfg, self.shards.cfg.batch_size
+        pending, draw, counted = [], None, set()
+        for read in reads:
+            if read.draw != draw and pending:   # the shard's short last batch (what was read of a corrupt shard,
+                yield _batch(_concat(pending, pin), cfg, None)   # when tolerated)
+                pending = []
+            draw = read.draw
+            if read.rows is None:
                 if not self.tolerant:
-                    raise
-                count_skip(self.skips, self.shards, index, read, err, self.rank, worker)
-            if pending:    # the shard's short last batch (what was read of a corrupt shard, when tolerated)
-                yield _batch(*_concat(pending), self.shards.cfg, None)
+                    raise read.error
+                self._lost(read, counted)
+                continue
+            pending.append(read.rows)
+            if sum(len(r[1]) for r in pending) >= bs:
+                *batches, rest = _cut(_concat(pending, pin), bs)
+                yield from (_batch(rows, cfg, None) for rows in batches)
+                pending = [rest] if len(rest[1]) else []
+        if pending:
+            yield _batch(_concat(pending, pin), cfg, None)
 
 
 def _cut(joined: tuple, bs: int) -> list[tuple]:
-    """Full batches of `bs` rows and the rest (maybe empty), each a copy: a batch handed to the DataLoader shares
-    no memory with rows the worker still holds (a worker's tensors are moved to shared memory while it goes on)."""
+    """Full batches of `bs` rows and the rest (maybe empty): views of `joined`, which nothing else holds."""
     n = len(joined[1])
     bounds = list(range(0, n - n % bs, bs)) + [n - n % bs]
-    return [tuple(None if t is None else t[a:b].clone() for t in joined) for a, b in zip(bounds, bounds[1:] + [n])]
+    return [tuple(None if t is None else t[a:b] for t in joined) for a, b in zip(bounds, bounds[1:] + [n])]
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world: int) -> int:
@@ -419,7 +559,10 @@ def leading_shards(shards: list[dict], samples: int) -> int:
     return len(shards)
 
 
-def make_loader(dataset: IterableDataset, cfg: StreamConfig) -> DataLoader:
-    """A DataLoader over a stream that batches itself (a new iterator per epoch re-reads `set_epoch`)."""
+def make_loader(dataset: IterableDataset, cfg: StreamConfig):
+    """One epoch's batches of a stream (a new iterator per epoch re-reads `set_epoch`): a `RecordLoader` over a
+    shard stream, a DataLoader over a stream that batches itself in its workers."""
+    if isinstance(dataset, RecordStream):
+        return RecordLoader(dataset, cfg)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
