@@ -77,3 +77,13 @@ def test_eval_batches_come_in_the_same_order_for_any_worker_count(records_data):
         return [b["ids"].tolist() for b in eval_loader(records_data, cfg, split="val")]
     reference = order(0)
     assert all(order(workers) == reference for workers in WORKERS[1:])
+
+
+def test_a_shared_memory_too_small_for_the_ring_is_refused_naming_the_need(records_data, monkeypatch):
+    class Tiny:
+        f_bavail, f_frsize = 0, 4096           # a full /dev/shm
+    monkeypatch.setattr("dlscale.data.stream.os.statvfs", lambda path: Tiny())
+    cfg = StreamConfig(batch_size=4, num_workers=2, shuffle_buffer=8)
+    with pytest.raises(RuntimeError, match=r"needs \d+ MiB of shared memory, /dev/shm has 0 MiB free"):
+        next(iter(train_loader(records_data, cfg, batches=4)))
+    assert len(list(train_loader(records_data, replace(cfg, num_workers=0), batches=4))) == 4   # no shared memory

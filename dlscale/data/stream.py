@@ -1,21 +1,26 @@
 """Training and evaluation pipelines over shards.
 
-Train: a rank's epoch is one canonical sequence of batches, whatever the number of DataLoader workers: shards
-are drawn with replacement from an RNG seeded by (seed, epoch, rank), records are decoded without pickle and mixed
-in a tensor-level shuffle buffer, and batch k is augmented with a generator seeded by (seed, epoch, rank, k). Every
-worker replays the rank's draw and finishes only the batches k = worker (mod workers), the order in which the
-DataLoader hands them over, so the same seed gives the same batches with 0, 1 or 8 workers. Every rank yields
-exactly `batches_per_epoch` batches, so no rank waits on another at a collective. A corrupt record or shard is
-skipped and counted (fatal with `strict`): the first skip of a rank is a warning, every skip is counted once (by
-worker 0, all workers see the same) in a `SkipCounter` shared by the rank's worker processes, and the run reports
-the totals once at its end.
+Both streams see a rank's epoch as a fixed sequence of shard reads and number their records j = 0, 1, ... in order.
+DataLoader worker w of W reads and decodes only the records j = w (mod W) (it skips the others' bytes, a seek on
+local files) and prepares them (resize, normalise, and in training augment with a generator seeded by (seed, epoch,
+rank, j)); the DataLoader collects its workers' items round-robin, so the training process receives the records in
+the order of j whatever W is, and cuts the batches there (`RecordLoader`). Records decoded per epoch = the records
+the epoch reads, for any number of workers; batches are a pure function of (seed, epoch, rank) and of the data.
 
-Eval: shard i goes to global worker slot i mod (world x workers): every sample exactly once across all ranks and
-workers, whatever their number; a rank without shards simply yields nothing and still joins the final gather.
-Batches are cut per shard (a shard's samples in batches of `batch_size`, a short last one), so which images share a
-batch does not depend on the number of ranks or workers either, and every batch owns fresh memory: a worker hands
-the DataLoader tensors it never touches again. A corrupt shard fails the evaluation, except in a `tolerant` stream
-(the linear probe's train features), which skips and counts it like the training stream.
+Train: shards are drawn with replacement from an RNG seeded by (seed, epoch, rank), their records mixed in a
+tensor-level shuffle buffer; every rank yields exactly `batches_per_epoch` batches, so no rank waits on another at a
+collective. A record that does not decode is lost alone, everything after a cut or unreadable part of a shard is
+lost; lost records are skipped and counted (fatal with `strict`): the first skip of a rank is a warning, each shard
+read cut short is counted once in the stream's `SkipCounter`, and the run reports the totals once at its end.
+
+Eval: shard i goes to rank i mod world: every sample exactly once across all ranks and workers, whatever their
+number; a rank without shards simply yields nothing and still joins the final gather. Batches are cut per shard (a
+shard's samples in batches of `batch_size`, a short last one), in shard order, so neither which images share a batch
+nor the order of the batches depends on the number of ranks or workers. A corrupt shard fails the evaluation, except
+in a `tolerant` stream (the linear probe's train features), which skips and counts it like the training stream.
+
+Memory per rank: see `RecordLoader`. With a GPU present the batches are cut into page-locked memory, so
+`finish_batch` copies them to the device asynchronously.
 
 Why not `webdataset.WebDataset` here: its tar stream parser caps a worker at ~20-30k samples/s (1x64x64 records,
 measured); the shards stay plain WebDataset tars (tests read them with `webdataset`), only the reader is ours.
@@ -23,6 +28,9 @@ measured); the shards stay plain WebDataset tars (tests read them with `webdatas
 from __future__ import annotations
 
 import logging
+import math
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,39 +272,114 @@ def _empty_like(t: torch.Tensor, rows: int, pin: bool) -> torch.Tensor:
     return torch.empty((rows, *t.shape[1:]), dtype=t.dtype, pin_memory=pin)
 
 
-class ShuffleBuffer:
-    """Fixed-capacity sample store: records are copied in once, batches gathered out once (no whole-pool copies)."""
+def _shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed tensor in shared memory (made the way torch's `default_collate` makes its batches in workers, without
+    `share_memory_()`'s copy). Zeroing maps every page into this process once: reading rows the workers wrote then
+    costs no page faults, which made gathering batches from fresh pages ~5x slower here."""
+    empty = torch.empty(0, dtype=dtype)
+    return empty.new(empty._typed_storage()._new_shared(math.prod(shape), device="cpu")).view(shape).zero_()
 
-    def __init__(self, capacity: int, record: tuple, rng: np.random.Generator, pin: bool = False):
-        self.rng, self.pin = rng, pin
-        self.store = [None if t is None else torch.empty((capacity, *t.shape[1:]), dtype=t.dtype) for t in record]
-        self.free = np.arange(capacity)[::-1].copy()
-        self.n_free = capacity
+
+def _check_shared_memory(nbytes: int, where: str = "/dev/shm") -> None:
+    """Refuse a ring that shared memory cannot hold (a container's default /dev/shm is 64 MB): writing past it would
+    kill the process with SIGBUS instead of an error."""
+    try:
+        stat = os.statvfs(where)
+    except OSError:
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if nbytes > free:
+        raise RuntimeError(f"data.num_workers > 0: the training stream's record ring needs {nbytes / 2**20:.0f} MiB "
+                           f"of shared memory, {where} has {free / 2**20:.0f} MiB free; enlarge it (docker run "
+                           "--shm-size, a Kubernetes emptyDir of medium Memory), lower data.shuffle_buffer, or use "
+                           "data.num_workers=0")
+
+
+class RecordRing:
+    """Shared-memory record slots that DataLoader workers write a training epoch's prepared records into (record j
+    into slot j mod `record_slots`) and the main process's shuffle buffer draws from, plus `spill` rows where that
+    buffer keeps the rows that outlive their record's slot. Made anew for each epoch, before the workers start.
+
+    A worker writes record j only once the main process has released record j - record_slots (`released`): with
+    slots for every record a worker may be asked for ahead of the main process (`RECORDS_IN_FLIGHT` per worker) plus
+    the buffer's own, it never waits; the check keeps a slot from being rewritten under the buffer whatever the
+    DataLoader's timing."""
+
+    def __init__(self, record_slots: int, spill_rows: int, samples_per_record: int, rows: list, shared: bool):
+        self.record_slots, self.samples_per_record = record_slots, samples_per_record
+        self.spill_start = record_slots * samples_per_record
+        shapes = [None if row is None else ((self.spill_start + spill_rows, *row[0]), row[1]) for row in rows]
+        if shared:
+            _check_shared_memory(sum(math.prod(s) * d.itemsize for s, d in filter(None, shapes)))
+        make = _shared_zeros if shared else lambda shape, dtype: torch.zeros(shape, dtype=dtype)
+        self.store = [None if shape is None else make(*shape) for shape in shapes]
+        self.released = torch.full((1,), -1, dtype=torch.int64).share_memory_()
+
+    def first_row(self, j: int) -> int:
+        return (j % self.record_slots) * self.samples_per_record
+
+    def write(self, j: int, rows: tuple) -> int:
+        """A worker: copy record j's rows into its slot; returns how many."""
+        deadline = time.monotonic() + RING_WAIT_S
+        while int(self.released[0]) < j - self.record_slots:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"record {j}: its ring slot was not released within {RING_WAIT_S} s")
+            time.sleep(0.001)
+        start, n = self.first_row(j), len(rows[1])
+        for store, t in zip(self.store, rows):
+            if store is not None:
+                store[start:start + n].copy_(t)
+        return n
+
+
+RING_WAIT_S = 600
+
+
+class ShuffleBuffer:
+    """The main process's sample pool over a `RecordRing`: which ring rows it holds. A record's rows join when it
+    arrives and leave with the batches that take them (gathered once, into fresh memory); the rows still held when
+    their record's slot is due to be rewritten move to spill rows (one copy, for the few that linger)."""
+
+    def __init__(self, ring: RecordRing, capacity: int, rng: np.random.Generator, pin: bool = False):
+        self.ring, self.rng, self.pin = ring, rng, pin
+        self.free = np.arange(ring.spill_start, len(ring.store[1]))[::-1].copy()   # spill rows not in use
+        self.n_free = len(self.free)
         self.occupied = np.empty(capacity, dtype=np.int64)
         self.n = 0
 
-    def put(self, record: tuple) -> None:
-        k = len(record[1])
-        slots = torch.from_numpy(self.free[self.n_free - k:self.n_free].copy())
-        self.n_free -= k
-        for store, t in zip(self.store, record):
-            if store is not None:
-                store.index_copy_(0, slots, t)   # ~10x faster than store[slots] = t here
-        self.occupied[self.n:self.n + k] = slots.numpy()
-        self.n += k
+    def put(self, j: int, count: int) -> None:
+        start = self.ring.first_row(j)
+        self.occupied[self.n:self.n + count] = np.arange(start, start + count)
+        self.n += count
+
+    def release(self, j: int) -> None:
+        """Move the rows of record j still held to spill rows, and let the workers rewrite its slot."""
+        start = self.ring.first_row(j)
+        held = np.flatnonzero((self.occupied[:self.n] >= start) &
+                              (self.occupied[:self.n] < start + self.ring.samples_per_record))
+        if len(held):
+            spill = self.free[self.n_free - len(held):self.n_free].copy()
+            self.n_free -= len(held)
+            source, target = torch.from_numpy(self.occupied[held]), torch.from_numpy(spill)
+            for store in self.ring.store:
+                if store is not None:
+                    store.index_copy_(0, target, store.index_select(0, source))
+            self.occupied[held] = spill
+        self.ring.released[0] = j
 
     def shuffle(self) -> None:
         self.occupied[:self.n] = self.occupied[self.rng.permutation(self.n)]
 
     def take(self, k: int) -> tuple:
         """The next `k` samples, in fresh memory (pinned when the buffer pins)."""
-        slots = self.occupied[self.n - k:self.n].copy()
+        rows = self.occupied[self.n - k:self.n].copy()
         self.n -= k
-        self.free[self.n_free:self.n_free + k] = slots
-        self.n_free += k
-        index = torch.from_numpy(slots)   # index_select: ~6x faster than store[index] here
+        spilled = rows[rows >= self.ring.spill_start]
+        self.free[self.n_free:self.n_free + len(spilled)] = spilled
+        self.n_free += len(spilled)
+        index = torch.from_numpy(rows)   # index_select: ~6x faster than store[index] here
         return tuple(None if store is None else torch.index_select(store, 0, index, out=_empty_like(store, k, self.pin))
-                     for store in self.store)
+                     for store in self.ring.store)
 
 
 class Read(NamedTuple):
@@ -333,6 +416,13 @@ class RecordStream(IterableDataset):
         """What a worker does to record j after decoding it."""
         return rows
 
+    def hand_over(self, rows: tuple, j: int):
+        """What a worker sends the main process for prepared record j (`Read.rows`): the rows themselves."""
+        return rows
+
+    def start(self, workers: int) -> None:
+        """Before an epoch's workers start (`workers` of them)."""
+
     def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
         """The main process: batches from the records in order of j (pinned when `pin`)."""
         raise NotImplementedError
@@ -361,7 +451,7 @@ class RecordStream(IterableDataset):
                     if record is None:
                         continue
                     try:
-                        rows = self.prepare(self.shards.decode(index, r, key, record), j + r)
+                        rows = self.hand_over(self.prepare(self.shards.decode(index, r, key, record), j + r), j + r)
                     except CorruptShardError as err:
                         yield Read(j + r, draw, index, r, worker, None, err)
                         continue
@@ -373,6 +463,7 @@ class RecordStream(IterableDataset):
         yield from (Read(j + r, draw, index, r, worker, None, error) for r in range(passed, count) if mine(r))
 
     def __iter__(self) -> Iterator[dict]:
+        self.start(0)
         return self.assemble(self.reads(), pin=False)
 
     def _lost(self, read: Read, counted: set) -> None:
@@ -396,15 +487,18 @@ class RecordLoader:
     """One epoch of a record stream's batches: DataLoader workers read and prepare records, this process cuts the
     batches in their fixed order. `dataset` is the stream (as on a DataLoader).
 
-    Memory per rank: the stream's own buffer (`TrainStream`: shuffle_buffer + batch_size + one record of samples;
-    `EvalStream`: one batch plus a record) and the records in flight, at most 2 queued per worker plus one being
-    read by each, so (shuffle_buffer + batch_size + (3 x workers + 1) x samples_per_record) samples in all."""
+    Memory per rank, in samples (spr: samples per record, buffer: max(shuffle_buffer, batch_size) + batch_size):
+    `TrainStream`: its `RecordRing`, (2 x workers + 4) x spr + 2 x buffer rounded up to whole records, plus spill rows
+    for one more buffer, plus a record being read by each worker (for 1x150x150 images, records of 256, the default
+    shuffle buffer and 8 workers: ~1.6 GB);
+    `EvalStream`: one batch plus (3 x workers + 1) records, 2 queued per worker and one being read by each."""
 
     def __init__(self, stream: RecordStream, cfg: StreamConfig):
         self.dataset, self.cfg = stream, cfg
 
     def __iter__(self) -> Iterator[dict]:
         workers = self.cfg.num_workers
+        self.dataset.start(workers)
         records = DataLoader(_Reads(self.dataset), batch_size=None, num_workers=workers,
                              prefetch_factor=RECORDS_IN_FLIGHT if workers else None, persistent_workers=False)
         return self._in_order(iter(records))
@@ -449,14 +543,40 @@ class TrainStream(RecordStream):
         images, *rest = rows
         return (transform(images, cfg, _generator(self.seeds(), j, RECORD_KEY) if cfg.augment else None), *rest)
 
+    def _pool_rows(self) -> tuple[int, int, int]:
+        """(rows the shuffle buffer fills to before cutting, rows it keeps after, its capacity)."""
+        cfg, spr = self.shards.cfg, self.shards.manifest["record_layout"]["samples_per_record"]
+        low = max(cfg.shuffle_buffer, cfg.batch_size) // 2
+        return 2 * low + cfg.batch_size, low + cfg.batch_size, 2 * low + cfg.batch_size + spr
+
+    def start(self, workers: int) -> None:
+        cfg, spr = self.shards.cfg, self.shards.manifest["record_layout"]["samples_per_record"]
+        full, _, capacity = self._pool_rows()
+        # records whose rows the buffer draws from in their slots: twice those it fills to, so that few rows (~10%)
+        # are still held when their slot is released and must move
+        self.live_records = 2 * -(-full // spr) + 2
+        slots = RECORDS_IN_FLIGHT * workers + self.live_records
+        if getattr(self, "ring", None) is not None and self.ring.record_slots == slots and (
+                workers == 0 or self.ring.store[1].is_shared()):
+            self.ring.released[0] = -1     # the last epoch's workers are gone: its memory serves again
+            return
+        shape = self.shards.image_shape if cfg.transforms == "device" else self.image_shape   # as `prepare` leaves it
+        rows = [(shape, torch.float32), ((), torch.int64), ((3,), torch.int64),
+                ((len(cfg.targets),), torch.float32) if cfg.targets else None]
+        self.ring = RecordRing(slots, capacity, spr, rows, shared=workers > 0)
+
+    def hand_over(self, rows: tuple, j: int) -> int:
+        return self.ring.write(j, rows)
+
     def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
-        cfg, seeds = self.shards.cfg, self.seeds()
-        bs, low = cfg.batch_size, max(cfg.shuffle_buffer, cfg.batch_size) // 2
-        rng = np.random.default_rng(seeds + [SHUFFLE_KEY])
-        pool: ShuffleBuffer | None = None
+        cfg, seeds, bs = self.shards.cfg, self.seeds(), self.shards.cfg.batch_size
+        full, keep, capacity = self._pool_rows()
+        pool = ShuffleBuffer(self.ring, capacity, np.random.default_rng(seeds + [SHUFFLE_KEY]), pin)
         k = failures = 0     # k: the batch of this rank's epoch about to be cut
         counted: set[int] = set()
         for read in reads:
+            if read.j + 1 >= self.live_records:   # the slot the workers write next: its rows leave it now
+                pool.release(read.j + 1 - self.live_records)
             if read.rows is None:
                 if cfg.strict:
                     raise read.error
@@ -467,14 +587,11 @@ class TrainStream(RecordStream):
                                        f"last: {read.error}") from read.error
                 continue
             failures = 0
-            if pool is None:
-                capacity = 2 * low + bs + self.shards.manifest["record_layout"]["samples_per_record"]
-                pool = ShuffleBuffer(capacity, read.rows, rng, pin)
-            pool.put(read.rows)
-            if pool.n < 2 * low + bs:
+            pool.put(read.j, read.rows)
+            if pool.n < full:
                 continue
             pool.shuffle()
-            while pool.n >= low + bs and k < self.batches_per_epoch:
+            while pool.n >= keep and k < self.batches_per_epoch:
                 yield _batch(pool.take(bs), cfg, _generator(seeds, k, BATCH_KEY))
                 k += 1
             if k >= self.batches_per_epoch:
