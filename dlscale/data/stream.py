@@ -488,9 +488,9 @@ class RecordLoader:
     batches in their fixed order. `dataset` is the stream (as on a DataLoader).
 
     Memory per rank, in samples (spr: samples per record, buffer: max(shuffle_buffer, batch_size) + batch_size):
-    `TrainStream`: its `RecordRing`, (2 x workers + 4) x spr + 2 x buffer rounded up to whole records, plus spill rows
-    for one more buffer, plus a record being read by each worker (for 1x150x150 images, records of 256, the default
-    shuffle buffer and 8 workers: ~1.6 GB);
+    `TrainStream`: its `RecordRing`, about (2 x workers + 3) x spr + 3 x buffer (two buffers' worth of records live in
+    their slots, one of spill rows), plus a record being read by each worker (1x150x150 images, records of 256, the
+    default shuffle buffer, batch 128, 8 workers: ~17,800 samples, 1.6 GB);
     `EvalStream`: one batch plus (3 x workers + 1) records, 2 queued per worker and one being read by each."""
 
     def __init__(self, stream: RecordStream, cfg: StreamConfig):
