@@ -384,14 +384,15 @@ class ShuffleBuffer:
 
 class Read(NamedTuple):
     """One record of a rank's epoch as a worker hands it over: `j` its place in the epoch, `draw` the shard read it
-    belongs to (`shard` its index, `record` its place there), `rows` (images, labels, ids, targets or None) prepared
-    by the worker, or None with the `error` that lost it."""
+    belongs to (`shard` its index, `record` its place there), `rows` what `RecordStream.hand_over` made of it (the
+    prepared (images, labels, ids, targets or None); a training stream: their count, the rows are in its ring), or
+    None with the `error` that lost it."""
     j: int
     draw: int
     shard: int
     record: int
     worker: int
-    rows: tuple | None
+    rows: tuple | int | None
     error: Exception | None
 
 
