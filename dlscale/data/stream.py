@@ -57,7 +57,8 @@ class StreamConfig:
     batch_size: int = 64
     """per rank (DeepSpeed's micro batch)"""
     num_workers: int = 2
-    """DataLoader worker processes per rank"""
+    """DataLoader worker processes per rank; they share the rank's records (each decodes only its own) and the
+    batches do not depend on their number (training with workers keeps its records in /dev/shm: docs/throughput.md)"""
     normalize: str = "minmax"
     """per image: minmax to [0,1] | standardize | log (log1p above min, then minmax) | none"""
     augment: bool = True
