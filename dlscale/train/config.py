@@ -204,6 +204,18 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class TrainStepConfig:
+    """How the training step runs on the device (not what it computes: the losses agree within float tolerance)."""
+    compile: bool = False
+    """compile the model with DeepSpeed's engine compile (torch.compile, inductor): the first steps take longer while
+    kernels are generated (minutes on a CPU, and a C++ compiler is needed there); for GPUs"""
+    channels_last: bool = False
+    """batches in channels-last (NHWC) layout, which convolutions keep for their outputs: the layout cuDNN's fastest
+    kernels take on tensor cores. The weights stay NCHW (DeepSpeed keeps them in flat buffers; a convolution
+    converts its weight, a small copy). For CNN backbones on GPUs (ViTs gain nothing)"""
+
+
+@dataclass
 class ScheduleConfig:
     epochs: int = 10
     batches_per_epoch: int | None = None
@@ -255,6 +267,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainStepConfig = field(default_factory=TrainStepConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

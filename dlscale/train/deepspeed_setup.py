@@ -180,7 +180,8 @@ def encoder_layers(encoder: torch.nn.Module, cfg) -> list[list[torch.nn.Paramete
 
 
 def make_engine(model: torch.nn.Module, cfg, world: int, device: torch.device, total_steps: int):
-    """Wrap the model in a DeepSpeed engine with torch AdamW (fused on CUDA) and warm-up + cosine schedule."""
+    """Wrap the model in a DeepSpeed engine with torch AdamW (fused on CUDA) and warm-up + cosine schedule; its forward
+    compiled when `train.compile` asks."""
     import deepspeed
     precision = resolve_precision(cfg, device)
     config = ds_config(cfg, world, precision)
@@ -188,4 +189,6 @@ def make_engine(model: torch.nn.Module, cfg, world: int, device: torch.device, t
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    if cfg.train.compile:
+        engine.compile()   # nn.Module.compile in place: state dict keys and checkpoints stay as in eager runs
     return engine, precision, config

@@ -62,6 +62,14 @@ class StepWindow:
         self.ids.append(ids[:8])
 
 
+def channels_last(images: torch.Tensor) -> torch.Tensor:
+    """A copy of (N, C, H, W) `images` with NHWC strides, which convolutions follow. The strides are explicit: with
+    one channel `contiguous(memory_format=torch.channels_last)` keeps the NCHW ones (both count as contiguous)."""
+    n, c, h, w = images.shape
+    return torch.empty_strided(images.shape, (h * w * c, 1, w * c, c), dtype=images.dtype,
+                               device=images.device).copy_(images)
+
+
 class Trainer:
     """Runs the epochs of one stage over a built DeepSpeed `engine` and training `stream`."""
 
@@ -233,6 +241,8 @@ class Trainer:
         """One (micro-)step without a host synchronisation: the loss values go into the window on the device."""
         batch = finish_batch(batch, self.cfg.data, self.device, self.dtype)
         images = batch["image"]
+        if self.cfg.train.channels_last:
+            images = channels_last(images)
         out = self.engine(images, batch)
         losses = self.module.losses(out, images, batch)
         total, self.weights = self.module.weighting(losses)
