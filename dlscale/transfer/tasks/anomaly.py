@@ -37,7 +37,11 @@ from sklearn.neighbors import NearestNeighbors
 from torch import nn
 from tqdm import tqdm
 
+from dlscale.collect import collect, gather
 from dlscale.data.classes import CLASSES
+from dlscale.data.stream import eval_loader, finish_batch
+from dlscale.train.config import load_config, run_tasks
+from dlscale.train.evaluation import load_run
 from dlscale.transfer import features as feats
 from dlscale.transfer.bootstrap import weighted_auc
 from dlscale.transfer.tasks.base import DOWNSTREAM, Anchor, DownstreamTask, cell, summarize
@@ -118,7 +122,6 @@ def decoder_run(source) -> Path | None:
     run_dir = Path(source.path).parent
     if not ((run_dir / "model.pt").is_file() and (run_dir / "config.yaml").is_file()):
         return None
-    from dlscale.train.config import load_config, run_tasks
     try:
         cfg = load_config(run_dir / "config.yaml", run_dir=str(run_dir))
         return run_dir if "recon" in run_tasks(cfg) else None
@@ -130,9 +133,6 @@ def decoder_run(source) -> Path | None:
 
 def recon_errors(study, source, run_dir: Path) -> dict[str, np.ndarray]:
     """ids, labels, recon_mse of every eval image under the run's whole model (encoder + decoder), in id order."""
-    from dlscale.data.stream import eval_loader, finish_batch
-    from dlscale.collect import collect, gather
-    from dlscale.train.evaluation import load_run
     run_cfg, model, _ = load_run(run_dir)
     stream = dataclasses.replace(study.stream(source), normalize=run_cfg.data.normalize, targets=[])
     device = study.device or torch.device("cpu")
