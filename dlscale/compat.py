@@ -31,14 +31,16 @@ FLAT_ENCODER_FIELDS = {"small_input_stem": False, "width": 32, "patch_size": Non
 """The backbone options format 2 wrote into every encoder config, whatever the backbone, with their defaults."""
 
 
-def upgrade_config(tree: dict, version: int | None = None) -> dict:
+def upgrade_config(tree: dict, version: int | None = None, overrides: bool = False) -> dict:
     """A training config tree (config.yaml, a YAML file or dotted overrides) in today's form. `version`: the
-    tree's format version (None: read from the tree, absent = 0.1). Only keys present are moved."""
+    tree's format version (None: read from the tree, absent = 0.1). Only keys present are moved. `overrides`:
+    command-line settings, where only 0.1's renamed keys are translated (a flat backbone option there is the
+    user's own setting, not a value format 2 wrote by default)."""
     version = format_version(tree, "config") if version is None else version
     if version < 2:
         _config_0_1(tree)
     model = tree.get("model")
-    if version < 3 and isinstance(model, dict) and isinstance(model.get("encoder"), dict):
+    if version < 3 and not overrides and isinstance(model, dict) and isinstance(model.get("encoder"), dict):
         _flat_encoder(model["encoder"])
     tree.pop("format_version", None)
     return tree

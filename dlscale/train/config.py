@@ -385,7 +385,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
     (`section.key=value`) < keyword arguments (None: not given). Unknown keys, wrong types and bad values raise
     naming the dotted key; `complete`: the run's inputs (data_dir, run_dir) must be there too."""
     given = upgrade_config(read_yaml(yaml_path)) if yaml_path else {}
-    given = merge_overrides(given, overrides, Config, lambda tree: upgrade_config(tree, FORMAT_0_1))   # 0.1's keys too
+    given = merge_overrides(given, overrides, Config, lambda tree: upgrade_config(tree, FORMAT_0_1, overrides=True))
     given.update({k: v for k, v in top.items() if v is not None})
     stage = given.get("stage", Config.stage)
     stage_defaults = STAGES[stage].defaults if isinstance(stage, str) and stage in STAGES else {}
