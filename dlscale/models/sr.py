@@ -262,9 +262,9 @@ def example_grid(high: torch.Tensor, low: torch.Tensor, sr: torch.Tensor, scale:
 EXAMPLE_TITLES = ("high resolution", "low resolution", "bicubic", "super-resolved", "|SR - HR|")
 
 
-def grid_figure(rows: np.ndarray, titles=EXAMPLE_TITLES):
+def grid_figure(rows: np.ndarray, titles=EXAMPLE_TITLES, row_labels=None):
     """A matplotlib Figure of `example_grid` rows: one image per row, one column per view (|SR - HR| scaled to its
-    own maximum)."""
+    own maximum); `row_labels` name the rows (e.g. the method)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     n, k = rows.shape[:2]
@@ -275,7 +275,10 @@ def grid_figure(rows: np.ndarray, titles=EXAMPLE_TITLES):
             axes = figure.add_subplot(n, k, i * k + j + 1)
             error = j == k - 1 and titles[-1].startswith("|")
             axes.imshow(rows[i, j], cmap="magma", vmin=0, vmax=float(rows[i, j].max()) if error else 1)
-            axes.set_axis_off()
+            axes.set_xticks([])
+            axes.set_yticks([])
             if i == 0:
                 axes.set_title(titles[j], fontsize="x-small")
+            if j == 0 and row_labels is not None:
+                axes.set_ylabel(row_labels[i], fontsize="x-small")
     return figure

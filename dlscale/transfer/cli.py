@@ -15,6 +15,7 @@ from dlscale.configtree import parse_override
 from dlscale.distributed import local_ranks
 from dlscale.transfer.runner import METHODS, TransferConfig
 from dlscale.transfer.subsets import parse_sizes
+from dlscale.transfer.tasks.superres import SuperresOptions
 from dlscale.transfer.training import device_of
 
 
@@ -44,8 +45,10 @@ def transfer_main(argv: list[str] | None = None) -> int:
                    "frozen-encoder methods only)")
     p.add_argument("--regression-targets", default="",
                    help="regression task targets (default: log10_axion_mass and the lens parameters that vary)")
-    p.add_argument("--superres-steps", type=int, default=200, help="Adam steps of the super-resolution head")
-    p.add_argument("--superres-eval", type=int, default=512, help="eval images the super-resolution task scores")
+    p.add_argument("--superres-steps", type=int, default=SuperresOptions.steps,
+                   help="Adam steps of each super-resolution fit")
+    p.add_argument("--superres-eval", type=int, default=SuperresOptions.eval_images,
+                   help="eval images the super-resolution task scores (a third of them per class)")
     p.add_argument("--finetune-encoder-lr-scale", type=float, default=1.0,
                    help="fine-tune runs: the pretrained encoder's learning rate as a multiple of the new head's")
     args, rest = p.parse_known_args(argv)
@@ -58,7 +61,8 @@ def transfer_main(argv: list[str] | None = None) -> int:
                          [t.strip() for t in args.targets.split(",") if t.strip()],
                          args.ranks if args.ranks is not None else local_ranks(), args.seed, args.n_bootstrap,
                          args.min_batches_per_epoch, settings, _names(args.tasks), args.eval_data,
-                         _names(args.regression_targets), args.superres_steps, args.superres_eval,
+                         _names(args.regression_targets),
+                         SuperresOptions(steps=args.superres_steps, eval_images=args.superres_eval),
                          args.finetune_encoder_lr_scale)
     from dlscale.train.deepspeed_setup import prepare_process
     prepare_process(device_of(settings))

@@ -38,6 +38,7 @@ from dlscale.data.shards import load_manifest
 from dlscale.train.preflight import check_manifest
 from dlscale.transfer import features as feats
 from dlscale.transfer.scoring import probe_classifier, probe_regressor, summarize_cell
+from dlscale.transfer.tasks.superres import SuperresOptions
 from dlscale.transfer.subsets import ALL, check_sizes, nested_subsets, subset_name, train_index, write_subset
 from dlscale.transfer.training import PlannedRun, read_scores, train_all
 
@@ -68,8 +69,7 @@ class TransferConfig:
     tasks: list[str] = field(default_factory=lambda: ["all"])   # downstream tasks; all: every one the data allow
     eval_data: str | None = None          # score on this dataset's eval split (cross-dataset transfer)
     regression_targets: list[str] = field(default_factory=list)   # regression task (default: what the data vary)
-    superres_steps: int = 200             # optimiser steps of the super-resolution head
-    superres_eval: int = 512              # eval images the super-resolution task scores (the first by id)
+    superres: SuperresOptions = field(default_factory=SuperresOptions)   # the super-resolution task's options
     finetune_encoder_lr_scale: float = 1.0   # fine-tune runs: the pretrained encoder's lr as a multiple of the head's
 
     @property
@@ -93,8 +93,8 @@ class TransferConfig:
                              "and scratch runs evaluate on their own data: use --methods probe,random")
         if self.finetune_encoder_lr_scale <= 0:
             raise ValueError(f"--finetune-encoder-lr-scale {self.finetune_encoder_lr_scale}: expected a multiple > 0")
-        if self.superres_steps < 1 or self.superres_eval < 1:
-            raise ValueError("--superres-steps and --superres-eval must be >= 1")
+        if not isinstance(self.superres, SuperresOptions):
+            raise ValueError(f"superres: expected SuperresOptions, got {type(self.superres).__name__}")
         reserved = sorted({key.split(".")[0] for key in self.overrides} & set(RESERVED_KEYS))
         if reserved:
             raise ValueError(f"override --{reserved[0]}=...: transfer sets {', '.join(RESERVED_KEYS)} itself")

@@ -35,6 +35,7 @@ class DownstreamTask:
     anchors: tuple[Anchor, ...] = ()
     higher_is_better: bool = True            # of the headline metric (the label-efficiency panel says so)
     note: str = ""                           # how it is fitted and scored, for the report
+    in_default: bool = True                  # run by `--tasks all`; False: costly, only when named
 
     def unmet(self, study) -> str | None:
         """Why `study`'s data cannot serve this task (None: it can). Called before any training."""
