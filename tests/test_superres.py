@@ -161,3 +161,69 @@ def test_one_rank_evaluates_a_two_rank_superres_run_to_the_same_scores(sr_runs, 
     again = json.loads((run / "metrics.json").read_text())
     for key in ("val/psnr", "val/ssim", "val/psnr_bicubic", "val/ssim_bicubic"):
         assert again[key] == trained[key], key
+
+
+# ---- dlscale predict on a superres run ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory) -> Path:
+    from dlscale.cli import main
+    from runs import own_logging
+    run = tmp_path_factory.mktemp("superres_one") / "run"
+    with own_logging():
+        assert main(["train", "--stage", "superres", "--run-dir", str(run), *SIM]) == 0
+    return run
+
+
+def low_resolution_files(folder: Path, n: int, side: int = 16) -> list[Path]:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = [folder / f"lens_{i:02d}.npy" for i in range(n)]
+    for path in paths:
+        np.save(path, rng.random((1, side, side)).astype(np.float32) * 50)
+    return paths
+
+
+def test_predict_writes_one_super_resolved_image_per_input_in_csv_order(one_rank_run, cli, tmp_path):
+    from dlscale.data.stream import normalize
+    from dlscale.train.evaluation import load_run
+    paths = low_resolution_files(tmp_path / "low", 5)
+    result = cli("predict", "--run", one_rank_run, "--data", tmp_path / "low", "--out", tmp_path / "out",
+                 "--workers", "0", "--batch-size", "2")
+    assert result.code == 0, result.err[-3000:]
+    made = np.load(tmp_path / "out" / "superres.npy")
+    assert made.shape == (5, 1, 32, 32)
+    rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[1:]
+    assert [Path(r.split(",")[0]).name for r in rows] == [p.name for p in paths]
+    cfg, model, _ = load_run(one_rank_run)
+    task = model.task_specs["superres"]
+    for i, path in enumerate(paths):    # each row: the network on that file alone
+        image = normalize(torch.from_numpy(np.load(path))[None], cfg.data.normalize)
+        with torch.no_grad():
+            alone = task.make_images(model.heads["superres"], image, model.eval())
+        assert np.allclose(made[i], alone[0].numpy(), atol=1e-6)
+    assert (tmp_path / "out" / "superres_0.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("bad", ["size", "nan"])
+def test_predict_refuses_a_bad_low_resolution_input_naming_it_and_writes_nothing(one_rank_run, cli, tmp_path, bad):
+    paths = low_resolution_files(tmp_path / "low", 3)
+    if bad == "size":
+        np.save(paths[1], np.ones((1, 32, 32), np.float32))     # high-resolution size: not this run's input
+    else:
+        image = np.ones((1, 16, 16), np.float32)
+        image[0, 3, 3] = np.nan
+        np.save(paths[1], image)
+    result = cli("predict", "--run", one_rank_run, "--data", tmp_path / "low", "--out", tmp_path / "out",
+                 "--workers", "0")
+    assert result.code != 0 and paths[1].name in result.err
+    assert ("expects 16x16" in result.err) if bad == "size" else ("NaN/Inf" in result.err)
+    assert not (tmp_path / "out" / "superres.npy").exists()
+
+
+def test_predict_resizes_other_sizes_when_asked(one_rank_run, cli, tmp_path):
+    paths = low_resolution_files(tmp_path / "low", 2, side=20)
+    result = cli("predict", "--run", one_rank_run, "--data", tmp_path / "low", "--out", tmp_path / "out",
+                 "--workers", "0", "--resize")
+    assert result.code == 0, result.err[-3000:]
+    assert np.load(tmp_path / "out" / "superres.npy").shape == (len(paths), 1, 32, 32)

@@ -56,6 +56,7 @@ class SuperResolution(Task):
     name = "superres"
     Config = SuperresConfig
     uses_feature_map = False     # the encoder (if guided) sees the bicubic upsample, not the clean image
+    output_images = "superres"
 
     @property
     def options(self) -> SuperresConfig:
@@ -75,10 +76,25 @@ class SuperResolution(Task):
             generator = (head.next_generator(images.device, training=False) if batch is None else
                          seeded_generator(images.device, head.seed_salt, step_draw(head, batch, self.name)[0]))
         low = self.degrade(high, scale, generator)
+        return {"sr": self.upscale(head, low, low_value, span, model, images.dtype), "sr_high": high, "sr_low": low}
+
+    def upscale(self, head, low, low_value, span, model, dtype) -> torch.Tensor:
+        """The network's output for `low` in [0, 1]; a guided network's encoder sees the bicubic upsample in the
+        input's units (`low * span + low_value`)."""
         guide = None
         if self.options.guided:
-            guide = model.encoder((bicubic_up(low, scale) * span + low_value).to(images.dtype))
-        return {"sr": head.net(low.to(images.dtype), guide), "sr_high": high, "sr_low": low}
+            guide = model.encoder((bicubic_up(low, self.options.network.scale) * span + low_value).to(dtype))
+        return head.net(low.to(dtype), guide)
+
+    def input_shape(self, image_shape):
+        channels, height, width = image_shape
+        scale = self.options.network.scale
+        return channels, height // scale, width // scale
+
+    def make_images(self, head, images, model):
+        """Super-resolved low-resolution inputs, in the [0, 1] units of each input's min-max (as scored)."""
+        low, low_value, span = unit_range(images)
+        return self.upscale(head, low, low_value, span, model, images.dtype)
 
     def loss(self, out, images, batch):
         o = self.options
