@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         entries.append(entry)
         (work / "partial.json").write_text(json.dumps(entries, indent=1))
 
-    if "goal" in a.parts:
+    def goal() -> None:
         record(bicubic_entry(model_ii, 2, a, "goal"))
         opts = SuperresOptions(steps=20, batch_size=a.batch_size, network=SRConfig(channels=a.channels,
                                                                                     blocks=a.blocks))
@@ -183,18 +183,24 @@ def main(argv=None) -> int:
         fit_sr(model_ii.train, opts, 0)
         steps = int(a.goal_cpu_s / ((time.process_time() - t) / 20))
         record(fit_entries(model_ii, "scratch", "all", 2, steps, a, "goal", curve=True))
-    if "scale4" in a.parts:
+
+    def scale4() -> None:
         record(bicubic_entry(model_ii, 4, a, "scale4"))
         record(fit_entries(model_ii, "scratch", "all", 4, a.steps4, a, "scale4"))
-    if "model_iii" in a.parts:
-        model_iii = Data("model_iii", a)
-        record(bicubic_entry(model_iii, 2, a, "model_iii"))
-        record(fit_entries(model_iii, "scratch", "all", 2, a.steps, a, "model_iii"))
-    if "n_study" in a.parts:
+
+    def model_iii() -> None:
+        data = Data("model_iii", a)
+        record(bicubic_entry(data, 2, a, "model_iii"))
+        record(fit_entries(data, "scratch", "all", 2, a.steps, a, "model_iii"))
+
+    def n_study() -> None:
         encoder = a.encoder or pretrain_encoder(work, a)
         for n in sizes:
             for method in GUIDANCE:
                 record(fit_entries(model_ii, method, n, 2, a.steps, a, "n_study", encoder))
+
+    for part in a.parts:      # in the order asked
+        {"goal": goal, "scale4": scale4, "model_iii": model_iii, "n_study": n_study}[part]()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"entries": entries, "load_average_1min": [round(load[0], 2), round(os.getloadavg()[0], 2)],
                       "wall_s": round(time.time() - started, 1), "user_s": round(usage.ru_utime, 1),

@@ -46,7 +46,11 @@ def metrics_table(metrics: Mapping[str, object], class_names: Sequence[str], pre
             ("ECE (15 bins)", metrics.get(f"{prefix}/ece")),
             ("macro AUC", metrics.get(f"{prefix}/auc_macro")),
             *((f"AUC {c}", metrics.get(f"{prefix}/auc/{c}")) for c in class_names),
-            ("recon MSE", metrics.get(f"{prefix}/recon_mse")), ("probe accuracy", metrics.get(f"{probe}/accuracy")),
+            ("recon MSE", metrics.get(f"{prefix}/recon_mse")),
+            *((name, metrics.get(f"{prefix}/{key}")) for name, key in (
+                ("PSNR (dB)", "psnr"), ("PSNR bicubic", "psnr_bicubic"), ("SSIM", "ssim"),
+                ("SSIM bicubic", "ssim_bicubic"))),
+            ("probe accuracy", metrics.get(f"{probe}/accuracy")),
             ("probe macro AUC", metrics.get(f"{probe}/auc_macro"))]
     lines = []
     for name, value in rows:

@@ -132,6 +132,11 @@ def test_superres_trains_on_two_ranks_and_records_psnr_and_ssim_against_bicubic(
     assert 0 < metrics["val/ssim_bicubic"] <= 1
     scores = dict(np.load(root / "whole" / "scores_val.npz"))
     assert scores["psnr"].shape == (24,) and metrics["val/psnr"] == pytest.approx(float(scores["psnr"].mean()))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(root / "whole" / "tb"))
+    tb.Reload()
+    assert "val/superres_hr_lr_bicubic_sr_error" in tb.Tags()["images"]
+    assert tb.Scalars("val/psnr")[-1].value == pytest.approx(metrics["val/psnr"])
 
 
 def test_killed_superres_run_resumes_to_the_same_parameters(sr_runs, launch, venv_bin):
