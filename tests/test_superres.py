@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import two_rank_command, whole_and_killed
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from dlscale import preemption
 from dlscale.models.sr import (DegradationConfig, SRConfig, SRNet, bicubic_down, bicubic_up, degradation, sr_loss,
                                sr_scores, unit_range)
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
 TIMEOUT_S = 300
 BATCHES = 5
 SIM = ["--data.source=simulate", "--data.simulator.overrides={instrument.n_pix: 32, lens.randomize: true}",
@@ -105,21 +104,12 @@ def test_images_the_scale_does_not_divide_are_refused_naming_the_option(cli, tmp
 
 # ---- 2 ranks, killed and resumed --------------------------------------------------------------------------------
 
-def two_ranks(venv_bin, run_dir: Path, *extra) -> list:
-    return [venv_bin / "torchrun", "--standalone", "--nproc_per_node", "2", TRAIN_SCRIPT, "--stage", "superres",
-            "--run-dir", run_dir, *SIM, *extra]
-
-
 @pytest.fixture(scope="module")
 def sr_runs(tmp_path_factory, launch, venv_bin):
     """An uninterrupted 2-rank superres run and one SIGKILLed mid-training, started together."""
     root = tmp_path_factory.mktemp("superres")
-    whole = launch(two_ranks(venv_bin, root / "whole"), root / "whole.log", root)
-    killed = launch(two_ranks(venv_bin, root / "killed"), root / "killed.log", root,
-                    env={preemption.DRILL: f"{KILL_AT_STEP}:SIGKILL"})
-    assert killed.wait(TIMEOUT_S) != 0, killed.output()[-4000:]
-    assert whole.wait(TIMEOUT_S) == 0, whole.output()[-4000:]
-    return root, killed
+    return root, whole_and_killed(launch, lambda run: two_rank_command(venv_bin, "superres", run, *SIM), root,
+                                  KILL_AT_STEP, TIMEOUT_S)
 
 
 def test_superres_trains_on_two_ranks_and_records_psnr_and_ssim_against_bicubic(sr_runs):
@@ -146,7 +136,7 @@ def test_killed_superres_run_resumes_to_the_same_parameters(sr_runs, launch, ven
                      (run / "log.txt").read_text()), killed.output()[-3000:]
     assert not (run / "model.pt").exists()
     assert int((run / "checkpoints" / "latest").read_text().strip()[4:]) == KILL_AT_STEP - 1
-    resumed = launch(two_ranks(venv_bin, run, "--resume", "auto"), root / "resumed.log", root)
+    resumed = launch(two_rank_command(venv_bin, "superres", run, *SIM, "--resume", "auto"), root / "resumed.log", root)
     assert resumed.wait(TIMEOUT_S) == 0, resumed.output()[-4000:]
     assert "resumed from step" in (run / "log.txt").read_text()
     got = torch.load(run / "model.pt", weights_only=True)
