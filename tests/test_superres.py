@@ -222,3 +222,27 @@ def test_predict_resizes_other_sizes_when_asked(one_rank_run, cli, tmp_path):
                  "--workers", "0", "--resize")
     assert result.code == 0, result.err[-3000:]
     assert np.load(tmp_path / "out" / "superres.npy").shape == (len(paths), 1, 32, 32)
+
+
+@pytest.mark.parametrize(("values", "message"), [({"methods": ["lora"]}, "superres.methods"),
+                                                 ({"steps": 0}, "steps"), ({"lr": 0.0}, "lr")])
+def test_bad_transfer_superres_options_are_refused_naming_them(values, message):
+    from dlscale.transfer.tasks.superres import SuperresOptions
+    with pytest.raises(ValueError, match=message):
+        SuperresOptions(**values)
+
+
+def test_a_fit_from_scratch_beats_bicubic_and_restores_the_thread_count():
+    from dlscale.transfer.tasks.superres import SuperresOptions, fit_sr, super_resolve, torch_threads
+    torch.manual_seed(0)
+    x = torch.linspace(-1, 1, 32)
+    blobs = torch.exp(-((x[None, :, None] - torch.rand(40, 1, 1) + 0.5) ** 2 + (x[None, None, :] - torch.rand(
+        40, 1, 1) + 0.5) ** 2) / 0.02)[:, None]            # sharp Gaussian blobs: bicubic blurs them
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        net = fit_sr(blobs[:32], SuperresOptions(steps=60, batch_size=8, lr=3e-3), seed=0)
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    low = bicubic_down(blobs[32:], 2)
+    ours, base = sr_scores(super_resolve(net, low), blobs[32:]), sr_scores(bicubic_up(low, 2), blobs[32:])
+    assert ours["psnr"].mean() > base["psnr"].mean() + 0.1
