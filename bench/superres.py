@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from dlscale.data.classes import CLASSES
-from dlscale.models.sr import SRConfig, bicubic_down, bicubic_up, sr_scores, unit_range
+from dlscale.models.sr import SRConfig, bicubic_down, bicubic_up, unit_range
 from dlscale.sim.config import preset_config
 from dlscale.sim.simulator import LensSimulator
 from dlscale.transfer.bootstrap import summarize_draws, weighted_mean
-from dlscale.transfer.tasks.superres import GUIDANCE, Guide, SuperresOptions, fit_sr, super_resolve
+from dlscale.transfer.tasks.superres import GUIDANCE, Guide, SuperresOptions, fit_sr, per_image, super_resolve
 
 PARTS = ("goal", "scale4", "model_iii", "n_study")
 
@@ -68,10 +68,6 @@ def scored(preds: list[dict], n_boot: int) -> dict:
         out[f"{key}_ci"] = [round(summary["ci_low"][key], 4), round(summary["ci_high"][key], 4)]
     out["repeats"] = [round(r["psnr"], 3) for r in summary["repeats"]]
     return out
-
-
-def per_image(pred: torch.Tensor, high: torch.Tensor) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in sr_scores(pred, high).items()}
 
 
 class Data:
@@ -104,7 +100,8 @@ def fit_entries(data: Data, method: str, n, scale: int, steps: int, a, part: str
         guide = None
         if GUIDANCE[method].encoder:
             from dlscale.export import load_encoder
-            guide = Guide(load_encoder(guide_path), "minmax")
+            encoder = load_encoder(guide_path)
+            guide = Guide(encoder, encoder.dlscale.get("normalize", "minmax"))
         eval_cpu, start = [0.0], [0.0]
 
         def progress(step, net):
