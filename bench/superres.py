@@ -137,7 +137,8 @@ def pretrain_encoder(work: Path, a) -> str:
                         "--data.simulator.probe_per_class=50", "--model.encoder.name=small",
                         "--model.encoder.width=24", "--data.batch_size=32", "--data.num_workers=0",
                         f"--schedule.batches_per_epoch={a.pretrain_batches}", "--schedule.epochs=1",
-                        "--eval.n_bootstrap=0"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "--eval.n_bootstrap=0"], check=True, stdout=sys.stderr,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     return str(run / "encoder.pt")
 
 
