@@ -7,6 +7,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+EXAMPLE_KEYS = ("examples", "recon_examples", "sr_examples")
+"""Outputs holding a few shown images rather than one row per sample: rank 0's are kept as they are."""
+
 
 def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype,
             n_examples: int = 8, finish=None) -> dict[str, np.ndarray]:
@@ -46,12 +49,12 @@ def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     else:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, arrays)
-    keys = sorted({k for p in parts for k in p if k not in ("examples", "recon_examples")})
+    keys = sorted({k for p in parts for k in p if k not in EXAMPLE_KEYS})
     out = {k: np.concatenate([p[k] for p in parts if k in p]) for k in keys}
     if "ids" in out and len(out["ids"]):
         order = np.lexsort(out["ids"].T[::-1])
         out = {k: v[order] for k, v in out.items()}
-    for k in ("examples", "recon_examples"):
+    for k in EXAMPLE_KEYS:
         if k in parts[0]:
             out[k] = parts[0][k]
     return out

@@ -90,6 +90,8 @@ def classification_metrics(
 
 
 ECE_BINS = 15
+PER_IMAGE_MEANS = ("recon_mse", "mae_masked_mse", "psnr", "ssim", "psnr_bicubic", "ssim_bicubic")
+"""Per-image scores an evaluation reports as their mean over the split (`<prefix>/<key>`)."""
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
@@ -187,12 +189,12 @@ def summarize(scores: dict[str, np.ndarray], probe_train: dict[str, np.ndarray] 
               prefix: str = "val", target_names: Sequence[str] = (), n_bootstrap: int = 200,
               seed: int = 0) -> dict[str, object]:
     """Flat metrics from gathered scores: `<prefix>/accuracy`, `<prefix>/auc_*`, `<prefix>/recon_mse`,
-    `<prefix>/mae_masked_mse`, `<prefix>/mae/<target>`, `probe/accuracy`, `probe/auc_macro`, `<prefix>/n_samples`."""
+    `<prefix>/mae_masked_mse`, `<prefix>/psnr` (and the other `PER_IMAGE_MEANS`), `<prefix>/mae/<target>`, `probe/accuracy`, `probe/auc_macro`, `<prefix>/n_samples`."""
     metrics: dict[str, object] = {f"{prefix}/n_samples": int(len(scores["labels"]))}
     if "probs" in scores:
         cls = classification_metrics(scores["probs"], scores["labels"], class_names, n_bootstrap, seed)
         metrics.update({f"{prefix}/{k}": v for k, v in cls.items() if k != "n_samples"})
-    for key in ("recon_mse", "mae_masked_mse"):      # per-image errors: their mean over the split
+    for key in PER_IMAGE_MEANS:                      # per-image errors and scores: their mean over the split
         if key in scores:
             metrics[f"{prefix}/{key}"] = float(scores[key].mean())
     if "regression" in scores:

@@ -38,6 +38,7 @@ from dlscale.predict_inputs import (Preprocess, PredictStream, file_items, is_sh
 log = logging.getLogger(__name__)
 ANOMALY_TASKS = ("recon", "mae")    # per-image reconstruction error: the anomaly score, in this order of preference
 SHOWN_REJECTS = 5
+PREVIEWS = 4                        # PNG previews of made images (super-resolution)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Predictor:
     heads: tuple[str, ...] = ()                 # the scored tasks of a run: classification, regression, recon, mae
     targets: tuple[str, ...] = ()
     anomaly: str | None = None
+    imagers: tuple[str, ...] = ()               # tasks that make images from the input (super-resolution)
 
     @property
     def is_run(self) -> bool:
@@ -89,11 +91,16 @@ def load_predictor(path: Path) -> Predictor:
     if is_run_dir(path):
         from dlscale.train.evaluation import load_run
         cfg, model, info = load_run(path)
-        prep = Preprocess(tuple(info["image_shape"]), cfg.data.normalize,
+        imagers = tuple(t for t, spec in model.task_specs.items() if spec.output_images)
+        shape = tuple(info["image_shape"])
+        if imagers:    # its inputs: what the task makes images from (low-resolution images for super-resolution)
+            shape = model.task_specs[imagers[0]].input_shape(shape)
+        prep = Preprocess(shape, cfg.data.normalize,
                           resize_mode=(info.get("data") or {}).get("resize_mode") or "interpolate")
         heads = tuple(t for t in model.task_specs if t in ("classification", "regression", *ANOMALY_TASKS))
         anomaly = next((t for t in ANOMALY_TASKS if t in heads), None)
-        return Predictor(model.eval(), prep, heads, tuple(cfg.data.targets) if "regression" in heads else (), anomaly)
+        return Predictor(model.eval(), prep, heads, tuple(cfg.data.targets) if "regression" in heads else (), anomaly,
+                         imagers)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no run directory or exported encoder")
     from dlscale.export import load_encoder
@@ -111,6 +118,10 @@ def score(predictor: Predictor, images: torch.Tensor) -> dict[str, torch.Tensor]
     model = predictor.model
     if not predictor.is_run:
         return {"features": global_pool(model(images))}
+    if predictor.imagers:      # inputs of another shape than the encoder's: only the image-making tasks run
+        return {model.task_specs[name].output_images: model.task_specs[name].make_images(model.heads[name], images,
+                                                                                         model)
+                for name in predictor.imagers}
     feature_map = model.encoder(images)
     rows, out = {"features": global_pool(feature_map)}, {}
     for name in predictor.heads:
@@ -275,10 +286,22 @@ def write_outputs(cfg: PredictConfig, predictor: Predictor, result: Predictions)
     if cfg.embeddings:
         features = result.arrays.get("features", np.zeros((0, 0), np.float32))
         io.atomic_write(cfg.out / "embeddings.npy", lambda f: np.save(f, features))
+    for name in predictor.imagers:
+        write_images(cfg.out, predictor.model.task_specs[name].output_images, result)
     if cfg.skip_bad:
         io.write_json(cfg.out / "rejected.json", {"count": len(result.rejected), "rejected": [
             {"source": source, "reason": reason} for source, reason in result.rejected]})
     io.write_text(cfg.out / "predictions.csv", csv_text(predictor, result))
+
+
+def write_images(out: Path, name: str, result: Predictions) -> None:
+    """OUT/<name>.npy (N, C, H', W'), rows in CSV order, and PNG previews of the first PREVIEWS (first channel)."""
+    from matplotlib import pyplot
+    images = result.arrays[name]
+    io.atomic_write(out / f"{name}.npy", lambda f: np.save(f, images))
+    for i, image in enumerate(images[:PREVIEWS]):
+        io.atomic_write(out / f"{name}_{i}.png", lambda f, image=image: pyplot.imsave(f, image[0], cmap="magma",
+                                                                                   format="png"))
 
 
 def summary(predictor: Predictor, result: Predictions, cfg: PredictConfig) -> str:
@@ -289,6 +312,9 @@ def summary(predictor: Predictor, result: Predictions, cfg: PredictConfig) -> st
              + (f" (+ embeddings.npy, {features.shape[1]} features per image)" if features is not None else "")]
     if result.rejected:
         lines.append(f"rejected {len(result.rejected)} inputs, listed in {cfg.out}/rejected.json")
+    for name in predictor.imagers:
+        made = predictor.model.task_specs[name].output_images
+        lines.append(f"  {made}: {cfg.out}/{made}.npy {list(result.arrays[made].shape)} (+ {made}_<i>.png previews)")
     if "probs" in result.arrays:
         predicted = result.arrays["probs"].argmax(1)
         for k, name in enumerate(CLASSES):

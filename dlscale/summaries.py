@@ -18,7 +18,8 @@ def scalar_items(metrics: Mapping[str, object]) -> dict[str, float]:
 
 def log_evaluation(writer, step: int, metrics: Mapping[str, object], scores: Mapping[str, np.ndarray],
                    class_names: Sequence[str], prefix: str = "val") -> None:
-    """Scalars, ROC figure, reliability diagram, per-class PR curves and an input/reconstruction grid, at `step`."""
+    """Scalars, ROC figure, reliability diagram, per-class PR curves, an input/reconstruction grid and a
+    super-resolution grid (HR / LR / bicubic / SR / |SR - HR|), at `step`."""
     for key, value in scalar_items(metrics).items():
         writer.add_scalar(key, value, step)
     if "probs" in scores:
@@ -33,6 +34,9 @@ def log_evaluation(writer, step: int, metrics: Mapping[str, object], scores: Map
         pairs = torch.from_numpy(np.concatenate([scores["examples"], scores["recon_examples"]]))[:, :1]
         grid = make_grid(pairs, nrow=len(scores["examples"]), normalize=True, scale_each=True)
         writer.add_image(f"{prefix}/inputs_top_reconstructions_bottom", grid, step)
+    if "sr_examples" in scores:
+        from dlscale.models.sr import grid_figure
+        writer.add_figure(f"{prefix}/superres_hr_lr_bicubic_sr_error", grid_figure(scores["sr_examples"]), step)
 
 
 def metrics_table(metrics: Mapping[str, object], class_names: Sequence[str], prefix: str = "val",
@@ -42,7 +46,11 @@ def metrics_table(metrics: Mapping[str, object], class_names: Sequence[str], pre
             ("ECE (15 bins)", metrics.get(f"{prefix}/ece")),
             ("macro AUC", metrics.get(f"{prefix}/auc_macro")),
             *((f"AUC {c}", metrics.get(f"{prefix}/auc/{c}")) for c in class_names),
-            ("recon MSE", metrics.get(f"{prefix}/recon_mse")), ("probe accuracy", metrics.get(f"{probe}/accuracy")),
+            ("recon MSE", metrics.get(f"{prefix}/recon_mse")),
+            *((name, metrics.get(f"{prefix}/{key}")) for name, key in (
+                ("PSNR (dB)", "psnr"), ("PSNR bicubic", "psnr_bicubic"), ("SSIM", "ssim"),
+                ("SSIM bicubic", "ssim_bicubic"))),
+            ("probe accuracy", metrics.get(f"{probe}/accuracy")),
             ("probe macro AUC", metrics.get(f"{probe}/auc_macro"))]
     lines = []
     for name, value in rows:

@@ -43,6 +43,8 @@ register_stage("adapt", Stage(None, "domain adaptation: classification of the la
                              default_tasks=("classification", "dann")))
 register_stage("contrastive", Stage(("contrastive",), "SimCLR (NT-Xent, negatives from every rank) or BYOL on two "
                                                       "random lensing views"))
+register_stage("superres", Stage(("superres",), "super-resolution of the data's own images (no labels): a residual "
+                                 "network on bicubic, guided by the encoder's feature map"))
 
 
 def get_stage(name: str) -> Stage:

@@ -53,8 +53,20 @@ class Task:
     """False for tasks that run the encoder on inputs of their own (masked images, views): the clean image's
     feature map is then only computed when another task or evaluation needs it."""
 
+    output_images: ClassVar[str] = ""
+    """Name of the images the task makes from an input at prediction time (`dlscale predict` writes
+    OUT/<name>.npy); empty: none. Such a task takes inputs of `input_shape` and implements `make_images`."""
+
     def __init__(self, ctx: TaskContext) -> None:
         self.ctx = ctx
+
+    def input_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The (C, H, W) of the inputs `make_images` takes (default: the run's images)."""
+        return tuple(image_shape)
+
+    def make_images(self, head: nn.Module, images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """The images the task makes from `images` (normalised as the run's data) at prediction time."""
+        raise NotImplementedError(f"task {self.name!r} makes no images")
 
     def build_head(self) -> nn.Module:
         raise NotImplementedError

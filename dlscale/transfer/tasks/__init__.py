@@ -4,7 +4,8 @@
     regression      ridge on frozen features, fine-tune vs scratch: log10 axion mass and the lens parameters
     anomaly         no_sub-only density in the frozen feature space (kNN, Mahalanobis), and the reconstruction
                     error of encoders whose run has a decoder: AUROC against substructure
-    superres        2x super-resolution with a light head on the frozen feature map: PSNR, SSIM against bicubic
+    superres        an SR network from scratch, guided by the frozen or fine-tuned encoder: PSNR, SSIM against
+                    bicubic (only when asked: it trains networks)
 
 A new task subclasses `base.DownstreamTask` and is decorated with `@DOWNSTREAM.register`; no dlscale edit needed.
 """
@@ -21,14 +22,18 @@ ALL_TASKS = "all"
 
 
 def resolve_tasks(study) -> list[DownstreamTask]:
-    """The study's task instances. `all` (the default) takes every registered task the data can serve and skips the
-    others with one log line each, naming the task and what it lacks; a task named explicitly that the data cannot
+    """The study's task instances. `all` (the default) takes every registered task the data can serve, except the
+    costly ones that run only when named (`in_default` False), and skips the others with one log line each, naming
+    the task and what it lacks; a task named explicitly that the data cannot
     serve is refused here, before any training, naming the task and what it needs."""
     names = study.cfg.tasks
     if ALL_TASKS in names:
         tasks = []
         for name, cls in DOWNSTREAM.items():
             task = cls()
+            if not task.in_default:
+                log.info("downstream task %s runs only when asked (--tasks %s): it trains networks", name, name)
+                continue
             why = task.unmet(study)
             if why:
                 log.warning("skipping downstream task %s: %s (it needs %s)", name, why, task.needs)

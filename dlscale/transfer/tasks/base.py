@@ -36,6 +36,7 @@ class DownstreamTask:
     note: str = ""                           # how it is fitted and scored, for the report
     Config: Any = None                       # its options: a dataclass (`task_options.<name>`), or None
     efficiency_panel: bool = True            # its headline metric gets a panel in label_efficiency_tasks.png
+    in_default: bool = True                  # run by `--tasks all`; False: costly, only when named
 
     def unmet(self, study) -> str | None:
         """Why `study`'s data cannot serve this task (None: it can). Called before any training."""
