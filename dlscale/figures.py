@@ -73,3 +73,27 @@ def save_roc(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], cl
 
 def save_reliability(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
     io.atomic_write(path, lambda f: reliability_figure(curves).savefig(f, format="png", dpi=120))
+
+
+SR_TITLES = ("high resolution", "low resolution", "bicubic", "super-resolved", "|SR - HR|")
+"""The columns of a super-resolution example grid (`dlscale.models.sr.example_grid`)."""
+
+
+def grid_figure(rows: np.ndarray, titles=SR_TITLES, row_labels=None) -> Figure:
+    """A matplotlib Figure of `example_grid` rows: one image per row, one column per view (|SR - HR| scaled to its
+    own maximum); `row_labels` name the rows (e.g. the method)."""
+    n, k = rows.shape[:2]
+    figure = Figure(figsize=(2.0 * k, 2.0 * n), layout="constrained")
+    FigureCanvasAgg(figure)
+    for i in range(n):
+        for j in range(k):
+            axes = figure.add_subplot(n, k, i * k + j + 1)
+            error = j == k - 1 and titles[-1].startswith("|")
+            axes.imshow(rows[i, j], cmap="magma", vmin=0, vmax=float(rows[i, j].max()) if error else 1)
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if i == 0:
+                axes.set_title(titles[j], fontsize="x-small")
+            if j == 0 and row_labels is not None:
+                axes.set_ylabel(row_labels[i], fontsize="x-small")
+    return figure

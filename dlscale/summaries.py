@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from dlscale.figures import reliability_figure, roc_figure
+from dlscale.figures import grid_figure, reliability_figure, roc_figure
 
 
 def scalar_items(metrics: Mapping[str, object]) -> dict[str, float]:
@@ -35,7 +35,6 @@ def log_evaluation(writer, step: int, metrics: Mapping[str, object], scores: Map
         grid = make_grid(pairs, nrow=len(scores["examples"]), normalize=True, scale_each=True)
         writer.add_image(f"{prefix}/inputs_top_reconstructions_bottom", grid, step)
     if "sr_examples" in scores:
-        from dlscale.models.sr import grid_figure
         writer.add_figure(f"{prefix}/superres_hr_lr_bicubic_sr_error", grid_figure(scores["sr_examples"]), step)
 
 

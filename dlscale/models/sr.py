@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -257,28 +256,3 @@ def example_grid(high: torch.Tensor, low: torch.Tensor, sr: torch.Tensor, scale:
     columns = [high, F.interpolate(low, scale_factor=scale, mode="nearest"), bicubic_up(low, scale).clamp(0, 1), sr,
                (sr - high).abs()]
     return torch.stack([c[:, 0].float() for c in columns], 1)
-
-
-EXAMPLE_TITLES = ("high resolution", "low resolution", "bicubic", "super-resolved", "|SR - HR|")
-
-
-def grid_figure(rows: np.ndarray, titles=EXAMPLE_TITLES, row_labels=None):
-    """A matplotlib Figure of `example_grid` rows: one image per row, one column per view (|SR - HR| scaled to its
-    own maximum); `row_labels` name the rows (e.g. the method)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    n, k = rows.shape[:2]
-    figure = Figure(figsize=(2.0 * k, 2.0 * n), layout="constrained")
-    FigureCanvasAgg(figure)
-    for i in range(n):
-        for j in range(k):
-            axes = figure.add_subplot(n, k, i * k + j + 1)
-            error = j == k - 1 and titles[-1].startswith("|")
-            axes.imshow(rows[i, j], cmap="magma", vmin=0, vmax=float(rows[i, j].max()) if error else 1)
-            axes.set_xticks([])
-            axes.set_yticks([])
-            if i == 0:
-                axes.set_title(titles[j], fontsize="x-small")
-            if j == 0 and row_labels is not None:
-                axes.set_ylabel(row_labels[i], fontsize="x-small")
-    return figure

@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from dlscale.data.classes import CLASSES
 from dlscale.data.stream import normalize
+from dlscale.figures import grid_figure
 from dlscale.models.sr import (MIN_LOW_SIDE, SSIM_WINDOW, SRConfig, SRNet, bicubic_down, bicubic_up, example_grid,
-                               grid_figure, sr_loss, sr_scores, unit_range)
+                               sr_loss, sr_scores, unit_range)
 from dlscale.transfer import samples
 from dlscale.transfer.bootstrap import weighted_mean
 from dlscale.transfer.tasks.base import DOWNSTREAM, Anchor, DownstreamTask, cell, summarize
