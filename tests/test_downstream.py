@@ -83,7 +83,8 @@ class _Study:
         self.train_labels = np.array(labels)
         self.manifest = {"splits": {"val": {"class_counts": {"no_sub": 3, "cdm": 3, "axion": 3}}}}
         self.eval_manifest = None
-        self.cfg = type("Cfg", (), {"split": "val", "data_dir": "d", "eval_dir": "d", "superres": SuperresOptions()})()
+        self.cfg = type("Cfg", (), {"split": "val", "data_dir": "d", "eval_dir": "d",
+                                    "options": staticmethod(lambda task: SuperresOptions())})()
 
 
 def test_tasks_the_data_cannot_serve_are_refused_naming_the_task_and_its_needs():
