@@ -28,34 +28,52 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dlscale import io
+from dlscale.configtree import commented_yaml, load_dataclass, parse_with_overrides
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.data.deeplense import BadFileError
-from dlscale.distributed import DistInfo
+from dlscale.distributed import DistInfo, dist_info, setup_logging
 from dlscale.models.heads import global_pool
 from dlscale.predict_inputs import (Preprocess, PredictStream, file_items, is_shard_dataset, list_files,
                                     open_shards, shard_items)
+from dlscale.export import load_encoder
+from dlscale.train.deepspeed_setup import init_distributed, pick_device, prepare_process
+from dlscale.train.evaluation import load_run
 
 log = logging.getLogger(__name__)
 ANOMALY_TASKS = ("recon", "mae")    # per-image reconstruction error: the anomaly score, in this order of preference
 SHOWN_REJECTS = 5
+DEVICES = ("auto", "cpu", "cuda")
+LAYOUTS = ("auto", "common-test", "model", "model-iv")
 PREVIEWS = 4                        # PNG previews of made images (super-resolution)
 
 
 @dataclass
 class PredictConfig:
-    """One `dlscale predict` call."""
-    model: Path                    # a finished run directory, or an exported encoder (file or its directory)
-    data: str                      # shard dataset, DeepLense folder, folder of .npy files, one .npy or a glob
-    out: Path
+    """One `dlscale predict` call (`--print-config` prints it, `--config` reads it back)."""
+    model: str = ""                # a finished run directory, or an exported encoder (file or its directory)
+    data: str = ""                 # shard dataset, DeepLense folder, folder of .npy files, one .npy or a glob
+    out: str = ""                  # output directory
     split: str | None = None       # shard datasets: one split (default: every split)
-    layout: str = "auto"           # DeepLense folders: as `dlscale pack --layout`
+    layout: str = "auto"           # DeepLense folders: as `dlscale pack --layout` (auto, common-test, model, model-iv)
     embeddings: bool = False       # also write OUT/embeddings.npy (always, for a bare encoder)
     resize: bool = False           # resize images of another size to the model's instead of refusing them
     skip_bad: bool = False         # leave bad inputs out, listed in OUT/rejected.json, instead of stopping
     batch_size: int = 64
     num_workers: int = 2           # DataLoader reader processes per rank
-    device: str = "auto"
+    device: str = "auto"           # auto | cpu | cuda
     progress: bool = True          # progress bar on rank 0
+
+    def validate(self, complete: bool = True) -> "PredictConfig":
+        """Check every value; `complete`: the inputs too (model, data, out), which a printed template may lack."""
+        if complete and not (self.model and self.data and self.out):
+            raise ValueError("model (--run), data (--data) and out (--out) are required")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(f"batch_size={self.batch_size}, num_workers={self.num_workers}: expected >= 1 and >= 0")
+        for key, value, allowed in (("split", self.split, (None, *SPLITS)), ("device", self.device, DEVICES),
+                                    ("layout", self.layout, LAYOUTS)):
+            if value not in allowed:
+                raise ValueError(f"{key}={value!r}: expected one of {', '.join(str(a) for a in allowed)}")
+        return self
 
 
 @dataclass
@@ -89,7 +107,6 @@ def load_predictor(path: Path) -> Predictor:
     """A run directory's whole model, or an exported encoder (embeddings only: it has no heads)."""
     path = Path(path)
     if is_run_dir(path):
-        from dlscale.train.evaluation import load_run
         cfg, model, info = load_run(path)
         imagers = tuple(t for t, spec in model.task_specs.items() if spec.output_images)
         shape = tuple(info["image_shape"])
@@ -103,7 +120,6 @@ def load_predictor(path: Path) -> Predictor:
                          imagers)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no run directory or exported encoder")
-    from dlscale.export import load_encoder
     encoder = load_encoder(path)
     meta = encoder.dlscale
     prep = Preprocess(tuple(meta["image_shape"]), meta.get("normalize", "minmax"),
@@ -224,8 +240,7 @@ def check_complete(result: Predictions, cfg: PredictConfig, total: int, from_sha
 
 def predict(cfg: PredictConfig, info: DistInfo) -> tuple[Predictions, Predictor]:
     """Score `cfg.data` with `cfg.model` on every rank; rank 0 writes OUT. Returns the gathered predictions."""
-    from dlscale.train.deepspeed_setup import init_distributed, pick_device, prepare_process
-    predictor = load_predictor(cfg.model)
+    predictor = load_predictor(Path(cfg.model))
     if not predictor.is_run and not cfg.embeddings:
         log.warning("%s is a bare encoder: it has no heads, so only embeddings are available; writing "
                     "embeddings.npy (a run directory gives class probabilities too)", cfg.model)
@@ -279,19 +294,20 @@ def csv_text(predictor: Predictor, result: Predictions) -> str:
 def write_outputs(cfg: PredictConfig, predictor: Predictor, result: Predictions) -> None:
     """embeddings.npy and rejected.json first, predictions.csv last, each atomically: a reader that finds the CSV
     finds the rest of this call's outputs beside it, and none of an earlier call's (removed first)."""
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name, written in (("embeddings.npy", cfg.embeddings), ("rejected.json", cfg.skip_bad)):
         if not written:
-            (cfg.out / name).unlink(missing_ok=True)
+            (out / name).unlink(missing_ok=True)
     if cfg.embeddings:
         features = result.arrays.get("features", np.zeros((0, 0), np.float32))
-        io.atomic_write(cfg.out / "embeddings.npy", lambda f: np.save(f, features))
+        io.atomic_write(out / "embeddings.npy", lambda f: np.save(f, features))
     for name in predictor.imagers:
-        write_images(cfg.out, predictor.model.task_specs[name].output_images, result)
+        write_images(out, predictor.model.task_specs[name].output_images, result)
     if cfg.skip_bad:
-        io.write_json(cfg.out / "rejected.json", {"count": len(result.rejected), "rejected": [
+        io.write_json(out / "rejected.json", {"count": len(result.rejected), "rejected": [
             {"source": source, "reason": reason} for source, reason in result.rejected]})
-    io.write_text(cfg.out / "predictions.csv", csv_text(predictor, result))
+    io.write_text(out / "predictions.csv", csv_text(predictor, result))
 
 
 def write_images(out: Path, name: str, result: Predictions) -> None:
@@ -328,34 +344,48 @@ def summary(predictor: Predictor, result: Predictions, cfg: PredictConfig) -> st
     return "\n".join(lines)
 
 
+FLAGS = {   # a flag's argparse name -> (config key, how its text becomes the key's value)
+    "run": ("model", str), "data": ("data", str), "out": ("out", str), "split": ("split", str),
+    "layout": ("layout", str), "batch_size": ("batch_size", int), "workers": ("num_workers", int),
+    "device": ("device", str)}
+SWITCHES = {"embeddings": ("embeddings", True), "resize": ("resize", True), "skip_bad": ("skip_bad", True),
+            "no_progress": ("progress", False)}   # a switch given -> (config key, its value)
+
+
 def predict_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dlscale predict", description="Score new images with a trained model: "
                                 "OUT/predictions.csv (+ embeddings.npy). Runs on every local rank of torchrun / "
-                                "deepspeed; the output does not depend on their number.")
-    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path, help="finished run directory "
-                   "(class probabilities, regression, anomaly score) or exported encoder: encoder.pt / .safetensors "
-                   "/ .json (embeddings). Under torchrun spell it --run-dir: torchrun takes --run for its --run-path")
-    p.add_argument("--data", required=True, help="shard dataset, DeepLense folder (any layout dlscale pack reads), "
-                   "folder of .npy files, one .npy file, or a quoted glob")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--split", choices=list(SPLITS), help="shard datasets: this split only (default: every split)")
-    p.add_argument("--layout", default="auto", choices=["auto", "common-test", "model", "model-iv"])
+                                "deepspeed; the output does not depend on their number. Every key of the config "
+                                "can also be set as --key=value or in a YAML file (--config); --print-config lists "
+                                "them.")
+    p.add_argument("--run", "--run-dir", dest="run", help="finished run directory (class probabilities, regression, "
+                   "anomaly score) or exported encoder: encoder.pt / .safetensors / .json (embeddings). Under torchrun "
+                   "spell it --run-dir: torchrun takes --run for its --run-path = model")
+    p.add_argument("--data", help="shard dataset, DeepLense folder (any layout dlscale pack reads), folder of .npy "
+                   "files, one .npy file, or a quoted glob = data")
+    p.add_argument("--out", help="output directory = out")
+    p.add_argument("--split", help=f"shard datasets: this split only ({', '.join(SPLITS)}; default: every split)")
+    p.add_argument("--layout", help=f"DeepLense folders: {', '.join(LAYOUTS)} (default auto)")
     p.add_argument("--embeddings", action="store_true", help="also write OUT/embeddings.npy (rows as in the CSV)")
     p.add_argument("--resize", action="store_true", help="resize images of another size to the model's")
     p.add_argument("--skip-bad", action="store_true", help="leave bad inputs out, listed in OUT/rejected.json")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="reader processes per rank")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", help="images per batch (default 64)")
+    p.add_argument("--workers", help="reader processes per rank (default 2) = num_workers")
+    p.add_argument("--device", help=f"{', '.join(DEVICES)} (default auto)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", help="YAML config file (what --print-config prints)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, each key's "
+                   "meaning as a comment beside it, and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    a = p.parse_args(argv)
-    if a.batch_size < 1 or a.workers < 0:
-        p.error("--batch-size must be >= 1 and --workers >= 0")
-    from dlscale.distributed import dist_info, setup_logging
+    a, rest = parse_with_overrides(p, argv)
+    given = {key: convert(getattr(a, name)) for name, (key, convert) in FLAGS.items() if getattr(a, name) is not None}
+    given.update({key: value for name, (key, value) in SWITCHES.items() if getattr(a, name)})
+    cfg = load_dataclass(PredictConfig(), a.config, rest, **given).validate(complete=not a.print_config)
+    if a.print_config:
+        print(commented_yaml(cfg), end="")
+        return 0
     info = dist_info(a.local_rank)
     setup_logging(info.rank)
-    cfg = PredictConfig(a.run, a.data, a.out, a.split, a.layout, a.embeddings, a.resize, a.skip_bad, a.batch_size,
-                        a.workers, a.device, not a.no_progress)
     result, predictor = predict(cfg, info)
     if info.is_main:
         print(summary(predictor, result, cfg), flush=True)
