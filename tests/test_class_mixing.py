@@ -221,50 +221,54 @@ def test_training_with_a_class_short_of_its_probe_share_stops_before_the_run_dir
 
 # ---- the probe's train set across DataLoader workers and ranks (real gloo processes) -----------------------------
 
-PROBE_SAMPLES = {"blocked": (4, 44, 90), "older": (44,)}   # the older manifest: its reading rule, at one size
+PROBE_SAMPLES = (4, 44, 90)
+CASES = [("blocked", workers, n) for workers in (0, 2) for n in PROBE_SAMPLES]
 TIMEOUT_S = 60
-WORLD_BUDGET_S = 600      # one start of `world` processes: ~1 min idle, several times that on a loaded machine
+WORLD_BUDGET_S = 600      # one start of 2 processes: under a minute idle, several times that on a loaded machine
 
 
-def _probe_rank(rank: int, world: int, port: int, data_dirs: dict, out_dir: str) -> None:
-    """Rank `rank` of `world`: the probe features of every dataset, probe size and worker count, saved by rank 0."""
+def _probe_cases(rank: int, world: int, data_dirs: dict, cases: list, out_dir: str) -> None:
+    """The probe features of each (dataset, workers, probe_samples) case on rank `rank` of `world`, saved by
+    rank 0 as <dataset>-w<workers>-p<probe_samples>-world<world>.npz."""
     from dlscale.distributed import DistInfo
     from dlscale.train.config import load_config
     from dlscale.train.evaluation import Evaluation, probe_features
     from dlscale.train.model import build_run_model
+    for name, workers, probe_samples in cases:
+        cfg = load_config(None, ["--model.encoder.name=small", "--model.encoder.width=4", "--data.batch_size=5",
+                                 f"--data.num_workers={workers}", f"--eval.probe_samples={probe_samples}"],
+                          stage="supervised", data_dir=data_dirs[name], run_dir=out_dir)
+        torch.manual_seed(0)
+        model = build_run_model(cfg, SHAPE, None)
+        ev = Evaluation(cfg, load_manifest(data_dirs[name]), DistInfo(rank, world, rank), torch.device("cpu"),
+                        torch.float32, Path(out_dir))
+        features, _ = probe_features(model, ev)
+        if rank == 0:
+            np.savez(Path(out_dir) / f"{name}-w{workers}-p{probe_samples}-world{world}.npz",
+                     ids=features["ids"], labels=features["labels"], features=features["features"])
+
+
+def _probe_rank(rank: int, world: int, port: int, data_dirs: dict, cases: list, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))
     try:
-        for name, data_dir in data_dirs.items():
-            cfg = load_config(None, ["--model.encoder.name=small", "--model.encoder.width=4", "--data.batch_size=5"],
-                              stage="supervised", data_dir=data_dir, run_dir=out_dir)
-            torch.manual_seed(0)
-            model = build_run_model(cfg, SHAPE, None)
-            ev = Evaluation(cfg, load_manifest(data_dir), DistInfo(rank, world, rank), torch.device("cpu"),
-                            torch.float32, Path(out_dir))
-            for workers in (0, 2):
-                for probe_samples in PROBE_SAMPLES[name]:
-                    cfg.data.num_workers, cfg.eval.probe_samples = workers, probe_samples
-                    features, _ = probe_features(model, ev)
-                    if rank == 0:
-                        np.savez(Path(out_dir) / f"{name}-w{workers}-p{probe_samples}-world{world}.npz",
-                                 ids=features["ids"], labels=features["labels"], features=features["features"])
+        _probe_cases(rank, world, data_dirs, cases, out_dir)
     finally:
         dist.destroy_process_group()
 
 
-def _start(world: int, data_dirs: dict, out_dir: Path) -> None:
+def _two_ranks(data_dirs: dict, cases: list, out_dir: Path) -> None:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    context = mp.start_processes(_probe_rank, args=(world, port, data_dirs, str(out_dir)), nprocs=world, join=False,
+    context = mp.start_processes(_probe_rank, args=(2, port, data_dirs, cases, str(out_dir)), nprocs=2, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + WORLD_BUDGET_S
     try:
         while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-            assert time.monotonic() < deadline, f"{world} processes still running after {WORLD_BUDGET_S} s"
+            assert time.monotonic() < deadline, f"2 processes still running after {WORLD_BUDGET_S} s"
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -273,9 +277,9 @@ def _start(world: int, data_dirs: dict, out_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_the_probe_set_is_stratified_and_bitwise_equal_for_any_workers_and_ranks(tmp_path, records):
-    """Datasets whose train shards hold one class each (10 per shard, 30 per class), with per-shard counts in the
-    manifest and without (as written before them): every probe size picks the first share of each class in id order,
-    bitwise the same features for workers 0 / 2 on 1 / 2 ranks."""
+    """A dataset whose train shards hold one class each (10 per shard, 30 per class): every probe size picks the
+    first share of each class in id order, bitwise the same features for workers 0 / 2 on 1 / 2 ranks; and the same
+    from its manifest without per-shard counts (as written before them), where the probe reads every shard."""
     blocked = write_blocked(tmp_path / "blocked", 30, 10)
     older = write_blocked(tmp_path / "older", 30, 10)
     manifest = json.loads((older / MANIFEST).read_text())
@@ -283,20 +287,21 @@ def test_the_probe_set_is_stratified_and_bitwise_equal_for_any_workers_and_ranks
         del shard["class_counts"]
     (older / MANIFEST).write_text(json.dumps(manifest))
     data_dirs = {"blocked": str(blocked), "older": str(older)}
-    for world in (1, 2):
-        _start(world, data_dirs, tmp_path)
+    _probe_cases(0, 1, data_dirs, CASES, str(tmp_path))
+    _two_ranks(data_dirs, [*CASES, ("older", 2, 44)], tmp_path)
     truth = records(blocked, "train")          # in id order
     labels = np.array([s.label for s in truth])
-    for probe_samples in PROBE_SAMPLES["blocked"]:
+    for probe_samples in PROBE_SAMPLES:
         quota = probe_quota(probe_samples, {c: 30 for c in CLASSES})
         expected = [truth[i].id for i in pick_probe_rows(labels, list(CLASSES), quota)]
         reference = np.load(tmp_path / f"blocked-w0-p{probe_samples}-world1.npz")
         assert [tuple(i) for i in reference["ids"].tolist()] == expected
         held = np.bincount(reference["labels"], minlength=3)
         assert held.sum() == min(probe_samples, 90) and held.max() - held.min() <= 1
-        for name in (n for n in data_dirs if probe_samples in PROBE_SAMPLES[n]):
-            for workers in (0, 2):
-                for world in (1, 2):
-                    got = np.load(tmp_path / f"{name}-w{workers}-p{probe_samples}-world{world}.npz")
-                    for key in ("ids", "labels", "features"):
-                        assert np.array_equal(got[key], reference[key]), f"{name} w{workers} world{world} {key}"
+        for workers in (0, 2):
+            for world in (1, 2):
+                got = np.load(tmp_path / f"blocked-w{workers}-p{probe_samples}-world{world}.npz")
+                for key in ("ids", "labels", "features"):
+                    assert np.array_equal(got[key], reference[key]), f"w{workers} world{world} {key}"
+    older_got, reference = (np.load(tmp_path / f) for f in ("older-w2-p44-world2.npz", "blocked-w0-p44-world1.npz"))
+    assert all(np.array_equal(older_got[key], reference[key]) for key in ("ids", "labels", "features"))
