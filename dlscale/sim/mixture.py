@@ -257,8 +257,8 @@ def write_mixture_set(mixture: Mixture, counts: dict[str, int], out: Path | str,
                       batch_size: int, shard_size: int = 2048, samples_per_record: int = 256) -> Path:
     """A new shard dataset of `counts[split]` raw images per class, drawn from `mixture` at its side (in this
     process): split by split, in rounds of one batch per class (`plan_batches`) written with their classes spread
-    over the shards (`add_round`), each class's images in a split shared among the components by the share rule over its running count there; batch j (over all splits)
-    seeded by (seed, EVAL_KEY, j)."""
+    over the shards (`add_round`), each class's images in a split shared among the components by the share rule
+    over its running count there; batch j (over all splits) seeded by (seed, EVAL_KEY, j)."""
     from dlscale.data.shards import DatasetWriter
     batches = ((split, class_name, k) for split, n in counts.items()
                for class_name, [(_, k)] in plan_batches({split: n}, batch_size))
