@@ -77,13 +77,14 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
 
 def check_weights_fit(model: nn.Module, state: dict, where: str) -> None:
     """Refuse weights that `model` (built from the metadata stored beside them) cannot load, naming the first tensor
-    that differs (`where` names the files), instead of PyTorch's size-mismatch traceback."""
+    that differs (`where` names the files), instead of PyTorch's size-mismatch traceback. Entries that are not
+    tensors (a module's extra state) are its own to read."""
     expected = model.state_dict()
     for name, tensor in expected.items():
         found = state.get(name)
         if found is None:
             problem = f"tensor {name!r} of shape {tuple(tensor.shape)} is missing from the weights"
-        elif tuple(found.shape) != tuple(tensor.shape):
+        elif torch.is_tensor(tensor) and tuple(getattr(found, "shape", ())) != tuple(tensor.shape):
             problem = f"tensor {name!r}: shape {tuple(tensor.shape)} expected, {tuple(found.shape)} found"
         else:
             continue
