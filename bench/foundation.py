@@ -8,8 +8,9 @@ images, and how an encoder pretrained on one instrument transfers to another.
 Labelled data: the quickstart's (`dlscale quickstart` small scale: Model-II-like 64x64, 2,000 images per class,
 60% train / 40% validation), simulated once into WORK/data.
 1. seen: each self-supervised method pretrains from the Model II simulation stream (fresh images, none repeated) on
-   about 5k / 50k / 500k images, for the small CNN (width 24, the demo's) and ResNet18 (standard stem), through the
-   quickstart's own step (`dlscale.quickstart.step_config` / `train_step`: every local rank); then `dlscale transfer
+   about 5k / 50k / 500k images, for the small CNN (width 24, the demo's) and ResNet18 (standard stem), as a step
+   of the quickstart's small scale (`dlscale.quickstart_config.with_step`, `quickstart.train_step`: every local
+   rank); then `dlscale transfer
    --methods probe,random --labels-per-class 100`: probe accuracy and macro AUC with 95% CIs (two-level bootstrap
    over `--repeats` label subsets and the validation images), beside the random-init control.
 2. transfer: the demo's recipe (recon+simclr) pretrains on the Model I stream (150x150, noisy, resized to 64x64),
@@ -36,8 +37,8 @@ import time
 from pathlib import Path
 
 METHODS = ("autoencoder", "mae", "simclr", "byol", "recon+simclr")
-BACKBONES = {"small": {"model.encoder.name": "small", "model.encoder.width": 24},
-             "resnet18": {"model.encoder.name": "resnet18", "model.encoder.small_input_stem": False}}
+BACKBONES = {"small": {"model": {"encoder": {"name": "small", "width": 24}}},
+             "resnet18": {"model": {"encoder": {"name": "resnet18", "small_input_stem": False}}}}
 RELATIVE_COST = {"small": 1, "resnet18": 10}   # CPU per image against the small CNN (bench/pretrain.py), for order
 # Lens-LeJEPA (ViT-S pretrained on Model I) on Model II, accuracy by labels per class: frozen probe, fine-tuned.
 LENS_LEJEPA = {"probe": {100: 0.48, 1000: 0.80, 5000: 0.90}, "finetune": {100: 0.49, 1000: 0.81, 5000: 0.90}}
@@ -45,11 +46,14 @@ LENS_LEJEPA = {"probe": {100: 0.48, 1000: 0.80, 5000: 0.90}, "finetune": {100: 0
 
 def recipe(method: str) -> tuple[str, dict]:
     """(stage, settings) of a pretraining method; contrastive views are the demo's lensing-safe ones."""
-    from dlscale.quickstart import PRETRAIN, VIEWS
+    from dlscale.quickstart_config import recipe_parts
+    parts = recipe_parts()
+    views = parts["pretrain_model"]["task_options"]["contrastive"]["views"]
     return {"autoencoder": ("autoencoder", {}), "mae": ("mae", {}),
-            "simclr": ("contrastive", {**VIEWS, "model.task_options.contrastive.method": "simclr"}),
-            "byol": ("contrastive", {**VIEWS, "model.task_options.contrastive.method": "byol"}),
-            "recon+simclr": ("multitask", PRETRAIN)}[method]
+            "simclr": ("contrastive", {"model": {"task_options": {"contrastive": {"method": "simclr",
+                                                                                  "views": views}}}}),
+            "byol": ("contrastive", {"model": {"task_options": {"contrastive": {"method": "byol", "views": views}}}}),
+            "recon+simclr": ("multitask", {"model": parts["pretrain_model"], "loss": parts["pretrain_loss"]})}[method]
 
 
 def cpu_seconds() -> float:
@@ -80,42 +84,40 @@ class Budget:
 def pretrain(work: Path, data: Path, name: str, stage: str, settings: dict, images: int, backbone: dict,
              preset_settings: dict | None = None) -> dict:
     """One stream pretraining of about `images` fresh images (whole stream epochs of the train split's size),
-    through the quickstart's step; its cost, or "reused"."""
+    as a step of the quickstart's small scale in WORK; its cost, or "reused"."""
     from dlscale import io
-    from dlscale.quickstart import SCALES, Step, is_done, record_path, step_config, train_step
+    from dlscale.configtree import merge
+    from dlscale.quickstart import is_done, record_path, train_step
+    from dlscale.quickstart_config import load_quickstart_config, with_step
     from dlscale.quickstart_report import stream_images
-    scale = SCALES["small"]
-    scale = dataclasses.replace(scale, train={**scale.train, **backbone})
     n_train = io.read_json(data / "manifest.json")["splits"]["train"]["samples"]
     epochs = max(1, math.ceil(images / n_train))
-    step = Step(name, stage, {**settings, **(preset_settings or {}), "schedule.epochs": epochs,
-                              "optim.warmup_steps": min(50, epochs * 5)}, from_stream=True)
-    runs, cost = work / "runs", {"reused": True}
-    if not is_done(runs / name):
-        cfg = step_config(step, scale, data, runs, seed=0)
+    own = {"schedule": {"epochs": epochs}, "optim": {"warmup_steps": min(50, epochs * 5)}}
+    train = merge(merge(merge(backbone, settings), preset_settings or {}), own)
+    cfg = with_step(load_quickstart_config("small", given={"out": str(work)}), name,
+                    {"stage": stage, "from_stream": True, "train": train})
+    run_dir, cost = work / name, {"reused": True}
+    if not is_done(run_dir):
         load, wall, cpu = os.getloadavg()[0], time.perf_counter(), cpu_seconds()
-        train_step(cfg, record_path(runs, step))
+        train_step(cfg.steps[name].train, record_path(work, name))
         cost = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1),
                 "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
-    return {"run": str(runs / name), "images": stream_images(runs / name),
-            "samples_per_s": round(io.read_json(runs / name / "metrics.json")["throughput/samples_per_s"], 1), **cost}
+    return {"run": str(run_dir), "images": stream_images(run_dir),
+            "samples_per_s": round(io.read_json(run_dir / "metrics.json")["throughput/samples_per_s"], 1), **cost}
 
 
 def study(work: Path, data: Path, encoder: str, name: str, labels: list[int], methods: list[str],
           repeats: int) -> list[dict]:
     """`dlscale transfer` of one encoder on the labelled set: accuracy and macro AUC (95% CI) per method and N."""
-    from dlscale.distributed import local_ranks
-    from dlscale.quickstart import SCALES
-    from dlscale.transfer.runner import TransferConfig, run_transfer
-    small = SCALES["small"].transfer
-    cfg = TransferConfig([encoder], str(data), str(work / "transfer" / name), labels_per_class=labels,
-                         repeats=repeats, methods=methods, tasks=["classification"], ranks=local_ranks(),
-                         epochs=small["epochs"], min_batches_per_epoch=small["min_batches_per_epoch"],
-                         n_bootstrap=300, overrides=small["overrides"])
+    from dlscale.quickstart_config import load_quickstart_config
+    from dlscale.transfer import run_transfer
+    small = load_quickstart_config("small", given={"out": str(work)}).transfer   # the demo's study, other inputs
+    cfg = dataclasses.replace(small, encoders=[encoder], data_dir=str(data), out=str(work / "transfer" / name),
+                              labels_per_class=labels, repeats=repeats, methods=methods, n_bootstrap=300).validate()
     return [{"method": c["method"], "n_per_class": c["n_per_class"], "repeats": len(c["repeats"]),
              **{k: round(c["mean"][k], 4) for k in ("accuracy", "auc_macro")},
              **{f"{k}_ci": [round(c["ci_low"][k], 4), round(c["ci_high"][k], 4)] for k in ("accuracy", "auc_macro")}}
-            for c in run_transfer(cfg.validate())["cells"]]
+            for c in run_transfer(cfg)["cells"]]
 
 
 def seen_part(work: Path, data: Path, a, budget: Budget) -> list[dict]:
@@ -145,7 +147,7 @@ def transfer_part(work: Path, data: Path, a, seen: list[dict]) -> dict:
     """The demo's recipe pretrained on Model I, scored on Model II at 100 and 1,000 labels per class."""
     stage, settings = recipe("recon+simclr")
     run = pretrain(work, data, f"model_i-recon+simclr-{a.transfer_images}", stage, settings, a.transfer_images,
-                   BACKBONES["small"], {"data.simulator.preset": "model_i", "data.resize": 64})
+                   BACKBONES["small"], {"data": {"simulator": {"preset": "model_i"}, "resize": 64}})
     cells = study(work, data, run["run"], "model_i_to_model_ii", [100, 1000],
                   ["probe", "finetune", "scratch", "random"], a.repeats)
     in_domain = next((c for c in seen if c["backbone"] == "small" and c["method"] == "recon+simclr"
@@ -172,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     result_stream = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     from dlscale.distributed import local_ranks
-    from dlscale.quickstart import SCALES, make_data
+    from dlscale.quickstart import make_data
+    from dlscale.quickstart_config import load_quickstart_config
     start, load = time.perf_counter(), os.getloadavg()
-    data = make_data(a.work_dir, SCALES["small"], seed=0, force=False)
+    data = make_data(load_quickstart_config("small", given={"out": str(a.work_dir)}), force=False)
     budget = Budget(time.monotonic() + a.budget_s, local_ranks())
     result: dict = {"benchmark": "foundation", "data": str(data), "ranks": local_ranks(), "cpus": os.cpu_count(),
                     "load_average_start": list(load), "date": time.strftime("%Y-%m-%d %H:%M:%S")}

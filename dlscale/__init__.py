@@ -1,6 +1,7 @@
 """dlscale: foundation-style encoders for strong-lensing substructure images, trained at scale."""
-__all__ = ["load_encoder"]
-__version__ = "0.3.0"
+from dlscale.version import __version__
+
+__all__ = ["__version__", "load_encoder"]
 
 
 def __getattr__(name: str):

@@ -12,26 +12,23 @@ Shims (format 1 -> 2):
   model.pt loads (`upgrade_config`);
 - model.pt of 0.1 (attributes decoder/classifier/regressor, not heads.<task>): its keys are renamed when it is
   loaded (`upgrade_model_state`). model.pt stays a plain state dict; its version is its run's config.yaml's.
+
+Shims (format 2 -> 3): `model.encoder` (config.yaml) and `encoder_config` (encoder.pt, encoder.json) held every
+backbone's options (`FLAT_ENCODER_FIELDS`); each backbone now takes its own only. A field the named backbone does
+not take is dropped where it holds the value format 2 wrote by default (the backbone never read it); set to another
+value it stays, and the backbone refuses it naming the key (`upgrade_config`, `upgrade_encoder_config`).
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
-FORMAT_0_1 = 1
-"""Format version of files that carry none (dlscale 0.1 / 0.2)."""
-FORMAT_VERSION = 2
-"""Format version written now (config.yaml, encoder.pt, manifest.json)."""
+from dlscale.formats import FORMAT_0_1, FORMAT_VERSION, format_version
+from dlscale.models.encoders import BACKBONES, EncoderConfig
 
-
-def format_version(tree: Any, what: str = "file") -> int:
-    """The format version `tree` (a loaded config / payload / manifest) was written with; refuses newer ones."""
-    version = tree.get("format_version", FORMAT_0_1) if isinstance(tree, dict) else FORMAT_0_1
-    if not isinstance(version, int) or isinstance(version, bool) or version < FORMAT_0_1:
-        raise ValueError(f"{what}: format_version={version!r}: expected an integer >= {FORMAT_0_1}")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{what}: format_version={version} is newer than this dlscale reads ({FORMAT_VERSION}); "
-                         "upgrade dlscale")
-    return version
+__all__ = ["FORMAT_0_1", "FORMAT_VERSION", "format_version", "upgrade_config", "upgrade_encoder_config",
+           "upgrade_model_state"]
+FLAT_ENCODER_FIELDS = {"small_input_stem": False, "width": 32, "patch_size": None}
+"""The backbone options format 2 wrote into every encoder config, whatever the backbone, with their defaults."""
 
 
 def upgrade_config(tree: dict, version: int | None = None) -> dict:
@@ -40,8 +37,32 @@ def upgrade_config(tree: dict, version: int | None = None) -> dict:
     version = format_version(tree, "config") if version is None else version
     if version < 2:
         _config_0_1(tree)
+    model = tree.get("model")
+    if version < 3 and isinstance(model, dict) and isinstance(model.get("encoder"), dict):
+        _flat_encoder(model["encoder"])
     tree.pop("format_version", None)
     return tree
+
+
+def upgrade_encoder_config(encoder: dict, version: int) -> dict:
+    """The `encoder_config` of an exported encoder (encoder.pt, encoder.json) of format `version` in today's form:
+    0.1's `weights_path` (how the run started, not the architecture) dropped, format 2's flat options translated."""
+    encoder = dict(encoder)
+    if version < 2:
+        encoder.pop("weights_path", None)
+    if version < 3:
+        _flat_encoder(encoder)
+    return encoder
+
+
+def _flat_encoder(encoder: dict) -> None:
+    backbone = BACKBONES.get(encoder.get("name", EncoderConfig.name))
+    if backbone is None:
+        return                              # an unknown name: the config is refused naming it
+    takes = {f.name for f in dataclasses.fields(backbone.Config)}
+    for key, default in FLAT_ENCODER_FIELDS.items():
+        if key in encoder and key not in takes and type(encoder[key]) is type(default) and encoder[key] == default:
+            del encoder[key]
 
 
 def _config_0_1(tree: dict) -> None:

@@ -5,6 +5,7 @@ own schema beside their code and share this loader and override parser.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -23,9 +24,15 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(cls: type, values: dict, where: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise, naming the dotted key."""
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise, naming the dotted key.
+
+    A section whose fields depend on one of its values (a variant section: the encoder's options on its `name`)
+    has a classmethod `variant(values, where)` returning the dataclass to build, and a `VARIANT_KEY` naming that
+    value (see `merge`)."""
     if not isinstance(values, dict):
         raise ValueError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    if hasattr(cls, "variant"):
+        cls = cls.variant(values, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -86,11 +93,34 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def merge(base: dict, update: dict) -> dict:
-    """`update` over `base`, recursively for sections present in both."""
+def merge(base: dict, update: dict, cls: type | None = None) -> dict:
+    """`update` over `base`, recursively for sections present in both. With `cls`, the dataclass both trees describe:
+    where `update` switches a variant section to another variant (its `VARIANT_KEY`, e.g. model.encoder.name), only
+    the keys its shared class declares carry over from `base` (another encoder's options mean nothing to this one)."""
     out = dict(base)
+    sections = _section_types(cls)
     for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        old, section = out.get(key), sections.get(key)
+        if not (isinstance(value, dict) and isinstance(old, dict)):
+            out[key] = value
+            continue
+        switch = getattr(section, "VARIANT_KEY", None)
+        if switch in value and value[switch] != old.get(switch):
+            old = {k: v for k, v in old.items() if k in {f.name for f in dataclasses.fields(section)}}
+        out[key] = merge(old, value, section)
+    return out
+
+
+def _section_types(cls: type | None) -> dict[str, type]:
+    """{field: its dataclass type} of dataclass `cls` (fields typed `Section | None` included)."""
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return {}
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        section = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        if section is not None:
+            out[name] = section
     return out
 
 
@@ -100,6 +130,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or key.startswith("-"):
         raise ValueError(f"override {item!r}: expected --section.key=value")
     return key, yaml.safe_load(raw)
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser,
+                         argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """A command line: the parser's own arguments, and the `--section.key=value` overrides left over; anything else
+    left over is a usage error (exit 2) naming it."""
+    args, rest = parser.parse_known_args(argv)
+    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
+    return args, rest
 
 
 def overrides_tree(overrides: list[str] | None) -> dict:
@@ -126,8 +167,8 @@ def load_dataclass(defaults: Any, yaml_path: str | Path | None = None, overrides
     < keyword arguments (None means "not given"); unknown keys and wrong types raise naming the dotted key."""
     tree = to_dict(defaults)
     if yaml_path:
-        tree = merge(tree, read_yaml(yaml_path))
-    tree = merge(tree, overrides_tree(overrides))
+        tree = merge(tree, read_yaml(yaml_path), type(defaults))
+    tree = merge(tree, overrides_tree(overrides), type(defaults))
     tree.update({k: v for k, v in top.items() if v is not None})
     return from_dict(type(defaults), tree)
 
@@ -183,7 +224,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _flow(value: Any) -> str:
     """A value as one line of YAML."""
-    return yaml.safe_dump([plain(value)], default_flow_style=True, width=float("inf")).strip()[1:-1].strip()
+    text = yaml.safe_dump([plain(value)], default_flow_style=True, width=float("inf"), sort_keys=False)
+    return text.strip()[1:-1].strip()
 
 
 def commented_yaml(cfg: Any, indent: int = 0, width: int = 118) -> str:

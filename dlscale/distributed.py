@@ -1,8 +1,9 @@
 """The one distributed module: who am I in the job (rank / world / local rank from torchrun, the deepspeed launcher,
 SLURM or Ray), whether a launcher started this process, how local ranks are launched, and rank-0 logging.
 
-This is the only module that reads launcher environment variables (`LAUNCHER_VARIABLES`: the rank layout;
-`LAUNCHER_MARKERS`: set only for the ranks a launcher started) and the only library code that builds a command line:
+This is the only module that reads or sets environment variables (`LAUNCHER_VARIABLES`: the rank layout;
+`LAUNCHER_MARKERS`: set only for the ranks a launcher started; `DRILL`; what a process sets up for DeepSpeed and Ray:
+`set_env`, `environment`) and the only library code that builds a command line:
 `launch_local_ranks` starts `python -m torch.distributed.run ... -m MODULE --config RECORD` (a process boundary, so
 an entry point; the typed config crosses it as a record file, and only that file's path is an argument).
 """
@@ -12,6 +13,8 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +53,38 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
 
 
 LAUNCHER_MARKERS = ("TORCHELASTIC_RUN_ID", "CROSS_RANK")   # set for its ranks by torchrun; by deepspeed's launch.py
+
+
+def set_env(name: str, value: str, default_only: bool = False) -> None:
+    """Set an environment variable of this process (its libraries read it: DS_ACCELERATOR, RAY_...); with
+    `default_only`, only where the user has not."""
+    if default_only:
+        os.environ.setdefault(name, value)
+    else:
+        os.environ[name] = value
+
+
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Environment variables set for the duration of the block, then restored (or removed)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+DRILL = "DLSCALE_SIGNAL_AT_STEP"   # a preemption drill: STEP[:SIGNAL[:RANK|launcher]] (`preemption.drill_from_env`)
+
+
+def drill_request(env: dict | None = None) -> str:
+    """The preemption drill this process is asked for ("" : none)."""
+    return (os.environ if env is None else env).get(DRILL, "").strip()
 
 
 def under_launcher(env: dict | None = None) -> bool:

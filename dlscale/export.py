@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from dlscale import io
-from dlscale.compat import FORMAT_VERSION, format_version
-from dlscale.models import EncoderConfig, build_encoder
+from dlscale.compat import FORMAT_VERSION, format_version, upgrade_encoder_config
+from dlscale.configtree import from_dict
+from dlscale.models import EncoderConfig, backbone_class, build_encoder
+from dlscale.version import __version__
 
 FORMAT = "dlscale-encoder/1"
 
@@ -48,9 +50,9 @@ def read_encoder_file(path: str | Path) -> dict:
 
 
 def encoder_config(payload: dict) -> EncoderConfig:
-    """The architecture of an exported encoder (fields of older dlscale versions that no longer exist dropped)."""
-    known = {f.name for f in dataclasses.fields(EncoderConfig)}
-    return EncoderConfig(**{k: v for k, v in payload["encoder_config"].items() if k in known})
+    """The architecture of an exported encoder (encoder.pt's or encoder.json's; older formats translated)."""
+    return from_dict(EncoderConfig, upgrade_encoder_config(payload["encoder_config"], format_version(payload)),
+                     "encoder_config.")
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -108,14 +110,13 @@ def save_portable_encoder(run_dir: Path, encoder: nn.Module, encoder_cfg: Encode
     version, the weights' sha256 and how a timm backbone loads into `timm.create_model`). The weights are written
     first: a crash between the two leaves a json whose sha256 does not match, which `load_encoder` refuses."""
     from safetensors.torch import save
-    from dlscale import __version__
     state = {k: v.contiguous() for k, v in cpu_state_dict(encoder).items()}
     blob = save(state, metadata={"format": FORMAT})
     io.write_bytes(run_dir / WEIGHTS, blob)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dlscale_version": __version__,
             "encoder_config": dataclasses.asdict(encoder_cfg),
             **info, "weights": WEIGHTS, "weights_sha256": hashlib.sha256(blob).hexdigest()}
-    timm = timm_recipe(encoder_cfg, info.get("image_shape"))
+    timm = backbone_class(encoder_cfg.name).timm_recipe(encoder_cfg, info.get("image_shape"))
     if timm is not None:
         meta["timm"] = timm
     io.write_json(run_dir / METADATA, meta)
@@ -151,24 +152,6 @@ def metadata_path(path: str | Path) -> Path:
 def weights_path(meta_path: Path, meta: dict) -> Path:
     """The weights file that encoder.json names, beside it."""
     return meta_path.with_name(meta.get("weights", WEIGHTS))
-
-
-def timm_recipe(encoder_cfg: EncoderConfig, image_shape) -> dict | None:
-    """How the weights of a timm backbone load into plain timm, or None for the others (`small`; `resnet18` keys are
-    torchvision's): `timm.create_model(model, pretrained=False, **kwargs)`, then `rename_for_timm` with `rename` and
-    `load_state_dict(..., strict=True)`. The ViT is timm's without class token and head, at our image and patch
-    size; ConvNeXt's final LayerNorm is timm's `head.norm` (applied to the map, before pooling)."""
-    from dlscale.models.encoders import VIT_ARCHITECTURES, default_patch_size
-    if encoder_cfg.name in VIT_ARCHITECTURES and image_shape:
-        channels, height, width = image_shape
-        patch = encoder_cfg.patch_size or default_patch_size(height, width)
-        return {"model": VIT_ARCHITECTURES[encoder_cfg.name], "rename": [],
-                "kwargs": {"img_size": [height, width], "patch_size": patch, "in_chans": channels,
-                           "num_classes": 0, "class_token": False, "global_pool": ""}}
-    if encoder_cfg.name == "convnext_nano":
-        return {"model": "convnext_nano", "rename": [["norm.", "head.norm."]],
-                "kwargs": {"in_chans": encoder_cfg.in_channels, "num_classes": 0}}
-    return None
 
 
 def rename_for_timm(state: dict, rename: list) -> dict:

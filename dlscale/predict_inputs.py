@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from dlscale.data.deeplense import BadFileError, discover, load_npy, split_image_and_mass, to_chw
+from dlscale.data.shards import load_manifest
 from dlscale.data.stream import ShardSet, StreamConfig, _worker, normalize
 from dlscale.data.tario import CorruptShardError
 
@@ -94,7 +95,6 @@ def open_shards(data_dir: Path, split: str | None, batch_size: int) -> dict[str,
 
 
 def _splits(data_dir: Path) -> list[str]:
-    from dlscale.data.shards import load_manifest
     splits = list(load_manifest(data_dir)["splits"])
     if not splits:
         raise ValueError(f"{data_dir}: the manifest lists no split")

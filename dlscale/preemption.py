@@ -38,11 +38,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from dlscale.distributed import DRILL, drill_request, under_launcher
+
 log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 75   # EX_TEMPFAIL (sysexits.h): stopped on request with a complete checkpoint; resume it
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 UNCATCHABLE = ("SIGKILL", "SIGSTOP")
-DRILL = "DLSCALE_SIGNAL_AT_STEP"
 DRILL_WAIT_S = 60.0   # how long a drill waits for its launcher to forward the signal
 
 _signum = 0                      # the stop signal this process received or its ranks agreed on (0: none)
@@ -152,7 +153,7 @@ class Drill:
 
 def drill_from_env(env: dict | None = None) -> Drill | None:
     """The drill `DLSCALE_SIGNAL_AT_STEP` asks for (None: none); a malformed value raises naming the variable."""
-    value = (os.environ if env is None else env).get(DRILL, "").strip()
+    value = drill_request(env)
     if not value:
         return None
     parts = value.split(":")
@@ -170,7 +171,6 @@ def drill_from_env(env: dict | None = None) -> Drill | None:
         raise ValueError(f"{DRILL}={value!r}: expected STEP[:SIGNAL[:RANK|launcher]], e.g. 12:SIGTERM:1 ({err})") \
             from None
     if target == "launcher":
-        from dlscale.train.watchdog import under_launcher
         if not under_launcher():
             raise ValueError(f"{DRILL}={value!r}: this process has no launcher (torchrun, deepspeed) to signal")
     return Drill(step, signum, target)

@@ -8,17 +8,18 @@
     TensorBoard runs
 
     dlscale quickstart --out runs/quickstart                 # CPU-sized: 64x64, the small CNN, about 7 min here
-    dlscale quickstart --out runs/full --scale full          # GPUs: launch/full.yaml's settings (see README)
+    dlscale quickstart --out runs/full --scale full          # GPUs: the packaged `full` training recipe under it
     dlscale quickstart --out /tmp/qs --scale tiny            # smoke test of every step (about a minute)
+    dlscale quickstart --scale small --print-config > qs.yaml; dlscale quickstart --config qs.yaml
 
 Finished steps (the dataset, each run, the transfer study) are reused when the command is run again, unless
-`--force`. Each stage's config is built here as a typed config (`build_config`: the recipes below are dotted
-settings with typed values, not command-line strings) and written to OUT/configs/<step>.yaml as the step's record;
-the stage then runs in this process (`dlscale.train.runner.run(cfg)`) when there is one rank, or on every local
-rank through `distributed.launch_local_ranks` (`torchrun ... -m dlscale.train --config OUT/configs/<step>.yaml`:
-the process boundary is the one place the record's path becomes an argument). A stream step (`Step.from_stream`)
-trains on `data.source=simulate` with epochs of as many fresh images as the labelled train split holds, so its
-epochs count the multiple of that split it sees, and is evaluated on the labelled data.
+`--force`. The whole pipeline is one typed config (`quickstart_config.QuickstartConfig`: the packaged scales in
+dlscale/recipes/quickstart.yaml, resolved), written to OUT/quickstart.yaml; each step's training config is written
+to OUT/configs/<step>.yaml as the step's record; the stage then runs in this process (`dlscale.train.runner.run`)
+when there is one rank, or on every local rank through `distributed.launch_local_ranks` (`torchrun ... -m
+dlscale.train --config OUT/configs/<step>.yaml`: the process boundary is the one place the record's path becomes an
+argument). A stream step (`StepConfig.from_stream`) trains on `data.source=simulate` with epochs of as many fresh
+images as the labelled train split holds, so its epochs count the multiple of that split it sees, and is evaluated on the labelled data.
 
 How the CPU budget was chosen (2-core machine shared with other work, 2 ranks of one thread each; `make demo` must
 fit in 10 minutes with the installation, 1.5-2.5 minutes on a fresh clone). Probe figures: macro AUC of the linear
@@ -70,235 +71,109 @@ TFLOP/s), to be checked by the GPU check's shortened run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import math
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from dlscale import io
-from dlscale.configtree import dump_yaml
+from dlscale.configtree import dump_yaml, parse_with_overrides
 from dlscale.distributed import launch_local_ranks, local_ranks
-from dlscale.train.build import build_config
-from dlscale.train.stages import get_stage
+from dlscale.quickstart_config import QuickstartConfig, load_quickstart_config, print_quickstart_config, scale_names
+from dlscale.quickstart_report import write_report
+from dlscale.sim.config import load_config as simulator_config
+from dlscale.sim.write import simulate
+from dlscale.train.config import Config
+from dlscale.train.deepspeed_setup import prepare_process
+from dlscale.train.runner import run
+from dlscale.transfer.config import TransferConfig
+from dlscale.transfer.runner import run_transfer
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class Step:
-    """One run of the pipeline: its directory name, the stage it trains and its own config settings."""
-    name: str
-    stage: str
-    settings: dict = field(default_factory=dict)   # dotted training config keys -> values
-    init_from: str | None = None          # the name of an earlier step whose encoder starts this one
-    from_stream: bool = False             # trains on fresh simulated images (data.source=simulate), each epoch as
-    #                                       many as the labelled train split holds; evaluates on the labelled data
-
-
-@dataclass(frozen=True)
-class Scale:
-    preset: str
-    n_per_class: int
-    sim_batch: int
-    train: dict                           # training config settings shared by every step (dotted keys)
-    steps: tuple[Step, ...]
-    transfer: dict = field(default_factory=dict)   # TransferConfig fields (labels_per_class, repeats, epochs, ...)
-    downstream: dict = field(default_factory=dict)  # the cheap downstream tasks' TransferConfig fields ({}: none)
-    base: Path | None = None              # a training config YAML under `train` (the GPU settings)
-    val_fraction: float = 0.2             # of the simulated images: the validation split every metric is taken on
-
-
-LAUNCH = Path(__file__).resolve().parents[1] / "launch"   # launch/ of a checkout (the GPU settings)
-# Pretraining (measured in the module docstring): reconstruction + SimCLR on two lensing-safe views (dihedral
-# symmetries, shifts of a few pixels, flux scaled about the background; no blur: it hides the substructure the
-# classes differ by; no crop or zoom: they change the Einstein radius).
-VIEWS = {"model.task_options.contrastive.views.blur_prob": 0.0,
-         "model.task_options.contrastive.views.noise_level": 0.0,
-         "model.task_options.contrastive.views.flux_scale": 1.5}
-PRETRAIN = {"model.tasks": ["recon", "contrastive"], "loss.method": "fixed",
-            "loss.fixed.weights": {"recon": 1000.0, "contrastive": 1.0},   # recon MSE ~1e-3, NT-Xent ~2
-            "model.task_options.contrastive.method": "simclr", **VIEWS}
-MIXTURE = {"data.simulator.mixture": {preset: {"preset": preset, "share": 1.0}
-                                      for preset in ("model_i", "model_ii", "model_iii")}}
-CPU_MODEL = {"model.encoder.name": "small", "model.encoder.width": 24, "data.num_workers": 0,
-             "deepspeed.zero_stage": 0, "eval.probe_samples": 3600, "schedule.log_every": 50,
-             "schedule.checkpoint_every": 2000}
-SCALES = {
-    "small": Scale("model_ii", 2000, 32, {**CPU_MODEL, "data.batch_size": 32, "optim.lr": 3e-3}, (
-        Step("pretrain", "multitask", {**PRETRAIN, "schedule.epochs": 10, "optim.warmup_steps": 50},
-             from_stream=True),
-        Step("supervised", "supervised", {"schedule.epochs": 8, "optim.warmup_steps": 100}),
-        Step("multitask", "multitask", {"schedule.epochs": 8, "optim.warmup_steps": 100, "loss.method": "fixed",
-                                        "loss.fixed.weights": {"recon": 1.0, "classification": 1.0}},
-             init_from="pretrain"),
-    ), {"labels_per_class": [10, 100], "repeats": 3, "epochs": 10, "min_batches_per_epoch": 20,
-        "n_bootstrap": 300, "overrides": {"data.batch_size": 16, "optim.lr": 3e-3, "data.num_workers": 0,
-                                          "deepspeed.zero_stage": 0}},
-        {"labels_per_class": [100], "n_bootstrap": 300, "overrides": {"data.batch_size": 64, "data.num_workers": 0}},
-        val_fraction=0.4),
-    # Smoke test of the whole path (what `make test` runs): the numbers mean nothing.
-    "tiny": Scale("model_ii", 40, 32, {"model.encoder.name": "small", "model.encoder.width": 8,
-                                       "data.batch_size": 16, "data.num_workers": 0, "eval.probe_samples": 60,
-                                       "eval.n_bootstrap": 20, "schedule.log_every": 2}, (
-        Step("pretrain", "multitask", {**PRETRAIN, "schedule.epochs": 10}, from_stream=True),
-        Step("supervised", "supervised", {"schedule.epochs": 1}),
-        Step("multitask", "multitask", {"schedule.epochs": 1}, init_from="pretrain"),
-    ), {"labels_per_class": [2, 5], "repeats": 3, "epochs": 1, "n_bootstrap": 20,
-        "overrides": {"data.batch_size": 8, "data.num_workers": 0}},
-        {"labels_per_class": [5], "n_bootstrap": 20, "overrides": {"data.batch_size": 16, "data.num_workers": 0}}),
-    # GPUs: the public datasets' size, ResNet18 with the 3x3 stem, bf16 (launch/full.yaml holds the same settings);
-    # pretraining from the three instruments' mixture, simulated on the training GPU, brought to Model I's 150x150.
-    "full": Scale("model_i", 30000, 512, {}, (
-        Step("pretrain", "multitask", {**PRETRAIN, **MIXTURE, "schedule.epochs": 20}, from_stream=True),
-        Step("supervised", "supervised", {"schedule.epochs": 30}),
-        Step("multitask", "multitask", {"schedule.epochs": 30}, init_from="pretrain"),
-    ), {"labels_per_class": [10, 100, 1000, "all"], "repeats": 3, "epochs": 20, "n_bootstrap": 1000,
-        "overrides": {"data.batch_size": 128}}, base=LAUNCH / "full.yaml"),
-}
 
 
 def is_done(run_dir: Path) -> bool:
     return (run_dir / "encoder.pt").is_file() and (run_dir / "metrics.json").is_file()
 
 
-def make_data(out: Path, scale: Scale, seed: int, force: bool) -> Path:
-    from dlscale.sim.config import load_config as simulator_config
-    from dlscale.sim.write import simulate
-    data = out / "data"
+def make_data(cfg: QuickstartConfig, force: bool) -> Path:
+    data = cfg.data_dir
     if (data / "manifest.json").is_file() and not force:
         log.info("reusing the simulated dataset in %s", data)
         return data
     shutil.rmtree(data, ignore_errors=True)
-    splits = {"train": 1 - scale.val_fraction, "val": scale.val_fraction}
-    simulate(simulator_config(scale.preset), scale.n_per_class, data, splits, seed=seed,
-             batch_size=scale.sim_batch)
+    simulate(simulator_config(cfg.preset), cfg.n_per_class, data, cfg.splits, seed=cfg.seed, batch_size=cfg.sim_batch)
     return data
 
 
-def stream_batches(data: Path, batch_size: int, ranks: int) -> int:
-    """Batches per rank that make one stream epoch as many fresh images as the labelled train split holds."""
-    n_train = io.read_json(data / "manifest.json")["splits"]["train"]["samples"]
-    return max(1, math.ceil(n_train / (batch_size * ranks)))
+def record_path(out: Path, name: str) -> Path:
+    return out / "configs" / f"{name}.yaml"
 
 
-def step_config(step: Step, scale: Scale, data: Path, out: Path, seed: int):
-    """The typed config of one step, checked; its record is written to OUT/configs/<step>.yaml. A stream step
-    simulates `scale.preset` (unless its settings say otherwise) and is evaluated on the labelled data."""
-    get_stage(step.stage)
-    settings = {**scale.train, **step.settings}
-    if step.from_stream:
-        settings = {"data.source": "simulate", "data.simulator.preset": scale.preset, **settings}
-    top = dict(stage=step.stage, data_dir=str(data), run_dir=str(out / step.name), seed=seed,
-               init_from=str(out / step.init_from) if step.init_from else None)
-    cfg = build_config(scale.base, settings, **top)
-    if step.from_stream:
-        batches = stream_batches(data, cfg.data.batch_size, local_ranks())
-        cfg = build_config(scale.base, {**settings, "schedule.batches_per_epoch": batches}, **top)
-    cfg.validate()
-    record_path(out, step).parent.mkdir(parents=True, exist_ok=True)
-    io.write_text(record_path(out, step), dump_yaml(cfg))
-    return cfg
-
-
-def record_path(out: Path, step: Step) -> Path:
-    return out / "configs" / f"{step.name}.yaml"
-
-
-def train_step(cfg, record: Path) -> None:
+def train_step(cfg: Config, record: Path) -> None:
     """One stage through the DeepSpeed engine: in this process with one rank, else on all local ranks (each reads
-    the step's record, `record`, which holds `cfg`)."""
+    the step's record, `record`, written here from `cfg`)."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    io.write_text(record, dump_yaml(cfg))
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     ranks = local_ranks()
     if ranks > 1:
         launch_local_ranks("dlscale.train", record, ranks)
         return
-    from dlscale.train.deepspeed_setup import prepare_process
-    from dlscale.train.runner import run
     prepare_process(cfg.device)
     run(cfg)
 
 
-def label_efficiency(out: Path, data: Path, scale: Scale, seed: int, force: bool) -> dict:
-    """`dlscale transfer` on the pretrained encoder (its results are reused unless `force`)."""
-    from dlscale.transfer.runner import TransferConfig, run_transfer
-    where = out / "label_efficiency"
-    if (where / "results.json").is_file() and not force:
-        log.info("reusing the label-efficiency study in %s", where)
-        return io.read_json(where / "results.json")
-    shutil.rmtree(where, ignore_errors=True)
-    cfg = TransferConfig([str(out / "pretrain")], str(data), str(where), seed=seed, ranks=local_ranks(),
-                         methods=["probe", "finetune", "scratch", "random"], tasks=["classification"],
-                         **scale.transfer)
-    return run_transfer(cfg.validate())
-
-
-DOWNSTREAM_TASKS = ["regression", "anomaly"]   # superres left out: its light head matched bicubic, at 30-40 s
-
-
-def downstream(out: Path, data: Path, scale: Scale, seed: int, force: bool) -> dict | None:
-    """The cheap downstream tasks on the pretrained encoder's frozen features (regression of log10 axion mass,
-    anomaly detection at one N), timed: the report says what they cost."""
-    import time
-    from dlscale.transfer.runner import TransferConfig, run_transfer
-    if not scale.downstream:
+def study(cfg: TransferConfig | None, what: str, force: bool) -> dict | None:
+    """A `dlscale transfer` study on the pretrained encoder (its results are reused unless `force`)."""
+    if cfg is None:
         return None
-    where = out / "downstream"
+    where = Path(cfg.out)
     if (where / "results.json").is_file() and not force:
-        log.info("reusing the downstream-task study in %s", where)
+        log.info("reusing the %s study in %s", what, where)
         return io.read_json(where / "results.json")
     shutil.rmtree(where, ignore_errors=True)
-    start = time.perf_counter()
-    cfg = TransferConfig([str(out / "pretrain")], str(data), str(where), seed=seed, repeats=1,
-                         methods=["probe"], tasks=DOWNSTREAM_TASKS, **scale.downstream)
-    results = run_transfer(cfg.validate())
-    results["seconds"] = round(time.perf_counter() - start, 1)
-    log.info("downstream tasks (%s) took %.1f s", ", ".join(DOWNSTREAM_TASKS), results["seconds"])
-    io.write_json(where / "results.json", results)
-    return results
+    return run_transfer(cfg)
 
 
-def resized(scale: Scale, n_per_class: int | None, epochs: int | None) -> Scale:
-    """`scale` with another data size and / or every step's (and the transfer study's) epochs (a shortened run)."""
-    if n_per_class is not None:
-        scale = dataclasses.replace(scale, n_per_class=n_per_class)
-    if epochs is not None:
-        steps = tuple(dataclasses.replace(s, settings={**s.settings, "schedule.epochs": epochs})
-                      for s in scale.steps)
-        scale = dataclasses.replace(scale, steps=steps, transfer={**scale.transfer, "epochs": epochs})
-    return scale
-
-
-def quickstart(out: Path, scale_name: str = "small", force: bool = False, seed: int = 0,
-               n_per_class: int | None = None, epochs: int | None = None) -> Path:
-    from dlscale.quickstart_report import write_report
-    scale = resized(SCALES[scale_name], n_per_class, epochs)
+def quickstart(cfg: QuickstartConfig, force: bool = False) -> Path:
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = make_data(out, scale, seed, force)
-    for step in scale.steps:
-        run_dir = out / step.name
-        if is_done(run_dir) and not force:
-            log.info("reusing the finished %s run in %s", step.name, run_dir)
+    io.write_text(out / "quickstart.yaml", print_quickstart_config(cfg))
+    make_data(cfg, force)
+    for name, step in cfg.steps.items():
+        if is_done(Path(step.train.run_dir)) and not force:
+            log.info("reusing the finished %s run in %s", name, step.train.run_dir)
             continue
-        log.info("training step %s (stage %s)", step.name, step.stage)
-        train_step(step_config(step, scale, data, out, seed), record_path(out, step))
-    transfer = label_efficiency(out, data, scale, seed, force)
-    return write_report(out, data, scale, transfer, downstream(out, data, scale, seed, force))
+        log.info("training step %s (stage %s)", name, step.train.stage)
+        train_step(step.train, record_path(out, name))
+    transfer = study(cfg.transfer, "label-efficiency", force)
+    return write_report(cfg, transfer, study(cfg.downstream, "downstream-task", force))
 
 
 def quickstart_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dlscale quickstart", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
-    p.add_argument("--scale", choices=sorted(SCALES), default="small")
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="dlscale quickstart", description=__doc__.split("\n\n")[0] + " Any config "
+                                "key can be set as --section.key=value (e.g. --steps.pretrain.train.schedule.epochs=4);"
+                                " --print-config lists them.")
+    p.add_argument("--out", help="output directory (default runs/quickstart)")
+    p.add_argument("--scale", choices=scale_names(), help="packaged recipe (default small)")
+    p.add_argument("--config", help="a config --print-config printed (instead of --scale)")
+    p.add_argument("--seed", type=int)
     p.add_argument("--force", action="store_true", help="redo every step even if it finished before")
     p.add_argument("--n-per-class", type=int, help="simulated images per class (default: the scale's)")
     p.add_argument("--epochs", type=int, help="epochs of every step (a stream step's: of as many images as the train "
                    "split) and of the transfer runs (default: the scale's)")
-    a = p.parse_args(argv)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, each key's "
+                   "meaning as a comment above it, and exit")
+    args, rest = parse_with_overrides(p, argv)
     for name in ("n_per_class", "epochs"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected >= 1")
-    report = quickstart(a.out, a.scale, a.force, a.seed, a.n_per_class, a.epochs)
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    given = {k: v for k, v in (("out", args.out), ("seed", args.seed), ("n_per_class", args.n_per_class),
+                               ("epochs", args.epochs)) if v is not None}
+    cfg = load_quickstart_config(args.scale, args.config, rest, given)
+    if args.print_config:
+        print(print_quickstart_config(cfg), end="")
+        return 0
+    report = quickstart(cfg, args.force)
     print(f"\n{report.read_text()}", flush=True)
     return 0

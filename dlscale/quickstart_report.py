@@ -11,7 +11,13 @@ import torch
 from dlscale import io
 from dlscale.configtree import read_yaml
 from dlscale.data.classes import CLASSES
+from dlscale.export import encoder_config
 from dlscale.figures import save_reliability, save_roc
+from dlscale.models import backbone_class
+from dlscale.train.config import load_config, run_tasks
+from dlscale.transfer.report import task_sections
+from dlscale.transfer.report_text import fmt as _f
+from dlscale.transfer.tasks.classification import table
 
 PROBE_GOAL = 0.93          # linear-probe macro AUC of the pretrained encoder at 100 labels per class
 SUPERVISED_GOAL = 0.95     # macro AUC of the supervised baseline on the demo's validation split
@@ -27,46 +33,40 @@ SEED_RESULTS = {
 }
 
 
-def _f(value, digits: int = 3) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
-
-
 def encoder_text(run_dir: Path) -> str:
     """"small CNN width 16 (0.10M)": the row's encoder and its parameter count."""
     payload = torch.load(run_dir / "encoder.pt", map_location="cpu", weights_only=True)
-    c = payload["encoder_config"]
+    cfg = encoder_config(payload)
     n = sum(v.numel() for k, v in payload["state_dict"].items() if torch.is_tensor(v) and "running" not in k
             and "num_batches" not in k)
-    name = {"small": f"small CNN width {c.get('width')}", "resnet18": "ResNet18" + (" 3x3 stem" if c.get(
-        "small_input_stem") else "")}.get(c["name"], c["name"])
-    return f"{name} ({n / 1e6:.2f}M)"
+    return f"{backbone_class(cfg.name).describe(cfg)} ({n / 1e6:.2f}M)"
 
 
-def stage_rows(out: Path, scale) -> tuple[list[str], dict]:
+def stage_rows(out: Path, cfg) -> tuple[list[str], dict]:
     header = ("| run | stage (tasks) | encoder (parameters) | accuracy | ECE | macro AUC (95% CI) | "
               + " | ".join(f"AUC {c}" for c in CLASSES) + " | probe acc | probe AUC | recon MSE |")
     rows, metrics, curves = [header, "|" + "---|" * (header.count("|") - 1)], {}, {}
-    for step in scale.steps:
-        m = io.read_json(out / step.name / "metrics.json")
-        metrics[step.name] = m
+    for name, step in cfg.steps.items():
+        m = io.read_json(out / name / "metrics.json")
+        metrics[name] = m
         ci = f" ({_f(m.get('val/auc_macro_ci_low'))}-{_f(m.get('val/auc_macro_ci_high'))})" \
             if m.get("val/auc_macro") is not None else ""
-        rows.append(f"| dlscale {step.name} | {step.stage} ({tasks_text(out / step.name)}) | "
-                    f"{encoder_text(out / step.name)} | "
+        rows.append(f"| dlscale {name} | {step.train.stage} ({tasks_text(out / name)}) | "
+                    f"{encoder_text(out / name)} | "
                     f"{_f(m.get('val/accuracy'))} | {_f(m.get('val/ece'))} | {_f(m.get('val/auc_macro'))}{ci} | "
                     + " | ".join(_f(m.get(f"val/auc/{c}")) for c in CLASSES)
                     + f" | {_f(m.get('probe/accuracy'))} | {_f(m.get('probe/auc_macro'))} | "
                     f"{_f(m.get('val/recon_mse'), 5)} |")
-        seed_stage = SEED_STAGE.get(step.name, step.name)
+        seed_stage = SEED_STAGE.get(name, name)
         seed = SEED_RESULTS.get(seed_stage, {})
         rows.append(f"| seed {seed_stage} | {seed_stage} | ResNet18 (11.2M) | {_f(seed.get('accuracy'))} | - | "
                     f"{_f(seed.get('auc_macro'))} | " + " | ".join(_f(seed.get(f"auc/{c}")) for c in CLASSES)
                     + f" | {_f(seed.get('probe/accuracy'))} | - | - |")
-        scores = out / step.name / "scores_val.npz"
+        scores = out / name / "scores_val.npz"
         if scores.is_file():
             with np.load(scores) as z:
                 if "probs" in z:
-                    curves[step.name] = (z["probs"], z["labels"])
+                    curves[name] = (z["probs"], z["labels"])
     if curves:
         save_roc(out / "roc.png", curves, CLASSES)
         save_reliability(out / "reliability.png", curves)
@@ -159,7 +159,6 @@ def stream_images(run_dir: Path) -> int | None:
 
 def tasks_text(run_dir: Path) -> str:
     """"recon+contrastive": the tasks a run trained, as its recorded config resolves them."""
-    from dlscale.train.config import load_config, run_tasks
     return "+".join(run_tasks(load_config(run_dir / "config.yaml", run_dir=str(run_dir))))
 
 
@@ -171,15 +170,15 @@ def simulated_text(simulator: dict) -> str:
     return "the mixture of " + ", ".join(f"`{c['preset']}` (share {c.get('share', 1.0):g})" for c in mixture.values())
 
 
-def pretraining_lines(out: Path, scale, n_train: int) -> list[str]:
+def pretraining_lines(out: Path, cfg, n_train: int) -> list[str]:
     """What each stream-trained step learned from: its tasks and the fresh images it saw, against the labelled
     train split."""
     lines = []
-    for step in scale.steps:
-        images = stream_images(out / step.name)
+    for name in cfg.steps:
+        images = stream_images(out / name)
         if images is not None:
-            presets = simulated_text(read_yaml(out / step.name / "config.yaml")["data"]["simulator"])
-            lines.append(f"- `{step.name}` ({tasks_text(out / step.name)}) trained on {images:,} fresh images from "
+            presets = simulated_text(read_yaml(out / name / "config.yaml")["data"]["simulator"])
+            lines.append(f"- `{name}` ({tasks_text(out / name)}) trained on {images:,} fresh images from "
                          f"the simulation stream ({presets}, none stored, none repeated): {images / n_train:.1f}x "
                          f"the {n_train:,} images of the labelled train split; its metrics are taken on the "
                          "labelled validation split.")
@@ -190,20 +189,28 @@ def downstream_section(out: Path, results: dict | None) -> list[str]:
     """The cheap downstream tasks (frozen pretrained encoder, one N): their tables and what they cost."""
     if not results:
         return []
-    from dlscale.transfer.report_tasks import task_sections
     names = ",".join(t["name"] for t in results.get("tasks", []))
     return ["## Downstream tasks of the pretrained encoder (frozen features)", "",
             f"The frozen encoder at one N (`dlscale transfer --tasks {names} --methods probe`); its cost on this "
             "machine is logged and "
-            f"kept as `seconds` in `{out / 'downstream' / 'results.json'}` (this report stays reproducible); full "
+            f"kept as `seconds` (per task) in `{out / 'downstream' / 'results.json'}` (this report stays "
+            "reproducible); full "
             f"study: `{out / 'downstream' / 'report.md'}`.",
             *task_sections(results), ""]
 
 
-def write_report(out: Path, data: Path, scale, transfer: dict, downstream: dict | None = None) -> Path:
-    from dlscale.transfer.report import table
+def classification_table(results: dict) -> list[str]:
+    """The label-efficiency study's classification table (its cells, with the regression targets it trained)."""
+    record = next(r for r in results["tasks"] if r["name"] == "classification")
+    return table([c for c in results["cells"] if c["task"] == "classification"],
+                 (record.get("options") or {}).get("targets", []))
+
+
+def write_report(cfg, transfer: dict, downstream: dict | None = None) -> Path:
+    """OUT/report.md of the quickstart `cfg` (a QuickstartConfig), from its runs and studies."""
+    out, data = Path(cfg.out), cfg.data_dir
     manifest = io.read_json(data / "manifest.json")
-    rows, metrics = stage_rows(out, scale)
+    rows, metrics = stage_rows(out, cfg)
     val, source = manifest["splits"]["val"], manifest["source"]
     lines = [
         "# dlscale quickstart report", "",
@@ -214,7 +221,7 @@ def write_report(out: Path, data: Path, scale, transfer: dict, downstream: dict 
         " CI = 95% bootstrap interval.", "",
         "## What this shows", "", *findings(metrics, transfer), "",
         "## Goals", "", *goals(metrics, transfer), "",
-        "## Pretraining", "", *pretraining_lines(out, scale, manifest["splits"]["train"]["samples"]), "",
+        "## Pretraining", "", *pretraining_lines(out, cfg, manifest["splits"]["train"]["samples"]), "",
         "## Stages", "", *rows, "",
         "Seed rows: the notebook project dlscale starts from (DeepLense common-test data, 3,500 images per class, "
         "ResNet18). **The datasets differ**, so the rows are a reference point, not a like-for-like comparison.", "",
@@ -224,7 +231,8 @@ def write_report(out: Path, data: Path, scale, transfer: dict, downstream: dict 
         f"- Exported encoders: `{out / 'pretrain' / 'encoder.pt'}`, `{out / 'multitask' / 'encoder.pt'}` -> "
         "`dlscale.load_encoder(path)`", "",
         "## Label efficiency of the pretrained encoder", "",
-        f"`dlscale transfer` on `{out / 'pretrain'}`: {transfer.get('ci', '')}.", "", *table(transfer), "",
+        f"`dlscale transfer` on `{out / 'pretrain'}`: {transfer.get('ci', '')}.", "",
+        *classification_table(transfer), "",
         f"- Figure: `{out / 'label_efficiency' / 'label_efficiency.png'}` (macro AUC vs labels per class)",
         f"- Full study: `{out / 'label_efficiency' / 'report.md'}`", "", *downstream_section(out, downstream)]
     report = out / "report.md"

@@ -1,11 +1,16 @@
-"""Every backbone speaks one interface (feature map, out_channels, downsample); ViT patch sizes; the light decoder."""
+"""Every backbone speaks one interface (feature map, out_channels, downsample) and declares its options, layer groups
+and labels; ViT patch sizes; the light decoder; format 2's flat encoder configs still load."""
 
+import copy
+import dataclasses
 import math
+import pickle
 
 import pytest
 import torch
 
-from dlscale.models.encoders import ENCODER_NAMES, EncoderConfig, build_encoder, default_patch_size
+from dlscale.models.encoders import (ENCODER_NAMES, EncoderConfig, backbone_class, build_encoder, default_patch_size,
+                                     layer_groups)
 from dlscale.models.heads import ClassifierHead, Decoder
 
 SIZES = (64, 150)
@@ -223,3 +228,156 @@ def test_decoder_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Decoder(16, (1, 64, 64), **kwargs)
 
+
+
+# ---- what each registered backbone declares: options, layer groups, labels ----------------------------------------
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_layer_groups_hold_every_parameter_once_in_the_order_the_forward_pass_reaches_them(encoders, name):
+    encoder = encoders[name, 64]
+    groups = layer_groups(encoder)
+    names = [n for n, _ in encoder.named_parameters()]
+    assert sorted(n for group in groups for n in group) == sorted(names) and all(groups)
+    order = {}
+
+    def reached_by(path):
+        def hook(module, args):
+            order.setdefault(path, len(order))
+        return hook
+    hooks = [module.register_forward_pre_hook(reached_by(path)) for path, module in encoder.named_modules()
+             if path and any(True for _ in module.parameters(False))]
+    with torch.no_grad():
+        encoder(torch.randn(1, 1, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    reached = [[order[n.rpartition(".")[0]] for n in group if n.rpartition(".")[0] in order] for group in groups]
+    assert all(reached)                                    # each group holds a layer the forward pass runs
+    assert all(max(a) < min(b) for a, b in zip(reached, reached[1:]))
+    assert len(groups) >= 3
+
+
+def test_layer_groups_name_the_stem_stages_blocks_and_norm(encoders):
+    resnet, vit = layer_groups(encoders["resnet18", 64]), layer_groups(encoders["vit_tiny", 64])
+    assert resnet[0] == ["conv1.weight", "bn1.weight", "bn1.bias"] and len(resnet) == 5
+    assert {n.split(".")[0] for n in vit[0]} == {"patch_embed", "pos_embed"} and len(vit) == 12 + 2
+    assert all(n.startswith(f"blocks.{i}.") for i, group in enumerate(vit[1:-1]) for n in group)
+    assert vit[-1] == ["norm.weight", "norm.bias"]
+
+
+def test_layer_groups_of_a_model_name_its_encoder_parameters():
+    from dlscale.train.model import build_model
+    model = build_model("supervised", EncoderConfig(name="small", width=4), (1, 16, 16))
+    assert layer_groups(model) == [[f"encoder.{n}" for n in group] for group in layer_groups(model.encoder)]
+
+
+@pytest.mark.parametrize(("cfg", "label"), [
+    (dict(name="small", width=8), "small-w8"), (dict(name="resnet18"), "resnet18"),
+    (dict(name="resnet18", small_input_stem=True), "resnet18-s"), (dict(name="vit_tiny"), "vit_tiny"),
+    (dict(name="vit_small", patch_size=8), "vit_small-p8"), (dict(name="convnext_nano"), "convnext_nano")])
+def test_architecture_labels_are_the_ones_transfer_studies_key_their_rows_by(cfg, label):
+    from dlscale.transfer.features import EncoderSource
+    source = EncoderSource("x", None, EncoderConfig(**cfg), (1, 64, 64), "minmax", "supervised")
+    assert source.arch_label == f"{label}-64x64-minmax"
+
+
+@pytest.mark.parametrize(("cfg", "text"), [(dict(name="small", width=8), "small CNN width 8"),
+                                         (dict(name="resnet18", small_input_stem=True), "ResNet18 3x3 stem"),
+                                         (dict(name="convnext_nano"), "convnext_nano")])
+def test_the_quickstart_report_describes_a_run_s_encoder_in_words(tmp_path, cfg, text):
+    from dlscale.export import save_encoder
+    from dlscale.quickstart_report import encoder_text
+    encoder = build_encoder(EncoderConfig(**cfg), (1, 32, 32))
+    save_encoder(tmp_path / "encoder.pt", encoder, EncoderConfig(**cfg), {"image_shape": [1, 32, 32]})
+    assert encoder_text(tmp_path) == f"{text} ({sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M)"
+
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_each_backbone_config_holds_its_own_options_and_survives_copies(name):
+    cfg = EncoderConfig(name=name)
+    assert type(cfg) is backbone_class(name).Config and cfg.name == name
+    assert copy.deepcopy(cfg) == cfg == pickle.loads(pickle.dumps(cfg))   # Ray trials get pickled configs
+    assert dataclasses.replace(cfg, in_channels=3).in_channels == 3
+
+
+def test_print_config_shows_the_chosen_backbone_s_options_with_their_docs_and_loads_back(tmp_path):
+    from dlscale.train.config import load_config, print_config
+    cfg = load_config(None, ["--model.encoder.name=vit_tiny", "--model.encoder.patch_size=8"])
+    text = print_config(cfg)
+    encoder = text[text.index("  encoder:"):text.index("  tasks:")]
+    assert "patch_size: 8" in encoder and "# Side of the square patches" in encoder
+    assert "width" not in encoder and "small_input_stem" not in encoder
+    (tmp_path / "printed.yaml").write_text(text)
+    assert load_config(tmp_path / "printed.yaml") == cfg
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["--model.encoder.name=resnet18", "--model.encoder.width=8"],
+     r"model\.encoder\.width=8 applies to small CNN.* encoders \(small.*\), not to 'resnet18'"),   # + registered ones
+    (["--model.encoder.name=small", "--model.encoder.small_input_stem=true"],
+     r"model\.encoder\.small_input_stem=True applies to ResNet encoders \(resnet18\), not to 'small'"),
+    (["--model.encoder.name=small", "--model.encoder.depth=3"], r"unknown config key 'model\.encoder\.depth'"),
+    (["--model.encoder.name=resnet50"], r"model\.encoder\.name: unknown encoder 'resnet50'"),
+])
+def test_another_backbone_s_option_is_refused_naming_the_key(overrides, message):
+    from dlscale.train.config import load_config
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_naming_another_backbone_drops_the_options_of_the_one_it_replaces(tmp_path):
+    """A file's resnet18 options do not follow an override (or a sweep trial) to another backbone."""
+    from dlscale.recipes import config_path
+    from dlscale.sweep.spec import DEFAULT_SWEEP_FILE, load_sweep, trial_config
+    from dlscale.train.config import load_config
+    full = config_path("full")
+    assert load_config(full).model.encoder == EncoderConfig(name="resnet18", small_input_stem=True)
+    assert load_config(full, ["--model.encoder.name=vit_small"]).model.encoder == EncoderConfig(name="vit_small")
+    base = load_config(full, ["--model.encoder.name=small", "--model.encoder.width=8"], stage="multitask")
+    assert base.model.encoder == EncoderConfig(name="small", width=8)
+    trial = trial_config(base, {"model.encoder.name": "resnet18"})
+    assert trial.model.encoder == EncoderConfig(name="resnet18")
+    sweep = load_sweep(DEFAULT_SWEEP_FILE,                                             # its base: resnet18
+                       ["--model.encoder.width=8", "--model.encoder.name=small"], data_dir=str(tmp_path))
+    assert sweep.base.model.encoder == EncoderConfig(name="small", width=8)
+
+
+# ---- files of format 2 (every backbone's options in every encoder config) still load --------------------------------
+
+FORMAT_2_ENCODER = {"small_input_stem": False, "width": 32, "patch_size": None}
+
+
+def test_a_format_2_config_yaml_with_the_flat_encoder_fields_loads(tmp_path):
+    from dlscale.configtree import dump_yaml
+    from dlscale.train.config import load_config
+    tree = {"format_version": 2, "stage": "supervised",
+            "model": {"encoder": {**FORMAT_2_ENCODER, "name": "small", "in_channels": 1, "width": 8}}}
+    (tmp_path / "config.yaml").write_text(dump_yaml(tree))
+    assert load_config(tmp_path / "config.yaml").model.encoder == EncoderConfig(name="small", width=8)
+    tree["model"]["encoder"]["patch_size"] = 8       # set for a backbone that never read it: refused, named
+    (tmp_path / "config.yaml").write_text(dump_yaml(tree))
+    with pytest.raises(ValueError, match=r"model\.encoder\.patch_size=8 applies to ViT encoders"):
+        load_config(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_a_format_2_encoder_with_the_flat_encoder_fields_loads(tmp_path, portable):
+    import json
+    from dlscale.export import FORMAT, load_encoder, save_encoder, save_portable_encoder
+    torch.manual_seed(0)
+    encoder = build_encoder(EncoderConfig(name="vit_tiny", patch_size=8), (1, 32, 32)).eval()
+    info = {"image_shape": [1, 32, 32], "classes": ["no_sub", "cdm", "axion"]}
+    flat = {**FORMAT_2_ENCODER, "name": "vit_tiny", "in_channels": 1, "patch_size": 8}
+    if portable:
+        save_portable_encoder(tmp_path, encoder, EncoderConfig(name="vit_tiny", patch_size=8), info)
+        meta = json.loads((tmp_path / "encoder.json").read_text())
+        (tmp_path / "encoder.json").write_text(json.dumps({**meta, "format_version": 2, "encoder_config": flat}))
+    else:
+        save_encoder(tmp_path / "encoder.pt", encoder, EncoderConfig(name="vit_tiny", patch_size=8), info)
+        payload = torch.load(tmp_path / "encoder.pt", weights_only=True)
+        torch.save({**payload, "format_version": 2, "encoder_config": flat}, tmp_path / "encoder.pt")
+        assert torch.load(tmp_path / "encoder.pt", weights_only=True)["format"] == FORMAT
+    loaded = load_encoder(tmp_path / ("encoder.json" if portable else "encoder.pt"))
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), encoder(x))
+    assert loaded.patch_size == 8

@@ -49,10 +49,11 @@ def test_a_ds_config_file_dlscale_cannot_run_is_refused_before_the_run_directory
 
 def _supervised_model_and_config(**optim):
     from dlscale.train.config import load_config
+    from dlscale.models import EncoderConfig
     from dlscale.train.model import build_model
     cfg = load_config(None, [f"optim.{k}={v}" for k, v in optim.items()], stage="supervised")
     torch.manual_seed(0)
-    model = build_model("supervised", cfg.model.encoder.__class__(name="small", width=8), (1, 16, 16))
+    model = build_model("supervised", EncoderConfig(name="small", width=8), (1, 16, 16))
     return model, cfg
 
 

@@ -12,8 +12,8 @@ from test_transfer import run_cli, train
 
 from dlscale.data.shards import load_manifest
 
-FAST = ["--n-bootstrap=50", "--data.num_workers=0", "--data.batch_size=16", "--superres-steps=10",
-        "--superres-eval=24"]
+FAST = ["--n-bootstrap=50", "--data.num_workers=0", "--data.batch_size=16", "--task_options.superres.steps=10",
+        "--task_options.superres.eval_images=24"]
 
 
 # ---- metrics against reference computations ---------------------------------------------------------------------
@@ -103,7 +103,7 @@ def encoder(tmp_path_factory, separable_data, tiny_args) -> Path:
 
 def test_a_regression_target_that_does_not_vary_is_refused_before_any_work(encoder, separable_data, tmp_path):
     result = run_cli("transfer", "--encoder", encoder, "--data", separable_data, "--out", tmp_path / "t",
-                     "--tasks", "regression", "--regression-targets", "e1", "--methods", "probe",
+                     "--tasks", "regression", "--task_options.regression.targets=[e1]", "--methods", "probe",
                      "--labels-per-class", "4", *FAST)
     assert result.code != 0 and "--tasks regression" in result.err and "e1" in result.err
     assert "the task needs" in result.err and not (tmp_path / "t").exists()
@@ -197,7 +197,8 @@ def test_tasks_all_scores_on_another_dataset(encoder, separable_data, make_separ
 
 def test_the_default_runs_every_task_the_data_can_serve_and_logs_the_skipped(encoder, separable_data, tmp_path):
     result = run_cli("transfer", "--encoder", encoder, "--data", separable_data, "--out", tmp_path / "d",
-                     "--methods", "probe", "--labels-per-class", "4", "--repeats", "1", "--regression-targets", "e1",
+                     "--methods", "probe", "--labels-per-class", "4", "--repeats", "1",
+                     "--task_options.regression.targets=[e1]",
                      *FAST)
     assert result.code == 0, result.err[-3000:]
     results = json.loads((tmp_path / "d" / "results.json").read_text())
@@ -230,7 +231,7 @@ def test_regression_fine_tune_and_scratch_cells_have_finite_mae_and_r2(encoder, 
     out = tmp_path / "reg"
     result = run_cli("transfer", "--encoder", encoder, "--data", axion_data, "--out", out, "--tasks", "regression",
                      "--methods", "probe,finetune,scratch", "--labels-per-class", "4", "--repeats", "1", "--ranks",
-                     "1", "--epochs=1", "--min-batches-per-epoch=2", *FAST, "--data.batch_size=8")
+                     "1", "--epochs=1", "--budget.min_batches_per_epoch=2", *FAST, "--data.batch_size=8")
     assert result.code == 0, result.err[-3000:]
     cells = {(c["method"], c["n_per_class"]): c for c in json.loads((out / "results.json").read_text())["cells"]}
     assert {("probe", 4), ("finetune", 4), ("scratch", 4)} <= set(cells)

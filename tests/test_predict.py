@@ -291,19 +291,20 @@ def test_out_naming_an_existing_file_is_refused_and_the_file_left_as_it_is(run, 
     assert out.read_text() == "mine\n"
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PREDICT_DOC = Path(__file__).resolve().parents[1] / "docs" / "predict.md"
 
 
-def readme_timm_block() -> str:
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "timm.create_model" in b]
-    assert len(blocks) == 1, "README: expected one python block loading an encoder into timm"
+def docs_timm_block() -> str:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", PREDICT_DOC.read_text(), re.S)
+              if "timm.create_model" in b]
+    assert len(blocks) == 1, "docs/predict.md: expected one python block loading an encoder into timm"
     return blocks[0]
 
 
 @pytest.mark.parametrize("name", ["vit_tiny", "convnext_nano"])
 def test_a_timm_backbone_loads_into_timm_create_model(name, tmp_path):
-    """encoder.json's `timm` recipe, as the README uses it and as `rename_for_timm` applies it: strict loading into
-    `timm.create_model`, and the same feature map as our encoder."""
+    """encoder.json's `timm` recipe, as docs/predict.md uses it and as `rename_for_timm` applies it: strict loading
+    into `timm.create_model`, and the same feature map as our encoder."""
     import timm
     from safetensors.torch import load_file
     from dlscale.export import rename_for_timm, save_portable_encoder
@@ -313,15 +314,15 @@ def test_a_timm_backbone_loads_into_timm_create_model(name, tmp_path):
     ours = build_encoder(cfg, shape).eval()
     save_portable_encoder(tmp_path, ours, cfg, {"image_shape": list(shape), "classes": list(CLASSES)})
     x = torch.rand(2, *shape)
-    readme = {"x": x}
-    exec(readme_timm_block().replace("runs/vit", str(tmp_path)), readme)   # noqa: S102 - the README's own code
+    namespace = {"x": x}
+    exec(docs_timm_block().replace("runs/vit", str(tmp_path)), namespace)   # noqa: S102 - the docs' own code
     recipe = json.loads((tmp_path / "encoder.json").read_text())["timm"]
     model = timm.create_model(recipe["model"], pretrained=False, **recipe["kwargs"]).eval()
     model.load_state_dict(rename_for_timm(load_file(tmp_path / "encoder.safetensors"), recipe["rename"]),
                           strict=True)
     with torch.no_grad():
         expected = ours(x)
-        for timm_model in (model, readme["model"].eval()):
+        for timm_model in (model, namespace["model"].eval()):
             theirs = timm_model.forward_features(x)
             theirs = timm_model.head.norm(theirs) if name == "convnext_nano" else \
                 theirs.transpose(1, 2).reshape(expected.shape)

@@ -109,21 +109,42 @@ def test_goals_say_what_was_not_measured():
 def test_the_full_scale_pretrains_from_the_three_instrument_mixture_for_whole_stream_epochs(tmp_path, monkeypatch):
     """`--scale full` (the GPU recipe, not runnable here) resolves into a valid config: the mixture of the three
     instruments' presets, simulated on the training device, epochs of as many images as the labelled train split."""
-    from dlscale import quickstart as qs
-    data = tmp_path / "data"
-    data.mkdir()
-    io.write_json(data / "manifest.json", {"splits": {"train": {"samples": 72_000}}})
-    monkeypatch.setattr(qs, "local_ranks", lambda: 8)
-    scale = qs.SCALES["full"]
-    step = next(s for s in scale.steps if s.name == "pretrain")
-    cfg = qs.step_config(step, scale, data, tmp_path / "out", seed=0)
-    assert step.from_stream and cfg.data.source == "simulate" and cfg.data.simulator.device == "auto"
-    assert sorted(c.preset for c in cfg.data.simulator.mixture.values()) == ["model_i", "model_ii", "model_iii"]
-    assert cfg.schedule.batches_per_epoch * cfg.data.batch_size * 8 >= 72_000
-    assert (cfg.schedule.batches_per_epoch - 1) * cfg.data.batch_size * 8 < 72_000
-    assert cfg.schedule.epochs >= 10 and list(cfg.model.tasks) == ["recon", "contrastive"]
-    assert (cfg.model.encoder.name, cfg.deepspeed.precision) == ("resnet18", "bf16")
-    assert "mixture" in (tmp_path / "out" / "configs" / "pretrain.yaml").read_text()
+    from dlscale import quickstart_config as qc
+    monkeypatch.setattr(qc, "local_ranks", lambda: 8)
+    cfg = qc.load_quickstart_config("full", given={"out": str(tmp_path / "out")})
+    step = cfg.steps["pretrain"]
+    train = step.train
+    assert cfg.n_train == 72_000
+    assert step.from_stream and train.data.source == "simulate" and train.data.simulator.device == "auto"
+    assert sorted(c.preset for c in train.data.simulator.mixture.values()) == ["model_i", "model_ii", "model_iii"]
+    assert train.schedule.batches_per_epoch * train.data.batch_size * 8 >= 72_000
+    assert (train.schedule.batches_per_epoch - 1) * train.data.batch_size * 8 < 72_000
+    assert train.schedule.epochs >= 10 and list(train.model.tasks) == ["recon", "contrastive"]
+    assert (train.model.encoder.name, train.deepspeed.precision) == ("resnet18", "bf16")
+    assert train.run_dir == str(tmp_path / "out" / "pretrain") and cfg.transfer.encoders == [train.run_dir]
+    assert cfg.steps["multitask"].train.init_from == train.run_dir
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small", "full"])
+def test_every_scale_prints_a_config_that_loads_back_identical(scale, tmp_path, cli):
+    first = cli("quickstart", "--scale", scale, "--out", tmp_path / "qs", "--print-config")
+    assert first.code == 0, first.err
+    assert "# the earlier step whose encoder starts this one" in first.out
+    path = tmp_path / "qs.yaml"
+    path.write_text(first.out)
+    again = cli("quickstart", "--config", path, "--print-config")
+    assert again.code == 0, again.err
+    assert again.out == first.out
+
+
+def test_quickstart_overrides_reach_the_step_and_bad_keys_are_refused(tmp_path, cli):
+    from dlscale.quickstart_config import load_quickstart_config
+    cfg = load_quickstart_config("tiny", None, ["--steps.supervised.train.optim.lr=0.02"],
+                                 {"out": str(tmp_path), "epochs": 3})
+    assert cfg.steps["supervised"].train.optim.lr == 0.02
+    assert {s.train.schedule.epochs for s in cfg.steps.values()} == {3} and cfg.transfer.budget.epochs == 3
+    bad = cli("quickstart", "--scale", "tiny", "--print-config", "--steps.supervised.train.optim.lrr=1")
+    assert bad.code == 2 and "steps.supervised.train.optim.lrr" in bad.err
 
 
 def test_the_report_names_a_mixture_streams_instruments_and_shares():

@@ -8,6 +8,7 @@ This file is also the launch script of its own 2-rank run: `torchrun ... tests/t
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from dlscale.data.classes import CLASSES
-from dlscale.models import BACKBONES, ENCODER_NAMES, EncoderConfig, build_encoder, register_backbone
+from dlscale.models import BACKBONES, ENCODER_NAMES, Backbone, EncoderConfig, build_encoder, register_backbone
 from dlscale.train.sources import SOURCES, TrainingSource, register_source, source_of, training_source
 
 RECORDS = "BLOB_SOURCE_RECORDS"     # where each rank's blob stream writes the batches it served
@@ -65,11 +66,16 @@ class Blobs(TrainingSource):
         return [f"blob epoch {e} batch {b} #{p}" for e, b, p in ids.tolist()]
 
 
+@dataclass
+class StridedConfig(EncoderConfig):
+    width: int = 8
+    """output channels"""
+
+
 @register_backbone
-class StridedEncoder(nn.Module):
+class StridedEncoder(Backbone, nn.Module):
     """One stride-4 convolution: the smallest backbone that keeps the encoder contract."""
-    name = "strided"
-    takes_patch_size = needs_image_shape = False
+    name, Config = "strided", StridedConfig
 
     @classmethod
     def from_config(cls, cfg, image_shape=None):
@@ -119,6 +125,8 @@ def test_a_registered_backbone_builds_by_name_and_keeps_the_checks():
         build_encoder(EncoderConfig(name="nope"))
     with pytest.raises(ValueError, match="'vit_tiny' needs the image shape"):
         build_encoder(EncoderConfig(name="vit_tiny"))
+    assert _cfg("--model.encoder.name=strided", "--model.encoder.width=32").model.encoder == StridedConfig(
+        name="strided", width=32)      # its own option, even at the value another backbone has by default
 
 
 def test_the_shard_source_answers_the_protocol(separable_data, records):

@@ -58,7 +58,8 @@ def make_batch(model, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
                          ids=[f"{s}-{v}-{b}" if v != "default" else f"{s}-{b}" for s, v, _, b in CASES])
 def test_stage_builds_and_trains_one_step_on_backbone(stage, variant, extra, backbone):
     torch.manual_seed(0)
-    overrides = [f"--model.encoder.name={backbone}", f"--data.targets=[{','.join(TARGETS)}]", *extra]
+    overrides = [f"--model.encoder.name={backbone}", f"--data.targets=[{','.join(TARGETS)}]",
+                 "--data.target.source=simulate", *extra]   # a target domain, for the tasks that adapt to one
     if backbone in VIT_ARCHITECTURES:
         overrides.append("--model.encoder.patch_size=8")
     cfg = load_config(None, overrides, stage=stage, data_dir="-", run_dir="-")

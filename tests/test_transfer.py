@@ -19,7 +19,7 @@ import yaml
 from dlscale.data.shards import load_manifest, verify
 from dlscale.transfer.subsets import ALL, nested_subsets, parse_sizes, train_index, write_subset
 
-FAST = ["--epochs=1", "--n-bootstrap=50", "--min-batches-per-epoch=2"]
+FAST = ["--epochs=1", "--n-bootstrap=50", "--budget.min_batches_per_epoch=2"]
 SMALL = ["--data.num_workers=0", "--data.batch_size=8", "--data.shuffle_buffer=32"]
 
 
@@ -141,9 +141,10 @@ def test_probe_on_all_labels_equals_the_run_probe(encoder_run, separable_data, r
 def two_rank_study(runs, encoder_run, separable_data):
     out = runs / "two_ranks"
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
-                     "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2", "--targets", "theta_E",
+                     "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2",
+                     "--task_options.classification.targets=[theta_E]",
                      "--methods", "probe,finetune,scratch", "--tasks", "classification",
-                     "--finetune-encoder-lr-scale", "0.5", *SMALL, *FAST)
+                     "--budget.finetune_encoder_lr_scale=0.5", *SMALL, *FAST)
     assert result.code == 0, result.err[-4000:]
     return out, result
 
@@ -196,15 +197,17 @@ def test_a_second_call_reuses_the_finished_runs(two_rank_study, encoder_run, sep
     out, _ = two_rank_study
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("model.pt")}
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
-                     "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2", "--targets", "theta_E",
+                     "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2",
+                     "--task_options.classification.targets=[theta_E]",
                      "--methods", "finetune,scratch", "--tasks", "classification",
-                     "--finetune-encoder-lr-scale", "0.5", *SMALL, *FAST)
+                     "--budget.finetune_encoder_lr_scale=0.5", *SMALL, *FAST)
     assert result.code == 0, result.err[-3000:]
     assert "4 of 4 fine-tune/scratch runs finished before" in result.err
     assert before and {p: p.stat().st_mtime_ns for p in before} == before
     # other settings (2 epochs): the run is trained again, here in this process
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
-                     "--labels-per-class", "2", "--repeats", "1", "--ranks", "1", "--targets", "theta_E",
+                     "--labels-per-class", "2", "--repeats", "1", "--ranks", "1",
+                     "--task_options.classification.targets=[theta_E]",
                      "--methods", "scratch", "--tasks", "classification", *SMALL, *FAST, "--epochs=2")
     assert result.code == 0, result.err[-3000:]
     assert "0 of 1 fine-tune/scratch runs finished before" in result.err and "of other settings" in result.err

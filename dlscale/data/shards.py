@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlscale.compat import FORMAT_VERSION, format_version
+from dlscale.formats import FORMAT_VERSION, format_version
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.data.partial import OWNER, claim, disk_full_reported, partial_dir, remove_stale_partials
 from dlscale.data.tario import BLOCK, CorruptShardError, add_member, iter_records, npy_from_buffer

@@ -52,11 +52,8 @@ class Decoder(ImageHead):
         stages: list[nn.Module] = [nn.Conv2d(in_channels, channels, kernel_size=1, bias=False),
                                    nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
         doublings = max(scale // out_stride, 1).bit_length() - 1
-        for _ in range(doublings - 1):
-            next_channels = max(channels // 2, min_channels)
-            stages += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                       conv_bn_relu(channels, next_channels)]
-            channels = next_channels
+        upsampling, channels = doubling_stages(channels, max(doublings - 1, 0), min_channels)
+        stages += upsampling
         if doublings:
             last = nn.Conv2d(channels, 4 * image_channels, kernel_size=3, padding=1)
             with torch.no_grad():   # the 4 sub-pixels start equal: no checkerboard at initialisation
@@ -68,6 +65,17 @@ class Decoder(ImageHead):
             stages.append(nn.Conv2d(channels, image_channels, kernel_size=3, padding=1))
         self.stages = nn.Sequential(*stages)
 
+
+def doubling_stages(channels: int, doublings: int, min_channels: int) -> tuple[list[nn.Module], int]:
+    """`doublings` x (bilinear 2x upsample, 3x3 conv-BN-ReLU halving the channels down to `min_channels`); the
+    stages and the channels they end with."""
+    stages: list[nn.Module] = []
+    for _ in range(doublings):
+        next_channels = max(channels // 2, min_channels)
+        stages += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                   conv_bn_relu(channels, next_channels)]
+        channels = next_channels
+    return stages, channels
 
 
 class WideDecoder(ImageHead):
@@ -81,16 +89,9 @@ class WideDecoder(ImageHead):
         if scale < 1 or scale & (scale - 1):
             raise ValueError(f"the wide decoder's scale must be a power of two, got {scale}")
         self.out_shape = tuple(out_shape)
-        stages: list[nn.Module] = []
-        channels = in_channels
-        for _ in range(scale.bit_length() - 1):
-            next_channels = max(channels // 2, min_channels)
-            stages += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                       conv_bn_relu(channels, next_channels)]
-            channels = next_channels
+        stages, channels = doubling_stages(in_channels, scale.bit_length() - 1, min_channels)
         stages.append(nn.Conv2d(channels, self.out_shape[0], kernel_size=3, padding=1))
         self.stages = nn.Sequential(*stages)
-
 
 
 class ClassifierHead(nn.Module):

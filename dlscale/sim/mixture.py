@@ -43,6 +43,7 @@ import torch
 from dlscale.configtree import plain, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.mixing import add_round
+from dlscale.data.shards import DatasetWriter
 from dlscale.data.stream import resize
 from dlscale.sim.config import Range, SimulatorConfig, preset_with_overrides
 from dlscale.sim.simulator import LensParams, LensSimulator
@@ -259,7 +260,6 @@ def write_mixture_set(mixture: Mixture, counts: dict[str, int], out: Path | str,
     process): split by split, in rounds of one batch per class (`plan_batches`) written with their classes spread
     over the shards (`add_round`), each class's images in a split shared among the components by the share rule
     over its running count there; batch j (over all splits) seeded by (seed, EVAL_KEY, j)."""
-    from dlscale.data.shards import DatasetWriter
     batches = ((split, class_name, k) for split, n in counts.items()
                for class_name, [(_, k)] in plan_batches({split: n}, batch_size))
     with DatasetWriter(out, (1, mixture.side, mixture.side), source, shard_size=shard_size,

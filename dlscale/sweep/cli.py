@@ -20,11 +20,12 @@ import importlib
 from pathlib import Path
 
 from dlscale import io
-from dlscale.configtree import dump_yaml
+from dlscale.configtree import dump_yaml, parse_with_overrides
 from dlscale.sweep.execution import Resources, node_resources, ray_cluster, run_sweep
 from dlscale.sweep.results import outcomes, trials_left, write_results
-from dlscale.sweep.spec import DEFAULT_SWEEP_FILE, SWEEP_RECORD, load_sweep
+from dlscale.sweep.spec import DEFAULT_SWEEP_FILE, SWEEP_RECORD, load_sweep, print_sweep
 from dlscale.train.config import Config
+from dlscale.train.data import load_dataset
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
@@ -33,7 +34,7 @@ def tune_main(argv: list[str] | None = None) -> int:
         prog="dlscale tune", description="Search the multi-task loss weighting (and any training setting) with Ray "
         "Tune. Extra --section.key=value set the base training config, --sweep.key=value the sweep settings.")
     p.add_argument("--data", help="dataset directory (manifest.json + shards)")
-    p.add_argument("--out", required=True, type=Path, help="sweep directory (new, or the one to --resume)")
+    p.add_argument("--out", type=Path, help="sweep directory (new, or the one to --resume)")
     p.add_argument("--config", type=Path, help=f"sweep file (default {DEFAULT_SWEEP_FILE})")
     p.add_argument("--trials", type=int, help="configurations to sample (default: sweep.trials of the file)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="DeepSpeed ranks per trial (Ray Train)")
@@ -41,10 +42,16 @@ def tune_main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial, shared by its workers (default: 1 each)")
     p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out")
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
-    if bad:
-        p.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
+    p.add_argument("--print-config", action="store_true", help="print the checked sweep (settings, space, base "
+                   "training config) as YAML, each key's meaning as a comment above it, and exit")
+    args, rest = parse_with_overrides(p, argv)
+    if args.print_config:
+        recorded = args.resume and args.out is not None
+        path = args.out.resolve() / SWEEP_RECORD if recorded else args.config or DEFAULT_SWEEP_FILE
+        print(print_sweep(load_sweep(path, rest, args.data, args.trials, complete=False)), end="")
+        return 0
+    if args.out is None:
+        p.error("--out is required: the sweep directory (new, or the one to --resume)")
     out_dir = args.out.resolve()
     resources = Resources(args.workers_per_trial, args.cpus_per_trial, args.gpus_per_trial)
     if args.resume:
@@ -96,5 +103,4 @@ def _check_state_api() -> None:
 def _check_dataset(cfg: Config) -> None:
     """The dataset fits the model (trials training from the simulator without one simulate their own eval set)."""
     if cfg.data_dir:
-        from dlscale.train.data import load_dataset
         load_dataset(cfg)

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dlscale.distributed import environment, forget_launcher, set_env
 from dlscale.sweep.spec import SweepSpec, param_space, trial_config
+from dlscale.train import run
+from dlscale.train.checkpoint import CHECKPOINTS
 from dlscale.train.config import Config
+from dlscale.train.deepspeed_setup import prepare_process
 
 log = logging.getLogger(__name__)
 DRIVER_MEMORY = 256 * 2**20   # bytes reserved for the driver of a distributed trial (it needs no CPU of its own)
@@ -77,9 +81,6 @@ def run_trial(params: dict, job: TrialJob) -> None:
     The run directory inside the trial's directory is the trial's state: a retried or resumed trial continues from
     its latest checkpoint there (or from the Tune checkpoint, when the run directory is gone)."""
     from ray import tune
-    from dlscale.distributed import forget_launcher
-    from dlscale.train import run
-    from dlscale.train.checkpoint import CHECKPOINTS
     run_dir = Path(job.out_dir) / f"trial_{tune.get_context().get_trial_id()}" / "run"
     if job.workers > 1:
         _run_distributed_trial(params, job, run_dir)
@@ -113,7 +114,6 @@ def _run_distributed_trial(params: dict, job: TrialJob, run_dir: Path) -> None:
 
 def _train_worker(loop_config: dict) -> None:
     import ray.train
-    from dlscale.train import run
     job, run_dir = loop_config["job"], Path(loop_config["run_dir"])
     _prepare(job)
     cfg = trial_config(job.base, loop_config["params"], run_dir)
@@ -124,7 +124,6 @@ def _train_worker(loop_config: dict) -> None:
 
 def _prepare(job: TrialJob) -> None:
     """A trial's process is a training entry point: its DeepSpeed accelerator is chosen here, once."""
-    from dlscale.train.deepspeed_setup import prepare_process
     prepare_process(job.base.device)
 
 
@@ -154,7 +153,7 @@ def ray_cluster(address: str | None = None, dashboard: bool = False) -> Iterator
     if ray.is_initialized():
         yield ray.cluster_resources()
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    set_env("RAY_USAGE_STATS_ENABLED", "0", default_only=True)
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": dashboard}
     if address is None:   # a private local cluster on the loopback interface
         kwargs.update(_temp_dir=str(ray_temp_dir()), _node_ip_address="127.0.0.1")
@@ -218,18 +217,8 @@ def run_sweep(spec: SweepSpec, out_dir: Path, resources: Resources, cluster: Map
         return tuner.fit()
 
 
-@contextmanager
-def _quiet_tune() -> Iterator[None]:
+def _quiet_tune():
     """Tune's driver reads these while it runs: no console tables (Tune prints its experiment box even at
     verbose=0 with the new output engine) and no TBXLoggerCallback (each trial's run/tb already holds its curves
     and hparams; a second copy would double every trial in TensorBoard)."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AIR_NEW_OUTPUT", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")}
-    os.environ.update(RAY_AIR_NEW_OUTPUT="0", TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
+    return environment(RAY_AIR_NEW_OUTPUT="0", TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1")

@@ -14,6 +14,7 @@ from dlscale import io
 from dlscale.configtree import dump_yaml
 from dlscale.sweep.spec import SweepSettings, SweepSpec, trial_config, weight_task
 from dlscale.train.config import Config, run_tasks
+from dlscale.train.evaluation import write_hparams
 
 
 # ---- results ------------------------------------------------------------------------------------------------------
@@ -235,7 +236,6 @@ def write_stopped_hparams(trial: TrialOutcome, spec: SweepSpec, out_dir: Path) -
     """A trial stopped early never reaches the engine's own hparams record: write it, in the same form and place,
     from its last evaluation (once; `stopped.json` beside it records the stop)."""
     from torch.utils.tensorboard import SummaryWriter
-    from dlscale.train.evaluation import write_hparams
     run_dir = out_dir / trial.trial / "run"
     if not run_dir.is_dir() or (run_dir / "stopped.json").is_file():
         return

@@ -10,15 +10,15 @@ find their own weights).
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlscale.configtree import from_dict, parse_override, read_yaml, set_dotted, to_dict
-from dlscale.train.config import Config, check_weighting, migrate, run_tasks
+from dlscale.configtree import (commented_yaml, from_dict, merge, overrides_tree, parse_override, read_yaml,
+                                set_dotted, to_dict)
+from dlscale.train.config import Config, migrate, run_tasks
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 WEIGHT_KEYS = ("loss.fixed.weights.", "loss.weights.")   # `<prefix><task>`: weight relative to the reference task
@@ -75,15 +75,35 @@ class SweepSpec:
         """The metrics the results show: the ranking metric, the Pareto axes, accuracy."""
         return list(dict.fromkeys([self.settings.metric, *self.settings.pareto, "val/accuracy"]))
 
+    def to_file(self) -> "SweepFile":
+        return SweepFile(self.settings, {k: {kind: values} for k, (kind, values) in self.space.items()}, self.base)
+
     def to_tree(self) -> dict:
-        return {"sweep": dataclasses.asdict(self.settings), "space": {k: {kind: values} for k, (kind, values) in
-                                                                      self.space.items()}, "train": to_dict(self.base)}
+        return to_dict(self.to_file())
+
+
+@dataclass
+class SweepFile:
+    """A sweep file as `dlscale tune --config` reads it and `--print-config` prints it (comments included)."""
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    space: dict[str, dict[str, list]] = field(default_factory=dict)
+    """training-config keys -> one range each: {choice: [...]}, {grid: [...]}, {uniform: [low, high]},
+    {loguniform: [low, high]}, {randint: [low, high]}; loss.fixed.weights.<task>: that task's weight relative to
+    classification"""
+    train: Config = field(default_factory=Config)
+    """The base training config of every trial (the tree `dlscale train --config` reads)."""
+
+
+def print_sweep(spec: SweepSpec) -> str:
+    """The checked sweep as YAML, each key's meaning as a comment above it; `--config` reads it back."""
+    return commented_yaml(spec.to_file())
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: str | None = None,
-               trials: int | None = None) -> SweepSpec:
+               trials: int | None = None, complete: bool = True) -> SweepSpec:
     """Read a sweep file; `overrides` are `--sweep.key=value` (settings) or `--section.key=value` (base training
-    config). Everything is checked here, before Ray starts: an unknown key or a bad range raises naming it."""
+    config). Everything is checked here, before Ray starts: an unknown key or a bad range raises naming it;
+    `complete`: the dataset must be given too (a printed sweep may leave it out)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} not found")
@@ -92,13 +112,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: s
         raise ValueError(f"{path}: expected a mapping with the sections sweep, space and train; got {sorted(tree)}")
     settings = dict(tree.get("sweep") or {})
     base = to_dict(from_dict(Config, migrate(dict(tree.get("train") or {})), "train."))
+    train = []
     for item in overrides or []:
         key, value = parse_override(item)
         if key.startswith("sweep."):
             settings[key.removeprefix("sweep.")] = value
         else:
-            set_dotted(base, key, value)
-    base = migrate(base)
+            train.append(item)
+    base = migrate(merge(base, overrides_tree(train), Config))   # another encoder name drops the base's options
     if trials is not None:
         settings["trials"] = trials
     if data_dir is not None:
@@ -108,9 +129,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, data_dir: s
     if len(run_tasks(base_cfg)) < 2:
         raise ValueError(f"{path}: train.stage {base_cfg.stage!r} trains {list(run_tasks(base_cfg))}; dlscale tune "
                          "sweeps the loss weighting of several tasks (e.g. the multitask stage)")
-    if not base_cfg.data_dir and base_cfg.data.source == "shards":
+    if complete and not base_cfg.data_dir and base_cfg.data.source == "shards":
         raise ValueError("no dataset: pass --data DIR (or train from the simulator: --data.source=simulate)")
-    check_trial_config(base_cfg)
+    base_cfg.validate(complete=False)
     space = check_space(tree.get("space"), base_cfg)
     if settings.scheduler == "asha":
         if base_cfg.schedule.eval_every_epochs < 1:
@@ -155,7 +176,7 @@ def check_space(space: Any, base: Config) -> dict[str, tuple[str, list]]:
             _check_weight_key(where, weight_task(key), probes, base)
         for value in probes:
             try:
-                check_trial_config(trial_config(base, {key: value}))
+                trial_config(base, {key: value})
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{where} = {value!r}: {err}") from None
         checked[key] = (kind, values)
@@ -190,14 +211,15 @@ def _check_weight_key(where: str, task: str, probes: list, base: Config) -> None
 def trial_config(base: Config, params: Mapping[str, Any], run_dir: str | Path | None = None) -> Config:
     """The training config of one trial: `base` with the sampled `params` (dotted keys) set. Loss weights apply to
     `fixed` weighting only: sampled `loss.fixed.weights.<task>` ratios become {<task>: ratio, classification: 1.0,
-    other tasks: their base weight or 1.0}; other weightings get `loss.fixed.weights=None`."""
-    tree = to_dict(base)
-    ratios = {}
+    other tasks: their base weight or 1.0}; other weightings get `loss.fixed.weights=None`. Checked (with
+    `run_dir`: complete)."""
+    sampled, ratios = {}, {}
     for key, value in params.items():
         if weight_task(key) is not None:
             ratios[weight_task(key)] = float(value)
         else:
-            set_dotted(tree, key, value)
+            set_dotted(sampled, key, value)
+    tree = merge(to_dict(base), sampled, Config)     # a sampled encoder name drops the base encoder's options
     if run_dir is not None:
         tree["run_dir"] = str(run_dir)
     cfg = from_dict(Config, tree)
@@ -207,13 +229,7 @@ def trial_config(base: Config, params: Mapping[str, Any], run_dir: str | Path | 
         tasks = run_tasks(cfg)
         weights = {**{t: 1.0 for t in tasks}, **(cfg.loss.fixed.weights or {}), **ratios, REFERENCE_TASK: 1.0}
         cfg.loss.fixed.weights = {t: weights[t] for t in tasks}
-    return cfg
-
-
-def check_trial_config(cfg: Config) -> None:
-    """What `run` would reject at start-up, found before any trial starts."""
-    dataclasses.replace(cfg, run_dir=cfg.run_dir or "-", data_dir=cfg.data_dir or "-").validate()
-    check_weighting(cfg)
+    return cfg.validate(complete=run_dir is not None)
 
 
 def param_space(space: Mapping[str, tuple[str, list]]) -> dict:

@@ -24,7 +24,10 @@ from torch import nn
 
 from dlscale import io
 from dlscale.configtree import dump_yaml
+from dlscale.data.classes import CLASSES
 from dlscale.export import cpu_state_dict, save_encoder, save_portable_encoder
+from dlscale.train.checkpoint import CHECKPOINTS
+from dlscale.train.sources import source_of
 
 METRICS = "metrics.json"
 
@@ -39,8 +42,6 @@ def create(run_dir: Path, cfg, stream=None) -> None:
     """Rank 0, once everything was validated: the directory, its checkpoint folder, config.yaml, git.txt and, for
     a simulated training stream, simulation.json (everything that regenerates its batches bit for bit: its
     source's `record`; for an adapt run with a simulated side, `labelled` and / or `target`)."""
-    from dlscale.train.checkpoint import CHECKPOINTS
-    from dlscale.train.sources import source_of
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     io.write_text(run_dir / "config.yaml", dump_yaml(cfg))
     io.write_text(run_dir / "git.txt", git_description() + "\n")
@@ -94,7 +95,6 @@ def save_model(run_dir: Path, model: nn.Module) -> None:
 def export_encoder(run_dir: Path, model: nn.Module, cfg, image_shape, stats: dict | None, manifest: dict) -> Path:
     """encoder.pt with what a downstream user needs: classes, input shape and normalisation, the stage, the
     regression targets and their statistics, and the data it was trained on (with any resize)."""
-    from dlscale.data.classes import CLASSES
     path = run_dir / "encoder.pt"
     info = {"classes": list(CLASSES), "image_shape": list(image_shape), "normalize": cfg.data.normalize,
             "stage": cfg.stage, "targets": list(cfg.data.targets), "target_stats": stats,

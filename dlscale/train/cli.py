@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import argparse
 
+from dlscale.configtree import parse_with_overrides
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.distributed import dist_info, setup_logging
 from dlscale.preemption import PREEMPTED_EXIT_CODE, Preempted
+from dlscale.recipes import config_path
+from dlscale.summaries import metrics_table
 from dlscale.train.config import load_config, print_config
+from dlscale.train.deepspeed_setup import prepare_process
+from dlscale.train.evaluation import evaluate_run
+from dlscale.train.runner import run
 from dlscale.train.sources.two_stream import TARGET_PREFIX
 from dlscale.train.stages import STAGES
 
@@ -31,30 +37,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-data", help="stage adapt: the unlabelled target domain's dataset directory (its train "
                    "split adapts, its val split scores: target/val/...); = --data.target.data_dir=DIR")
     p.add_argument("--run-dir", help="new run directory (or the one to resume)")
-    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--config", help="YAML config file, or a packaged training recipe by name (full: the GPU "
+                   "settings)")
     p.add_argument("--init-from", help="encoder.pt, a finished run directory or an encoder state dict to start from")
     p.add_argument("--resume", choices=["auto"], help="continue from the latest complete checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML, "
                    "each key's meaning as a comment above it (the chosen stage's task options; with "
                    "--data.source=simulate every simulator key), and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
-    if bad:
-        p.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
+    args, rest = parse_with_overrides(p, argv)
     if args.target_data:
         rest = [*rest, f"--data.target.data_dir={args.target_data}"]
-    cfg = load_config(args.config, rest, stage=args.stage, data_dir=args.data, run_dir=args.run_dir,
-                      init_from=args.init_from)
+    cfg = load_config(config_path(args.config) if args.config else None, rest, complete=not args.print_config,
+                      stage=args.stage, data_dir=args.data, run_dir=args.run_dir, init_from=args.init_from)
     if args.print_config:
         print(print_config(cfg), end="")
         return 0
-    from dlscale.train.deepspeed_setup import prepare_process
     info = dist_info(args.local_rank)
     setup_logging(info.rank)
     prepare_process(cfg.device)
-    from dlscale.summaries import metrics_table
-    from dlscale.train.runner import run
     try:
         metrics = run(cfg, resume=args.resume == "auto", local_rank=args.local_rank)
     except Preempted:   # the run has logged which signal stopped it where, and how to resume
@@ -78,12 +79,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val", choices=list(SPLITS))
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = p.parse_args(argv)
-    from dlscale.train.deepspeed_setup import prepare_process
     info = dist_info(args.local_rank)
     setup_logging(info.rank)
     prepare_process()
-    from dlscale.summaries import metrics_table
-    from dlscale.train.evaluation import evaluate_run
     metrics, out_dir = evaluate_run(args.run_dir, args.data, args.split, args.local_rank)
     if info.is_main:
         print(f"{args.run_dir} on {args.data or 'its own data'} [{args.split}] -> {out_dir}\n"

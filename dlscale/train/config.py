@@ -13,17 +13,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dlscale.configtree import from_dict, merge, overrides_tree, read_yaml, rehomed, to_dict
+from dlscale.configtree import commented_yaml, from_dict, merge, overrides_tree, read_yaml, rehomed, to_dict
 from dlscale.data.stream import StreamConfig
 from dlscale.models import EncoderConfig
 from dlscale.preemption import DEFAULT_SIGNALS, signal_number
 from dlscale.sim.stream import SimulationSourceConfig
 from dlscale.compat import FORMAT_0_1, FORMAT_VERSION, format_version, upgrade_config
-from dlscale.train.stages import STAGES, get_stage
+from dlscale.train.sources import SOURCES, source_class
+from dlscale.train.sources.two_stream import needs_target
+from dlscale.train.stages import STAGES, get_stage, stage_tasks
 from dlscale.train.tasks import TASKS, task_options
 from dlscale.train.weighting import WEIGHTINGS, build_weighting, weighting_class
 from dlscale.train.weighting.classic import DWAConfig, FixedConfig
 from dlscale.train.weighting.famo import FAMOConfig
+import copy
 
 
 BUILTIN_SECTIONS = ("fixed", "dwa", "famo")
@@ -48,11 +51,10 @@ class TargetDataConfig:
     """score the run on the target's `eval.split` too (labels used for scoring only)"""
 
     def validate(self) -> "TargetDataConfig":
-        from dlscale.train.sources import SOURCES as REGISTERED   # the built-ins and user-registered sources
-        if self.source and self.source not in REGISTERED:
-            raise ValueError(f"data.target.source={self.source!r}: expected one of {', '.join(REGISTERED)} (or \"\" "
+        if self.source and self.source not in SOURCES:
+            raise ValueError(f"data.target.source={self.source!r}: expected one of {', '.join(SOURCES)} (or \"\" "
                              "for none)")
-        if self.source and REGISTERED[self.source].needs_data_dir and not self.data_dir:
+        if self.source and SOURCES[self.source].needs_data_dir and not self.data_dir:
             raise ValueError(f"data.target.source={self.source} needs the target dataset: --target-data DIR "
                              "(data.target.data_dir)")
         try:
@@ -82,9 +84,8 @@ class DataConfig(StreamConfig):
     def validate(self) -> "DataConfig":
         StreamConfig.validate(self)
         self.target.validate()
-        from dlscale.train.sources import SOURCES as REGISTERED   # the built-ins and user-registered sources
-        if self.source not in REGISTERED:
-            raise ValueError(f"data.source={self.source!r}: expected one of {', '.join(REGISTERED)}")
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source={self.source!r}: expected one of {', '.join(SOURCES)}")
         self.simulator.validate()
         return self
 
@@ -92,6 +93,8 @@ class DataConfig(StreamConfig):
 @dataclass
 class ModelConfig:
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="resnet18"))
+    """The backbone (`name`: a registered one) with its own options. Naming another backbone (in a file or an
+    override) drops the options of the one it replaces; an option of another backbone is refused, naming its key."""
     tasks: list[str] | None = None
     """Tasks of stages that let the run choose (multitask); default recon + classification (+ regression if
     data.targets)."""
@@ -232,7 +235,9 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self) -> "Config":
+    def validate(self, complete: bool = True) -> "Config":
+        """Check every value (once, when the config is loaded or derived); `complete`: the run's inputs too
+        (`check_inputs`), which a printed template or a sweep's base may leave empty."""
         get_stage(self.stage)
         weighting_class(self.loss.method)
         if self.device not in ("auto", "cpu", "cuda"):
@@ -244,7 +249,6 @@ class Config:
         if self.schedule.epochs < 1 or self.deepspeed.grad_accum < 1:
             raise ValueError("schedule.epochs and deepspeed.grad_accum must be >= 1")
         self.data.validate()
-        from dlscale.train.sources import source_class
         source = source_class(self.data.source)
         source(self).check_config()
         if self.eval.calibration_split is not None and self.eval.calibration_split == self.eval.split:
@@ -263,21 +267,25 @@ class Config:
         extra = sorted(set(self.model.task_options) - set(tasks))
         if extra:
             raise ValueError(f"model.task_options.{extra[0]}: this run trains tasks {list(tasks)}")
-        from dlscale.train.sources.two_stream import needs_target
         adapting = needs_target(tasks)
         if adapting and not self.data.target.source:
             raise ValueError(f"tasks {adapting} adapt to a target domain and none is given: --target-data DIR (a "
                              "dataset with a train split) or --data.target.source=simulate "
                              "--data.target.simulator.preset=model_iii")
         check_weighting(self)
-        if not self.run_dir or (not self.data_dir and source.needs_data_dir):
-            raise ValueError("data_dir (--data) and run_dir (--run-dir) are required")
+        if complete:
+            self.check_inputs()
         return self
+
+    def check_inputs(self) -> None:
+        """The run has its directory and what its source needs (its dataset, unless the source makes its own)."""
+        if not self.run_dir:
+            raise ValueError("run_dir (--run-dir) is required")
+        source_class(self.data.source)(self).check_inputs()
 
 
 def run_tasks(cfg: Config) -> tuple[str, ...]:
     """The tasks a run of this config trains."""
-    from dlscale.train.stages import stage_tasks
     return stage_tasks(cfg.stage, cfg.model.tasks, len(cfg.data.targets))
 
 
@@ -320,8 +328,6 @@ def print_config(cfg: Config) -> str:
     chosen stage's task options, the weighting's options and, for each simulated side (data.source=simulate,
     data.target.source=simulate), every simulator key with the preset's value (as `overrides`; per component of a
     mixture). Loads back (`--config`) to the same config."""
-    import copy
-    from dlscale.configtree import commented_yaml
     shown = copy.deepcopy(cfg)
     simulated = [s.simulator for s, source in ((shown.data, shown.data.source),
                                                (shown.data.target, shown.data.target.source)) if source == "simulate"]
@@ -332,12 +338,15 @@ def print_config(cfg: Config) -> str:
     return commented_yaml(shown)
 
 
-def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> Config:
-    """The training config: defaults < the stage's defaults < YAML file < dotted overrides (`section.key=value`)
-    < keyword arguments (None: not given). Unknown keys and wrong types raise naming the dotted key."""
+def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None, complete: bool = False,
+                **top: Any) -> Config:
+    """The training config, checked: defaults < the stage's defaults < YAML file < dotted overrides
+    (`section.key=value`) < keyword arguments (None: not given). Unknown keys, wrong types and bad values raise
+    naming the dotted key; `complete`: the run's inputs (data_dir, run_dir) must be there too."""
     given = upgrade_config(read_yaml(yaml_path)) if yaml_path else {}
-    given = merge(given, upgrade_config(overrides_tree(overrides), FORMAT_0_1))   # 0.1's keys are still accepted
+    given = merge(given, upgrade_config(overrides_tree(overrides), FORMAT_0_1), Config)   # 0.1's keys still accepted
     given.update({k: v for k, v in top.items() if v is not None})
     stage = given.get("stage", Config.stage)
     stage_defaults = STAGES[stage].defaults if isinstance(stage, str) and stage in STAGES else {}
-    return fill_options(from_dict(Config, merge(merge(to_dict(Config()), stage_defaults), given)))
+    tree = merge(merge(to_dict(Config()), stage_defaults, Config), given, Config)
+    return fill_options(from_dict(Config, tree)).validate(complete)

@@ -9,12 +9,16 @@ sees a stream (`set_epoch`, iteration), its batches per epoch, `epoch_loader` an
 """
 from __future__ import annotations
 
+import dataclasses
+
 
 import torch
 
 from dlscale.data.shards import load_manifest
 from dlscale.distributed import DistInfo
+from dlscale.train.preflight import check_dataset
 from dlscale.train.sources import InMemorySource, source_class, source_of, training_source
+from dlscale.train.sources.two_stream import simulated_target_set, target_config
 
 STATS_SAMPLES = 4096
 
@@ -22,13 +26,11 @@ STATS_SAMPLES = 4096
 def load_dataset(cfg) -> tuple[dict, tuple[int, ...]]:
     """(manifest, image shape) of the run's evaluation (and, for `shards`, training) dataset, checked."""
     manifest = load_manifest(cfg.data_dir)
-    from dlscale.train.preflight import check_dataset
     return manifest, check_dataset(cfg, manifest)
 
 
 def prepare_target_eval_set(cfg) -> None:
     """Rank 0: make (or reuse) the simulated target's evaluation set in RUN/target_eval_data."""
-    from dlscale.train.sources.two_stream import simulated_target_set, target_config
     if simulated_target_set(cfg) and cfg.data.target.evaluate:
         source_class("simulate")(target_config(cfg)).prepare_eval_set()
 
@@ -43,11 +45,14 @@ def prepare_eval_set(cfg) -> None:
     training_source(cfg).prepare_eval_set()
 
 
-def resolve_transforms(cfg, device: torch.device) -> None:
-    """`data.transforms=auto`: on the device when training on CUDA (the host only reads and pins records), in the
-    DataLoader workers on CPU. Resolved once, before the streams are built, and recorded in config.yaml."""
-    if cfg.data.transforms == "auto":
-        cfg.data.transforms = "device" if device.type == "cuda" else "host"
+def resolve_transforms(cfg, device: torch.device):
+    """`cfg` with `data.transforms=auto` resolved: on the device when training on CUDA (the host only reads and pins
+    records), in the DataLoader workers on CPU. Resolved once, before the streams are built, and recorded in
+    config.yaml."""
+    if cfg.data.transforms != "auto":
+        return cfg
+    transforms = "device" if device.type == "cuda" else "host"
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, transforms=transforms))
 
 
 def train_stream(cfg, info: DistInfo, device: torch.device):

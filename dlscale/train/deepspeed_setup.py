@@ -5,12 +5,11 @@ import atexit
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
 
-from dlscale.distributed import DistInfo, export_env
+from dlscale.distributed import DistInfo, export_env, set_env
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ def prepare_process(requested_device: str = "auto") -> torch.device:
     one where there is no GPU) and skip its CPU shared-memory op build. Returns the device."""
     device = pick_device(requested_device)
     if device.type == "cpu":
-        os.environ["DS_ACCELERATOR"] = "cpu"
+        set_env("DS_ACCELERATOR", "cpu")
         _skip_cpu_shm_build()
     return device
 

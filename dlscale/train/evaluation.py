@@ -269,7 +269,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, split: str = 
         raise ValueError(f"{cfg.data_dir}: no split {split!r} (has {', '.join(manifest['splits'])})")
     info = dist_info(local_rank)
     device = pick_device(cfg.device)
-    resolve_transforms(cfg, device)
+    cfg = resolve_transforms(cfg, device)
     init_distributed(info, device)
     out_dir = eval_dir(run_dir, trained_on, data_dir, split)
     if info.is_main:

@@ -13,12 +13,11 @@ from pathlib import Path
 import torch
 
 from dlscale.data.classes import CLASSES
+from dlscale.export import FORMAT, encoder_config, read_encoder_file
 from dlscale.models import EncoderConfig, TaskModel, build_encoder, load_encoder_weights
 from dlscale.train.stages import stage_tasks
 from dlscale.train.tasks import TaskContext, task_class, task_options
 from dlscale.train.weighting import build_weighting
-
-ARCHITECTURE_KEYS = ("name", "in_channels", "small_input_stem", "width", "patch_size")   # what makes two encoders alike
 
 
 def build_model(stage: str, encoder_cfg: EncoderConfig, image_shape: Sequence[int], n_classes: int = 3,
@@ -50,7 +49,6 @@ def init_encoder(encoder: torch.nn.Module, path: str | Path, encoder_cfg: Encode
                  image_shape: Sequence[int], classes: Sequence[str]) -> None:
     """Load `init_from` into `encoder` after every check (architecture and data of an exported encoder; keys and
     shapes of every state dict). The file is read once."""
-    from dlscale.export import FORMAT, read_encoder_file
     path = Path(path)
     if path.is_dir():
         payload = read_encoder_file(path)
@@ -67,11 +65,11 @@ def init_encoder(encoder: torch.nn.Module, path: str | Path, encoder_cfg: Encode
 def check_init(path: str | Path, payload: dict, encoder_cfg: EncoderConfig, image_shape: Sequence[int],
                classes: Sequence[str]) -> None:
     """An exported encoder must have this run's architecture, image shape and classes; raise naming the key."""
-    theirs, ours = payload["encoder_config"], dataclasses.asdict(encoder_cfg)
-    for key in ARCHITECTURE_KEYS:
-        if key in theirs and key in ours and theirs[key] != ours[key]:
-            raise ValueError(f"init_from {path}: encoder {key}={theirs[key]!r}, this run has {ours[key]!r}; set "
-                             f"--model.encoder.{key}={theirs[key]!r}")
+    theirs, ours = dataclasses.asdict(encoder_config(payload)), dataclasses.asdict(encoder_cfg)
+    for key in dict.fromkeys([*theirs, *ours]):     # the name first: other backbones have other options
+        if theirs.get(key) != ours.get(key):
+            raise ValueError(f"init_from {path}: encoder {key}={theirs.get(key)!r}, this run has {ours.get(key)!r}; "
+                             f"set --model.encoder.{key}={theirs.get(key)!r}")
     shape = tuple(payload.get("image_shape", image_shape))
     if shape != tuple(image_shape) or tuple(payload.get("classes", classes)) != tuple(classes):
         hint = f"; set --data.resize={shape[1]} to bring the images to its size" \

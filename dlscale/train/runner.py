@@ -12,6 +12,7 @@ signals (`schedule.preempt_signals`, `dlscale.preemption`) are caught from here 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from dlscale import preemption
 from dlscale.data.classes import CLASSES
 from dlscale.distributed import DistInfo, dist_info
 from dlscale.train import artifacts
-from dlscale.train.config import Config, check_weighting
+from dlscale.train.config import Config
 from dlscale.train.data import (load_dataset, prepare_eval_set, prepare_target_eval_set,
                                 resolve_transforms, simulated_eval_set, stream_image_shape, target_stats, train_stream)
 from dlscale.train.sources.simulate import EVAL_DATA
@@ -49,26 +50,22 @@ def run(cfg: Config, resume: bool = False, local_rank: int | None = None,
     A stop signal (`schedule.preempt_signals`) raises `dlscale.preemption.Preempted` on every rank once a complete
     checkpoint is written; the entry points exit with `PREEMPTED_EXIT_CODE`.
     """
-    cfg.validate()
-    check_weighting(cfg)
-    preemption.drill_from_env()   # a malformed DLSCALE_SIGNAL_AT_STEP fails before anything is created
+    cfg.check_inputs()
+    drill = preemption.drill_from_env()   # a malformed DLSCALE_SIGNAL_AT_STEP fails before anything is created
     with preemption.listen(cfg.schedule.preempt_signals):
-        return _run(cfg, resume, local_rank, on_evaluation)
+        return _run(cfg, resume, local_rank, on_evaluation, drill)
 
 
-def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: EvaluationCallback | None) -> dict:
+def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: EvaluationCallback | None,
+         drill: preemption.Drill | None) -> dict:
     """`run` once the stop signals are caught."""
     info, device, run_dir = dist_info(local_rank), pick_device(cfg.device), Path(cfg.run_dir)
     exit_with_launcher(info.rank)
     artifacts.check_new(run_dir, resume)
-    resolve_transforms(cfg, device)
     simulated_eval = simulated_eval_set(cfg)
-    if simulated_eval:
-        cfg.data_dir = str(run_dir / EVAL_DATA)   # recorded in config.yaml
-    else:
+    cfg = resolved(cfg, device, simulated_eval)
+    if not simulated_eval:
         load_dataset(cfg)
-    if simulated_target_set(cfg):
-        cfg.data.target.data_dir = str(run_dir / TARGET_EVAL_DATA)   # recorded in config.yaml
     stream, batches = train_stream(cfg, info, device)
     image_shape = stream_image_shape(stream)
     check_target(cfg, image_shape)
@@ -103,7 +100,8 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
                 writer = SummaryWriter(str(run_dir / "tb"))
             evaluation = Evaluation(cfg, manifest, info, device, DTYPES[precision], run_dir, writer)
             evaluation.target = target_evaluation(evaluation)
-            trainer = Trainer(cfg, info, engine, stream, batches, DTYPES[precision], evaluation, on_evaluation, stats)
+            trainer = Trainer(cfg, info, engine, stream, batches, DTYPES[precision], evaluation, on_evaluation, stats,
+                              drill)
             if resume:
                 trainer.resume()
             log.info("stage %s, tasks %s, %s encoder (%.2fM parameters), %d rank(s) on %s, %s, ZeRO %d, loss "
@@ -116,6 +114,20 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
         finally:
             if writer is not None:
                 writer.close()
+
+
+def resolved(cfg: Config, device: torch.device, simulated_eval: bool) -> Config:
+    """The config this run records in config.yaml and trains with (the caller's is left as it is): transforms
+    resolved for the device, and the evaluation sets a simulated source makes in the run directory (RUN/eval_data,
+    RUN/target_eval_data) as its data directories."""
+    cfg = resolve_transforms(cfg, device)
+    run_dir = Path(cfg.run_dir)
+    if simulated_eval:
+        cfg = dataclasses.replace(cfg, data_dir=str(run_dir / EVAL_DATA))
+    if simulated_target_set(cfg):
+        target = dataclasses.replace(cfg.data.target, data_dir=str(run_dir / TARGET_EVAL_DATA))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target=target))
+    return cfg
 
 
 def stop_if_preempted(info: DistInfo, device: torch.device) -> None:

@@ -66,7 +66,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, info: DistInfo, engine, stream, batches: int, dtype: torch.dtype = torch.float32,
                  evaluation: Evaluation | None = None, on_evaluation: EvaluationCallback | None = None,
-                 stats: dict | None = None) -> None:
+                 stats: dict | None = None, drill: preemption.Drill | None = None) -> None:
         self.cfg, self.info, self.engine, self.stream, self.batches = cfg, info, engine, stream, batches
         self.dtype, self.evaluation, self.on_evaluation, self.stats = dtype, evaluation, on_evaluation, stats
         self.device = next(engine.module.parameters()).device
@@ -80,7 +80,7 @@ class Trainer:
         self.weights: dict = {}                                     # the last step's loss weights (maybe tensors)
         self.agreed_stop = 0                                        # the stop signal the ranks agreed on (0: none)
         self.train_seconds, self.train_samples = 0.0, 0            # throughput of this process's training
-        self.drill = preemption.drill_from_env()                    # DLSCALE_SIGNAL_AT_STEP: a signal at a step
+        self.drill = drill                                          # DLSCALE_SIGNAL_AT_STEP: a signal at a step
 
     @property
     def module(self) -> torch.nn.Module:

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 
-from dlscale.distributed import under_launcher   # noqa: F401  (the launcher variables are read there; re-exported)
+from dlscale.distributed import under_launcher
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5

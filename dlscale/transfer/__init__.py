@@ -1,5 +1,6 @@
-"""`dlscale transfer`: the encoder as a foundation - label efficiency of pretrained encoders (probe, fine-tune)
-against the same architecture from scratch and at random initialisation, on any dataset (see `runner`)."""
-from dlscale.transfer.runner import METHODS, TransferConfig, run_transfer
+"""Transfer studies: pretrained encoders on downstream tasks with few labels (`dlscale transfer`)."""
+from dlscale.transfer.config import TransferConfig, load_transfer_config
+from dlscale.transfer.methods import METHODS
+from dlscale.transfer.runner import run_transfer
 
-__all__ = ["METHODS", "TransferConfig", "run_transfer"]
+__all__ = ["METHODS", "TransferConfig", "load_transfer_config", "run_transfer"]

@@ -8,7 +8,6 @@ whole split in sample-id order.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +17,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
 from dlscale.collect import collect, gather
-from dlscale.export import encoder_config, read_encoder_file
-from dlscale.models import EncoderConfig, build_encoder, global_pool
-from dlscale.train.model import ARCHITECTURE_KEYS
+from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
+from dlscale.export import encoder_config, load_encoder, read_encoder_file
+from dlscale.models import EncoderConfig, backbone_class, build_encoder, global_pool
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +39,8 @@ class EncoderSource:
     @property
     def arch_label(self) -> str:
         """A short name of the architecture at its input size: scratch and random-init rows are keyed by it."""
-        a = self.architecture
-        detail = {"small": f"w{a.width}", "resnet18": "s" if a.small_input_stem else ""}.get(a.name, "")
-        if a.patch_size:
-            detail += f"p{a.patch_size}"
         side = "x".join(map(str, self.image_shape[1:]))
-        return f"{a.name}{'-' + detail if detail else ''}-{side}-{self.normalize}"
-
-    def settings(self) -> dict:
-        """Training config settings (dotted keys) that rebuild this architecture and its input normalisation."""
-        fields = dataclasses.asdict(self.architecture)
-        return {**{f"model.encoder.{k}": fields[k] for k in ARCHITECTURE_KEYS}, "data.normalize": self.normalize}
+        return f"{backbone_class(self.architecture.name).arch_label(self.architecture)}-{side}-{self.normalize}"
 
 
 def load_sources(paths: list[str]) -> list[EncoderSource]:
@@ -122,7 +111,6 @@ class FeatureModel(nn.Module):
 
 def load_weights(source: EncoderSource) -> nn.Module:
     """The trained encoder (fp32, eval mode)."""
-    from dlscale.export import load_encoder
     return load_encoder(source.path)
 
 

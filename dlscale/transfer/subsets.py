@@ -191,3 +191,14 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:          # another filesystem, or links not allowed: a copy holds the same bytes
         shutil.copyfile(src, dst)
+
+
+def is_subset(where: Path, data_dir: str, split: str, provenance: dict) -> bool:
+    """`where` is a finished subset dataset of `data_dir` with this provenance (so it is reused)."""
+    try:
+        manifest = load_manifest(where)
+    except (FileNotFoundError, ValueError):
+        return False
+    source = manifest.get("source") or {}
+    return split in manifest["splits"] and source.get("of") == str(data_dir) and \
+        all(source.get(k) == v for k, v in provenance.items())

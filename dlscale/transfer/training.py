@@ -16,13 +16,19 @@ import dataclasses
 import logging
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from dlscale import io
+from dlscale.configtree import from_dict, plain, to_dict
+from dlscale.data.stream import StreamConfig
+from dlscale.distributed import dist_info, launch_local_ranks, setup_logging
+from dlscale.preemption import Preempted
+from dlscale.train.config import Config, DataConfig, fill_options, load_config, run_tasks
+from dlscale.train.deepspeed_setup import prepare_process
+from dlscale.train.runner import run as train
 
 log = logging.getLogger(__name__)
 RECORD = "transfer_run.json"          # the planned run, written into its directory once it finished
@@ -30,24 +36,58 @@ RECORD = "transfer_run.json"          # the planned run, written into its direct
 
 @dataclass
 class PlannedRun:
-    """One `dlscale train` run: its stage, data, directory, starting encoder and training config settings (dotted
-    keys with typed values, JSON-serialisable: the plan and the finished run's record hold them)."""
+    """One training run of the study: its directory and its typed training config (stage, data, starting encoder,
+    budget: everything). The plan and the finished run's record hold `record()`."""
     run_dir: str
-    data_dir: str
-    stage: str
-    init_from: str | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
+    config: Config
 
-    def config(self):
-        """The run's typed training config."""
-        from dlscale.train.build import build_config
-        return build_config(None, self.settings, stage=self.stage, data_dir=self.data_dir, run_dir=self.run_dir,
-                            init_from=self.init_from)
+    def record(self) -> dict:
+        return {"run_dir": self.run_dir, "config": plain(to_dict(self.config))}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "PlannedRun":
+        return cls(record["run_dir"], from_dict(Config, record["config"]).validate())
 
 
-def device_of(settings: dict[str, Any]) -> str:
-    """The `device` a run's (or a study's) training config settings ask for (auto when not set)."""
-    return str(settings.get("device", "auto"))
+def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir: str, seed: int,
+               stage: str = "supervised", tasks: list[str] | None = None, targets: list[str] | None = None) -> Config:
+    """The typed config of one fine-tune (`method` finetune: from `source`'s weights) or scratch run on `n_train`
+    labelled images: `source`'s architecture and normalisation; the study's data, optim and deepspeed sections;
+    the shared budget: `epochs` x max(floor, N_train / (batch x ranks)) batches, warm-up a tenth; evaluation on the
+    eval split without bootstrap. A run with a classification head has the probe read all `n_train` labelled
+    images, so the head is refitted to their eval-mode features as in any training run
+    (`classification.refit_head`; without it 2 of 3 label subsets ended with most no_sub images called cdm,
+    accuracy 0.58-0.61 at macro AUC 0.93); a regression-only run, which may hold one class, has no probe."""
+    cfg = study.cfg
+    base = load_config(None, None, stage=stage, data_dir=data_dir, run_dir=str(run_dir), seed=seed,
+                       device=cfg.device, init_from=str(source.path) if method == "finetune" else None)
+    batches = max(cfg.budget.min_batches_per_epoch, n_train // (cfg.data.batch_size * cfg.ranks))
+    scale = cfg.budget.finetune_encoder_lr_scale if method == "finetune" else cfg.optim.encoder_lr_scale
+    run = dataclasses.replace(
+        base, data=DataConfig(**{**stream_fields(study.stream(source)), "targets": list(targets or [])}),
+        model=dataclasses.replace(base.model, encoder=source.architecture, tasks=tasks, task_options={}),
+        loss=dataclasses.replace(base.loss, method="fixed") if tasks else base.loss,
+        optim=dataclasses.replace(cfg.optim, encoder_lr_scale=scale,
+                                  warmup_steps=max(1, cfg.budget.epochs * batches // 10)),
+        deepspeed=cfg.deepspeed,
+        schedule=dataclasses.replace(base.schedule, epochs=cfg.budget.epochs, batches_per_epoch=batches,
+                                     checkpoint_every=0, keep_checkpoints=1))
+    probe = n_train if "classification" in run_tasks(run) else 0
+    run = dataclasses.replace(run, eval=dataclasses.replace(base.eval, split=cfg.split, probe_samples=probe,
+                                                           n_bootstrap=0))
+    return fill_options(run).validate()
+
+
+def stream_fields(stream: StreamConfig) -> dict:
+    """The stream section's values by field name (a training run's `data` is built from them)."""
+    return {f.name: getattr(stream, f.name) for f in fields(StreamConfig)}
+
+
+def budget_of(run: PlannedRun, ranks: int) -> dict:
+    """Epochs, batches per epoch and batch of a planned run (what the report says of the budget)."""
+    c = run.config
+    return {"epochs": c.schedule.epochs, "batches_per_epoch": c.schedule.batches_per_epoch,
+            "batch_size": c.data.batch_size, "ranks": ranks}
 
 
 def scores_file(run_dir: str | Path, split: str) -> Path:
@@ -59,7 +99,7 @@ def is_finished(run: PlannedRun, split: str) -> bool:
     run_dir = Path(run.run_dir)
     if not _trained(run, split) or not (run_dir / RECORD).is_file():
         return False
-    return io.read_json(run_dir / RECORD) == dataclasses.asdict(run)
+    return io.read_json(run_dir / RECORD) == run.record()
 
 
 def _trained(run: PlannedRun, split: str) -> bool:
@@ -79,13 +119,13 @@ def train_all(runs: list[PlannedRun], plan_path: Path, split: str, ranks: int) -
             log.warning("removing %s: a run started before that never finished, or of other settings", run.run_dir)
             shutil.rmtree(run.run_dir)
     plan_path.parent.mkdir(parents=True, exist_ok=True)
-    io.write_json(plan_path, {"runs": [dataclasses.asdict(r) for r in todo]})
+    io.write_json(plan_path, {"runs": [r.record() for r in todo]})
     try:
         launch(todo, plan_path, split, ranks)
     finally:
         for run in todo:
             if _trained(run, split):
-                io.write_json(Path(run.run_dir) / RECORD, dataclasses.asdict(run))
+                io.write_json(Path(run.run_dir) / RECORD, run.record())
 
 
 def launch(todo: list[PlannedRun], plan_path: Path, split: str, ranks: int) -> None:
@@ -93,7 +133,6 @@ def launch(todo: list[PlannedRun], plan_path: Path, split: str, ranks: int) -> N
     if ranks <= 1:
         train_planned(todo)
         return
-    from dlscale.distributed import launch_local_ranks
     code = launch_local_ranks("dlscale.transfer.training", plan_path, ranks, check=False)
     if code:
         unfinished = [r.run_dir for r in todo if not _trained(r, split)]
@@ -103,13 +142,11 @@ def launch(todo: list[PlannedRun], plan_path: Path, split: str, ranks: int) -> N
 
 def train_planned(runs: list[PlannedRun], local_rank: int | None = None) -> None:
     """Train `runs` one after another in this process (every rank of a launch calls this with the same list)."""
-    from dlscale.distributed import dist_info
-    from dlscale.train.runner import run as train
     for i, planned in enumerate(runs, 1):
-        cfg = planned.config()
+        cfg = planned.config
         if dist_info(local_rank).is_main:
-            log.info("transfer run %d/%d: %s (%s%s)", i, len(runs), planned.run_dir, planned.stage,
-                     f", from {planned.init_from}" if planned.init_from else ", from scratch")
+            log.info("transfer run %d/%d: %s (%s%s)", i, len(runs), planned.run_dir, cfg.stage,
+                     f", from {cfg.init_from}" if cfg.init_from else ", from scratch")
         train(cfg, local_rank=local_rank)
 
 
@@ -132,13 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = args.config or args.plan
     if plan is None:
         p.error("the plan: give --config PLAN")
-    from dlscale.distributed import dist_info, setup_logging
-    from dlscale.train.deepspeed_setup import prepare_process
     setup_logging(dist_info(args.local_rank).rank)
-    runs = [PlannedRun(**r) for r in io.read_json(plan)["runs"]]
-    devices = {device_of(r.settings) for r in runs}
+    runs = [PlannedRun.from_record(r) for r in io.read_json(plan)["runs"]]
+    devices = {r.config.device for r in runs}
     prepare_process(devices.pop() if len(devices) == 1 else "auto")
-    from dlscale.preemption import Preempted
     try:
         train_planned(runs, args.local_rank)
     except Preempted as err:   # logged by the run; the unfinished run is started afresh next time

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from dlscale.data.stream import make_loader
 from dlscale.registry import Registry
 
 SOURCES: Registry["TrainingSource"] = Registry("data source")
@@ -43,27 +44,6 @@ def register_source(cls: type["TrainingSource"]) -> type["TrainingSource"]:
 def source_class(name: str) -> type["TrainingSource"]:
     """The registered source `name`; raises naming the known ones."""
     return SOURCES.get_class(name)
-
-
-def training_source(cfg) -> "TrainingSource":
-    """The run's source (`data.source` of `cfg`), bound to the config; paired with the target domain's
-    (`two_stream.TwoStreamSource`) when a task of the run adapts to one."""
-    from dlscale.train.sources.two_stream import TwoStreamSource, needs_target
-    if getattr(getattr(cfg.data, "target", None), "source", ""):
-        from dlscale.train.config import run_tasks
-        if needs_target(run_tasks(cfg)):
-            return TwoStreamSource(cfg)
-    return source_class(cfg.data.source)(cfg)
-
-
-def source_of(stream, cfg=None) -> "TrainingSource":
-    """The source that built `stream` (`TrainingSource.open` records it on the stream), else the config's."""
-    source = getattr(stream, "data_source", None)
-    if source is None:
-        if cfg is None:
-            raise ValueError(f"{type(stream).__name__}: not built by a training source and no config to name one")
-        source = training_source(cfg)
-    return source
 
 
 class TrainingSource:
@@ -93,6 +73,12 @@ class TrainingSource:
     def check_config(self) -> None:
         """What the config alone decides about this source, raising naming the key (run by `Config.validate`)."""
 
+    def check_inputs(self) -> None:
+        """What a run of this source needs given beyond valid values (run by `Config.check_inputs`; a printed
+        template may lack it): by default its dataset."""
+        if self.needs_data_dir and not self.cfg.data_dir:
+            raise ValueError(f"data.source={self.name} needs the dataset: --data DIR (data_dir)")
+
     def open(self, info, device: torch.device) -> tuple[Any, int]:
         """`build`, recording this source on the stream (so the trainer finds it from the stream alone)."""
         stream, batches = self.build(info, device)
@@ -105,7 +91,6 @@ class TrainingSource:
 
     def loader(self, stream):
         """One epoch's batches: a DataLoader over a stream that batches itself (a new one re-reads `set_epoch`)."""
-        from dlscale.data.stream import make_loader
         return make_loader(stream, self.cfg.data)
 
     def describe(self, stream, ids: torch.Tensor) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dlscale.sim.stream import SimulationStream, prepare_eval_set as simulate_set, simulation_loader
 from dlscale.train.sources.base import TrainingSource, register_source
 
 EVAL_DATA = "eval_data"
@@ -20,23 +21,23 @@ class SimulationSource(TrainingSource):
                    "RUN/eval_data")
     needs_data_dir = False
 
-    def check_config(self) -> None:
-        cfg = self.cfg
-        if not cfg.schedule.batches_per_epoch:
+    def check_inputs(self) -> None:
+        if not self.cfg.schedule.batches_per_epoch:
             raise ValueError("data.source=simulate: set schedule.batches_per_epoch (an epoch of fresh simulated "
                              "lenses has no natural length)")
+
+    def check_config(self) -> None:
+        cfg = self.cfg
         if not cfg.data_dir and cfg.data.simulator.probe_per_class == 0 and cfg.eval.probe_samples > 0:
             raise ValueError("data.simulator.probe_per_class=0 leaves the simulated evaluation set without a train "
                              "split for the linear probe: set eval.probe_samples=0 or probe_per_class > 0")
 
     def build(self, info, device: torch.device):
-        from dlscale.sim.stream import SimulationStream
         cfg, batches = self.cfg, self.cfg.schedule.batches_per_epoch
         return SimulationStream(cfg.data.simulator, cfg.data, info.rank, info.world, batches, cfg.seed,
                                 device), batches
 
     def loader(self, stream):
-        from dlscale.sim.stream import simulation_loader
         return simulation_loader(stream)
 
     def record(self, stream) -> dict:
@@ -55,6 +56,5 @@ class SimulationSource(TrainingSource):
         return not cfg.data_dir or Path(cfg.data_dir) == Path(cfg.run_dir) / EVAL_DATA
 
     def prepare_eval_set(self) -> None:
-        from dlscale.sim.stream import prepare_eval_set as simulate_set
         data = self.cfg.data
         simulate_set(data.simulator, self.cfg.data_dir, resize=data.resize, resize_mode=data.resize_mode)

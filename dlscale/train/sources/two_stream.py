@@ -22,6 +22,7 @@ import torch
 from dlscale.data.stream import RAW
 from dlscale.models.model import TARGET_DOMAIN   # (a dict: `image`, `ids`, and RAW when data.transforms=device)
 from dlscale.train.sources.base import TrainingSource, source_class
+from dlscale.train.tasks import task_class
 
 TARGET_EVAL_DATA = "target_eval_data"
 """RUN/target_eval_data: the simulated target's evaluation set, when `data.target.data_dir` names none."""
@@ -60,7 +61,6 @@ def simulated_target_set(cfg) -> bool:
 
 def needs_target(task_names) -> list[str]:
     """The tasks (names) whose loss reads the target domain's images."""
-    from dlscale.train.tasks import task_class
     return [name for name in task_names if TARGET_DOMAIN in task_class(name).batch_keys]
 
 

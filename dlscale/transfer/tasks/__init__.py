@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import logging
 
-from dlscale.registry import Registry
-from dlscale.transfer.tasks.base import Anchor, DownstreamTask, cell, summarize
+from dlscale.transfer.tasks.base import DOWNSTREAM, Anchor, DownstreamTask, cell, summarize
+# registered in this order (the report and `--tasks all`, the default, follow it)
+from dlscale.transfer.tasks import classification, regression, anomaly, superres  # noqa: F401,I001
 
 log = logging.getLogger(__name__)
-DOWNSTREAM: Registry[DownstreamTask] = Registry("downstream task")
 ALL_TASKS = "all"
-
-# registered in this order (the report and `--tasks all`, the default, follow it)
-from dlscale.transfer.tasks import classification, regression, anomaly, superres  # noqa: E402,F401,I001
 
 
 def resolve_tasks(study) -> list[DownstreamTask]:

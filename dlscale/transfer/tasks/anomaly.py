@@ -25,9 +25,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from dlscale.data.classes import CLASSES
 from dlscale.transfer.bootstrap import weighted_auc
-from dlscale.transfer.tasks import DOWNSTREAM
-from dlscale.transfer.tasks.base import (Anchor, DownstreamTask, cell, frozen_jobs, repeats_of,
-                                         summarize)
+from dlscale.transfer.tasks.base import DOWNSTREAM, Anchor, DownstreamTask, cell, summarize
 
 log = logging.getLogger(__name__)
 NORMAL = CLASSES.index("no_sub")
@@ -124,12 +122,12 @@ class Anomaly(DownstreamTask):
 
     def run(self, study) -> list[dict]:
         cfg, preds, labels = study.cfg, {}, None
-        for method, model, source, init_seed in frozen_jobs(study):
+        for method, model, source, init_seed in study.frozen_jobs():
             train = study.frozen_features(source, init_seed, "train")
             evald = study.frozen_features(source, init_seed, cfg.split)
             labels = evald["labels"]
             for n in cfg.labels_per_class:
-                for r in repeats_of(study, method, n, init_seed):
+                for r in study.frozen_repeats(method, n, init_seed):
                     index = study.subsets[r][n]
                     normal = train["features"][index[train["labels"][index] == NORMAL]]
                     preds.setdefault((method, model, n), []).append(anomaly_scores(normal, evald["features"]))

@@ -2,7 +2,7 @@
 
 A task is a class registered in `dlscale.transfer.tasks.DOWNSTREAM` (a `Registry`, as the training tasks are); a
 task defined anywhere - a test file, a user's module imported before the study - is run by
-`dlscale transfer --tasks NAME` and reported like the built-in ones. The study (`runner.Study`) gives every task
+`dlscale transfer --tasks NAME` and reported like the built-in ones. The study (`study.Study`) gives every task
 the same label subsets (`study.subsets[r][N]`, indices into the train split), the same frozen features (computed
 once per encoder, `frozen_features`) and the same bootstrap (`bootstrap.summarize_draws`), so numbers of
 different tasks are comparable: same splits, same N, same kind of interval.
@@ -10,12 +10,11 @@ different tasks are comparable: same splits, same N, same kind of interval.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-
-from dlscale.data.classes import CLASSES
-from dlscale.transfer import features as feats
+from dlscale.registry import Registry
 from dlscale.transfer.bootstrap import Draw, summarize_draws
-from dlscale.transfer.subsets import ALL
+from dlscale.transfer.report_text import task_table
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,8 @@ class DownstreamTask:
     anchors: tuple[Anchor, ...] = ()
     higher_is_better: bool = True            # of the headline metric (the label-efficiency panel says so)
     note: str = ""                           # how it is fitted and scored, for the report
+    Config: Any = None                       # its options: a dataclass (`task_options.<name>`), or None
+    efficiency_panel: bool = True            # its headline metric gets a panel in label_efficiency_tasks.png
 
     def unmet(self, study) -> str | None:
         """Why `study`'s data cannot serve this task (None: it can). Called before any training."""
@@ -48,8 +49,23 @@ class DownstreamTask:
         """{file name: matplotlib Figure} beside report.md (optional)."""
         return {}
 
+    @classmethod
+    def section(cls, record: dict, cells: list[dict], results: dict) -> list[str]:
+        """The task's part of report.md (from results.json, so an old study's report can be rewritten): what it
+        does, its table (every metric with its CI, the anchors), the anchors' sources."""
+        lines = [f"## Task: {record['name']}", "", f"{record['note'] or record['name']}. Needs: {record['needs']}.",
+                 "", *task_table(record, cells), ""]
+        for source in dict.fromkeys(a["source"] for a in record["anchors"]):
+            lines.append(f"- Anchor source: {source}. The datasets differ from this study's: read the anchors as "
+                         "orders of magnitude, not as a ranking.")
+        return lines
+
     def refuse(self, why: str) -> ValueError:
         return ValueError(f"--tasks {self.name}: {why}; the task needs {self.needs}")
+
+
+DOWNSTREAM: Registry[DownstreamTask] = Registry("downstream task")
+"""Every downstream task by name, in registration order (the report and `--tasks all` follow it)."""
 
 
 def cell(task: str, method: str, model: str, n, n_train: int, summary: dict, runs: list | None = None) -> dict:
@@ -61,31 +77,3 @@ def cell(task: str, method: str, model: str, n, n_train: int, summary: dict, run
 def summarize(draw: Draw, n_repeats: int, n_eval: int, study) -> dict:
     """The study's bootstrap (its draws and seed) of one cell."""
     return summarize_draws(draw, n_repeats, n_eval, study.cfg.n_bootstrap, study.cfg.seed)
-
-
-def frozen_jobs(study, methods=("probe", "random")):
-    """(method, model label, source, init seed or None) of every frozen-encoder fit the study's methods ask for:
-    each trained encoder (`probe`) and each architecture at `repeats` random initialisations (`random`)."""
-    cfg, jobs = study.cfg, []
-    if "probe" in cfg.methods and "probe" in methods:
-        jobs += [("probe", s.label, s, None) for s in study.sources]
-    if "random" in cfg.methods and "random" in methods:
-        jobs += [("random", label, s, r) for label, s in study.architectures.items() for r in range(cfg.repeats)]
-    return jobs
-
-
-def encoder_of(study, source: feats.EncoderSource, init_seed: int | None):
-    """The trained encoder, or the architecture at the random initialisation of repeat `init_seed`."""
-    if init_seed is None:
-        return feats.load_weights(source)
-    return feats.random_encoder(source, study.cfg.seed + init_seed)
-
-
-def repeats_of(study, method: str, n, init_seed: int | None) -> list[int]:
-    """The repeats a frozen fit covers: every subset for a trained encoder (one at N = all, where the fit is
-    deterministic), the repeat of its own initialisation for a random one."""
-    return list(study.repeats(method, n)) if init_seed is None else [init_seed]
-
-
-def n_train(study, n) -> int:
-    return len(study.train_labels) if n == ALL else n * len(CLASSES)

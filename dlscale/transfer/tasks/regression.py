@@ -10,6 +10,8 @@ Metrics: MAE (in dex for the mass) and R^2 on the eval images that carry the tar
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -17,10 +19,8 @@ from matplotlib.figure import Figure
 from dlscale.transfer import samples
 from dlscale.transfer.bootstrap import weighted_mean, weighted_r2
 from dlscale.transfer.scoring import probe_regressor
-from dlscale.transfer.tasks import DOWNSTREAM
 from dlscale.transfer.tasks.regression_runs import run_trained
-from dlscale.transfer.tasks.base import (Anchor, DownstreamTask, cell, frozen_jobs, n_train, repeats_of,
-                                         summarize)
+from dlscale.transfer.tasks.base import DOWNSTREAM, Anchor, DownstreamTask, cell, summarize
 
 MASS, LOG_MASS = "axion_mass", "log10_axion_mass"
 CANDIDATES = (LOG_MASS, "theta_E", "e1", "e2", "gamma1", "gamma2")
@@ -41,7 +41,7 @@ def split_metadata(study, split: str) -> dict[str, np.ndarray]:
     key = ("metadata", split)
     if key not in study.cache:
         data = study.cfg.data_dir if split == "train" else study.cfg.eval_dir
-        names = {MASS if t == LOG_MASS else t for t in (*CANDIDATES, *study.cfg.regression_targets)}
+        names = {MASS if t == LOG_MASS else t for t in (*CANDIDATES, *study.cfg.options("regression").targets)}
         study.cache[key] = samples.metadata(data, split, sorted(names))
     return study.cache[key]
 
@@ -49,6 +49,12 @@ def split_metadata(study, split: str) -> dict[str, np.ndarray]:
 def varies(values: np.ndarray) -> bool:
     finite = values[np.isfinite(values)]
     return len(finite) >= 2 and float(np.ptp(finite)) > 0
+
+
+@dataclass
+class RegressionOptions:
+    targets: list[str] = field(default_factory=list)
+    """targets to regress (default []: log10_axion_mass and the lens parameters that vary in the data)"""
 
 
 @DOWNSTREAM.register
@@ -59,6 +65,7 @@ class Regression(DownstreamTask):
     anchors = (Anchor(f"mae/{LOG_MASS}", 0.021, "ResNet18 supervised, all labels", ANCHOR_SOURCE),
                Anchor(f"mae/{LOG_MASS}", 0.100, "Lens-LeJEPA + LoRA", ANCHOR_SOURCE))
     higher_is_better = False
+    Config = RegressionOptions
     note = ("ridge regression on standardised frozen features of the subset's samples that carry the target "
             "(random-init control likewise); fine-tune and scratch: regression-only runs on the same samples with "
             "the same budget (the axion mass: axion images only, scored on the eval split's axion images); MAE in "
@@ -70,10 +77,10 @@ class Regression(DownstreamTask):
 
     def unmet(self, study) -> str | None:
         train, evald = split_metadata(study, "train"), split_metadata(study, study.cfg.split)
-        asked = study.cfg.regression_targets or list(CANDIDATES)
+        asked = study.cfg.options("regression").targets or list(CANDIDATES)
         self.targets = [t for t in asked
                         if varies(target_values(train, t)) and varies(target_values(evald, t))]
-        if study.cfg.regression_targets and self.targets != asked:
+        if study.cfg.options("regression").targets and self.targets != asked:
             missing = sorted(set(asked) - set(self.targets))
             return f"target(s) {', '.join(missing)} do not vary (or are absent) in {study.cfg.data_dir}"
         if not self.targets:
@@ -87,13 +94,13 @@ class Regression(DownstreamTask):
         train_y = {t: target_values(train_meta, t) for t in self.targets}
         self.truth = {t: target_values(eval_meta, t) for t in self.targets}
         self.preds: dict[tuple, list[dict]] = {}
-        for method, model, source, init_seed in frozen_jobs(study):
+        for method, model, source, init_seed in study.frozen_jobs():
             train = study.frozen_features(source, init_seed, "train")
             evald = study.frozen_features(source, init_seed, cfg.split)
             if not np.array_equal(evald["ids"], eval_meta["ids"]):
                 raise RuntimeError(f"regression: features and metadata of {cfg.split} cover other samples")
             for n in cfg.labels_per_class:
-                for r in repeats_of(study, method, n, init_seed):
+                for r in study.frozen_repeats(method, n, init_seed):
                     pred = {}
                     for t in self.targets:
                         index = study.subsets[r][n]
@@ -103,7 +110,7 @@ class Regression(DownstreamTask):
                     self.preds.setdefault((method, model, n), []).append(pred)
         trained, runs = run_trained(study, train_y, self.truth, eval_meta["ids"], {LOG_MASS})
         self.preds.update(trained)
-        return [cell(self.name, method, model, n, n_train(study, n),
+        return [cell(self.name, method, model, n, study.n_train(n),
                      summarize(self.draw(preds), len(preds), len(eval_meta["ids"]), study),
                      runs.get((method, model, n)))
                 for (method, model, n), preds in self.preds.items()]

@@ -3,8 +3,8 @@
 Each run trains the `regression` training task alone: stage `multitask` with `model.tasks: [regression]` (the stage
 table lets a multitask run name its tasks; `supervised` trains classification only, and classification on axion
 images alone would be one class). The fine-tune run starts from the encoder (`init_from`), the scratch run from the
-same architecture's random weights, with the same subset, config and budget (`runner.budget_settings`); every run
-is planned as typed training config settings (`PlannedRun.settings`).
+same architecture's random weights, with the same subset, config and budget (`training.run_config`); every run
+is planned as a typed training config (`PlannedRun.config`).
 
 Targets are trained in groups carried by the same samples: the lens parameters (on every image) in one run per
 (N, repeat, method, encoder), the axion mass (axion images only) in another. The training stream reads a target from
@@ -14,7 +14,7 @@ images that carry the targets, the derived values written into their metadata, a
 carry them; it is scored on those eval images only (NaN elsewhere, as the probe's metrics skip them). The writer
 shuffles samples inside a shard, so each copied sample carries `transfer_row` (its row in the study's arrays) and the
 run's predictions are put back by it. A group held by every image of both splits trains on the classification
-study's label subsets (`runner.subset_dirs`).
+study's label subsets (`Study.subset_dirs`).
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dlscale.transfer.subsets import ALL
+from dlscale.transfer.samples import metadata
+from dlscale.transfer.subsets import ALL, is_subset, write_samples
+from dlscale.transfer.training import PlannedRun, read_scores, run_config, train_all
 
 log = logging.getLogger(__name__)
-TRAINED = ("finetune", "scratch")
 ROW = "transfer_row"                 # metadata of a copied sample: its row in the study's train / eval arrays
 
 
@@ -40,25 +41,17 @@ def target_groups(train_y: dict[str, np.ndarray], eval_y: dict[str, np.ndarray])
     return [tuple(g) for g in groups.values()]
 
 
-def trained_models(study) -> list[tuple]:
-    """(method, model label, source) of every fine-tune (per trained encoder) and scratch run (per architecture)."""
-    cfg = study.cfg
-    return ([("finetune", s.label, s) for s in study.sources] if "finetune" in cfg.methods else []) + \
-        ([("scratch", a, s) for a, s in study.architectures.items()] if "scratch" in cfg.methods else [])
-
-
 def group_data(study, names: list[str], n, r: int, index: np.ndarray, masks: tuple, values: dict,
                derived: set[str]) -> str:
     """The dataset a group's run trains on: the label subset when every image carries the targets as they are
     stored, else a copy of the carrying images with the targets written into their metadata."""
-    from dlscale.transfer.runner import _is_subset, subset_dirs
     cfg = study.cfg
     train_mask, eval_mask = masks
     if train_mask.all() and eval_mask.all() and not set(names) & derived:
-        return subset_dirs(study)[(n, r)]
+        return study.subset_dirs()[(n, r)]
     where = Path(cfg.out) / "subsets" / f"regression-{'+'.join(names)}-{'all' if n == ALL else f'n{n}-r{r}'}"
     provenance = {"n_per_class": n, "repeat": 0 if n == ALL else r, "seed": cfg.seed, "targets": list(names)}
-    if _is_subset(where, cfg.data_dir, cfg.split, provenance):
+    if is_subset(where, cfg.data_dir, cfg.split, provenance):
         return str(where)
     eval_ids = values["eval_ids"]
     written = {"train": {tuple(i): j for j, i in enumerate(study.train_ids.tolist())},
@@ -68,7 +61,6 @@ def group_data(study, names: list[str], n, r: int, index: np.ndarray, masks: tup
     def extra_meta(split: str, sample_id: tuple) -> dict:
         row = written[split][tuple(sample_id)]
         return {ROW: row, **{t: float(ys[split][t][row]) for t in names if t in derived}}
-    from dlscale.transfer.subsets import write_samples
     log.info("writing the regression subset %s (%d training and %d %s images carrying %s)", where, len(index),
              int(eval_mask.sum()), cfg.split, ", ".join(names))
     write_samples(cfg.data_dir, {"train": study.train_ids[index], cfg.split: eval_ids[eval_mask]}, where,
@@ -78,12 +70,10 @@ def group_data(study, names: list[str], n, r: int, index: np.ndarray, masks: tup
 
 def plan(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derived: set[str]) -> list[tuple]:
     """[((method, model, N), repeat, names, eval mask, PlannedRun)] of every regression fine-tune / scratch run."""
-    from dlscale.transfer.runner import budget_settings
-    from dlscale.transfer.training import PlannedRun
-    cfg, models = study.cfg, trained_models(study)
+    cfg, models = study.cfg, study.trained_models()
     if not models:
         return []
-    batch, planned = study.train_cfg.data.batch_size, []
+    planned = []
     values = {"train": train_y, "eval": eval_y, "eval_ids": eval_ids}
     for names, train_mask, eval_mask in target_groups(train_y, eval_y):
         for n in cfg.labels_per_class:
@@ -94,13 +84,11 @@ def plan(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derived: set[
                     raise ValueError(f"--tasks regression: {len(index)} training image(s) of N={n} carry "
                                      f"{', '.join(names)}; fine-tuning needs at least 2")
                 data_dir = group_data(study, names, n, r, index, (train_mask, eval_mask), values, derived)
-                common = {**budget_settings(cfg, len(index), batch, classification=False), "seed": cfg.seed + r,
-                          "data.targets": list(names), "model.tasks": ["regression"], "loss.method": "fixed"}
                 for method, model, source in models:
                     run_dir = Path(cfg.out) / "runs" / model / f"regression-{'+'.join(names)}-{method}-n{n}-r{r}"
-                    run = PlannedRun(str(run_dir), data_dir, "multitask",
-                                     str(source.path) if method == "finetune" else None,
-                                     {**source.settings(), **common, **cfg.overrides})
+                    config = run_config(study, source, method, len(index), run_dir, data_dir, cfg.seed + r,
+                                        "multitask", ["regression"], list(names))
+                    run = PlannedRun(str(run_dir), config)
                     planned.append(((method, model, n), r, names, eval_mask, run))
     return planned
 
@@ -110,7 +98,6 @@ def run_trained(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derive
 
     Returns ({(method, model, N): [per repeat {target: (n_eval,) predictions, NaN where not scored}]},
     {(method, model, N): [run dirs]})."""
-    from dlscale.transfer.training import read_scores, train_all
     planned = plan(study, train_y, eval_y, eval_ids, derived)
     if not planned:
         return {}, {}
@@ -120,7 +107,7 @@ def run_trained(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derive
     runs: dict[tuple, list[str]] = {}
     for key, r, names, eval_mask, run in planned:
         scores = read_scores(run, cfg.split)
-        rows = eval_rows(study, run.data_dir, eval_mask)
+        rows = eval_rows(study, run.config.data_dir, eval_mask)
         check_scored(run.run_dir, scores, names, {t: eval_y[t][rows] for t in names})
         repeat = preds.setdefault(key, {}).setdefault(r, {})
         for j, t in enumerate(names):
@@ -137,7 +124,6 @@ def eval_rows(study, data_dir: str, eval_mask: np.ndarray) -> np.ndarray:
     key = ("transfer_rows", data_dir)
     if key not in study.cache:
         if str(data_dir).startswith(str(Path(study.cfg.out) / "subsets" / "regression-")):
-            from dlscale.transfer.samples import metadata
             study.cache[key] = metadata(data_dir, study.cfg.split, [ROW])[ROW].astype(int)
         else:
             study.cache[key] = np.flatnonzero(eval_mask)

@@ -12,6 +12,8 @@ row, the random-init encoder the control. Only the frozen encoder is measured (n
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -23,9 +25,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from dlscale.data.stream import normalize
 from dlscale.transfer import samples
 from dlscale.transfer.bootstrap import weighted_mean
-from dlscale.transfer.tasks import DOWNSTREAM
-from dlscale.transfer.tasks.base import (Anchor, DownstreamTask, cell, encoder_of, frozen_jobs, n_train, repeats_of,
-                                         summarize)
+from dlscale.transfer.tasks.base import DOWNSTREAM, Anchor, DownstreamTask, cell, summarize
 
 MIN_SIDE = 16              # halved to 8, and SSIM's 11x11 window fits the high-resolution image
 ANCHOR_SOURCE = "DeepLense Model II 2x super-resolution (noiseless), as quoted in the dlscale issue; other data"
@@ -97,11 +97,24 @@ def fit_head(up: torch.Tensor, fmap: torch.Tensor, high: torch.Tensor, steps: in
     return head.eval()
 
 
+@dataclass
+class SuperresOptions:
+    steps: int = 200
+    """Adam steps of the super-resolution head"""
+    eval_images: int = 512
+    """eval images scored (the first by id)"""
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.eval_images < 1:
+            raise ValueError("task_options.superres.steps and eval_images must be >= 1")
+
+
 @DOWNSTREAM.register
 class SuperResolution(DownstreamTask):
     name = "superres"
     needs = f"images of even side >= {MIN_SIDE} (after data.resize) to halve and score with SSIM's 11x11 window"
     metrics = ("psnr", "ssim")
+    Config = SuperresOptions
     anchors = (Anchor("psnr", 41.1, "bicubic", ANCHOR_SOURCE), Anchor("psnr", 65.1, "RCAN", ANCHOR_SOURCE),
                Anchor("psnr", 48.3, "Lens-LeJEPA + LoRA", ANCHOR_SOURCE))
     note = ("2x: low resolution = 2x2 block average of the [0,1]-scaled image; a 2-conv head on the frozen feature "
@@ -115,11 +128,11 @@ class SuperResolution(DownstreamTask):
         return None
 
     def run(self, study) -> list[dict]:
-        cfg, cells = study.cfg, []
+        cfg, cells, options = study.cfg, [], study.cfg.options(self.name)
         source0 = study.sources[0]
         stream = study.stream(source0)
         train = samples.images(cfg.data_dir, "train", stream)
-        evald = samples.images(cfg.eval_dir, cfg.split, stream, cfg.superres_eval)
+        evald = samples.images(cfg.eval_dir, cfg.split, stream, options.eval_images)
         train_high, train_low = pair(torch.from_numpy(train["images"]))
         self.eval_high, eval_low = pair(torch.from_numpy(evald["images"]))
         train_up, self.eval_up = bicubic(train_low), bicubic(eval_low)
@@ -129,21 +142,21 @@ class SuperResolution(DownstreamTask):
         for n in cfg.labels_per_class:
             cells.append(cell(self.name, "bicubic", "-", n, 0, summarize(self.draw([base]), 1, n_eval, study)))
         per: dict[tuple, list[dict]] = {}
-        for method, model, source, init_seed in frozen_jobs(study):
-            encoder = encoder_of(study, source, init_seed).to(study.device).eval()
+        for method, model, source, init_seed in study.frozen_jobs():
+            encoder = study.encoder(source, init_seed).to(study.device).eval()
             train_maps = feature_maps(encoder, train_up, source.normalize, study.device)
             eval_maps = feature_maps(encoder, self.eval_up, source.normalize, study.device)
             for n in cfg.labels_per_class:
-                for r in repeats_of(study, method, n, init_seed):
+                for r in study.frozen_repeats(method, n, init_seed):
                     index = torch.from_numpy(study.subsets[r][n])
-                    head = fit_head(train_up[index], train_maps[index], train_high[index], cfg.superres_steps,
+                    head = fit_head(train_up[index], train_maps[index], train_high[index], options.steps,
                                     cfg.seed + r)
                     with torch.no_grad():
                         pred = torch.cat([head(self.eval_up[s:s + 64], eval_maps[s:s + 64])
                                           for s in range(0, n_eval, 64)])
                     per.setdefault((method, model, n), []).append(image_metrics(pred, self.eval_high))
                     self.examples.setdefault((method, model), pred[:4].clamp(0, 1))
-        cells += [cell(self.name, method, model, n, n_train(study, n),
+        cells += [cell(self.name, method, model, n, study.n_train(n),
                        summarize(self.draw(values), len(values), n_eval, study))
                   for (method, model, n), values in per.items()]
         return cells

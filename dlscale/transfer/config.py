@@ -1,0 +1,157 @@
+"""The typed config of `dlscale transfer`: defaults < YAML file (`--config`) < `--section.key=value` overrides <
+the command's flags, validated once when loaded; `--print-config` prints it with each key's meaning, and the printed
+YAML loads back to the same config.
+
+The study's own keys sit at the top; `data`, `optim` and `deepspeed` are the training config's sections of the same
+names, applied to every fine-tune and scratch run (and `data` to the probes' stream); `task_options` holds one typed
+section per registered downstream task that has options (`DownstreamTask.Config`), so a task defined outside
+dlscale brings its own keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dlscale.configtree import commented_yaml, from_dict, merge, overrides_tree, read_yaml, to_dict
+from dlscale.data.stream import NORMALIZATIONS, StreamConfig
+from dlscale.distributed import local_ranks
+from dlscale.train.config import DeepSpeedConfig, OptimConfig
+from dlscale.transfer.methods import METHODS
+from dlscale.transfer.subsets import ALL, parse_sizes
+from dlscale.transfer.tasks import ALL_TASKS, DOWNSTREAM
+
+
+@dataclass
+class BudgetConfig:
+    """The training budget every fine-tune and scratch run shares (the same for a pretrained encoder and scratch)."""
+    epochs: int = 10
+    """epochs of each run; an epoch is max(min_batches_per_epoch, N_train / (batch x ranks)) batches"""
+    min_batches_per_epoch: int = 5
+    """floor of an epoch on a small subset"""
+    finetune_encoder_lr_scale: float = 1.0
+    """fine-tune runs: the pretrained encoder's learning rate as a multiple of its new head's"""
+
+
+@dataclass
+class TransferConfig:
+    """A transfer study: pretrained encoders against the same architecture from scratch, on nested label subsets."""
+    encoders: list[str] = field(default_factory=list)
+    """encoder.pt files, encoder.safetensors files or run directories (`--encoder`, repeatable)"""
+    data_dir: str = ""
+    """dataset directory (manifest.json + shards): label subsets from its train split (`--data`)"""
+    out: str = ""
+    """output directory; finished runs in it are reused (`--out`)"""
+    eval_data: str | None = None
+    """score the frozen-encoder methods on this dataset's eval split instead (cross-dataset transfer)"""
+    labels_per_class: list[Any] = field(default_factory=lambda: [10, 100, 1000, ALL])
+    """N labels per class, ascending, and/or all (the whole train split)"""
+    repeats: int = 3
+    """seeded label subsets per N"""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """some of probe, finetune, scratch, random"""
+    split: str = "val"
+    """the eval split every metric is taken on: val | test"""
+    tasks: list[str] = field(default_factory=lambda: [ALL_TASKS])
+    """downstream tasks; all: every registered task the data allow (the others are skipped with a log line)"""
+    seed: int = 0
+    n_bootstrap: int = 1000
+    """bootstrap draws of each CI"""
+    ranks: int = 0
+    """training ranks of the fine-tune and scratch runs (0: every local GPU, or 2 on CPU; 1: in this process)"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    normalize: str | None = None
+    """per-image normalisation: null takes each encoder's own (what it was trained with); a name forces one"""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    data: StreamConfig = field(default_factory=StreamConfig)
+    """The stream of the probes and of every run (batch size, workers, resize, ...); `normalize` is the top key's."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimiser of the fine-tune and scratch runs."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """The DeepSpeed settings of the fine-tune and scratch runs."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Per downstream task, its typed options (`task_options.<task>.<key>`); every task that has options is listed."""
+
+    def __post_init__(self) -> None:
+        typed = {}
+        for name, values in (self.task_options or {}).items():
+            cls = DOWNSTREAM.get(name) if isinstance(name, str) else None
+            if cls is None:
+                raise ValueError(f"unknown config key 'task_options.{name}': downstream tasks: {', '.join(DOWNSTREAM)}")
+            if cls.Config is None:
+                raise ValueError(f"task_options.{name}: downstream task {name!r} has no options, got {values!r}")
+            typed[name] = values if isinstance(values, cls.Config) else from_dict(cls.Config, values or {},
+                                                                                  f"task_options.{name}.")
+        for name, cls in DOWNSTREAM.items():
+            if cls.Config is not None and name not in typed:
+                typed[name] = cls.Config()
+        self.task_options = typed
+
+    @property
+    def eval_dir(self) -> str:
+        return self.eval_data or self.data_dir
+
+    def options(self, task: str) -> Any:
+        """The typed options of downstream task `task`."""
+        return self.task_options[task]
+
+    def validate(self, complete: bool = True) -> "TransferConfig":
+        """Check every value; `complete`: the inputs too (encoders, data_dir, out), which a printed config template
+        may leave empty."""
+        if complete and not self.encoders:
+            raise ValueError("encoders (--encoder): give at least one encoder.pt or run directory")
+        if complete and (not self.data_dir or not self.out):
+            raise ValueError("data_dir (--data) and out (--out) are required")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown or not self.methods:
+            raise ValueError(f"methods {','.join(self.methods)}: expected some of {','.join(METHODS)}")
+        if self.repeats < 1 or self.budget.epochs < 1 or self.ranks < 1 or self.n_bootstrap < 0:
+            raise ValueError("repeats, budget.epochs and ranks must be >= 1, n_bootstrap >= 0")
+        if self.budget.min_batches_per_epoch < 1:
+            raise ValueError("budget.min_batches_per_epoch must be >= 1")
+        self.labels_per_class = parse_sizes(",".join(str(n) for n in self.labels_per_class))
+        if self.split not in ("val", "test"):
+            raise ValueError(f"split={self.split!r}: expected val or test")
+        if not self.tasks:
+            raise ValueError("tasks: give at least one downstream task (or 'all')")
+        for name in self.tasks:
+            if name != ALL_TASKS:
+                DOWNSTREAM.get_class(name)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
+        if self.normalize is not None and self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={self.normalize!r}: expected null (each encoder's) or one of "
+                             f"{NORMALIZATIONS}")
+        if self.data.normalize != StreamConfig.normalize:
+            raise ValueError(f"data.normalize={self.data.normalize!r}: the study takes each encoder's normalisation; "
+                             "set normalize=NAME to force one for every encoder")
+        if self.eval_data and {"finetune", "scratch"} & set(self.methods):
+            raise ValueError("eval_data (--eval-data) scores the frozen-encoder methods (probe, random) on other "
+                             "data; fine-tune and scratch runs evaluate on their own data: use --methods probe,random")
+        if self.budget.finetune_encoder_lr_scale <= 0:
+            raise ValueError(f"budget.finetune_encoder_lr_scale={self.budget.finetune_encoder_lr_scale}: expected a "
+                             "multiple > 0")
+        for name, options in self.task_options.items():
+            check = getattr(options, "validate", None)
+            if check is not None:
+                check()
+        return self
+
+
+def load_transfer_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None,
+                         given: dict | None = None, complete: bool = True) -> TransferConfig:
+    """Defaults < YAML file < dotted overrides (`section.key=value`) < `given` (a nested mapping of keys: the
+    command's flags, or a recipe), checked (`complete`: the inputs too); `ranks` 0 resolves to the local ranks
+    here, so the config records how many ran."""
+    tree = read_yaml(yaml_path) if yaml_path else {}
+    tree = merge(merge(tree, overrides_tree(overrides)), given or {})
+    cfg = from_dict(TransferConfig, merge(to_dict(TransferConfig()), tree))
+    if cfg.ranks == 0:
+        cfg.ranks = local_ranks()
+    return cfg.validate(complete)
+
+
+def print_transfer_config(cfg: TransferConfig) -> str:
+    """The config as YAML, each key's meaning as a comment above it; `--config` reads it back to the same config."""
+    return commented_yaml(cfg)

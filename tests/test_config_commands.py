@@ -1,0 +1,41 @@
+"""Every command's config: `--print-config` prints YAML with each key's meaning that the same command reads back
+with `--config` to the identical config (printed -> loaded -> printed again, unchanged)."""
+from __future__ import annotations
+
+def test_transfer_print_config_round_trips(cli, tmp_path):
+    first = cli("transfer", "--print-config", "--labels-per-class", "10,all", "--epochs", "3",
+                    "--data.batch_size=16", "--task_options.superres.steps=7")
+    assert first.code == 0, first.err
+    assert "# fine-tune runs: the pretrained encoder's learning rate" in first.out
+    assert "labels_per_class: [10, all]" in first.out and "batch_size: 16" in first.out
+    path = tmp_path / "transfer.yaml"
+    path.write_text(first.out)
+    again = cli("transfer", "--print-config", "--config", path)
+    assert again.code == 0, again.err
+    assert again.out == first.out
+
+
+def test_transfer_config_refuses_a_misspelt_key_naming_it(cli):
+    result = cli("transfer", "--print-config", "--budget.epoch=3")
+    assert result.code == 2 and "budget.epoch" in result.err
+    result = cli("transfer", "--print-config", "--task_options.superres.stepz=3")
+    assert result.code == 2 and "task_options.superres.stepz" in result.err
+    result = cli("transfer", "--print-config", "--data.normalize=log")
+    assert result.code == 2 and "normalize=NAME" in result.err
+
+
+def test_transfer_refuses_to_run_without_its_inputs(cli, tmp_path):
+    result = cli("transfer", "--out", tmp_path / "t")
+    assert result.code == 2 and "--encoder" in result.err and not (tmp_path / "t").exists()
+
+
+def test_tune_print_config_round_trips_and_keeps_the_order_of_mappings(cli, tmp_path):
+    first = cli("tune", "--print-config", "--data", tmp_path, "--trials", "5", "--optim.lr=0.002")
+    assert first.code == 0, first.err
+    assert "pareto: {val/recon_mse: min, val/auc_macro: max}" in first.out   # x axis first, as the file says
+    assert "trials: 5" in first.out and "lr: 0.002" in first.out and "# ASHA keeps the best" in first.out
+    path = tmp_path / "sweep.yaml"
+    path.write_text(first.out)
+    again = cli("tune", "--print-config", "--config", path)
+    assert again.code == 0, again.err
+    assert again.out == first.out
