@@ -1,19 +1,30 @@
 """Domain adaptation study: how much of the gap between a source-only classifier and a target-supervised one each
-adaptation method closes, on simulated instrument shifts (CPU-sized: 64x64, the small CNN, one rank).
+adaptation recipe closes on simulated instrument shifts, and which recipe a user would pick without target labels
+(CPU-sized: 64x64, the small CNN, one rank).
 
-    python bench/adapt.py [--shifts ii_to_iii,noiseless_to_noisy] [--batches 600] [--eval-per-class 500]
-                          [--work-dir runs/bench_adapt]                                         # prints JSON
+    python bench/adapt.py [--shifts ii_to_iii,noiseless_to_noisy] [--batches 600] [--eval-per-class 400]
+                          [--methods ...] [--work-dir runs/bench_adapt]                          # prints JSON
 
-Per shift, every method trains the same budget (`--batches` batches of 32 from the simulation stream, fresh lenses
-every step) and is scored on the same simulated target evaluation set (`target/val`, its labels used for scoring
-only):
-  source_only        stage supervised on the source simulator (the target only scored)
-  dann, coral, mmd   stage adapt (classification + dann / coral / mmd) with the unlabelled target stream
+Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 32):
+  source_only        stage supervised on the source simulator, `--batches` batches
+  adabn              source_only with every BatchNorm re-estimated on the target's unlabelled images (no training)
+  mmd, dann_sn       stage adapt from scratch, `--batches` batches (dann_sn: spectrally normalised domain classifier)
+  selftrain, adda, adda_selftrain
+                     stage adapt started from source_only's encoder (`init_from`), `--batches` / 2 batches (AdaMatch
+                     pseudo-labels; ADDA with the encoder at 0.1x the discriminator's learning rate; both);
+                     `_sep`: the same with `model.domain_batchnorm=separate` (each domain normalised alone)
   target_supervised  stage supervised on the target simulator: the upper bound at the same budget
-Reported: each method's target macro AUC and accuracy with 95% CIs, the share of the gap closed
-((AUC - AUC_source_only) / (AUC_target_supervised - AUC_source_only)) with a paired bootstrap CI
-(`dlscale.metrics.gap_closed`), the source-domain AUC (what adapting costs there), wall times and the machine load.
-Finished runs in --work-dir are reused.
+Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`). All are
+scored on one simulated target evaluation set (its labels used for scoring only) and one source evaluation set.
+
+Reported per candidate: target macro AUC with a 95% CI, the share of the gap closed ((AUC - AUC_source_only) /
+(AUC_target_supervised - AUC_source_only)) with a paired bootstrap CI (`dlscale.metrics.gap_closed`), the gain over
+AdaBN alone (paired bootstrap CI), the source validation macro AUC and the deep-embedded-validation risk
+(`dlscale.train.selection`); an AdaBN candidate is a target-specific export, so its labelled-domain side (source
+validation AUC and loss, source features of DEV's domain classifier) is its weights with the source statistics
+(`twin`), its target side its own features. Then the candidate each selection rule picks: `source_val` (highest source validation
+AUC), `dev` (lowest DEV risk; label-free), against `oracle` (highest target AUC: what a user cannot do). Wall times
+and the machine load are recorded; finished runs in --work-dir are reused.
 """
 from __future__ import annotations
 
@@ -27,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 SHIFTS = {
     # Euclid-like (Model II: 0.101"/px, PSF 0.16") -> HST-like (Model III: 0.08"/px, PSF 0.08"); both 64x64
@@ -36,17 +48,28 @@ SHIFTS = {
                            {"preset": "model_ii", "overrides": "{instrument.noise: true, "
                                                                "instrument.exposure_time: [100, 100]}"}),
 }
-METHODS = {
-    "source_only": ("supervised", []),
-    "dann": ("adapt", ["--model.tasks=[classification,dann]"]),
-    "coral": ("adapt", ["--model.tasks=[classification,coral]", "--loss.fixed.weights={classification: 1.0, coral: 10.0}"]),
-    "mmd": ("adapt", ["--model.tasks=[classification,mmd]"]),
-    "target_supervised": ("supervised", []),
+FROM_SOURCE = ["--init_from={source_only}", "--optim.warmup_steps=10"]
+METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
+    "source_only": ("supervised", [], 1.0, False),
+    "mmd": ("adapt", ["--model.tasks=[classification,mmd]"], 1.0, True),
+    "dann_sn": ("adapt", ["--model.tasks=[classification,dann]", "--model.task_options.dann.spectral_norm=true"],
+                1.0, True),
+    "selftrain": ("adapt", ["--model.tasks=[classification,selftrain]", *FROM_SOURCE], 0.5, True),
+    "adda": ("adapt", ["--model.tasks=[classification,adda]", "--optim.encoder_lr_scale=0.1", *FROM_SOURCE], 0.5,
+             True),
+    "adda_selftrain": ("adapt", ["--model.tasks=[classification,adda,selftrain]", "--optim.encoder_lr_scale=0.1",
+                                 *FROM_SOURCE], 0.5, True),
+    "selftrain_sep": ("adapt", ["--model.tasks=[classification,selftrain]", "--model.domain_batchnorm=separate",
+                                *FROM_SOURCE], 0.5, True),
+    "selftrain_sep_lr3e-4": ("adapt", ["--model.tasks=[classification,selftrain]", "--model.domain_batchnorm=separate",
+                                       "--optim.lr=3e-4", *FROM_SOURCE], 0.5, True),
+    "adda_selftrain_sep": ("adapt", ["--model.tasks=[classification,adda,selftrain]", "--optim.encoder_lr_scale=0.1",
+                                     "--model.domain_batchnorm=separate", *FROM_SOURCE], 0.5, True),
+    "target_supervised": ("supervised", [], 1.0, False),
 }
-ADAPTED = ("dann", "coral", "mmd")
 TRAIN = ["--model.encoder.name=small", "--model.encoder.width=16", "--data.batch_size=32", "--data.num_workers=1",
          "--deepspeed.zero_stage=0", "--optim.lr=3e-3", "--optim.warmup_steps=50", "--schedule.log_every=100",
-         "--schedule.checkpoint_every=100000", "--eval.n_bootstrap=200"]
+         "--schedule.checkpoint_every=100000", "--eval.n_bootstrap=50", "--eval.probe_samples=0"]
 
 
 def simulator_args(prefix: str, side: dict, per_class: int) -> list[str]:
@@ -55,22 +78,29 @@ def simulator_args(prefix: str, side: dict, per_class: int) -> list[str]:
     return args + ([f"--{prefix}.overrides={side['overrides']}"] if "overrides" in side else [])
 
 
-def run_method(shift: str, method: str, args, run_dir: Path) -> float:
-    """Train one method (unless finished in an earlier call); returns its wall time (recorded beside the run)."""
+def run_method(shift: str, method: str, args, work: Path) -> float:
+    """Train one method (unless finished in an earlier call); returns its wall time (recorded beside the run).
+    Every run after source_only evaluates on source_only's simulated sets (the same images for every method)."""
+    run_dir = work / method
     timing = run_dir / "bench_seconds.txt"
-    if (run_dir / "metrics.json").is_file():
-        return float(timing.read_text()) if timing.is_file() else float("nan")
+    if (run_dir / "metrics.json").is_file() and timing.is_file():
+        return float(timing.read_text())
     if run_dir.exists():   # an interrupted run of an earlier call: train it again
         shutil.rmtree(run_dir)
     source, target = SHIFTS[shift]
-    stage, extra = METHODS[method]
+    stage, extra, share, adapted = METHODS[method]
     labelled = target if method == "target_supervised" else source
     epochs = 2
+    base = work / "source_only"
+    sets = [] if method == "source_only" else [
+        f"--data_dir={base / ('target_eval_data' if method == 'target_supervised' else 'eval_data')}",
+        f"--data.target.data_dir={base / 'target_eval_data'}"]
     argv = ["train", "--stage", stage, "--run-dir", str(run_dir), "--data.source=simulate",
-            f"--schedule.epochs={epochs}", f"--schedule.batches_per_epoch={args.batches // epochs}",
+            f"--schedule.epochs={epochs}", f"--schedule.batches_per_epoch={int(args.batches * share) // epochs}",
             f"--seed={args.seed}", "--data.target.source=simulate",
             *simulator_args("data.simulator", labelled, args.eval_per_class),
-            *simulator_args("data.target.simulator", target, args.eval_per_class), *TRAIN, *extra]
+            *simulator_args("data.target.simulator", target, args.eval_per_class), *TRAIN, *sets,
+            *(["--data.target.adabn=true"] if adapted else []), *(a.format(source_only=base) for a in extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "dlscale.cli", *argv], check=True, env=env, stdout=sys.stderr)
@@ -79,43 +109,94 @@ def run_method(shift: str, method: str, args, run_dir: Path) -> float:
     return seconds
 
 
+def candidates(work: Path, methods: list[str]) -> dict[str, Path]:
+    """Every run directory a user could deploy: each method's run and, for adapted ones, its AdaBN run."""
+    from dlscale.train.adabn import RUN_STEP_DIR, AdaBNConfig, adapt_batchnorm
+    adabn = work / "adabn"
+    if not (adabn / "model.pt").is_file():
+        shutil.rmtree(adabn, ignore_errors=True)
+        adapt_batchnorm(AdaBNConfig(work / "source_only", work / "source_only" / "target_eval_data", adabn),
+                        progress=False)
+    runs = {"source_only": work / "source_only", "adabn": adabn}
+    for m in methods:
+        runs[m] = work / m
+        if METHODS[m][3]:
+            runs[f"{m}+adabn"] = work / m / RUN_STEP_DIR
+    return runs
+
+
+def outputs(run_dir: Path, work: Path) -> dict[str, dict]:
+    """A candidate's probabilities and features on the source val / train and target train / val splits."""
+    from dlscale.train.evaluation import load_run
+    from dlscale.train.selection import split_outputs
+    cfg, model, _ = load_run(run_dir)
+    source, target = work / "source_only" / "eval_data", work / "source_only" / "target_eval_data"
+    device = torch.device("cpu")
+    return {f"{side}_{split}": split_outputs(model, cfg.data, where, split, device)
+            for side, where in (("source", source), ("target", target)) for split in ("train", "val")}
+
+
+def twin(name: str) -> str:
+    """The run whose BatchNorm statistics serve the labelled domain for candidate `name`: an AdaBN run is a
+    target-specific export (domain-specific normalisation, as in AdaBN), its weights' source-statistics twin
+    (`source_only` for `adabn`, `m` for `m+adabn`) is what scores the labelled validation set."""
+    return "source_only" if name == "adabn" else name.removesuffix("+adabn")
+
+
 def study(shift: str, args, work: Path) -> dict:
     from dlscale.metrics import gap_closed
-    seconds = {m: run_method(shift, m, args, work / shift / m) for m in METHODS}
-    scores = {m: np.load(work / shift / m / "scores_target_val.npz") for m in METHODS}
-    ids = scores["source_only"]["ids"]
-    for m, s in scores.items():   # the same target images, in the same order, for every method
-        if not np.array_equal(s["ids"], ids):
-            raise RuntimeError(f"{shift}/{m}: scored other target images than source_only")
-    closed = gap_closed({m: s["probs"] for m, s in scores.items()}, scores["source_only"]["labels"],
-                        "source_only", "target_supervised", seed=args.seed)
+    from dlscale.train.selection import label_free_scores
+    seconds = {m: run_method(shift, m, args, work) for m in ["source_only", *args.methods, "target_supervised"]}
+    runs = candidates(work, args.methods)
+    runs["target_supervised"] = work / "target_supervised"
+    outs = {name: outputs(run, work) for name, run in runs.items()}
+    labels = outs["source_only"]["target_val"]["labels"]
+    probs = {name: o["target_val"]["probs"] for name, o in outs.items()}
+    closed = gap_closed(probs, labels, "source_only", "target_supervised", seed=args.seed)
+    over_adabn = gap_closed(probs, labels, "adabn", "target_supervised", seed=args.seed)
     rows = {}
-    for m in METHODS:
-        metrics = json.loads((work / shift / m / "metrics.json").read_text())
-        rows[m] = {**closed[m], "target_accuracy": metrics["target/val/accuracy"],
-                   "target_probe_auc_macro": metrics.get("target/probe/auc_macro"),
-                   "source_auc_macro": metrics["val/auc_macro"], "seconds": round(seconds[m], 1)}
-    goal = any(rows[m]["gap_closed"] >= 0.5 and rows[m]["gain_over_baseline_ci_low"] > 0 for m in ADAPTED)
-    return {"methods": rows, "gap": closed["gap"], "half_the_gap_closed_ci_apart": bool(goal)}
+    for name, o in outs.items():
+        rows[name] = {**closed[name], "gain_over_adabn_ci_low": over_adabn[name]["gain_over_baseline_ci_low"],
+                      "gain_over_adabn_ci_high": over_adabn[name]["gain_over_baseline_ci_high"],
+                      **label_free_scores(outs[twin(name)]["source_train"], outs[twin(name)]["source_val"],
+                                          o["target_train"]["features"], args.seed),
+                      "seconds": round(seconds.get(name.split("+")[0], 0.0), 1)}
+    deployable = [n for n in rows if n != "target_supervised"]
+    chosen = {"source_val": max(deployable, key=lambda n: rows[n]["source_auc_macro"]),
+              "dev": min(deployable, key=lambda n: rows[n]["dev_risk"]),
+              "oracle": max(deployable, key=lambda n: rows[n]["auc_macro"])}
+    selection = {rule: {"chosen": n, "auc_macro": rows[n]["auc_macro"], "gap_closed": rows[n]["gap_closed"],
+                        "gap_closed_ci": [rows[n]["gap_closed_ci_low"], rows[n]["gap_closed_ci_high"]],
+                        "ci_apart_from_adabn": rows[n]["gain_over_adabn_ci_low"] > 0}
+                 for rule, n in chosen.items()}
+    goal = selection["dev"]["gap_closed"] >= 0.9 and selection["dev"]["ci_apart_from_adabn"]
+    return {"candidates": rows, "gap": closed["gap"], "selection": selection,
+            "goal_90_percent_label_free_ci_apart_from_adabn": bool(goal)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shifts", default=",".join(SHIFTS))
-    p.add_argument("--batches", type=int, default=600, help="training batches of 32 per method")
-    p.add_argument("--eval-per-class", type=int, default=500, help="target (and source) evaluation images per class")
+    p.add_argument("--methods", default="mmd,selftrain,adda_selftrain",
+                   help=f"adapted methods, some of {', '.join(m for m in METHODS if METHODS[m][3])}")
+    p.add_argument("--batches", type=int, default=600, help="training batches of 32 of a run from scratch")
+    p.add_argument("--eval-per-class", type=int, default=400, help="evaluation (and train-split) images per class "
+                                                                   "of both domains")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench_adapt"))
     args = p.parse_args()
-    shifts = args.shifts.split(",")
-    unknown = sorted(set(shifts) - set(SHIFTS))
+    shifts, args.methods = args.shifts.split(","), args.methods.split(",")
+    unknown = sorted(set(shifts) - set(SHIFTS)) + sorted(m for m in args.methods if not METHODS.get(m, (0,) * 4)[3])
     if unknown:
-        p.error(f"unknown shifts {unknown}: expected some of {', '.join(SHIFTS)}")
-    load = os.getloadavg()[0]
-    results = {s: study(s, args, args.work_dir) for s in shifts}
+        p.error(f"unknown shifts or methods {unknown}: shifts {', '.join(SHIFTS)}; methods "
+                f"{', '.join(m for m in METHODS if METHODS[m][3])}")
+    torch.set_num_threads(1)
+    load, start = os.getloadavg()[0], time.perf_counter()
+    results = {s: study(s, args, args.work_dir / s) for s in shifts}
     print(json.dumps({"bench": "adapt", "batches": args.batches, "batch_size": 32,
-                      "eval_per_class": args.eval_per_class, "load_average_start": load,
-                      "load_average_end": os.getloadavg()[0], "shifts": results}, indent=2))
+                      "eval_per_class": args.eval_per_class, "methods": args.methods,
+                      "load_average_start": load, "load_average_end": os.getloadavg()[0],
+                      "seconds": round(time.perf_counter() - start, 1), "shifts": results}, indent=2))
 
 
 if __name__ == "__main__":

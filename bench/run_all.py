@@ -17,7 +17,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("stream", "simulate", "sim_stream", "scale", "engine", "scaling", "tune", "decoder", "pretrain",
-              "foundation", "predict")
+              "foundation", "predict", "transfer_methods")
 
 
 def machine() -> dict:

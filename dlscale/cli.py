@@ -7,6 +7,7 @@
     dlscale eval --run-dir RUN [--data DIR] [--split val|test]
     dlscale predict --run RUN|ENCODER --data SRC --out OUT [--split S] [--embeddings] [--resize] [--skip-bad]
                                                            new images -> OUT/predictions.csv (+ embeddings.npy)
+    dlscale adapt-bn --run-dir RUN --target-data DIR --out RUN2   BatchNorm statistics of an unlabelled target (AdaBN)
     dlscale quickstart [--out runs/quickstart] [--scale small|full] [--force]   the whole pipeline, with a report
     dlscale transfer --encoder A [--encoder B ...] --data DIR --out OUT [--labels-per-class 10,100,1000,all]
                      [--repeats R] [--methods probe,finetune,scratch,random] [--epochs E]   label efficiency study
@@ -82,6 +83,11 @@ def predict_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def adapt_bn_main(argv: list[str]) -> int:
+    from dlscale.train.adabn import adapt_bn_main as run
+    return run(argv)
+
+
 def quickstart_main(argv: list[str]) -> int:
     from dlscale.quickstart import quickstart_main as run
     return run(argv)
@@ -98,7 +104,7 @@ def tune_main(argv: list[str]) -> int:
 
 
 COMMANDS = {"pack": pack_main, "shards": shards_main, "simulate": simulate_main, "train": train_main,
-            "eval": eval_main, "predict": predict_main, "quickstart": quickstart_main, "transfer": transfer_main,
+            "eval": eval_main, "predict": predict_main, "adapt-bn": adapt_bn_main, "quickstart": quickstart_main, "transfer": transfer_main,
             "tune": tune_main}
 
 

@@ -161,6 +161,17 @@ def read_yaml(path: str | Path) -> dict:
     return loaded
 
 
+def merge_overrides(tree: dict, overrides: list[str] | None, cls: type | None = None,
+                    translate: Any = None) -> dict:
+    """Dotted overrides over `tree`, one at a time in their order (`merge` with `cls`: a later override switching a
+    variant drops the options an earlier one set for the old variant); `translate` maps each override's tree first
+    (older spellings)."""
+    for item in overrides or []:
+        update = overrides_tree([item])
+        tree = merge(tree, translate(update) if translate else update, cls)
+    return tree
+
+
 def load_dataclass(defaults: Any, yaml_path: str | Path | None = None, overrides: list[str] | None = None,
                    **top: Any) -> Any:
     """Any typed config tree: `defaults` (an instance) < YAML file < dotted overrides (values parsed as YAML)
@@ -168,7 +179,7 @@ def load_dataclass(defaults: Any, yaml_path: str | Path | None = None, overrides
     tree = to_dict(defaults)
     if yaml_path:
         tree = merge(tree, read_yaml(yaml_path), type(defaults))
-    tree = merge(tree, overrides_tree(overrides), type(defaults))
+    tree = merge_overrides(tree, overrides, type(defaults))
     tree.update({k: v for k, v in top.items() if v is not None})
     return from_dict(type(defaults), tree)
 

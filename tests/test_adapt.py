@@ -214,7 +214,8 @@ def two_ranks(venv_bin, data, target, run_dir: Path, *extra) -> list:
             "--data", data, "--target-data", target, "--run-dir", run_dir, "--model.encoder.name=small",
             "--model.encoder.width=8", "--data.batch_size=12", "--data.num_workers=2", "--data.shuffle_buffer=48",
             "--model.tasks=[classification,dann,coral]", f"--schedule.epochs={EPOCHS}", "--schedule.log_every=2",
-            "--schedule.checkpoint_every=2", "--eval.n_bootstrap=10", "--eval.probe_samples=60", *extra]
+            "--schedule.checkpoint_every=2", "--eval.n_bootstrap=10", "--eval.probe_samples=60",
+            "--data.target.adabn=true", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +237,7 @@ def test_an_adapt_run_reports_both_domains_in_metrics_tensorboard_and_the_table(
     assert metrics["step"] == EPOCHS * BATCHES and metrics["val/n_samples"] == 61
     assert metrics["target/val/n_samples"] == 30
     for key in ("target/val/accuracy", "target/val/auc_macro", *(f"target/val/auc/{c}" for c in CLASSES),
+                "adabn/target/val/auc_macro",
                 "target/probe/auc_macro", "target_data/skipped_shards", "train/weight_dann"):
         assert key in metrics, key
     assert (root / "whole" / "roc_target_val.png").is_file() and (root / "whole" / "scores_target_val.npz").is_file()
@@ -272,6 +274,9 @@ def test_a_killed_adapt_run_resumes_to_the_parameters_of_an_uninterrupted_one(ad
     assert got.keys() == want.keys() and "heads.dann.batches_seen" in got
     assert int(got["heads.dann.batches_seen"]) == EPOCHS * BATCHES
     assert [k for k, v in got.items() if torch.is_tensor(v) and not torch.equal(v, want[k])] == []
+    adapted = torch.load(run / "adabn" / "model.pt", weights_only=True)   # the AdaBN step, after the resume too
+    assert all(torch.equal(v, torch.load(root / "whole" / "adabn" / "model.pt", weights_only=True)[k])
+               for k, v in adapted.items())
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ def test_transfer_print_config_round_trips(cli, tmp_path):
     first = cli("transfer", "--print-config", "--labels-per-class", "10,all", "--epochs", "3",
                     "--data.batch_size=16", "--task_options.superres.steps=7")
     assert first.code == 0, first.err
-    assert "# fine-tune runs: the pretrained encoder's learning rate" in first.out
+    assert "# runs from a pretrained encoder (every trained method but scratch): its learning rate" in first.out
     assert "labels_per_class: [10, all]" in first.out and "batch_size: 16" in first.out
     path = tmp_path / "transfer.yaml"
     path.write_text(first.out)

@@ -158,7 +158,8 @@ def test_every_task_writes_cells_naming_their_task_with_cis(study):
     assert len(by[("regression", "probe", "all")]["repeats"]) == 1
     assert len(by[("anomaly", "random", 4)]["repeats"]) == 2
     assert by[("anomaly", "probe", 4)]["n_train"] == 4                       # the no_sub images only
-    assert by[("anomaly", "probe", "all")]["mean"]["auroc_knn/both"] > 0.9      # the classes separate
+    for score in ("knn", "mahalanobis", "stages", "svdd"):                     # the classes separate
+        assert by[("anomaly", "probe", "all")]["mean"][f"auroc_{score}/both"] > 0.8, score
     assert by[("regression", "probe", "all")]["mean"]["r2/theta_E"] > 0.5
     assert by[("superres", "probe", 4)]["mean"]["psnr"] > by[("superres", "bicubic", 4)]["mean"]["psnr"] - 3
     assert "log10_axion_mass" not in json.dumps(results["tasks"][1]["metrics"])   # no axion mass in this data
@@ -169,12 +170,14 @@ def test_the_report_has_a_table_per_task_with_anchors_and_the_figures(study):
     report = (out / "report.md").read_text()
     for name in ("classification", "regression", "anomaly", "superres", "test_brightness"):
         assert f"## Task: {name}" in report
-    assert "anchor (other data)" in report and "adversarial autoencoder auroc_knn/both 0.932" in report
+    assert "anchor (other data)" in report
+    assert "adversarial autoencoder (reconstruction error) auroc_recon/both 0.932" in report
+    assert "github.com/DeepLense-Unsupervised/unsupervised-lensing" in report
     assert "a made-up reference mean_feature 1" in report and "registered in tests/test_downstream.py" in report
     assert "| 4 | probe | enc | 1 | 0 | " in report                               # the test task's row
     assert "## Task: anomaly" in result.out
     for figure in ("label_efficiency.png", "label_efficiency_tasks.png", "regression_downstream.png",
-                   "superres_examples.png"):
+                   "superres_examples.png", "anomaly_scores.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -274,3 +277,33 @@ def test_recon_error_is_scored_for_encoders_with_a_decoder_only(encoder, separab
     assert c["mean"]["auroc_recon/both"] == pytest.approx(expected, abs=1e-3)
     assert c["ci_low"]["auroc_recon/both"] <= c["mean"]["auroc_recon/both"] <= c["ci_high"]["auroc_recon/both"]
     assert "| 4 | recon_error | ae |" in (out / "report.md").read_text()
+
+
+def test_stage_scores_find_an_anomaly_only_an_early_stage_sees_and_deep_svdd_learns_from_normals_only():
+    from sklearn.metrics import roc_auc_score
+    from dlscale.transfer.tasks.anomaly import deep_svdd, stage_scores
+    rng = np.random.default_rng(2)
+    labels = np.repeat([0, 1], 100)
+    early = rng.normal(size=(200, 8)) + labels[:, None] * 1.5          # the anomaly shifts the early stage only
+    late = rng.normal(size=(200, 16))
+    normal = [rng.normal(size=(300, 8)), rng.normal(size=(300, 16))]
+    scores = stage_scores(normal, [early, late], seed=0)
+    assert roc_auc_score(labels, scores["stages"]) > 0.9
+    assert roc_auc_score(labels, scores["svdd"]) > 0.7
+    assert np.array_equal(stage_scores(normal, [early, late], seed=0)["svdd"], scores["svdd"])   # seeded
+    assert not np.array_equal(deep_svdd(normal[0], early, seed=1), deep_svdd(normal[0], early, seed=0))
+    assert roc_auc_score(labels, stage_scores([normal[1]], [late], seed=0)["stages"]) < 0.65   # late: blind
+
+
+def test_stage_features_are_each_stage_s_pooled_output_then_the_encoder_s():
+    import torch
+    from dlscale.models import EncoderConfig, build_encoder, global_pool
+    from dlscale.transfer.features import FeatureModel, stage_modules
+    encoder = build_encoder(EncoderConfig(name="small", width=4), (1, 16, 16)).eval()
+    model = FeatureModel(encoder, False, stage_modules(encoder))
+    images = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        got = model(images)["features"]
+        first = encoder[0](images)
+        expected = torch.cat([global_pool(first), global_pool(encoder[1](first)), global_pool(encoder(images))], 1)
+    assert model.widths == [4, 8, 16] and torch.allclose(got, expected)

@@ -134,8 +134,9 @@ class FakeMachine:
     the full-size planning and orchestration run here; `commands` records what the check asked for."""
 
     HELP = "usage: dlscale train [--stage {autoencoder,supervised,multitask,mae}] [--print-config]\n"
-    CONFIG = "data:\n  source: shards\n  transforms: auto\n  simulator:\n    preset: model_ii\n    eval_per_class: 1000\n" \
-             "loss:\n  method: fixed\n  fixed:\n    weights: null\n"
+    CONFIG = "data:\n  source: shards\n  transforms: auto\n  num_workers: 2\n  simulator:\n    preset: model_ii\n" \
+             "    eval_per_class: 1000\nloss:\n  method: fixed\n  fixed:\n    weights: null\n" \
+             "train:\n  compile: false\n  channels_last: false\n"
 
     def __init__(self):
         self.commands: list[list[str]] = []
@@ -193,8 +194,15 @@ def test_full_check_plans_every_gpu_run_through_the_cli(tmp_path, monkeypatch):
     assert all(c[c.index("-m", 2) + 1] == "dlscale.train" and "--deepspeed.precision=bf16" in c
                and "--device=cuda" in c for c in trains)
     training = report["parts"]["training"]["items"]
+    rows = ["train.compile", "train.channels_last", "train.compile+channels_last", "workers=4", "workers=8"]
     assert list(training) == ["data", "supervised/resnet18", "multitask/resnet18", "autoencoder/resnet18",
-                              "mae/resnet18", "supervised/vit_small", "supervised/resnet18 transforms=host"]
+                              "mae/resnet18", "supervised/vit_small", "supervised/resnet18 transforms=host",
+                              *(f"supervised/resnet18 {row}" for row in rows)]
+    for row, flags in zip(rows, [["compile"], ["channels_last"], ["compile", "channels_last"], [], []]):
+        command = training[f"supervised/resnet18 {row}"]["settings"]["command"]
+        assert all(f"--train.{flag}=true" in command for flag in flags), row
+        assert training[f"supervised/resnet18 {row}"]["figures"]["speedup_vs_main_run"] == 1.0   # the fake's log
+    assert training["supervised/resnet18 workers=4"]["settings"]["command"].endswith("--data.num_workers=4")
     host = training["supervised/resnet18 transforms=host"]
     assert host["status"] == "ok" and host["settings"]["command"].endswith("--data.transforms=host")
     run = training["supervised/resnet18"]

@@ -32,8 +32,8 @@ LAZY = {
     "dlscale": {"dlscale.export"},
     # a command imports only its own subcommand: ray (tune), deepspeed (train) and lenstronomy-free simulation
     # start in seconds each, and `dlscale pack` must not wait for them
-    "dlscale.cli": {"dlscale.data.pack", "dlscale.data.shards", "dlscale.sim", "dlscale.train", "dlscale.predict",
-                    "dlscale.quickstart", "dlscale.transfer.cli", "dlscale.sweep"},
+    "dlscale.cli": {"dlscale.data.pack", "dlscale.data.shards", "dlscale.sim", "dlscale.train", "dlscale.train.adabn",
+                    "dlscale.predict", "dlscale.quickstart", "dlscale.transfer.cli", "dlscale.sweep"},
 }
 # Function-level imports of other packages: optional or heavy dependencies, imported where they are used.
 LAZY_THIRD_PARTY = {"ray", "optuna", "peft", "geomloss", "escnn", "lenstronomy", "deepspeed", "timm", "safetensors",

@@ -68,6 +68,7 @@ def page_commands(page: Path) -> list[str]:
     text = page.read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        block = re.sub(r"\\\n\s*", " ", block)          # a command continued over lines with backslashes
         commands += [line.split(" #")[0].strip() for line in block.splitlines()]
     commands += re.findall(r"`((?:%s)[^`]*)`" % "|".join(map(re.escape, STARTS)), text)
     return [c for c in commands if c.startswith(STARTS)]

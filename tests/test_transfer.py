@@ -143,8 +143,8 @@ def two_rank_study(runs, encoder_run, separable_data):
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
                      "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2",
                      "--task_options.classification.targets=[theta_E]",
-                     "--methods", "probe,finetune,scratch", "--tasks", "classification",
-                     "--budget.finetune_encoder_lr_scale=0.5", *SMALL, *FAST)
+                     "--methods", "probe,finetune,scratch,lpft,layer_decay,partial", "--tasks", "classification",
+                     "--budget.finetune_encoder_lr_scale=0.5", "--budget.freeze_stages=1", *SMALL, *FAST)
     assert result.code == 0, result.err[-4000:]
     return out, result
 
@@ -172,6 +172,30 @@ def test_finetune_and_scratch_train_on_two_ranks_with_the_same_budget(two_rank_s
         assert manifest["splits"]["train"]["samples"] == 3 * n
     for cell in results["cells"]:
         assert {"accuracy", "auc_macro", "mae/theta_E", "r2/theta_E"} <= set(cell["mean"])
+
+
+@pytest.mark.slow   # the 2-rank study (torchrun)
+def test_lpft_layer_decay_and_partial_train_on_two_ranks_with_the_fine_tune_budget(two_rank_study, encoder_run):
+    out, _ = two_rank_study
+    results = json.loads((out / "results.json").read_text())
+    assert {"lpft", "layer_decay", "partial"} <= set(results["methods"])
+    cells = {(c["method"], c["n_per_class"]): c for c in results["cells"]}
+    for n in (2, 4):
+        runs = {m: Path(cells[(m, n)]["runs"][0]) for m in ("finetune", "lpft", "layer_decay", "partial")}
+        configs = {m: yaml.safe_load((d / "config.yaml").read_text()) for m, d in runs.items()}
+        logs = {m: (d / "log.txt").read_text() for m, d in runs.items()}
+        for method, run in runs.items():
+            assert "2 rank(s)" in logs[method] and f"encoder initialised from {encoder_run / 'encoder.pt'}" in \
+                logs[method]
+            assert json.loads((run / "metrics.json").read_text())["step"] == 2   # the fine-tune budget
+            assert configs[method]["optim"]["encoder_lr_scale"] == 0.5
+        assert f"heads fitted before training on {3 * n} images" in logs["lpft"]
+        assert "heads fitted" not in logs["finetune"]
+        options = {m: (c["optim"]["layer_decay"], c["optim"]["freeze_stages"],
+                       c["model"]["task_options"]["classification"]["probe_init"]) for m, c in configs.items()}
+        assert options == {"finetune": (1.0, 0, False), "lpft": (1.0, 0, True), "layer_decay": (0.75, 0, False),
+                           "partial": (1.0, 1, False)}
+        assert {"accuracy", "auc_macro"} <= set(cells[("lpft", n)]["mean"])
 
 
 def _data_dir(run_dir: Path) -> str:

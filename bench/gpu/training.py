@@ -106,6 +106,7 @@ def training_part(check, entry: dict, slice_s: float) -> None:
         check.report.item(entry, f"{stage}/{encoder}", lambda item, s=stage, e=encoder, t=share: engine_run(
             check, item, s, e, holder["data"], shape, t, plain=plain.get(f"{s}/{e}")))
     host_transforms(check, entry, holder["data"], shape, deadline, plain.get("supervised/resnet18"))
+    throughput_rows(check, entry, holder["data"], shape, deadline, plain.get("supervised/resnet18"))
     entry["figures"] = headline(entry["items"])
 
 
@@ -127,10 +128,42 @@ def host_transforms(check, entry: dict, data: Path, shape: tuple, deadline: floa
         name="supervised-resnet18-host-transforms", plain=plain))
 
 
+THROUGHPUT_ROWS = (("train.compile", ("--train.compile=true",)),
+                   ("train.channels_last", ("--train.channels_last=true",)),
+                   ("train.compile+channels_last", ("--train.compile=true", "--train.channels_last=true")),
+                   ("workers=4", ("--data.num_workers=4",)),
+                   ("workers=8", ("--data.num_workers=8",)))
+"""The main supervised run again with one throughput setting changed: is a compiled and/or channels-last step
+faster than the eager one (the main run), and how does the data-wait fraction move with 4 and 8 DataLoader
+workers (the transforms on the GPU, as in the main run). Highest priority first: rows that do not fit are skipped."""
+
+
+def throughput_rows(check, entry: dict, data: Path, shape: tuple, deadline: float, plain: dict | None) -> None:
+    keys = check.train_keys()
+    for label, extra in THROUGHPUT_ROWS:
+        name, left = f"supervised/resnet18 {label}", deadline - time.monotonic()
+        missing = [arg.split("=")[0][2:] for arg in extra if arg.split("=")[0][2:] not in keys]
+        if missing:
+            entry["items"][name] = {"status": "skipped", "skipped": f"no {missing[0]} key in --print-config"}
+        elif not check.cuda:    # a CPU run would measure the CPU's kernels and the workers' share of its cores
+            entry["items"][name] = {"status": "skipped", "skipped": "no CUDA"}
+        elif left < check.overhead_s + sizes(check).get("min_train_s", 0.0):
+            entry["items"][name] = {"status": "skipped", "skipped": f"budget: {left:.0f} s left"}
+        else:
+            check.report.item(entry, name, lambda item, e=extra, n=name, t=left: engine_run(
+                check, item, "supervised", "resnet18", data, shape, min(t, max(t / 3, check.overhead_s + 20)),
+                extra=e, name=n.replace("/", "-").replace(" ", "-").replace("+", "-"), plain=plain))
+    main_run = entry["items"].get("supervised/resnet18", {}).get("figures", {})
+    for label, _ in THROUGHPUT_ROWS:
+        row = entry["items"][f"supervised/resnet18 {label}"].get("figures", {})
+        if row.get("samples_per_s_steady") and main_run.get("samples_per_s_steady"):
+            row["speedup_vs_main_run"] = row["samples_per_s_steady"] / main_run["samples_per_s_steady"]
+
+
 def headline(items: dict) -> dict:
     """The figures a reader looks for first, per run that produced them."""
     keys = ("samples_per_s_steady", "data_wait_fraction", "step_time_s", "engine_vs_plain_step_ratio",
-            "peak_memory_mib")
+            "speedup_vs_main_run", "peak_memory_mib")
     return {name: {k: item["figures"][k] for k in keys if k in item["figures"]}
             for name, item in items.items() if item.get("figures", {}).get("samples_per_s_steady")}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import math
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -118,8 +118,20 @@ def npy_from_buffer(data: np.ndarray, where: str) -> np.ndarray:
         header.shape, order="F" if header.fortran_order else "C")
 
 
-def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, data as a uint8 array) of the regular files of a tar stream, in order."""
+def _skip(stream: BinaryIO, n: int, where: str) -> None:
+    """Pass over n bytes: a seek where the stream allows it (a local file), else read in chunks and dropped."""
+    if stream.seekable():
+        stream.seek(n, io.SEEK_CUR)
+        return
+    while n:
+        n -= len(_read_exact(stream, min(n, CHUNK_BYTES), where))
+
+
+def iter_members(stream: BinaryIO, where: str, keep: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[str, np.ndarray | None]]:
+    """Yield (name, data as a uint8 array) of the regular files of a tar stream, in order; a member whose name
+    `keep` refuses is passed over unread and yielded with data None. (A seek past the end of a truncated file
+    succeeds: the cut shows at the next header read.)"""
     long_name = None
     while True:
         header = stream.read(BLOCK)
@@ -134,6 +146,11 @@ def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, np.ndarray
             raise CorruptShardError(f"{where}: bad tar header ({err})") from None
         if info.size < 0:
             raise CorruptShardError(f"{where}: bad tar header (member size {info.size})")
+        if info.isreg() and keep is not None and not keep(long_name or info.name):
+            _skip(stream, info.size + -info.size % BLOCK, where)
+            yield (long_name or info.name), None
+            long_name = None
+            continue
         data = _read_exact(stream, info.size, where)
         _read_exact(stream, -info.size % BLOCK, where)
         if info.type == tarfile.GNUTYPE_LONGNAME:
@@ -148,17 +165,35 @@ def iter_members(stream: BinaryIO, where: str) -> Iterator[tuple[str, np.ndarray
             long_name = None
 
 
-def iter_records(stream: BinaryIO, where: str) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """Group consecutive members by WebDataset key (basename up to its first dot): yield (key, {suffix: data})."""
+def _split_name(name: str) -> tuple[str, str]:
+    """(WebDataset key: the path up to the basename's first dot, suffix)."""
+    prefix, _, base = name.rpartition("/")
+    stem, _, suffix = base.partition(".")
+    return (f"{prefix}/{stem}" if prefix else stem), suffix
+
+
+def iter_records(stream: BinaryIO, where: str, wanted: Callable[[int], bool] | None = None
+                 ) -> Iterator[tuple[str, dict[str, np.ndarray] | None]]:
+    """Group consecutive members by WebDataset key: yield (key, {suffix: data}) for the r-th record, r = 0, 1, ...;
+    a record that `wanted(r)` refuses is passed over unread and yielded as (key, None)."""
+    seen = [None, -1]    # the key of the last member `keep` was asked about, and its record's index
+
+    def keep(name: str) -> bool:
+        member_key = _split_name(name)[0]
+        if member_key != seen[0]:
+            seen[:] = [member_key, seen[1] + 1]
+        return wanted(seen[1])
+
     key, record = None, {}
-    for name, data in iter_members(stream, where):
-        prefix, _, base = name.rpartition("/")
-        stem, _, suffix = base.partition(".")
-        member_key = f"{prefix}/{stem}" if prefix else stem
+    for name, data in iter_members(stream, where, None if wanted is None else keep):
+        member_key, suffix = _split_name(name)
         if member_key != key:
-            if record:
+            if record is None or record:
                 yield key, record
             key, record = member_key, {}
-        record[suffix] = data
-    if record:
+        if data is None:
+            record = None
+        else:
+            record[suffix] = data
+    if record is None or record:
         yield key, record

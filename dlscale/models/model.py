@@ -27,7 +27,10 @@ class TaskModel(nn.Module):
 
     A batch carrying a second domain's images (TARGET_DOMAIN) is encoded in the same encoder pass as `images`, so
     BatchNorm normalises both domains with the same statistics in training, as its running statistics will at
-    evaluation; the tasks see the second domain's pooled features as `batch[TARGET_FEATURES]`."""
+    evaluation; with `separate_domains` each domain passes alone (normalised with its own batch statistics, as
+    AdaBN's target statistics will at inference). The tasks see the second domain's pooled features as
+    `batch[TARGET_FEATURES]`."""
+    separate_domains: bool = False
 
     def __init__(self, encoder: nn.Module, tasks: Mapping[str, object], weighting: nn.Module | None = None) -> None:
         super().__init__()
@@ -45,9 +48,13 @@ class TaskModel(nn.Module):
         need_map = batch is None or any(task.uses_feature_map for task in self.task_specs.values())
         feature_map = None
         if need_map and batch is not None and TARGET_DOMAIN in batch:
-            joint = self.encoder(torch.cat([images, batch[TARGET_DOMAIN]["image"]]))
-            feature_map = joint[:len(images)]
-            batch = {**batch, TARGET_FEATURES: global_pool(joint[len(images):])}
+            target = batch[TARGET_DOMAIN]["image"]
+            if self.separate_domains:
+                feature_map, target_map = self.encoder(images), self.encoder(target)
+            else:
+                joint = self.encoder(torch.cat([images, target]))
+                feature_map, target_map = joint[:len(images)], joint[len(images):]
+            batch = {**batch, TARGET_FEATURES: global_pool(target_map)}
         elif need_map:
             feature_map = self.encoder(images)
         out = {} if feature_map is None else {"features": global_pool(feature_map)}

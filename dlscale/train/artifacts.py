@@ -92,15 +92,17 @@ def save_model(run_dir: Path, model: nn.Module) -> None:
     io.save_torch(run_dir / "model.pt", cpu_state_dict(model))
 
 
-def export_encoder(run_dir: Path, model: nn.Module, cfg, image_shape, stats: dict | None, manifest: dict) -> Path:
+def export_encoder(run_dir: Path, model: nn.Module, cfg, image_shape, stats: dict | None, manifest: dict,
+                   extra: dict | None = None) -> Path:
     """encoder.pt with what a downstream user needs: classes, input shape and normalisation, the stage, the
-    regression targets and their statistics, and the data it was trained on (with any resize)."""
+    regression targets and their statistics, the data it was trained on (with any resize), and `extra` (e.g. the
+    provenance of an AdaBN run)."""
     path = run_dir / "encoder.pt"
     info = {"classes": list(CLASSES), "image_shape": list(image_shape), "normalize": cfg.data.normalize,
             "stage": cfg.stage, "targets": list(cfg.data.targets), "target_stats": stats,
             "data": {"dir": str(cfg.data_dir), "source": manifest.get("source"),
                      "image_shape": manifest["image_shape"], "resize": cfg.data.resize,
-                     "resize_mode": cfg.data.resize_mode}}
+                     "resize_mode": cfg.data.resize_mode}, **(extra or {})}
     save_encoder(path, model.encoder, cfg.model.encoder, info)
     save_portable_encoder(run_dir, model.encoder, cfg.model.encoder, info)
     return path

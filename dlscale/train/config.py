@@ -13,9 +13,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dlscale.configtree import commented_yaml, from_dict, merge, overrides_tree, read_yaml, rehomed, to_dict
+from dlscale.configtree import commented_yaml, from_dict, merge, merge_overrides, read_yaml, rehomed, to_dict
 from dlscale.data.stream import StreamConfig
 from dlscale.models import EncoderConfig
+from dlscale.models.adapters import LoRAConfig
 from dlscale.preemption import DEFAULT_SIGNALS, signal_number
 from dlscale.sim.stream import SimulationSourceConfig
 from dlscale.compat import FORMAT_0_1, FORMAT_VERSION, format_version, upgrade_config
@@ -29,6 +30,7 @@ from dlscale.train.weighting.famo import FAMOConfig
 import copy
 
 
+DOMAIN_BATCHNORM = ("joint", "separate")
 BUILTIN_SECTIONS = ("fixed", "dwa", "famo")
 """Weightings whose options have a section of their own (`loss.<method>`), not `loss.options.<method>`."""
 
@@ -49,6 +51,9 @@ class TargetDataConfig:
     """Simulated target images (source=simulate): preset, simulator overrides, evaluation set."""
     evaluate: bool = True
     """score the run on the target's `eval.split` too (labels used for scoring only)"""
+    adabn: bool = False
+    """after training, re-estimate every BatchNorm's statistics on the target's unlabelled train images (AdaBN,
+    `dlscale adapt-bn`) into RUN/adabn, a run of its own, scored as `adabn/target/<split>/...`"""
 
     def validate(self) -> "TargetDataConfig":
         if self.source and self.source not in SOURCES:
@@ -57,6 +62,9 @@ class TargetDataConfig:
         if self.source and SOURCES[self.source].needs_data_dir and not self.data_dir:
             raise ValueError(f"data.target.source={self.source} needs the target dataset: --target-data DIR "
                              "(data.target.data_dir)")
+        if self.adabn and not self.source:
+            raise ValueError("data.target.adabn=true needs a target domain: --target-data DIR or "
+                             "data.target.source=simulate")
         try:
             self.simulator.validate()
         except ValueError as err:
@@ -99,12 +107,20 @@ class ModelConfig:
     """Tasks of stages that let the run choose (multitask); default recon + classification (+ regression if
     data.targets)."""
     classifier_dropout: float = 0.0
+    domain_batchnorm: str = "joint"
+    """stage adapt: joint (the labelled and target images pass the encoder in one batch: BatchNorm normalises both
+    with one statistic) | separate (each domain's images pass alone, normalised with their own batch statistics,
+    as AdaBN's target statistics do at inference)"""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters on the encoder (`dlscale.models.adapters`): with rank > 0 only they and the heads train"""
     task_options: dict[str, Any] = field(default_factory=dict)
     """Per-task options, typed: task name -> an instance of that task's `Config` (e.g. `mae: {mask_ratio: 0.6}`);
     loading fills in the defaults of every task the run trains, so `--print-config` lists them, and refuses a
     misspelt option naming its dotted key (`model.task_options.<task>.<field>`)."""
 
     def __post_init__(self) -> None:
+        if self.domain_batchnorm not in DOMAIN_BATCHNORM:
+            raise ValueError(f"model.domain_batchnorm={self.domain_batchnorm!r}: expected one of {DOMAIN_BATCHNORM}")
         typed = {}
         for name, values in (self.task_options or {}).items():
             if not isinstance(name, str) or name not in TASKS:
@@ -164,6 +180,13 @@ class OptimConfig:
     encoder_lr_scale: float = 1.0
     """the encoder's learning rate as a multiple of lr (heads keep lr): below 1 fine-tunes a pretrained encoder
     gently while its new heads learn at full speed"""
+    layer_decay: float = 1.0
+    """layer-wise learning-rate decay (BEiT, Bao et al. 2022): the encoder's layer group at depth d from the output
+    (the last stage or ViT block d = 1, the stem d = G; `dlscale.models.layer_groups`) learns at lr x encoder_lr_scale x
+    layer_decay^d, the heads at lr; 1 = off"""
+    freeze_stages: int = 0
+    """partial fine-tuning: the encoder's first k layer groups (stem first) are frozen: no gradient, not in the
+    optimiser (their BatchNorm statistics still follow the data); 0 = none"""
     grad_clip: float = 1.0
     """global gradient-norm clip (0 = off)"""
 
@@ -178,6 +201,18 @@ class DeepSpeedConfig:
     """gradient accumulation steps"""
     config_file: str | None = None
     """a ds_config JSON used as is (its batch sizes must agree with data.*)"""
+
+
+@dataclass
+class TrainStepConfig:
+    """How the training step runs on the device (not what it computes: the losses agree within float tolerance)."""
+    compile: bool = False
+    """compile the model with DeepSpeed's engine compile (torch.compile, inductor): the first steps take longer while
+    kernels are generated (minutes on a CPU, and a C++ compiler is needed there); for GPUs"""
+    channels_last: bool = False
+    """batches in channels-last (NHWC) layout, which convolutions keep for their outputs: the layout cuDNN's fastest
+    kernels take on tensor cores. The weights stay NCHW (DeepSpeed keeps them in flat buffers; a convolution
+    converts its weight, a small copy). For CNN backbones on GPUs (ViTs gain nothing)"""
 
 
 @dataclass
@@ -232,6 +267,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainStepConfig = field(default_factory=TrainStepConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -248,6 +284,11 @@ class Config:
             raise ValueError(f"deepspeed.precision={self.deepspeed.precision!r}: expected auto, fp32, bf16 or fp16")
         if self.schedule.epochs < 1 or self.deepspeed.grad_accum < 1:
             raise ValueError("schedule.epochs and deepspeed.grad_accum must be >= 1")
+        if not 0 < self.optim.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay={self.optim.layer_decay}: expected a factor in (0, 1] (1 = off)")
+        self.model.lora.validate()
+        if self.optim.freeze_stages < 0:
+            raise ValueError(f"optim.freeze_stages={self.optim.freeze_stages}: expected a count >= 0 (0 = none)")
         self.data.validate()
         source = source_class(self.data.source)
         source(self).check_config()
@@ -344,7 +385,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
     (`section.key=value`) < keyword arguments (None: not given). Unknown keys, wrong types and bad values raise
     naming the dotted key; `complete`: the run's inputs (data_dir, run_dir) must be there too."""
     given = upgrade_config(read_yaml(yaml_path)) if yaml_path else {}
-    given = merge(given, upgrade_config(overrides_tree(overrides), FORMAT_0_1), Config)   # 0.1's keys still accepted
+    given = merge_overrides(given, overrides, Config, lambda tree: upgrade_config(tree, FORMAT_0_1))   # 0.1's keys too
     given.update({k: v for k, v in top.items() if v is not None})
     stage = given.get("stage", Config.stage)
     stage_defaults = STAGES[stage].defaults if isinstance(stage, str) and stage in STAGES else {}

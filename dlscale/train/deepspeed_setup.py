@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dlscale.distributed import DistInfo, export_env, set_env
+from dlscale.models import layer_groups
 
 log = logging.getLogger(__name__)
 
@@ -137,24 +138,50 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 
 
 def make_optimizer(model: torch.nn.Module, cfg, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW of `cfg.optim`; with `optim.encoder_lr_scale` != 1 the encoder's parameters form a group of their own
-    at that multiple of the learning rate (one group otherwise, as checkpoints before the option hold)."""
+    """AdamW of `cfg.optim`. The encoder's parameters learn at `optim.encoder_lr_scale` x lr, its layer group at
+    depth d from the output at a further `optim.layer_decay`^d (groups: each backbone's, `dlscale.models.layer_groups`); its
+    first `optim.freeze_stages` groups are frozen here (requires_grad off, left out of the optimiser). With the
+    defaults there is one group, as checkpoints before these options hold."""
     o = cfg.optim
     if o.encoder_lr_scale <= 0:
         raise ValueError(f"optim.encoder_lr_scale={o.encoder_lr_scale}: expected a multiple of optim.lr > 0")
-    params: list = list(model.parameters())
-    if o.encoder_lr_scale != 1.0:
-        encoder = getattr(model, "encoder", None)
-        if not isinstance(encoder, torch.nn.Module):
-            raise ValueError("optim.encoder_lr_scale: this model has no encoder to give its own learning rate")
-        mine = {id(p) for p in encoder.parameters()}
-        params = [{"params": [p for p in params if id(p) in mine], "lr": o.lr * o.encoder_lr_scale},
-                  {"params": [p for p in params if id(p) not in mine], "lr": o.lr}]
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused)
+    params: list = [p for p in model.parameters() if p.requires_grad]   # (LoRA freezes the encoder's own weights)
+    if o.encoder_lr_scale == 1.0 and o.layer_decay == 1.0 and o.freeze_stages == 0:
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused)
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, torch.nn.Module):
+        raise ValueError("optim.encoder_lr_scale / layer_decay / freeze_stages: this model has no encoder to give "
+                         "its own learning rate")
+    layers = encoder_layers(encoder, cfg)
+    if o.freeze_stages > len(layers):
+        raise ValueError(f"optim.freeze_stages={o.freeze_stages}: encoder {cfg.model.encoder.name} has "
+                         f"{len(layers)} layer groups")
+    for layer in layers[:o.freeze_stages]:
+        for p in layer:
+            p.requires_grad_(False)
+    mine = {id(p) for p in encoder.parameters()}
+    groups = [{"params": [p for p in layer if p.requires_grad],
+               "lr": o.lr * o.encoder_lr_scale * o.layer_decay ** (len(layers) - i)}
+              for i, layer in enumerate(layers) if i >= o.freeze_stages]
+    if o.layer_decay == 1.0:   # one encoder group, as before layer-wise decay
+        groups = [{"params": [p for g in groups for p in g["params"]], "lr": o.lr * o.encoder_lr_scale}]
+    groups = [g for g in groups if g["params"]]
+    groups.append({"params": [p for p in params if id(p) not in mine], "lr": o.lr})
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, fused=fused)
+
+
+def encoder_layers(encoder: torch.nn.Module, cfg) -> list[list[torch.nn.Parameter]]:
+    """The encoder's parameters in its layer groups, input to output (one group when neither layer-wise decay nor
+    freezing asks for them, so any backbone takes `optim.encoder_lr_scale`)."""
+    if cfg.optim.layer_decay == 1.0 and cfg.optim.freeze_stages == 0:
+        return [list(encoder.parameters())]
+    named = dict(encoder.named_parameters())
+    return [[named[n] for n in group] for group in layer_groups(encoder)]
 
 
 def make_engine(model: torch.nn.Module, cfg, world: int, device: torch.device, total_steps: int):
-    """Wrap the model in a DeepSpeed engine with torch AdamW (fused on CUDA) and warm-up + cosine schedule."""
+    """Wrap the model in a DeepSpeed engine with torch AdamW (fused on CUDA) and warm-up + cosine schedule; its forward
+    compiled when `train.compile` asks."""
     import deepspeed
     precision = resolve_precision(cfg, device)
     config = ds_config(cfg, world, precision)
@@ -162,4 +189,6 @@ def make_engine(model: torch.nn.Module, cfg, world: int, device: torch.device, t
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    if cfg.train.compile:
+        engine.compile()   # nn.Module.compile in place: state dict keys and checkpoints stay as in eager runs
     return engine, precision, config

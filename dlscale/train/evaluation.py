@@ -144,18 +144,30 @@ def probe_features(model, ev: Evaluation) -> tuple[dict | None, dict]:
     return features, skip_metrics(loader.dataset, "probe", "the linear probe's train features", ev.device)
 
 
-def finalize_heads(model, ev: Evaluation, train_features: dict | None) -> dict:
-    """Each task's end-of-training adjustment of its head (`Task.finalize`) on the probe's train features; rank 0's
-    result is then broadcast, so every rank evaluates and exports the same head."""
+def finalize_heads(model, ev: Evaluation, train_features: dict | None, hook: str = "finalize") -> dict:
+    """Each task's end-of-training adjustment of its head (`Task.finalize`; `hook` initialize: its fit before the
+    first step, `Task.initialize`) on the probe's train features; rank 0's result is then broadcast, so every rank
+    evaluates and exports (or starts training) the same head."""
     if train_features is None:
         return {}
     metrics = {}
     for name, task in model.task_specs.items():
-        metrics.update(task.finalize(model.heads[name], train_features))
+        metrics.update(getattr(task, hook)(model.heads[name], train_features))
     if ev.info.world > 1 and metrics:
         for tensor in [*model.heads.parameters(), *model.heads.buffers()]:
             dist.broadcast(tensor.data, src=0)
     return metrics
+
+
+def initialize_heads(model, ev: Evaluation) -> dict:
+    """The heads of tasks that start from a fit (`Task.initializes`: LP-FT's probe head) fitted to the eval-mode
+    features of the probe's train set, before the engine copies the weights into its optimiser."""
+    if not any(task.initializes() for task in model.task_specs.values()):
+        return {}
+    if ev.cfg.eval.probe_samples <= 0:
+        raise ValueError("model.task_options.classification.probe_init fits the head to the probe's train images: "
+                         "set eval.probe_samples > 0")
+    return finalize_heads(model, ev, probe_features(model, ev)[0], hook="initialize")
 
 
 class EvaluationError(ValueError):

@@ -85,4 +85,5 @@ def build_run_model(cfg, image_shape: tuple[int, ...], stats: dict | None, total
                         cfg.model.tasks, cfg.model.classifier_dropout, cfg.data.targets, stats,
                         cfg.model.task_options, total_steps)
     model.weighting = build_weighting(cfg.loss.method, model.tasks, cfg.loss.method_options())
+    model.separate_domains = cfg.model.domain_batchnorm == "separate"
     return model

@@ -22,15 +22,16 @@ import torch.distributed as dist
 from dlscale import preemption
 from dlscale.data.classes import CLASSES
 from dlscale.distributed import DistInfo, dist_info
-from dlscale.train import artifacts
+from dlscale.models.adapters import add_adapters
+from dlscale.train import adabn, artifacts
 from dlscale.train.config import Config
 from dlscale.train.data import (load_dataset, prepare_eval_set, prepare_target_eval_set,
                                 resolve_transforms, simulated_eval_set, stream_image_shape, target_stats, train_stream)
 from dlscale.train.sources.simulate import EVAL_DATA
 from dlscale.train.sources.two_stream import TARGET_EVAL_DATA, simulated_target_set
-from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device
+from dlscale.train.deepspeed_setup import init_distributed, make_engine, pick_device, resolve_precision
 from dlscale.train.trainer import DTYPES, EvaluationCallback, Trainer
-from dlscale.train.evaluation import Evaluation, target_evaluation
+from dlscale.train.evaluation import Evaluation, initialize_heads, target_evaluation
 from dlscale.train.model import build_run_model, init_encoder
 from dlscale.train.preflight import check_engine_settings, check_target
 from dlscale.train.watchdog import exit_with_launcher
@@ -74,7 +75,9 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
     model = build_run_model(cfg, image_shape, stats, total_steps=cfg.schedule.epochs * batches)
     if cfg.init_from:
         init_encoder(model.encoder, cfg.init_from, cfg.model.encoder, image_shape, CLASSES)
+    add_adapters(model.encoder, cfg.model.lora, cfg.model.encoder.name)
     check_engine_settings(cfg, model, info.world, device)
+    adabn.check_run_step(cfg, model)
     init_distributed(info, device)
     stop_if_preempted(info, device)
     dist.barrier()   # every rank has checked the run directory before rank 0 creates it
@@ -94,11 +97,12 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
             if info.world > 1 and device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # (SyncBatchNorm has no CPU kernel)
             total_steps = cfg.schedule.epochs * batches // cfg.deepspeed.grad_accum
-            engine, precision, _ = make_engine(model.to(device), cfg, info.world, device, total_steps)
+            evaluation = Evaluation(cfg, manifest, info, device, DTYPES[resolve_precision(cfg, device)], run_dir)
+            start_heads(model.to(device), evaluation)
+            engine, precision, _ = make_engine(model, cfg, info.world, device, total_steps)
             if info.is_main:
                 from torch.utils.tensorboard import SummaryWriter
-                writer = SummaryWriter(str(run_dir / "tb"))
-            evaluation = Evaluation(cfg, manifest, info, device, DTYPES[precision], run_dir, writer)
+                writer = evaluation.writer = SummaryWriter(str(run_dir / "tb"))
             evaluation.target = target_evaluation(evaluation)
             trainer = Trainer(cfg, info, engine, stream, batches, DTYPES[precision], evaluation, on_evaluation, stats,
                               drill)
@@ -110,7 +114,10 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
                      precision, cfg.deepspeed.zero_stage, cfg.loss.method, cfg.schedule.epochs, batches,
                      cfg.data.batch_size)
             trainer.train()
-            return trainer.finish(image_shape)
+            metrics = trainer.finish(image_shape)
+            if cfg.data.target.adabn:
+                metrics.update(adabn.run_step(cfg, evaluation, info, device, metrics["step"]))
+            return metrics
         finally:
             if writer is not None:
                 writer.close()
@@ -128,6 +135,16 @@ def resolved(cfg: Config, device: torch.device, simulated_eval: bool) -> Config:
         target = dataclasses.replace(cfg.data.target, data_dir=str(run_dir / TARGET_EVAL_DATA))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target=target))
     return cfg
+
+
+def start_heads(model: torch.nn.Module, evaluation: Evaluation) -> None:
+    """Fit the heads that start from a fit (LP-FT) before the engine exists; a resumed run's checkpoint then
+    replaces them, so a fresh and a resumed run go through the same steps."""
+    fitted = initialize_heads(model, evaluation)
+    if fitted:
+        log.info("heads fitted before training on %d images of the train split: %s",
+                 max(int(v) for k, v in fitted.items() if k.endswith("/samples")),
+                 ", ".join(f"{k}={v:.4g}" for k, v in fitted.items()))
 
 
 def stop_if_preempted(info: DistInfo, device: torch.device) -> None:

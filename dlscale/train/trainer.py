@@ -26,6 +26,7 @@ from tqdm import tqdm
 from dlscale import preemption
 from dlscale.data.stream import finish_batch
 from dlscale.distributed import DistInfo
+from dlscale.models.adapters import merged
 from dlscale.train import artifacts, checkpoint
 from dlscale.train.config import Config
 from dlscale.train.data import describe_ids, epoch_loader, training_skip_groups
@@ -59,6 +60,14 @@ class StepWindow:
         self.sums += values.double()
         self.steps.append(step)
         self.ids.append(ids[:8])
+
+
+def channels_last(images: torch.Tensor) -> torch.Tensor:
+    """A copy of (N, C, H, W) `images` with NHWC strides, which convolutions follow. The strides are explicit: with
+    one channel `contiguous(memory_format=torch.channels_last)` keeps the NCHW ones (both count as contiguous)."""
+    n, c, h, w = images.shape
+    return torch.empty_strided(images.shape, (h * w * c, 1, w * c, c), dtype=images.dtype,
+                               device=images.device).copy_(images)
 
 
 class Trainer:
@@ -232,6 +241,8 @@ class Trainer:
         """One (micro-)step without a host synchronisation: the loss values go into the window on the device."""
         batch = finish_batch(batch, self.cfg.data, self.device, self.dtype)
         images = batch["image"]
+        if self.cfg.train.channels_last:
+            images = channels_last(images)
         out = self.engine(images, batch)
         losses = self.module.losses(out, images, batch)
         total, self.weights = self.module.weighting(losses)
@@ -280,10 +291,11 @@ class Trainer:
         return {f"train/weight_{task}": w for task, w in self.module.weighting.weights.items()}
 
     def export(self, image_shape: tuple[int, ...]) -> None:
-        """model.pt and encoder.pt (rank 0)."""
+        """model.pt and encoder.pt (rank 0), LoRA adapters merged into their layers' weights."""
         if self.info.is_main:
-            artifacts.save_model(self.run_dir, self.module)
-            artifacts.export_encoder(self.run_dir, self.module, self.cfg, image_shape, self.stats,
+            module = merged(self.module)
+            artifacts.save_model(self.run_dir, module)
+            artifacts.export_encoder(self.run_dir, module, self.cfg, image_shape, self.stats,
                                      self.evaluation.manifest)
 
     def finish(self, image_shape: tuple[int, ...]) -> dict:

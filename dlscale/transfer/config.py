@@ -17,7 +17,7 @@ from dlscale.configtree import commented_yaml, from_dict, merge, overrides_tree,
 from dlscale.data.stream import NORMALIZATIONS, StreamConfig
 from dlscale.distributed import local_ranks
 from dlscale.train.config import DeepSpeedConfig, OptimConfig
-from dlscale.transfer.methods import METHODS
+from dlscale.transfer.methods import DEFAULT_METHODS, METHODS, TRAINED
 from dlscale.transfer.subsets import ALL, parse_sizes
 from dlscale.transfer.tasks import ALL_TASKS, DOWNSTREAM
 
@@ -30,7 +30,15 @@ class BudgetConfig:
     min_batches_per_epoch: int = 5
     """floor of an epoch on a small subset"""
     finetune_encoder_lr_scale: float = 1.0
-    """fine-tune runs: the pretrained encoder's learning rate as a multiple of its new head's"""
+    """runs from a pretrained encoder (every trained method but scratch): its learning rate as a multiple of its
+    new head's"""
+    layer_decay: float = 0.75
+    """method layer_decay: the encoder's layer group d from the output learns at layer_decay^d of the head's rate
+    (`optim.layer_decay` of its runs)"""
+    freeze_stages: int = 2
+    """method partial: the encoder's first k layer groups (stem first) stay frozen (`optim.freeze_stages`)"""
+    lora_rank: int = 8
+    """method lora: rank of the adapters (`model.lora.rank`; ViT encoders only)"""
 
 
 @dataclass
@@ -48,8 +56,8 @@ class TransferConfig:
     """N labels per class, ascending, and/or all (the whole train split)"""
     repeats: int = 3
     """seeded label subsets per N"""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    """some of probe, finetune, scratch, random"""
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    """some of probe, finetune, scratch, random, lpft, layer_decay, partial, lora (`dlscale.transfer.methods`)"""
     split: str = "val"
     """the eval split every metric is taken on: val | test"""
     tasks: list[str] = field(default_factory=lambda: [ALL_TASKS])
@@ -126,12 +134,18 @@ class TransferConfig:
         if self.data.normalize != StreamConfig.normalize:
             raise ValueError(f"data.normalize={self.data.normalize!r}: the study takes each encoder's normalisation; "
                              "set normalize=NAME to force one for every encoder")
-        if self.eval_data and {"finetune", "scratch"} & set(self.methods):
-            raise ValueError("eval_data (--eval-data) scores the frozen-encoder methods (probe, random) on other "
-                             "data; fine-tune and scratch runs evaluate on their own data: use --methods probe,random")
+        trained = sorted(set(TRAINED) & set(self.methods))
+        if self.eval_data and trained:
+            raise ValueError(f"eval_data (--eval-data) scores the frozen-encoder methods (probe, random) on other "
+                             f"data; training runs ({', '.join(trained)}) evaluate on their own data: use --methods "
+                             "probe,random")
         if self.budget.finetune_encoder_lr_scale <= 0:
             raise ValueError(f"budget.finetune_encoder_lr_scale={self.budget.finetune_encoder_lr_scale}: expected a "
                              "multiple > 0")
+        if not 0 < self.budget.layer_decay <= 1 or self.budget.freeze_stages < 0 or self.budget.lora_rank < 1:
+            raise ValueError(f"budget.layer_decay={self.budget.layer_decay}, budget.freeze_stages="
+                             f"{self.budget.freeze_stages}, budget.lora_rank={self.budget.lora_rank}: expected a "
+                             "factor in (0, 1], a count >= 0 and a rank >= 1")
         for name, options in self.task_options.items():
             check = getattr(options, "validate", None)
             if check is not None:

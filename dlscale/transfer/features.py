@@ -9,6 +9,7 @@ whole split in sample-id order.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from dlscale.collect import collect, gather
 from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
 from dlscale.export import encoder_config, load_encoder, read_encoder_file
-from dlscale.models import EncoderConfig, backbone_class, build_encoder, global_pool
+from dlscale.models import EncoderConfig, backbone_class, build_encoder, global_pool, layer_groups
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,35 @@ def check_input(source: EncoderSource, data_shape, stream: StreamConfig, data_di
                      "instead of interpolating)")
 
 
-class FeatureModel(nn.Module):
-    """An encoder as `collect` sees a model: pooled features, and the batch's regression targets collected."""
+def stage_modules(encoder: nn.Module) -> list[str]:
+    """Names of the submodules whose outputs are the encoder's stages before its last (each layer group that is
+    one module: a CNN stage, a ViT block); the stem, whose group spans several modules, is left out."""
+    roots = [os.path.commonprefix([n.split(".")[:-1] for n in group]) for group in layer_groups(encoder)[:-1]]
+    return [".".join(root) for root in roots if root]
 
-    def __init__(self, encoder: nn.Module, with_targets: bool) -> None:
+
+def pool_any(output: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) maps and (B, N, D) token sequences to (B, C) / (B, D) means."""
+    return global_pool(output) if output.dim() == 4 else output.mean(1)
+
+
+class FeatureModel(nn.Module):
+    """An encoder as `collect` sees a model: pooled features, and the batch's regression targets collected. With
+    `stages` (submodule names), the features are every stage's pooled output and then the encoder's, concatenated."""
+
+    def __init__(self, encoder: nn.Module, with_targets: bool, stages: list[str] | None = None) -> None:
         super().__init__()
-        self.encoder, self.with_targets = encoder, with_targets
+        self.encoder, self.with_targets, self.stages = encoder, with_targets, list(stages or [])
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.widths: list[int] = []
+        self.hooks = [encoder.get_submodule(s).register_forward_hook(
+            lambda module, args, output, s=s: self.outputs.__setitem__(s, output)) for s in self.stages]
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"features": global_pool(self.encoder(images))}
+        final = global_pool(self.encoder(images))
+        parts = [pool_any(self.outputs.pop(s)) for s in self.stages] + [final]
+        self.widths = [p.shape[1] for p in parts]
+        return {"features": torch.cat(parts, 1)}
 
     def collect(self, out, images, batch) -> dict[str, torch.Tensor]:
         return {"target": batch["target"]} if self.with_targets else {}
@@ -121,12 +142,20 @@ def random_encoder(source: EncoderSource, seed: int) -> nn.Module:
 
 
 def features(encoder: nn.Module, data_dir, stream: StreamConfig, split: str, what: str,
-             device: torch.device = torch.device("cpu")) -> dict[str, np.ndarray]:
-    """ids, labels, features (and target with `stream.targets`) of every sample of `split`, in id order."""
+             device: torch.device = torch.device("cpu"), stages: list[str] | None = None) -> dict[str, np.ndarray]:
+    """ids, labels, features (and target with `stream.targets`) of every sample of `split`, in id order. With
+    `stages` (`stage_modules`): every stage's pooled output and the encoder's, concatenated; `widths` says where
+    each ends."""
     loader = eval_loader(data_dir, stream, 0, 1, split)
     bar = tqdm(loader, desc=f"features {what} [{split}]", unit="batch", leave=False)
-    model = FeatureModel(encoder, bool(stream.targets)).to(device)
-    out = gather(collect(model, bar, device, torch.float32, n_examples=0,
-                         finish=lambda batch: finish_batch(batch, stream, device)))
+    model = FeatureModel(encoder, bool(stream.targets), stages).to(device)
+    try:
+        out = gather(collect(model, bar, device, torch.float32, n_examples=0,
+                             finish=lambda batch: finish_batch(batch, stream, device)))
+    finally:
+        for hook in model.hooks:
+            hook.remove()
+    if stages:
+        out["widths"] = np.array(model.widths)
     log.info("features of %s: %d %s samples x %d", what, len(out["labels"]), split, out["features"].shape[1])
     return out

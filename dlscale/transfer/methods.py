@@ -1,12 +1,53 @@
-"""The methods of a transfer study, shared by every downstream task: how each uses an encoder."""
+"""The methods of a transfer study, shared by every downstream task: how each uses an encoder.
+
+A frozen method fits on the encoder's frozen features; a trained one is a training run through the DeepSpeed engine
+under the study's shared budget, and declares here what it changes in the run's training config (the runs are
+planned from these fields by `training.run_config`, never by the method's name).
+"""
 from __future__ import annotations
 
-METHOD_TEXT = {
-    "probe": "a linear model (logistic regression; ridge for regression targets) on the frozen encoder's pooled "
-             "features",
-    "finetune": "the encoder fine-tuned with a new head through the DeepSpeed engine (init_from)",
-    "scratch": "the same architecture from random weights, same labels, config and budget",
-    "random": "control: the same architecture at random initialisation, probed like `probe`"}
-METHODS = tuple(METHOD_TEXT)
-FROZEN = ("probe", "random")          # methods that fit on frozen features (cross-dataset scoring allowed)
-TRAINED = ("finetune", "scratch")     # methods that train the encoder through the engine
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    text: str
+    """what the method does, for the report"""
+    frozen: bool = False
+    """fits on frozen features (probe, random): cross-dataset scoring allowed"""
+    pretrained: bool = True
+    """starts from the trained encoder's weights (one run per encoder; scratch: one per architecture), its encoder
+    at `budget.finetune_encoder_lr_scale`"""
+    probe_head: bool = False
+    """the classification head starts from the linear probe fitted on the subset's frozen features (LP-FT)"""
+    layer_decay: bool = False
+    """the encoder learns with layer-wise learning-rate decay `budget.layer_decay`"""
+    freeze_stages: bool = False
+    """the encoder's first `budget.freeze_stages` layer groups stay frozen"""
+    adapters: bool = False
+    """only LoRA adapters of rank `budget.lora_rank` on the encoder (a ViT's attention) and the heads train"""
+
+
+METHOD_TABLE = {
+    "probe": Method("a linear model (logistic regression; ridge for regression targets) on the frozen encoder's "
+                    "pooled features", frozen=True),
+    "finetune": Method("the encoder fine-tuned with a new head through the DeepSpeed engine (init_from)"),
+    "scratch": Method("the same architecture from random weights, same labels, config and budget", pretrained=False),
+    "random": Method("control: the same architecture at random initialisation, probed like `probe`", frozen=True,
+                     pretrained=False),
+    "lpft": Method("linear probe, then fine-tune (Kumar et al. 2022): the new head starts from the probe fitted on "
+                   "the subset's frozen features, then the whole model is fine-tuned", probe_head=True),
+    "layer_decay": Method("fine-tuned with layer-wise learning-rate decay (BEiT, Bao et al. 2022): the encoder's "
+                          "layer group d from the output learns at budget.layer_decay^d of the head's rate",
+                          layer_decay=True),
+    "partial": Method("partial fine-tuning: the encoder's first budget.freeze_stages layer groups frozen, the rest "
+                      "and the head trained", freeze_stages=True),
+    "lora": Method("LoRA adapters (Hu et al. 2022, rank-stabilised) of rank budget.lora_rank on the ViT encoder's "
+                   "attention projections train with the new head, every pretrained weight frozen", adapters=True),
+}
+METHOD_TEXT = {name: m.text for name, m in METHOD_TABLE.items()}
+METHODS = tuple(METHOD_TABLE)
+FROZEN = tuple(name for name, m in METHOD_TABLE.items() if m.frozen)      # fit on frozen features
+TRAINED = tuple(name for name, m in METHOD_TABLE.items() if not m.frozen)  # train through the engine
+DEFAULT_METHODS = ("probe", "finetune", "scratch", "random")
+"""What a study runs unless `methods` says otherwise (the newer methods cost a run each per subset)."""

@@ -18,10 +18,12 @@ import numpy as np
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
 from dlscale.data.stream import StreamConfig
+from dlscale.models.adapters import LoRAConfig, add_adapters
 from dlscale.train.deepspeed_setup import pick_device
 from dlscale.train.preflight import check_manifest
 from dlscale.transfer import features as feats
 from dlscale.transfer.config import TransferConfig
+from dlscale.transfer.methods import METHOD_TABLE, TRAINED
 from dlscale.transfer.subsets import (ALL, check_sizes, is_subset, nested_subsets, subset_name, train_index,
                                      write_subset)
 from dlscale.transfer.tasks import resolve_tasks
@@ -98,11 +100,14 @@ class Study:
         return list(self.repeats(method, n)) if init_seed is None else [init_seed]
 
     def trained_models(self) -> list[tuple]:
-        """(method, model label, source) of every fine-tune (per trained encoder) and scratch run (per
-        architecture)."""
-        cfg = self.cfg
-        return ([("finetune", s.label, s) for s in self.sources] if "finetune" in cfg.methods else []) + \
-            ([("scratch", a, s) for a, s in self.architectures.items()] if "scratch" in cfg.methods else [])
+        """(method, model label, source) of every training run of the study's methods: per trained encoder for a
+        method that starts from it (finetune, lpft, ...), per architecture for one that does not (scratch)."""
+        jobs = []
+        for method in TRAINED:
+            if method in self.cfg.methods:
+                jobs += [(method, s.label, s) for s in self.sources] if METHOD_TABLE[method].pretrained else \
+                    [(method, a, s) for a, s in self.architectures.items()]
+        return jobs
 
     def subset_dirs(self) -> dict:
         """{(N, repeat): dataset directory} of the training methods (the source itself at N = all)."""
@@ -139,9 +144,22 @@ def prepare(cfg: TransferConfig) -> Study:
         if not source.trained_on:
             log.warning("encoder %s: neither its metadata nor a config.yaml beside it says what it was trained on",
                         source.path)
+    check_adapters(cfg, sources)
     ids, labels = train_index(cfg.data_dir)
     check_sizes(cfg.labels_per_class, labels, cfg.data_dir)
     subsets = [nested_subsets(labels, cfg.labels_per_class, cfg.seed, r) for r in range(cfg.repeats)]
     study = Study(cfg, manifest, sources, ids, labels, subsets, pick_device(cfg.device), eval_manifest=eval_manifest)
     study.tasks = resolve_tasks(study)
     return study
+
+
+def check_adapters(cfg: TransferConfig, sources: list[feats.EncoderSource]) -> None:
+    """A method with LoRA adapters (lora) needs encoders that have the layers to put them on: refused before any
+    training, naming the encoder."""
+    adapted = [m for m in cfg.methods if METHOD_TABLE[m].adapters]
+    for source in sources if adapted else []:
+        try:
+            add_adapters(feats.random_encoder(source, 0), LoRAConfig(rank=cfg.budget.lora_rank),
+                         source.architecture.name)
+        except ValueError as err:
+            raise ValueError(f"methods {','.join(adapted)}: encoder {source.label} ({source.path}): {err}") from None

@@ -25,10 +25,13 @@ from dlscale import io
 from dlscale.configtree import from_dict, plain, to_dict
 from dlscale.data.stream import StreamConfig
 from dlscale.distributed import dist_info, launch_local_ranks, setup_logging
+from dlscale.models.adapters import LoRAConfig
 from dlscale.preemption import Preempted
 from dlscale.train.config import Config, DataConfig, fill_options, load_config, run_tasks
 from dlscale.train.deepspeed_setup import prepare_process
 from dlscale.train.runner import run as train
+from dlscale.train.tasks.supervised import ClassificationConfig
+from dlscale.transfer.methods import METHOD_TABLE
 
 log = logging.getLogger(__name__)
 RECORD = "transfer_run.json"          # the planned run, written into its directory once it finished
@@ -51,28 +54,35 @@ class PlannedRun:
 
 def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir: str, seed: int,
                stage: str = "supervised", tasks: list[str] | None = None, targets: list[str] | None = None) -> Config:
-    """The typed config of one fine-tune (`method` finetune: from `source`'s weights) or scratch run on `n_train`
-    labelled images: `source`'s architecture and normalisation; the study's data, optim and deepspeed sections;
+    """The typed config of one run of trained `method` on `n_train` labelled images, as its `Method` declares
+    (from `source`'s weights or from scratch; LP-FT's probe head, layer-wise decay, frozen stages, LoRA): `source`'s
+    architecture and normalisation; the study's data, optim and deepspeed sections;
     the shared budget: `epochs` x max(floor, N_train / (batch x ranks)) batches, warm-up a tenth; evaluation on the
     eval split without bootstrap. A run with a classification head has the probe read all `n_train` labelled
     images, so the head is refitted to their eval-mode features as in any training run
     (`classification.refit_head`; without it 2 of 3 label subsets ended with most no_sub images called cdm,
-    accuracy 0.58-0.61 at macro AUC 0.93); a regression-only run, which may hold one class, has no probe."""
-    cfg = study.cfg
+    accuracy 0.58-0.61 at macro AUC 0.93); a regression-only run, which may hold one class, has no probe (and so
+    no LP-FT head: `regression_runs` plans no lpft run)."""
+    cfg, m, budget = study.cfg, METHOD_TABLE[method], study.cfg.budget
     base = load_config(None, None, stage=stage, data_dir=data_dir, run_dir=str(run_dir), seed=seed,
-                       device=cfg.device, init_from=str(source.path) if method == "finetune" else None)
-    batches = max(cfg.budget.min_batches_per_epoch, n_train // (cfg.data.batch_size * cfg.ranks))
-    scale = cfg.budget.finetune_encoder_lr_scale if method == "finetune" else cfg.optim.encoder_lr_scale
+                       device=cfg.device, init_from=str(source.path) if m.pretrained else None)
+    batches = max(budget.min_batches_per_epoch, n_train // (cfg.data.batch_size * cfg.ranks))
+    optim = dataclasses.replace(
+        cfg.optim, encoder_lr_scale=budget.finetune_encoder_lr_scale if m.pretrained else cfg.optim.encoder_lr_scale,
+        layer_decay=budget.layer_decay if m.layer_decay else cfg.optim.layer_decay,
+        freeze_stages=budget.freeze_stages if m.freeze_stages else cfg.optim.freeze_stages,
+        warmup_steps=max(1, budget.epochs * batches // 10))
     run = dataclasses.replace(
         base, data=DataConfig(**{**stream_fields(study.stream(source)), "targets": list(targets or [])}),
-        model=dataclasses.replace(base.model, encoder=source.architecture, tasks=tasks, task_options={}),
-        loss=dataclasses.replace(base.loss, method="fixed") if tasks else base.loss,
-        optim=dataclasses.replace(cfg.optim, encoder_lr_scale=scale,
-                                  warmup_steps=max(1, cfg.budget.epochs * batches // 10)),
+        model=dataclasses.replace(base.model, encoder=source.architecture, tasks=tasks, task_options={},
+                                  lora=LoRAConfig(rank=budget.lora_rank) if m.adapters else base.model.lora),
+        loss=dataclasses.replace(base.loss, method="fixed") if tasks else base.loss, optim=optim,
         deepspeed=cfg.deepspeed,
         schedule=dataclasses.replace(base.schedule, epochs=cfg.budget.epochs, batches_per_epoch=batches,
                                      checkpoint_every=0, keep_checkpoints=1))
     probe = n_train if "classification" in run_tasks(run) else 0
+    if m.probe_head and probe:
+        run.model.task_options["classification"] = ClassificationConfig(probe_init=True)
     run = dataclasses.replace(run, eval=dataclasses.replace(base.eval, split=cfg.split, probe_samples=probe,
                                                            n_bootstrap=0))
     return fill_options(run).validate()

@@ -10,12 +10,20 @@ any loss weighting (stage `adapt`: classification + dann).
   covariances, divided by 4 d^2. Blind to a shift of the mean.
 - `mmd` (Long et al. 2015, "Learning transferable features with deep adaptation networks"): the squared maximum
   mean discrepancy under a sum of Gaussian kernels, which sees every moment of the two feature distributions.
+- `adda` (Tzeng et al. 2017, "Adversarial discriminative domain adaptation"): the run's encoder is the target
+  encoder (start it from the source run: `init_from`); a frozen copy of it, taken as the first training step
+  starts, is the source encoder. A discriminator learns source features (frozen copy, labelled images) from target features
+  (trained encoder, target images); the encoder is trained with the inverted-label GAN loss (its target features
+  labelled "source"), which keeps its gradient when the discriminator wins, unlike a reversed one. The
+  discriminator gets no gradient from the encoder's term. Give the encoder a much smaller learning rate than the
+  discriminator with `optim.encoder_lr_scale` (e.g. 0.1).
 
-Both read the target's pooled features that `TaskModel` computes in the same encoder pass as the labelled images
+All read the target's pooled features that `TaskModel` computes in the same encoder pass as the labelled images
 (one BatchNorm statistic for both domains, in training as at evaluation; the tasks share that pass).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -97,14 +105,20 @@ class DANNConfig:
                              f"{self.ramp_steps})")
 
 
+    spectral_norm: bool = False
+    """spectral normalisation of the domain classifier's layers (a Lipschitz critic: it cannot win outright, so
+    the reversed gradient does not vanish)"""
+
+
 class DomainClassifier(nn.Module):
     """Pooled features -> one logit (target domain), and the count of training batches seen, which sets the
     reversal coefficient (a buffer: checkpointed, so a resumed run continues the ramp exactly)."""
 
-    def __init__(self, channels: int, hidden: int) -> None:
+    def __init__(self, channels: int, hidden: int, spectral_norm: bool = False) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
+        norm = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda layer: layer)
+        self.net = nn.Sequential(norm(nn.Linear(channels, hidden)), nn.ReLU(), norm(nn.Linear(hidden, hidden)),
+                                 nn.ReLU(), norm(nn.Linear(hidden, 1)))
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.int64))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -121,7 +135,7 @@ class DANN(Task):
 
     def build_head(self) -> nn.Module:
         o = self.ctx.options or DANNConfig()
-        return DomainClassifier(self.ctx.encoder_channels, o.hidden)
+        return DomainClassifier(self.ctx.encoder_channels, o.hidden, o.spectral_norm)
 
     def coefficient(self, batches_seen: torch.Tensor) -> torch.Tensor:
         """The reversal coefficient after `batches_seen` training batches."""
@@ -146,6 +160,89 @@ class DANN(Task):
         domain = torch.zeros_like(logits)
         domain[len(logits) - n_target:] = 1.0   # source 0, target 1
         return F.binary_cross_entropy_with_logits(logits, domain)
+
+
+@dataclass
+class ADDAConfig:
+    hidden: int = 256
+    """width of the discriminator's two hidden layers"""
+    spectral_norm: bool = True
+    """spectral normalisation of the discriminator's layers"""
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise ValueError(f"model.task_options.adda.hidden={self.hidden}: expected >= 1")
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters are buffers: checkpointed with the model, never seen by the optimizer."""
+    frozen = copy.deepcopy(module)
+    for m in frozen.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            delattr(m, name)
+            m.register_buffer(name, p.detach())
+    return frozen
+
+
+class ADDAHead(nn.Module):
+    """The discriminator (source 1, target 0), the frozen source encoder and whether it holds the source weights
+    yet (`copied`: a buffer, so a resumed run keeps the copy of its first step)."""
+
+    def __init__(self, encoder: nn.Module, channels: int, hidden: int, spectral_norm: bool) -> None:
+        super().__init__()
+        self.discriminator = DomainClassifier(channels, hidden, spectral_norm)
+        self.source_encoder = frozen_copy(encoder)
+        self.register_buffer("copied", torch.zeros((), dtype=torch.bool))
+
+    def take_source(self, encoder: nn.Module) -> None:
+        """Freeze the encoder's weights (as the run starts: those of `init_from`) as the source encoder."""
+        self.source_encoder.load_state_dict(encoder.state_dict())   # (same names: parameters there, buffers here)
+        self.copied.fill_(True)
+
+
+@register_task
+class ADDA(Task):
+    """Adversarial discriminative adaptation with the inverted-label GAN loss (reported: the discriminator's
+    binary cross-entropy plus the encoder's inverted-label one; each is log 2 = 0.693 at equilibrium)."""
+    name = "adda"
+    Config = ADDAConfig
+    batch_keys = (TARGET_DOMAIN,)
+
+    def build_head(self) -> nn.Module:
+        o = self.ctx.options or ADDAConfig()
+        encoder = self.ctx.encoder
+        if encoder is None:
+            raise ValueError("task adda needs the run's encoder to copy as its source encoder")
+        head = ADDAHead(encoder, self.ctx.encoder_channels, o.hidden, o.spectral_norm)
+
+        def take_source(module, args) -> None:
+            """Before the first training pass of the encoder updates its BatchNorm statistics (which differ per rank
+            from then on): copy it, unless a resumed checkpoint holds the copy already; then never again."""
+            if module.training:
+                if not bool(head.copied):
+                    head.take_source(module)
+                hook.remove()
+
+        hook = encoder.register_forward_pre_hook(take_source)
+        return head
+
+    def forward(self, head, feature_map, images, batch, model):
+        if batch is None:   # evaluation and inference: nothing to adapt
+            return {}
+        with torch.no_grad():
+            head.source_encoder.eval()   # the source model as trained: its own BatchNorm statistics
+            source = global_pool(head.source_encoder(images))
+        target = target_features(batch)
+        critic = head.discriminator
+        frozen = {k: v.detach() for k, v in critic.state_dict().items()}
+        return {"adda_source": critic(source), "adda_target": critic(target.detach()),
+                "adda_inverted": torch.func.functional_call(critic, frozen, (target,))}
+
+    def loss(self, out, images, batch):
+        bce = F.binary_cross_entropy_with_logits
+        source, target, inverted = (out[k].float() for k in ("adda_source", "adda_target", "adda_inverted"))
+        discriminator = bce(source, torch.ones_like(source)) + bce(target, torch.zeros_like(target))
+        return discriminator / 2 + bce(inverted, torch.ones_like(inverted))
 
 
 class StatisticsAlignment(Task):

@@ -75,6 +75,15 @@ class Task:
         """A few images evaluation shows in TensorBoard (default: none)."""
         return {}
 
+    def initializes(self) -> bool:
+        """Whether `initialize` fits the head before the first step (it then needs the probe's train features)."""
+        return False
+
+    def initialize(self, head: nn.Module, train: dict[str, np.ndarray]) -> dict[str, float]:
+        """Before the first step: fit the new head to the eval-mode outputs of training images (`train` as in
+        `finalize`); returns metrics to record (default: the head keeps its random initialisation)."""
+        return {}
+
     def finalize(self, head: nn.Module, train: dict[str, np.ndarray]) -> dict[str, float]:
         """After the last step: adjust the trained head to the eval-mode outputs of training images (`train`: the
         gathered `features`, `labels`, ... of the probe's train set, the same on every rank); returns metrics to

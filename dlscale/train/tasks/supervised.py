@@ -68,6 +68,10 @@ class ClassificationConfig:
     """After the last step, fit the head's standardisation and linear layer to the eval-mode features of the probe's
     training images (`dlscale.train.refit`: the head is trained on batch-statistics features and used on
     running-statistics ones; on lensing images that cost 0.05 accuracy)."""
+    probe_init: bool = False
+    """LP-FT (Kumar et al. 2022): before the first step, fit the head to the eval-mode features of the probe's
+    training images (the linear probe's solution: `dlscale.train.refit`), so fine-tuning starts from a head that
+    already fits the pretrained features instead of a random one whose gradients distort them"""
 
 
 @register_task
@@ -90,6 +94,15 @@ class Classification(Task):
 
     def collect(self, out, images, batch):
         return {"probs": torch.softmax(out["logits"].float(), dim=1)}
+
+    def initializes(self):
+        return (self.ctx.options or ClassificationConfig()).probe_init
+
+    def initialize(self, head, train):
+        if not self.initializes():
+            return {}
+        fitted = refit_classifier(head.norm, head.linear, train["features"], train["labels"])
+        return {f"probe_init/{key}": value for key, value in fitted.items()}
 
     def finalize(self, head, train):
         if not (self.ctx.options or ClassificationConfig()).refit_head:

@@ -5,6 +5,8 @@
               multitask classification + regression with `targets`)
     scratch   the same architecture from random weights, same subset, config and budget
     random    the control: the same architecture at random initialisation, probed like `probe`
+    lpft, layer_decay, partial, lora
+              fine-tuning variants that keep more of the pretrained features (`dlscale.transfer.methods`)
 
 Macro AUC and accuracy (MAE and R^2 of `targets`) on the whole eval split, with the study's bootstrap.
 """
@@ -27,7 +29,9 @@ from dlscale.transfer.subsets import ALL
 from dlscale.transfer.tasks.base import DOWNSTREAM, DownstreamTask
 from dlscale.transfer.training import PlannedRun, budget_of, read_scores, run_config, train_all
 
-LINE_STYLES = {"probe": "-", "finetune": "--", "scratch": ":", "random": "-."}
+LINE_STYLES = {"probe": "-", "finetune": "--", "scratch": ":", "random": "-.", "lpft": (0, (5, 1)),
+               "layer_decay": (0, (3, 1, 1, 1, 1, 1)), "partial": (0, (1, 2)),
+               "lora": (0, (5, 2, 1, 2))}
 
 
 @dataclass

@@ -1,0 +1,196 @@
+"""ADDA (inverted-label GAN loss, frozen source encoder) and AdaMatch-style self-training: their gradients and
+pseudo-labels against the formulas, views that replay, target labels that never matter, and a 2-rank run with
+DataLoader workers that resumes exactly from a SIGKILL."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlscale import preemption
+from dlscale.distributed import DistInfo
+from dlscale.train.model import build_run_model
+from dlscale.train.sources import TARGET_DOMAIN, training_source
+from dlscale.train.selection import deep_embedded_validation, importance_weights
+from dlscale.train.tasks.adaptation import mmd_loss
+from dlscale.train.tasks.selftraining import SelfTrainConfig, adamatch_ramp, pseudo_labels, strong_view
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_adapt import BATCHES, EPOCHS, KILL_AT_STEP, TIMEOUT_S, adapt_config, two_ranks, write_target  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def target_data(tmp_path_factory) -> Path:
+    return write_target(tmp_path_factory.mktemp("target") / "data")
+
+
+def first_batch(cfg):
+    source = training_source(cfg)
+    stream, _ = source.open(DistInfo(0, 1, 0), torch.device("cpu"))
+    return next(iter(source.loader(stream)))
+
+
+def test_adda_trains_the_encoder_on_inverted_labels_and_the_discriminator_on_true_ones(separable_data, target_data,
+                                                                                       tmp_path):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[adda]",
+                       "--model.task_options.adda.spectral_norm=false")   # (its power iteration moves per call)
+    batch = first_batch(cfg)
+    torch.manual_seed(0)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    head = model.heads["adda"]
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    out = model(batch["image"], batch)
+    assert bool(head.copied)   # the first training pass froze the encoder, as it was before, as the source encoder
+    frozen = head.source_encoder.state_dict()
+    assert frozen.keys() == before.keys() and all(torch.equal(frozen[k], v) for k, v in before.items())
+    assert not torch.equal(model.encoder.state_dict()["0.1.running_mean"], before["0.1.running_mean"])
+    assert not any(n.startswith("heads.adda.source_encoder") for n, _ in model.named_parameters())
+    model.task_specs["adda"].loss(out, batch["image"], batch).backward()
+    got_encoder = {n: p.grad.clone() for n, p in model.encoder.named_parameters()}
+    got_critic = {n: p.grad.clone() for n, p in head.discriminator.named_parameters()}
+
+    model.zero_grad()   # by hand: the encoder's term alone for the encoder, the critic's terms alone for the critic
+    critic = head.discriminator
+    target = model.features(torch.cat([batch["image"], batch[TARGET_DOMAIN]["image"]]))[len(batch["image"]):]
+    with torch.no_grad():
+        source = head.source_encoder.eval()(batch["image"]).mean((2, 3))
+    F.binary_cross_entropy_with_logits(critic(target), torch.ones(len(target))).backward(inputs=list(
+        model.encoder.parameters()))
+    want_encoder = {n: p.grad.clone() for n, p in model.encoder.named_parameters()}
+    critic_loss = (F.binary_cross_entropy_with_logits(critic(source), torch.ones(len(source))) +
+                   F.binary_cross_entropy_with_logits(critic(target.detach()), torch.zeros(len(target)))) / 2
+    critic_loss.backward(inputs=list(critic.parameters()))
+    assert all(torch.allclose(got_encoder[n], want_encoder[n], atol=1e-5) for n in want_encoder)
+    assert all(torch.allclose(got_critic[n], p.grad, atol=1e-5) for n, p in critic.named_parameters())
+
+
+def test_pseudo_labels_are_aligned_to_the_labelled_distribution_and_thresholded_relative_to_its_confidence():
+    source = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    target = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.2, 0.2, 0.6]])
+    ratio = source.mean(0) / target.mean(0)
+    aligned = target * ratio / (target * ratio).sum(1, keepdim=True)
+    labels, mask = pseudo_labels(source, target, threshold=0.7, align=True)
+    assert labels.tolist() == aligned.argmax(1).tolist()
+    assert mask.tolist() == (aligned.max(1).values >= 0.7 * 0.8).tolist()
+    labels, mask = pseudo_labels(source, target, threshold=0.7, align=False)
+    assert labels.tolist() == [0, 0, 2] and mask.tolist() == [True, False, True]   # 0.6 >= 0.56, 0.5 < 0.56
+
+
+def test_strong_views_replay_from_their_seed_and_change_the_images():
+    images = torch.rand(6, 1, 16, 16)
+    o = SelfTrainConfig()
+    a, b = (strong_view(images, o, torch.Generator().manual_seed(3)) for _ in range(2))
+    c = strong_view(images, o, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == images.shape
+    assert not torch.allclose(a, images, atol=1e-2)
+    plain = strong_view(images, SelfTrainConfig(max_shift=0, flux_scale=0.0, noise=0.0),
+                        torch.Generator().manual_seed(3))   # a dihedral element only: the same pixel values
+    assert torch.equal(plain.flatten(1).sort(1).values, images.flatten(1).sort(1).values)
+
+
+def test_adamatch_ramp():
+    assert [adamatch_ramp(p) for p in (0.0, 0.25, 0.5, 0.9)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+
+
+def test_selftrain_without_a_classifier_is_refused_naming_the_task(separable_data, target_data, tmp_path):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[selftrain]")
+    batch = first_batch(cfg)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    with pytest.raises(ValueError, match="add task classification"):
+        model(batch["image"], batch)
+
+
+def test_target_labels_never_reach_adda_or_selftrain(separable_data, target_data, tmp_path):
+    permuted = write_target(tmp_path / "permuted", permute_labels=True)
+    results = []
+    for target in (target_data, permuted):
+        cfg = adapt_config(separable_data, target, tmp_path / "run", "--model.tasks=[classification,adda,selftrain]",
+                           "--model.task_options.selftrain.threshold=0.3")
+        batch = first_batch(cfg)
+        torch.manual_seed(0)
+        model = build_run_model(cfg, (1, 32, 32), None, total_steps=4)
+        model.heads["selftrain"].batches_seen.fill_(3)   # past the ramp's start: the loss counts
+        out = model(batch["image"], batch)
+        losses = model.losses(out, batch["image"], batch)
+        sum(losses.values()).backward()
+        results.append(({k: float(v.detach()) for k, v in losses.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert l0["selftrain"] > 0 and l0 == l1
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+# ---- 2 ranks, workers, a SIGKILL and a resume ---------------------------------------------------------------------
+
+METHOD_ARGS = ("--model.tasks=[classification,adda,selftrain]", "--optim.encoder_lr_scale=0.1",
+               "--model.task_options.selftrain.threshold=0.5")
+
+
+@pytest.mark.slow
+def test_adda_and_selftrain_on_two_ranks_resume_exactly_from_a_sigkill(tmp_path, launch, venv_bin, separable_data,
+                                                                       target_data):
+    whole = launch(two_ranks(venv_bin, separable_data, target_data, tmp_path / "whole", *METHOD_ARGS),
+                   tmp_path / "whole.log", tmp_path)
+    killed = launch(two_ranks(venv_bin, separable_data, target_data, tmp_path / "killed", *METHOD_ARGS),
+                    tmp_path / "killed.log", tmp_path, env={preemption.DRILL: f"{KILL_AT_STEP}:SIGKILL"})
+    assert killed.wait(TIMEOUT_S) != 0, killed.output()[-4000:]
+    assert whole.wait(TIMEOUT_S) == 0, whole.output()[-4000:]
+    resumed = launch(two_ranks(venv_bin, separable_data, target_data, tmp_path / "killed", *METHOD_ARGS, "--resume",
+                               "auto"), tmp_path / "resumed.log", tmp_path)
+    assert resumed.wait(TIMEOUT_S) == 0, resumed.output()[-4000:]
+    got = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    want = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    assert int(got["heads.selftrain.batches_seen"]) == EPOCHS * BATCHES and bool(got["heads.adda.copied"])
+    assert got.keys() == want.keys()
+    assert [k for k, v in got.items() if torch.is_tensor(v) and not torch.equal(v, want[k])] == []
+    assert not np.isnan(float(got["heads.classification.linear.weight"].sum()))
+
+
+# ---- label-free model selection -----------------------------------------------------------------------------------
+
+def test_dev_is_the_importance_weighted_loss_with_its_control_variate():
+    rng = np.random.default_rng(0)
+    w, loss = rng.uniform(0.2, 3, 50), rng.uniform(0, 2, 50)
+    eta = -np.cov(w * loss, w)[0, 1] / np.var(w, ddof=1)
+    assert deep_embedded_validation(w, loss) == pytest.approx((w * loss).mean() + eta * w.mean() - eta)
+    assert deep_embedded_validation(np.ones(50), loss) == pytest.approx(loss.mean())   # no shift: the plain loss
+
+
+def test_importance_weights_favour_validation_images_that_look_like_the_target():
+    rng = np.random.default_rng(1)
+    source, target = rng.normal(size=(300, 4)), rng.normal(size=(200, 4)) + [2, 0, 0, 0]
+    w = importance_weights(source, target, np.array([[2.0, 0, 0, 0], [-2.0, 0, 0, 0]]))
+    assert w[0] > 5 * w[1]
+    same = importance_weights(source, rng.normal(size=(300, 4)), source[:50])
+    assert np.abs(np.log(same)).mean() < 0.5   # no shift: weights near 1
+
+
+def test_separate_domain_batchnorm_encodes_each_domain_alone(separable_data, target_data, tmp_path):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[classification,mmd]",
+                       "--model.domain_batchnorm=separate")
+    batch = first_batch(cfg)
+    torch.manual_seed(0)
+    model = build_run_model(cfg, (1, 32, 32), None)
+    images, target = batch["image"], batch[TARGET_DOMAIN]["image"]
+    with torch.no_grad():
+        out = model(images, batch)
+        alone = model.features(images), model.features(target)
+        joint = model.features(torch.cat([images, target]))
+    assert torch.allclose(out["features"], alone[0], atol=1e-6)
+    assert torch.allclose(out["mmd"], mmd_loss(*alone), atol=1e-6)
+    assert not torch.allclose(out["features"], joint[:len(images)], atol=1e-3)
+
+
+def test_a_spectrally_normalised_dann_classifier_has_unit_spectral_norm_layers(separable_data, target_data, tmp_path):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[classification,dann]",
+                       "--model.task_options.dann.spectral_norm=true")
+    batch = first_batch(cfg)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    for _ in range(20):   # power iterations converge as the layer is used in training
+        model(batch["image"], batch)
+    linears = [m for m in model.heads["dann"].net if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3
+    assert all(float(torch.linalg.matrix_norm(m.weight.detach(), ord=2)) == pytest.approx(1.0, abs=0.05)
+               for m in linears)
