@@ -63,14 +63,40 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     portable = path.suffix in (".safetensors", ".json") or path.is_dir() and (path / METADATA).is_file()
     if portable:
         meta, state = read_portable(path)
+        meta_path = metadata_path(path)
+        where = f"the architecture in {meta_path} does not fit the weights in {weights_path(meta_path, meta)}"
     else:
         payload = read_encoder_file(path)
         state, meta = payload["state_dict"], {k: v for k, v in payload.items() if k != "state_dict"}
+        where = f"the architecture in {path / 'encoder.pt' if path.is_dir() else path} does not fit its weights"
     shape = meta.get("image_shape")
     encoder = build_encoder(encoder_config(meta), tuple(shape) if shape else None)
+    check_weights_fit(encoder, state, where)
     encoder.load_state_dict(state)
     encoder.dlscale = meta
     return encoder.to(device).eval()
+
+
+def check_weights_fit(model: nn.Module, state: dict, where: str) -> None:
+    """Refuse weights that `model` (built from the metadata stored beside them) cannot load, naming the first tensor
+    that differs (`where` names the files), instead of PyTorch's size-mismatch traceback. Entries that are not
+    tensors (a module's extra state) are its own to read."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        found = state.get(name)
+        if found is None:
+            problem = f"tensor {name!r} of shape {tuple(tensor.shape)} is missing from the weights"
+        elif torch.is_tensor(tensor) and tuple(getattr(found, "shape", ())) != tuple(tensor.shape):
+            problem = f"tensor {name!r}: shape {tuple(tensor.shape)} expected, {tuple(found.shape)} found"
+        else:
+            continue
+        break
+    else:
+        extra = next((name for name in state if name not in expected), None)
+        if extra is None:
+            return
+        problem = f"the weights hold tensor {extra!r}, which the architecture has no place for"
+    raise ValueError(f"{where}: {problem} (an architecture edited after export, or files of two exports?)")
 
 
 # ---- Portable encoders: encoder.safetensors + encoder.json, read without any pickle --------------------------------
@@ -101,22 +127,31 @@ def read_portable(path: str | Path) -> tuple[dict, dict]:
     """(metadata, state dict) of encoder.json + encoder.safetensors (`path`: either file or their directory).
     safetensors holds raw tensors only, so nothing in the files can run code."""
     from safetensors.torch import load
-    path = Path(path)
-    meta_path = path / METADATA if path.is_dir() else path.with_name(METADATA) if path.suffix == ".safetensors" \
-        else path
+    meta_path = metadata_path(path)
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: no encoder.json (runs of dlscale >= 0.1 write it beside encoder.pt)")
     meta = io.read_json(meta_path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     format_version(meta, str(meta_path))
-    weights = meta_path.with_name(meta.get("weights", WEIGHTS))
+    weights = weights_path(meta_path, meta)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: the weights {meta_path} names are missing")
     blob = weights.read_bytes()
     if "weights_sha256" in meta and hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
         raise ValueError(f"{weights}: sha256 differs from the one in {meta_path} (files of two different exports?)")
     return meta, load(blob)
+
+
+def metadata_path(path: str | Path) -> Path:
+    """encoder.json of a portable encoder given as either file or their directory."""
+    path = Path(path)
+    return path / METADATA if path.is_dir() else path.with_name(METADATA) if path.suffix == ".safetensors" else path
+
+
+def weights_path(meta_path: Path, meta: dict) -> Path:
+    """The weights file that encoder.json names, beside it."""
+    return meta_path.with_name(meta.get("weights", WEIGHTS))
 
 
 def rename_for_timm(state: dict, rename: list) -> dict:

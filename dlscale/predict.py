@@ -240,6 +240,9 @@ def check_complete(result: Predictions, cfg: PredictConfig, total: int, from_sha
 
 def predict(cfg: PredictConfig, info: DistInfo) -> tuple[Predictions, Predictor]:
     """Score `cfg.data` with `cfg.model` on every rank; rank 0 writes OUT. Returns the gathered predictions."""
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out}: is an existing file, expected a directory to write predictions.csv into "
+                         "(the file is left as it is)")
     predictor = load_predictor(Path(cfg.model))
     if not predictor.is_run and not cfg.embeddings:
         log.warning("%s is a bare encoder: it has no heads, so only embeddings are available; writing "

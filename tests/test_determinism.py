@@ -186,7 +186,13 @@ def test_dlscale_transfer_results_are_equal_across_workers_and_hash_seeds(traine
     cells = outcomes[0]["cells"]
     assert len([c for c in cells if c["task"] == "classification"]) == 4   # probe and random at 10 and 100 per class
     assert {c["task"] for c in cells} == {"classification", "regression", "anomaly"}
-    assert [o.pop("overrides") for o in outcomes] == [{"data.num_workers": w, "data.batch_size": 64} for w in (0, 2)]
+    configs = [o.pop("config") for o in outcomes]
+    assert [(c["data"]["num_workers"], c["data"]["batch_size"]) for c in configs] == [(0, 64), (2, 64)]
+    assert [c.pop("out") for c in configs] == [str(tmp_path / f"transfer_w{w}") for w in (0, 2)]
+    for c in configs:
+        c["data"].pop("num_workers")
+    assert configs[0] == configs[1]                  # the studies differ only in their workers and output folder
+    assert all(set(o.pop("seconds")) == {"classification", "regression", "anomaly"} for o in outcomes)   # wall time
     assert outcomes[0] == outcomes[1]
 
 

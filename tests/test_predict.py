@@ -266,6 +266,31 @@ def test_weights_of_another_export_are_refused(run, tmp_path):
         dlscale.load_encoder(tmp_path)
 
 
+def test_an_encoder_json_whose_architecture_its_weights_do_not_fit_is_refused_naming_both_files_and_the_tensor(
+        run, work, tmp_path):
+    for name in ("encoder.json", "encoder.safetensors"):
+        shutil.copy(run / name, tmp_path / name)
+    meta = json.loads((tmp_path / "encoder.json").read_text())
+    meta["encoder_config"]["width"] *= 2             # weights left as they are
+    (tmp_path / "encoder.json").write_text(json.dumps(meta))
+    result = predict("--run", tmp_path / "encoder.safetensors", "--data", work / "ct", out=tmp_path / "out")
+    assert result.code == 2 and "Traceback" not in result.err
+    width = meta["encoder_config"]["width"]
+    assert f"the architecture in {tmp_path / 'encoder.json'} does not fit the weights in " \
+           f"{tmp_path / 'encoder.safetensors'}: tensor " in result.err
+    assert f"shape ({width}, 1, 3, 3) expected, ({width // 2}, 1, 3, 3) found" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_naming_an_existing_file_is_refused_and_the_file_left_as_it_is(run, work, tmp_path):
+    out = tmp_path / "predictions.csv"
+    out.write_text("mine\n")
+    result = predict("--run", run, "--data", work / "ct", out=out)
+    assert result.code == 2 and "Traceback" not in result.err
+    assert f"--out {out}: is an existing file, expected a directory" in result.err
+    assert out.read_text() == "mine\n"
+
+
 PREDICT_DOC = Path(__file__).resolve().parents[1] / "docs" / "predict.md"
 
 

@@ -2,8 +2,9 @@
 
 Files are read in parallel (`workers` processes), validated (readable, finite, one image shape for the whole set),
 assigned to splits (the source's own, plus a stratified validation cut of train when the source has none) and
-written in shuffled order through `DatasetWriter`. A bad file stops the pack with its name and reason and leaves
-nothing behind, unless `skip_bad`, which leaves it out and lists it in rejected.json.
+written through `DatasetWriter` in a seeded order that spreads every class over every shard (`mixed_order`). A bad
+file stops the pack with its name and reason and leaves nothing behind, unless `skip_bad`, which leaves it out and
+lists it in rejected.json.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.data.deeplense import BadFileError, SourceFile, discover, read_sample
+from dlscale.data.mixing import spread_order
 from dlscale.data.shards import DatasetWriter, check_output_dir
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,18 @@ def assign_splits(files: list[SourceFile], val_fraction: float, seed: int) -> li
     return out
 
 
+def mixed_order(files: list[SourceFile], seed: int) -> list[SourceFile]:
+    """The order files are written in: split by split, each class's files in a seeded random order, the classes
+    spread evenly over the split (`spread_order`), so every shard holds every class in proportion."""
+    rng = np.random.default_rng(seed)
+    files = [files[i] for i in rng.permutation(len(files))]
+    ordered = []
+    for split in SPLITS:
+        held = [f for f in files if f.split == split]
+        ordered += [held[i] for i in spread_order([CLASSES.index(f.class_name) for f in held])]
+    return ordered
+
+
 def _read(job: tuple[SourceFile, Path]) -> tuple[np.ndarray | None, dict | None, str | None]:
     source, root = job
     try:
@@ -83,8 +97,7 @@ def pack(cfg: PackConfig, progress: bool = True) -> dict:
         log.warning("ignored %d files without the .npy suffix in %s", ignored, src)
     files = assign_splits(files, cfg.val_fraction, cfg.seed)
     shape = probe_shape(files, src)
-    order = np.random.default_rng(cfg.seed).permutation(len(files))
-    files = sorted((files[i] for i in order), key=lambda f: SPLITS.index(f.split))
+    files = mixed_order(files, cfg.seed)
     log.info("packing %d files (%s layout, images %s) from %s", len(files), layout, shape, src)
     source = {"kind": "deeplense", "layout": layout, "path": str(src.resolve()), "seed": cfg.seed,
               "val_fraction": cfg.val_fraction}

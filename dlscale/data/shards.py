@@ -4,7 +4,10 @@ A dataset directory holds ``<split>-%06d.tar`` shards and ``manifest.json``. Rec
 holds up to ``samples_per_record`` samples as ``images.npy`` (float32 (n,C,H,W)), ``labels.npy`` (int64 (n,)) and
 ``meta.json`` (list of n dicts), because per-member tar parsing caps a stream at ~3,400 samples/s in Python. With
 ``samples_per_record=1`` the records are the classic per-sample ``image.npy`` / ``cls`` / ``json`` that any
-WebDataset tool expects. Samples are shuffled inside each shard, so no shard is one class.
+WebDataset tool expects. Writers hand samples over with their classes spread evenly (`dlscale.data.mixing`), so
+every shard holds every class in proportion; samples are shuffled inside each shard, and each shard's class counts
+are recorded beside its sample count (`shards info` lists them; `shards verify` checks them and warns on a shard of
+one class).
 
 Writes are atomic: everything goes to a hidden sibling directory that is renamed into place at the end, so a crash
 or Ctrl-C never leaves a dataset that looks complete; the next writer removes what a killed one left (`partial`), and
@@ -152,7 +155,9 @@ class DatasetWriter:
             f.flush()
             os.fsync(f.fileno())
         self.written += path.stat().st_size
+        held = Counter(label for _, label, _ in samples)
         state.shards.append({"name": name, "samples": len(samples), "records": -(-len(samples) // step),
+                             "class_counts": {c: held.get(i, 0) for i, c in enumerate(self.classes)},
                              "bytes": path.stat().st_size, "sha256": sha256_file(path)})
 
     def _record_members(self, chunk: list[tuple[np.ndarray, int, dict]]) -> list[tuple[str, bytes]]:
@@ -243,11 +248,7 @@ def check_shard_entries(splits: object, path: Path) -> None:
         if not isinstance(shards, list):
             raise ValueError(f"{path}: splits.{split}: expected an object with a 'shards' list")
         _need_count(info, "samples", f"{path}: splits.{split}")
-        counts = info.get("class_counts")
-        if not isinstance(counts, dict):
-            raise ValueError(f"{path}: splits.{split}.class_counts: expected an object of class -> count")
-        for name in counts:
-            _need_count(counts, name, f"{path}: splits.{split}.class_counts")
+        _need_counts(info.get("class_counts"), f"{path}: splits.{split}.class_counts")
         for i, shard in enumerate(shards):
             name = shard.get("name") if isinstance(shard, dict) else None
             match = SHARD_NAME.fullmatch(name) if isinstance(name, str) else None
@@ -257,9 +258,18 @@ def check_shard_entries(splits: object, path: Path) -> None:
             seen.add(name)
             for key in ("samples", "records"):
                 _need_count(shard, key, f"{path}: splits.{split}.shards[{i}] ({name})")
+            if "class_counts" in shard:     # absent from manifests written before shards recorded them
+                _need_counts(shard["class_counts"], f"{path}: splits.{split}.shards[{i}] ({name}).class_counts")
             if not isinstance(shard.get("sha256"), str):
                 raise ValueError(f"{path}: splits.{split}.shards[{i}] ({name}) sha256 {shard.get('sha256')!r}: "
                                  "expected a hex string")
+
+
+def _need_counts(counts: object, where: str) -> None:
+    if not isinstance(counts, dict):
+        raise ValueError(f"{where}: expected an object of class -> count")
+    for name in counts:
+        _need_count(counts, name, where)
 
 
 def _need_count(entry: dict, key: str, where: str) -> None:
@@ -293,8 +303,10 @@ def decode_record(record: dict[str, np.ndarray], layout: dict, image_shape: tupl
 
 
 def verify(data_dir: Path | str) -> list[str]:
-    """Recompute every shard's checksum and contents and compare them with the manifest: samples and records per
-    shard, samples and per-class counts per split. Return the problems found (empty list = dataset intact)."""
+    """Recompute every shard's checksum and contents and compare them with the manifest: samples, records and
+    per-class counts per shard, samples and per-class counts per split. Return the problems found (empty list =
+    dataset intact); a shard of one class in a split of several is logged as a warning (intact, but it starves a
+    rank, a worker or the linear probe of the other classes)."""
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     classes = manifest["classes"]
@@ -310,10 +322,16 @@ def verify(data_dir: Path | str) -> list[str]:
         claimed = {c: info["class_counts"].get(c, 0) for c in classes}
         held: Counter = Counter()
         readable = True
+        several = sum(1 for n in claimed.values() if n) > 1
         for shard in info["shards"]:
             labels = _verify_shard(data_dir / shard["name"], shard, manifest, problems)
             readable = readable and labels is not None
             held.update(labels.tolist() if labels is not None else ())
+            if several and labels is not None and len(np.unique(labels)) == 1:
+                log.warning("%s: holds only class %r (%d samples) in split %r of classes %s; rewrite the dataset "
+                            "with this dlscale (pack / simulate spread every class over every shard)",
+                            data_dir / shard["name"], classes[int(labels[0])], len(labels), split,
+                            {c: n for c, n in claimed.items() if n})
         found = {c: held.get(i, 0) for i, c in enumerate(classes)}
         if readable and found != claimed:
             problems.append(f"{where}: its shards hold per class {found}, the manifest says {claimed}")
@@ -346,6 +364,12 @@ def _verify_shard(path: Path, shard: dict, manifest: dict, problems: list[str]) 
     if (len(found), records) != (shard["samples"], shard["records"]):
         problems.append(f"{path}: {len(found)} samples in {records} records, manifest says "
                         f"{shard['samples']} in {shard['records']}")
+    if "class_counts" in shard:
+        classes = manifest["classes"]
+        counted = {c: int(n) for c, n in zip(classes, np.bincount(found, minlength=n_classes))}
+        claimed = {c: shard["class_counts"].get(c, 0) for c in classes}
+        if counted != claimed or set(shard["class_counts"]) - set(classes):
+            problems.append(f"{path}: holds per class {counted}, the manifest says {shard['class_counts']}")
     return found
 
 
@@ -356,6 +380,10 @@ def summary_table(manifest: dict) -> str:
     for split, info in manifest["splits"].items():
         rows.append([split, str(len(info["shards"])), *(str(info["class_counts"].get(c, 0)) for c in classes),
                      str(info["samples"])])
+    return _aligned(rows)
+
+
+def _aligned(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
 
@@ -367,5 +395,18 @@ def info_text(data_dir: Path | str) -> str:
              f"{manifest['record_layout']['samples_per_record']} samples each)",
              f"images    {'x'.join(map(str, manifest['image_shape']))} {manifest.get('dtype', 'float32')}",
              f"source    {json.dumps(src)[:200]}", f"created   {manifest.get('created', '?')}",
-             f"rejected  {manifest.get('rejected', 0)} source files", "", summary_table(manifest)]
+             f"rejected  {manifest.get('rejected', 0)} source files", "", summary_table(manifest), "",
+             shard_table(manifest)]
     return "\n".join(lines)
+
+
+def shard_table(manifest: dict) -> str:
+    """Samples per shard and class as an aligned text table ("-" where the manifest predates per-shard counts)."""
+    classes = manifest["classes"]
+    rows = [["shard", "samples", *classes]]
+    for info in manifest["splits"].values():
+        for shard in info["shards"]:
+            counts = shard.get("class_counts")
+            rows.append([shard["name"], str(shard["samples"]),
+                         *(str(counts.get(c, 0)) if counts is not None else "-" for c in classes)])
+    return _aligned(rows)

@@ -42,6 +42,7 @@ import torch
 
 from dlscale.configtree import plain, to_dict
 from dlscale.data.classes import CLASSES
+from dlscale.data.mixing import add_round
 from dlscale.data.shards import DatasetWriter
 from dlscale.data.stream import resize
 from dlscale.sim.config import Range, SimulatorConfig, preset_with_overrides
@@ -256,14 +257,15 @@ class Mixture:
 def write_mixture_set(mixture: Mixture, counts: dict[str, int], out: Path | str, source: dict, seed: int,
                       batch_size: int, shard_size: int = 2048, samples_per_record: int = 256) -> Path:
     """A new shard dataset of `counts[split]` raw images per class, drawn from `mixture` at its side (in this
-    process): split by split, batches of one class, the classes in turn (`plan_batches`), each class's images in a
-    split shared among the components by the share rule over its running count there; batch j (over all splits)
-    seeded by (seed, EVAL_KEY, j)."""
+    process): split by split, in rounds of one batch per class (`plan_batches`) written with their classes spread
+    over the shards (`add_round`), each class's images in a split shared among the components by the share rule
+    over its running count there; batch j (over all splits) seeded by (seed, EVAL_KEY, j)."""
     batches = ((split, class_name, k) for split, n in counts.items()
                for class_name, [(_, k)] in plan_batches({split: n}, batch_size))
     with DatasetWriter(out, (1, mixture.side, mixture.side), source, shard_size=shard_size,
                        samples_per_record=samples_per_record, seed=seed) as writer:
         drawn: dict[tuple[str, str], int] = {}
+        held: list[tuple[np.ndarray, np.ndarray, list[dict]]] = []
         for index, (split, class_name, n) in enumerate(batches):
             start = drawn.get((split, class_name), 0)
             drawn[split, class_name] = start + n
@@ -275,5 +277,8 @@ def write_mixture_set(mixture: Mixture, counts: dict[str, int], out: Path | str,
             for sim, row in zip(mixture.sims, cells):      # each component's images, named by its own settings
                 check_batch(images[at:at + sum(row)], class_name, index, sim.config, "float32")
                 at += sum(row)
-            writer.add_batch(split, images, labels.numpy(), metas)
+            held.append((images, labels.numpy(), metas))
+            if len(held) == len(CLASSES):      # a round: one batch of each class, spread over the split together
+                add_round(writer, [(split, n)], held)
+                held = []
     return Path(out)

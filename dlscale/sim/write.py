@@ -1,5 +1,6 @@
-"""`dlscale simulate`: batch planning (classes in turn, splits in order), an optional CPU worker pool, and writing
-every batch through `DatasetWriter` into a new shard dataset.
+"""`dlscale simulate`: batch planning (rounds of one batch per class, splits in order), an optional CPU worker pool,
+and writing every round through `DatasetWriter` into a new shard dataset, its classes spread over the shards
+(`dlscale.data.mixing`: a batch holds one class, so written as it comes it would fill shards with one class).
 
 `simulate(config, n_per_class, out, ...)` is the library function (typed arguments: a `SimulatorConfig`, the split
 fractions as a mapping); `simulate_main` is the command line, which only parses argv into that call."""
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from dlscale.configtree import plain
 from dlscale.data.classes import CLASSES, SPLITS
+from dlscale.data.mixing import add_round
 from dlscale.sim.config import PRESETS, SimulatorConfig, load_config
 from dlscale.sim.simulator import LensSimulator
 
@@ -130,14 +132,14 @@ def simulate(config: SimulatorConfig, n_per_class: int, out: Path | str, splits:
     try:
         results = pool.imap(_worker_batch, jobs) if pool else (_simulate_batch(sim, seed, job) for job in jobs)
         with writer, tqdm(total=len(CLASSES) * n_per_class, unit="img", desc="simulate") as bar:
-            for (index, (class_name, pieces)), (images, metas) in zip(jobs, results):
-                check_batch(images, class_name, index, config, dtype)
-                labels = np.full(len(images), CLASSES.index(class_name), dtype=np.int64)
-                start = 0
-                for split, k in pieces:
-                    writer.add_batch(split, images[start:start + k], labels[start:start + k], metas[start:start + k])
-                    start += k
-                bar.update(len(images))
+            done = zip(jobs, results)
+            for batches in zip(*[done] * len(CLASSES)):    # a round: one batch of each class, the same pieces
+                labelled = []
+                for (index, (class_name, pieces)), (images, metas) in batches:
+                    check_batch(images, class_name, index, config, dtype)
+                    labelled.append((images, np.full(len(images), CLASSES.index(class_name), dtype=np.int64), metas))
+                    bar.update(len(images))
+                add_round(writer, pieces, labelled)
     finally:
         if pool is not None:
             pool.terminate()
@@ -197,8 +199,8 @@ def _worker_batch(job: tuple[int, tuple[str, list[tuple[str, int]]]]) -> tuple[n
 
 
 def plan_batches(counts: dict[str, int], batch_size: int) -> typing.Iterator[tuple[str, list[tuple[str, int]]]]:
-    """Yield (class, [(split, count), ...]) batches taking the classes in turn, so no shard is one class; each
-    class's images fill the splits in order."""
+    """Yield (class, [(split, count), ...]) batches in rounds of one batch per class, the batches of a round cut into
+    the same pieces (what `add_round` mixes); each class's images fill the splits in order."""
     names, bounds = list(counts), np.cumsum(list(counts.values()))
     for start in range(0, int(bounds[-1]), batch_size):
         stop = min(start + batch_size, int(bounds[-1]))

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from dlscale import io
 from dlscale.configtree import flatten, read_yaml, to_dict
 from dlscale.data.classes import CLASSES
-from dlscale.data.stream import eval_loader, finish_batch, leading_shards
+from dlscale.data.stream import eval_loader, finish_batch
 from dlscale.distributed import DistInfo
 from dlscale.collect import collect, gather
 from dlscale.compat import format_version, upgrade_model_state
@@ -30,6 +30,7 @@ from dlscale.summaries import log_evaluation, scalar_items
 from dlscale.train.artifacts import METRICS, update_metrics
 from dlscale.train.config import Config, load_config, run_tasks
 from dlscale.train.model import build_run_model
+from dlscale.train.probe_set import pick_probe_rows, probe_quota, probe_shard_count
 from dlscale.train.skipped import skip_metrics
 from dlscale.train.sources.two_stream import TARGET_PREFIX, target_config
 
@@ -127,17 +128,19 @@ def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0
 
 def probe_features(model, ev: Evaluation) -> tuple[dict | None, dict]:
     """The frozen features of the probe's train set, gathered on every rank (None with `eval.probe_samples=0`), and
-    the skip counts of reading it: the first `probe_samples` training samples in id order, read from the leading
-    shards that hold them, so the same set whatever the ranks and workers. Read tolerantly unless `data.strict`: a
-    corrupt train shard is skipped and counted in `probe/skipped_*`."""
+    the skip counts of reading it: the first `probe_samples / classes` training samples of each class in id order
+    (`probe_set`), read from the leading shards that hold them, so the same set whatever the ranks and workers. Read
+    tolerantly unless `data.strict`: a corrupt train shard is skipped and counted in `probe/skipped_*`."""
     cfg, info = ev.cfg, ev.info
     if cfg.eval.probe_samples <= 0:
         return None, {}
-    shard_limit = leading_shards(ev.manifest["splits"]["train"]["shards"], cfg.eval.probe_samples)
+    train, classes = ev.manifest["splits"]["train"], ev.manifest["classes"]
+    quota = probe_quota(cfg.eval.probe_samples, {c: train["class_counts"].get(c, 0) for c in classes})
     loader = eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, "train", tolerant=not cfg.data.strict,
-                         shard_limit=shard_limit)
+                         shard_limit=probe_shard_count(train["shards"], classes, quota))
     features = gather(collect_on_every_rank(model, loader, ev, "train", n_examples=0))
-    features = {k: v[:cfg.eval.probe_samples] for k, v in features.items()}
+    rows = pick_probe_rows(features["labels"], classes, quota) if features else []
+    features = {k: v[rows] for k, v in features.items()}
     return features, skip_metrics(loader.dataset, "probe", "the linear probe's train features", ev.device)
 
 
@@ -238,7 +241,7 @@ def write_hparams(writer, cfg: Config, metrics: dict) -> None:
 def load_run(run_dir: str | Path, data_dir: str | None = None) -> tuple[Config, torch.nn.Module, dict]:
     """A finished run's config (pointed at `data_dir` if given), its model with the trained weights, and its
     exported encoder's metadata."""
-    from dlscale.export import read_encoder_file
+    from dlscale.export import check_weights_fit, read_encoder_file
     run_dir = Path(run_dir)
     if not (run_dir / "model.pt").is_file():
         raise FileNotFoundError(f"{run_dir}: no model.pt; only finished runs can be evaluated")
@@ -247,8 +250,10 @@ def load_run(run_dir: str | Path, data_dir: str | None = None) -> tuple[Config, 
     shape = tuple(info["image_shape"])
     model = build_run_model(cfg, shape, info.get("target_stats"))
     version = format_version(read_yaml(run_dir / "config.yaml"), f"{run_dir / 'config.yaml'}")
-    model.load_state_dict(upgrade_model_state(torch.load(run_dir / "model.pt", map_location="cpu",
-                                                        weights_only=True), version))
+    state = upgrade_model_state(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True), version)
+    check_weights_fit(model, state, f"the model in {run_dir / 'config.yaml'} does not fit the weights in "
+                                    f"{run_dir / 'model.pt'}")
+    model.load_state_dict(state)
     log.info("loaded %s (stage %s, tasks %s)", run_dir, cfg.stage, "+".join(run_tasks(cfg)))
     return cfg, model, info
 

@@ -1,6 +1,6 @@
 """What needs the data or the machine, checked before the run directory exists, so a refused run leaves nothing
-behind: the datasets (classes, splits, channels, the target domain's fit), the DeepSpeed-side settings and the
-optimizer's numbers. What the config alone decides is `Config.validate`'s."""
+behind: the datasets (classes, splits, channels, the target domain's fit, the linear probe's share of every class),
+the DeepSpeed-side settings and the optimizer's numbers. What the config alone decides is `Config.validate`'s."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,6 +11,7 @@ import torch
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
 from dlscale.train.deepspeed_setup import make_optimizer, resolve_engine_settings
+from dlscale.train.probe_set import check_probe_set
 
 
 def check_manifest(where: str, manifest: dict, splits: Sequence[str] = ()) -> None:
@@ -30,6 +31,7 @@ def check_dataset(cfg, manifest: dict) -> tuple[int, ...]:
     shape = tuple(manifest["image_shape"])
     needs_train = training_source(cfg).reads_train_split or cfg.eval.probe_samples > 0   # training, or the probe
     check_manifest(cfg.data_dir, manifest, (("train",) if needs_train else ()) + (cfg.eval.split,))
+    check_probe_data(cfg, manifest, cfg.data_dir)
     if shape[0] != cfg.model.encoder.in_channels:
         raise ValueError(f"{cfg.data_dir}: images have {shape[0]} channel(s) {shape}; set "
                          f"--model.encoder.in_channels={shape[0]}")
@@ -63,6 +65,16 @@ def check_target(cfg, image_shape: tuple[int, ...]) -> None:
     if target.evaluate and cfg.eval.split not in manifest["splits"]:
         raise ValueError(f"{tcfg.data_dir}: the target domain has no {cfg.eval.split!r} split to be scored on (has "
                          f"{', '.join(manifest['splits'])}); add one or set --data.target.evaluate=false")
+    if target.evaluate:
+        check_probe_data(cfg, manifest, f"{tcfg.data_dir} (the target domain)")
+
+
+def check_probe_data(cfg, manifest: dict, where: str) -> None:
+    """The train split of a dataset the linear probe reads (if it has one) holds every class's share of
+    `eval.probe_samples` (`probe_set.check_probe_set`)."""
+    if "train" in manifest["splits"]:
+        counts = manifest["splits"]["train"]["class_counts"]
+        check_probe_set(cfg.eval.probe_samples, {c: counts.get(c, 0) for c in manifest["classes"]}, where)
 
 
 def check_engine_settings(cfg, model: torch.nn.Module, world: int, device: torch.device) -> None:

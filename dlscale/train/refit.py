@@ -10,8 +10,8 @@ fitted on the very same eval-mode features reaches 0.95. Test-time augmentation,
 and precise BatchNorm statistics were measured and are not the cause.
 
 The fix: after the last step, the head's standardisation is set to the mean and variance of the eval-mode features
-of the first `eval.probe_samples` training images (the probe's train set: the training split only, never the
-scored one), and its linear layer is fitted to them by full-batch L-BFGS on cross-entropy with the probe's L2
+of the probe's train set (`eval.probe_samples` training images, an even share of each class: the training split
+only, never the scored one), and its linear layer is fitted to them by full-batch L-BFGS on cross-entropy with the probe's L2
 penalty (scikit-learn's C = 1), starting from the trained weights. Float64 on the CPU, the same on every rank.
 """
 from __future__ import annotations

@@ -6,10 +6,11 @@ train split is ever drawn from; evaluation uses the whole eval split, which no s
 
 Why a dataset and not a stream filter: the subset then trains through the unchanged DeepSpeed engine, its manifest
 counts are exact (an epoch is the subset, not the split with most samples skipped), and at N <= 1000 per class it
-costs one read of the train split per repeat. The subset's train shards are written with `DatasetWriter` (the
-source's record layout, its metadata kept, so regression targets come along); the eval split's shards are hard
-links of the source's (copies across filesystems), under their plain `<split>-NNNNNN.tar` names. The directory is
-built as a hidden `.NAME.partial-PID` sibling and renamed into place, so it is complete or absent.
+costs two reads of the train split per repeat (the labels, then the samples). The subset's train shards are written
+with `DatasetWriter` (the source's record layout, its metadata kept, so regression targets come along), its classes
+spread over them as by every writer; the eval split's shards are hard links of the source's (copies across
+filesystems), under their plain `<split>-NNNNNN.tar` names. The directory is built as a hidden `.NAME.partial-PID`
+sibling and renamed into place, so it is complete or absent.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import copy
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dlscale import io
 from dlscale.data.classes import CLASSES
+from dlscale.data.mixing import spread_order
 from dlscale.data.partial import partial_dir, remove_stale_partials
 from dlscale.data.shards import MANIFEST, DatasetWriter, decode_record, load_manifest
 from dlscale.data.stream import ShardSet, StreamConfig
@@ -31,6 +33,8 @@ from dlscale.data.tario import iter_records
 
 log = logging.getLogger(__name__)
 ALL = "all"
+COPY_WINDOW_BYTES = 1 << 30
+"""Image bytes a copy holds at once (samples are written in an order that no single read of the source gives)."""
 
 
 def train_index(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -144,12 +148,31 @@ def _staged(data_dir: Path, manifest: dict, out_dir: Path, provenance: dict, fil
 
 def _copy_samples(data_dir: Path, manifest: dict, split: str, ids: np.ndarray, writer: DatasetWriter,
                   extra_meta=None) -> None:
-    """Copy the samples `ids` of `split` in id order (so a copy's ids sort as the source's did)."""
-    wanted: dict[tuple[int, int], list[int]] = {}
-    for shard, record, position in sorted(np.asarray(ids).tolist()):
-        wanted.setdefault((shard, record), []).append(position)
+    """Copy the samples `ids` of `split` with their classes spread over the copy's shards (`spread_order`, each
+    class in id order): one read of their records for the labels, then one per window of that order that fits in
+    COPY_WINDOW_BYTES (a single one for any label subset), so memory stays bounded whatever the source's order."""
     shards = ShardSet(data_dir, split, StreamConfig(num_workers=0))
-    found = 0
+    ids = sorted(tuple(i) for i in np.asarray(ids).tolist())
+    labels = {key: label for key, _, label, _ in _read_samples(shards, manifest, ids)}
+    if len(labels) != len(ids):
+        raise RuntimeError(f"{data_dir}: found {len(labels)} of the {len(ids)} subset samples in the {split} shards")
+    order = [ids[i] for i in spread_order([labels[key] for key in ids])]
+    window = max(1, COPY_WINDOW_BYTES // (4 * int(np.prod(manifest["image_shape"]))))
+    for start in range(0, len(order), window):
+        keys = order[start:start + window]
+        held = {key: (image, meta) for key, image, _, meta in _read_samples(shards, manifest, keys)}
+        for key in keys:
+            image, meta = held[key]
+            writer.add(split, image, labels[key], meta if extra_meta is None else {**meta, **extra_meta(split, key)})
+
+
+def _read_samples(shards: ShardSet, manifest: dict, ids: list[tuple[int, int, int]]
+                  ) -> Iterator[tuple[tuple[int, int, int], np.ndarray, int, dict]]:
+    """(id, image, label, metadata) of the samples `ids`, in the order of their records on disk; each image a copy
+    (a view would keep its whole record alive)."""
+    wanted: dict[tuple[int, int], list[int]] = {}
+    for shard, record, position in sorted(ids):
+        wanted.setdefault((shard, record), []).append(position)
     for index in sorted({shard for shard, _ in wanted}):
         name = shards.shards[index]["name"]
         with shards.open(index) as stream:
@@ -160,11 +183,7 @@ def _copy_samples(data_dir: Path, manifest: dict, split: str, ids: np.ndarray, w
                 images, labels, metas = decode_record(record, manifest["record_layout"], manifest["image_shape"],
                                                       len(manifest["classes"]), f"{name}:{key}")
                 for p in positions:
-                    meta = metas[p] if extra_meta is None else {**metas[p], **extra_meta(split, (index, r, p))}
-                    writer.add(split, images[p], int(labels[p]), meta)
-                found += len(positions)
-    if found != len(ids):
-        raise RuntimeError(f"{data_dir}: found {found} of the {len(ids)} subset samples in the {split} shards")
+                    yield (index, r, p), images[p].copy(), int(labels[p]), metas[p]
 
 
 def _link(src: Path, dst: Path) -> None:
