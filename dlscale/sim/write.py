@@ -21,6 +21,7 @@ from tqdm import tqdm
 from dlscale.configtree import plain
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.data.mixing import add_round
+from dlscale.data.shards import DatasetWriter
 from dlscale.sim.config import PRESETS, SimulatorConfig, load_config
 from dlscale.sim.simulator import LensSimulator
 
@@ -101,7 +102,6 @@ def simulate(config: SimulatorConfig, n_per_class: int, out: Path | str, splits:
     split by the fractions `splits` (default train 0.9, val 0.1; rounding goes to the first split). `batch_size`:
     images per batch (default 32 on CPU, 1024 on a GPU); `workers` > 1: CPU processes of one thread each (the same
     images whatever the number). Returns `out`."""
-    from dlscale.data.shards import DatasetWriter
 
     out = Path(out)
     config = config.validate()

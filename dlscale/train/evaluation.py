@@ -17,18 +17,22 @@ import torch
 import torch.distributed as dist
 
 from dlscale import io
+from dlscale.collect import collect, gather
+from dlscale.compat import format_version, upgrade_model_state
 from dlscale.configtree import flatten, read_yaml, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.stream import eval_loader, finish_batch
-from dlscale.distributed import DistInfo
-from dlscale.collect import collect, gather
-from dlscale.compat import format_version, upgrade_model_state
+from dlscale.distributed import DistInfo, dist_info
 from dlscale.metrics import (apply_temperature, expected_calibration_error, fit_temperature,
                              negative_log_likelihood, summarize)
+from dlscale.data.shards import load_manifest
+from dlscale.export import check_weights_fit, read_encoder_file
 from dlscale.figures import save_reliability, save_roc
 from dlscale.summaries import log_evaluation, scalar_items
 from dlscale.train.artifacts import METRICS, update_metrics
 from dlscale.train.config import Config, load_config, run_tasks
+from dlscale.train.data import load_dataset, resolve_transforms
+from dlscale.train.deepspeed_setup import init_distributed, pick_device
 from dlscale.train.model import build_run_model
 from dlscale.train.probe_set import pick_probe_rows, probe_quota, probe_shard_count
 from dlscale.train.skipped import skip_metrics
@@ -59,7 +63,6 @@ def target_evaluation(ev: Evaluation) -> Evaluation | None:
     cfg = ev.cfg
     if not (cfg.data.target.source and cfg.data.target.evaluate):
         return None
-    from dlscale.data.shards import load_manifest
     tcfg = target_config(cfg)
     return Evaluation(tcfg, load_manifest(tcfg.data_dir), ev.info, ev.device, ev.dtype, ev.out_dir, ev.writer,
                       prefix=TARGET_PREFIX)
@@ -241,7 +244,6 @@ def write_hparams(writer, cfg: Config, metrics: dict) -> None:
 def load_run(run_dir: str | Path, data_dir: str | None = None) -> tuple[Config, torch.nn.Module, dict]:
     """A finished run's config (pointed at `data_dir` if given), its model with the trained weights, and its
     exported encoder's metadata."""
-    from dlscale.export import check_weights_fit, read_encoder_file
     run_dir = Path(run_dir)
     if not (run_dir / "model.pt").is_file():
         raise FileNotFoundError(f"{run_dir}: no model.pt; only finished runs can be evaluated")
@@ -270,9 +272,6 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None, split: str = 
                  local_rank: int | None = None) -> tuple[dict, Path]:
     """`dlscale eval`: reload a finished run and evaluate it on `split` of `data_dir` (default: its own data);
     returns (metrics, the directory they were written to)."""
-    from dlscale.distributed import dist_info
-    from dlscale.train.data import load_dataset, resolve_transforms
-    from dlscale.train.deepspeed_setup import init_distributed, pick_device
     run_dir = Path(run_dir)
     trained_on = load_config(run_dir / "config.yaml").data_dir if (run_dir / "config.yaml").is_file() else ""
     cfg, model, _ = load_run(run_dir, data_dir)

@@ -12,6 +12,8 @@ from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
 from dlscale.train.deepspeed_setup import make_optimizer, resolve_engine_settings
 from dlscale.train.probe_set import check_probe_set
+from dlscale.train.sources import TwoStreamSource, training_source
+from dlscale.train.sources.two_stream import describe_data, target_config
 
 
 def check_manifest(where: str, manifest: dict, splits: Sequence[str] = ()) -> None:
@@ -27,7 +29,6 @@ def check_manifest(where: str, manifest: dict, splits: Sequence[str] = ()) -> No
 def check_dataset(cfg, manifest: dict) -> tuple[int, ...]:
     """The manifest must match the model: canonical classes, the splits the run reads and the encoder's input
     channels. Returns the image shape the model sees (after `data.resize`)."""
-    from dlscale.train.sources import training_source
     shape = tuple(manifest["image_shape"])
     needs_train = training_source(cfg).reads_train_split or cfg.eval.probe_samples > 0   # training, or the probe
     check_manifest(cfg.data_dir, manifest, (("train",) if needs_train else ()) + (cfg.eval.split,))
@@ -46,8 +47,6 @@ def check_target(cfg, image_shape: tuple[int, ...]) -> None:
     """The target domain's dataset must fit the run: the same classes, the same image shape after `data.resize` as
     the labelled data's `image_shape`, a train split when the run adapts to it, the eval split when it is scored on
     it. Raises naming both datasets and what differs."""
-    from dlscale.train.sources import TwoStreamSource, training_source
-    from dlscale.train.sources.two_stream import describe_data, target_config
     target, tcfg = cfg.data.target, target_config(cfg)
     if not target.source or (target.source == "simulate" and not Path(tcfg.data_dir).is_dir()):
         return   # no target, or a simulated one whose evaluation set is still to make (checked once it exists)
