@@ -21,11 +21,11 @@ from dlscale.collect import collect, gather
 from dlscale.compat import format_version, upgrade_model_state
 from dlscale.configtree import flatten, read_yaml, to_dict
 from dlscale.data.classes import CLASSES
+from dlscale.data.shards import load_manifest
 from dlscale.data.stream import eval_loader, finish_batch
 from dlscale.distributed import DistInfo, dist_info
 from dlscale.metrics import (apply_temperature, expected_calibration_error, fit_temperature,
                              negative_log_likelihood, summarize)
-from dlscale.data.shards import load_manifest
 from dlscale.export import check_weights_fit, read_encoder_file
 from dlscale.figures import save_reliability, save_roc
 from dlscale.summaries import log_evaluation, scalar_items
