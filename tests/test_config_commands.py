@@ -39,3 +39,20 @@ def test_tune_print_config_round_trips_and_keeps_the_order_of_mappings(cli, tmp_
     again = cli("tune", "--print-config", "--config", path)
     assert again.code == 0, again.err
     assert again.out == first.out
+
+
+def test_predict_print_config_round_trips_and_its_flags_set_its_keys(cli, tmp_path):
+    first = cli("predict", "--print-config", "--run", "runs/x", "--batch-size", "8", "--workers", "0", "--embeddings",
+                "--no-progress")
+    assert first.code == 0, first.err
+    for line in ("model: runs/x", "batch_size: 8", "num_workers: 0", "embeddings: true", "progress: false"):
+        assert line in first.out
+    path = tmp_path / "predict.yaml"
+    path.write_text(first.out)
+    again = cli("predict", "--print-config", "--config", path)
+    assert again.code == 0, again.err
+    assert again.out == first.out
+    bad = cli("predict", "--print-config", "--device=tpu")
+    assert bad.code == 2 and "device='tpu'" in bad.err
+    missing = cli("predict", "--out", tmp_path / "o")
+    assert missing.code == 2 and "--run" in missing.err and not (tmp_path / "o").exists()
