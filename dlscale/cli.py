@@ -104,8 +104,8 @@ def tune_main(argv: list[str]) -> int:
 
 
 COMMANDS = {"pack": pack_main, "shards": shards_main, "simulate": simulate_main, "train": train_main,
-            "eval": eval_main, "predict": predict_main, "adapt-bn": adapt_bn_main, "quickstart": quickstart_main, "transfer": transfer_main,
-            "tune": tune_main}
+            "eval": eval_main, "predict": predict_main, "adapt-bn": adapt_bn_main, "quickstart": quickstart_main,
+            "transfer": transfer_main, "tune": tune_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,7 +189,8 @@ def summarize(scores: dict[str, np.ndarray], probe_train: dict[str, np.ndarray] 
               prefix: str = "val", target_names: Sequence[str] = (), n_bootstrap: int = 200,
               seed: int = 0) -> dict[str, object]:
     """Flat metrics from gathered scores: `<prefix>/accuracy`, `<prefix>/auc_*`, `<prefix>/recon_mse`,
-    `<prefix>/mae_masked_mse`, `<prefix>/psnr` (and the other `PER_IMAGE_MEANS`), `<prefix>/mae/<target>`, `probe/accuracy`, `probe/auc_macro`, `<prefix>/n_samples`."""
+    `<prefix>/mae_masked_mse`, `<prefix>/psnr` (and the other `PER_IMAGE_MEANS`), `<prefix>/mae/<target>`,
+    `probe/accuracy`, `probe/auc_macro`, `<prefix>/n_samples`."""
     metrics: dict[str, object] = {f"{prefix}/n_samples": int(len(scores["labels"]))}
     if "probs" in scores:
         cls = classification_metrics(scores["probs"], scores["labels"], class_names, n_bootstrap, seed)

@@ -19,7 +19,8 @@ to OUT/configs/<step>.yaml as the step's record; the stage then runs in this pro
 when there is one rank, or on every local rank through `distributed.launch_local_ranks` (`torchrun ... -m
 dlscale.train --config OUT/configs/<step>.yaml`: the process boundary is the one place the record's path becomes an
 argument). A stream step (`StepConfig.from_stream`) trains on `data.source=simulate` with epochs of as many fresh
-images as the labelled train split holds, so its epochs count the multiple of that split it sees, and is evaluated on the labelled data.
+images as the labelled train split holds, so its epochs count the multiple of that split it sees, and is evaluated
+on the labelled data.
 
 How the CPU budget was chosen (2-core machine shared with other work, 2 ranks of one thread each; `make demo` must
 fit in 10 minutes with the installation, 1.5-2.5 minutes on a fresh clone). Probe figures: macro AUC of the linear

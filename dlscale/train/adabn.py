@@ -255,7 +255,8 @@ def check_run_step(cfg, model: nn.Module) -> None:
 def run_step(cfg, evaluation, info, device: torch.device, step: int) -> dict:
     """Stage adapt's last step (`data.target.adabn`): rank 0 writes RUN/adabn from the finished run (a resumed run
     writes it again: it derives from model.pt alone); every rank then scores it on the target's evaluation split
-    (`adabn/target/<split>/...`, merged into RUN/metrics.json at the run's last `step`). A failure on rank 0 is shared with every rank."""
+    (`adabn/target/<split>/...`, merged into RUN/metrics.json at the run's last `step`). A failure on rank 0 is
+    shared with every rank."""
     run_dir = Path(cfg.run_dir)
     out = run_dir / RUN_STEP_DIR
     outcome: list = [None]

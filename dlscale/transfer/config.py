@@ -146,7 +146,7 @@ class TransferConfig:
             raise ValueError(f"budget.layer_decay={self.budget.layer_decay}, budget.freeze_stages="
                              f"{self.budget.freeze_stages}, budget.lora_rank={self.budget.lora_rank}: expected a "
                              "factor in (0, 1], a count >= 0 and a rank >= 1")
-        for name, options in self.task_options.items():
+        for options in self.task_options.values():
             check = getattr(options, "validate", None)
             if check is not None:
                 check()
