@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from dlscale.distributed import local_rank_env
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -25,8 +27,10 @@ def test_the_notebooks_are_stored_without_outputs():
 @pytest.mark.slow
 def test_encoder_embeddings_notebook_embeds_probes_and_plots(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
+    # The kernel starts as a user's would: without this test process's rank layout (an earlier test's in-process
+    # run leaves MASTER_PORT set and its store bound to that port).
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+                            resources={"metadata": {"path": str(tmp_path)}}).execute(env=local_rank_env())
     code = [c for c in notebook.cells if c.cell_type == "code"]
     text = "\n".join(outputs(c) for c in code)
     assert "embeddings of shape (180, " in text
