@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from dlscale.models.encoders import EncoderConfig, build_encoder
+from dlscale.models import EncoderConfig, build_encoder
 from dlscale.models.heads import Decoder
 
 

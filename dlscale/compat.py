@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 from dlscale.formats import FORMAT_0_1, FORMAT_VERSION, format_version
-from dlscale.models.encoders import BACKBONES, EncoderConfig
+from dlscale.models.backbone import BACKBONES, EncoderConfig
 
 __all__ = ["FORMAT_0_1", "FORMAT_VERSION", "format_version", "upgrade_config", "upgrade_encoder_config",
            "upgrade_model_state"]

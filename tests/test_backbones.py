@@ -9,8 +9,8 @@ import pickle
 import pytest
 import torch
 
-from dlscale.models.encoders import (ENCODER_NAMES, EncoderConfig, backbone_class, build_encoder, default_patch_size,
-                                     layer_groups)
+from dlscale.models import ENCODER_NAMES, EncoderConfig, backbone_class, build_encoder, layer_groups
+from dlscale.models.timm_backbones import default_patch_size
 from dlscale.models.heads import ClassifierHead, Decoder
 
 SIZES = (64, 150)

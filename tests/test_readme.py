@@ -243,7 +243,7 @@ def test_named_config_keys_exist(key):
 # Each registry of parts that users extend, as `module:NAME`; read in a fresh interpreter, since test modules register
 # parts of their own (a `toy` stage, a `brightness` task) when they are imported.
 REGISTRIES = {"stage": "dlscale.train.stages:STAGES", "task": "dlscale.train.tasks:TASKS",
-              "loss weighting": "dlscale.train.weighting:WEIGHTINGS", "backbone": "dlscale.models.encoders:BACKBONES",
+              "loss weighting": "dlscale.train.weighting:WEIGHTINGS", "backbone": "dlscale.models.backbone:BACKBONES",
               "data source": "dlscale.train.sources:SOURCES", "downstream task": "dlscale.transfer.tasks:DOWNSTREAM"}
 
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from dlscale.data.views import ViewConfig, random_view, robust_std, two_views
 from dlscale.models.contrastive import BYOLHead, ProjectionHead, byol_tau, ema_update, gather_with_grad, nt_xent
-from dlscale.models.encoders import EncoderConfig, build_encoder
+from dlscale.models import EncoderConfig, build_encoder
 from dlscale.models.mae import (MAEConfig, MAEHead, mask_patches, masked_patch_loss, patchify, random_masking,
                                 unpatchify)
 

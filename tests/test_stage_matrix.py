@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from dlscale.models.encoders import ENCODER_NAMES, VIT_ARCHITECTURES
+from dlscale.models.encoders import ENCODER_NAMES
+from dlscale.models.timm_backbones import VIT_ARCHITECTURES
 from dlscale.models.model import TARGET_DOMAIN
 from dlscale.train.config import load_config
 from dlscale.train.model import build_run_model

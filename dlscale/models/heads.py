@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dlscale.models.encoders import conv_bn_relu
+from dlscale.models.cnn_backbones import conv_bn_relu
 
 
 def global_pool(feature_map: torch.Tensor) -> torch.Tensor:

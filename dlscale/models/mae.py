@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dlscale.models.encoders import check_patch_size, default_patch_size
+from dlscale.models.timm_backbones import check_patch_size, default_patch_size
 from dlscale.models.heads import Decoder
 
 
