@@ -31,10 +31,17 @@ ZERO_OUTPUT = {"superres"}
 reaches that layer with a non-zero gradient, so the encoder is checked after one plain gradient step."""
 
 
+MATRIX_STAGES, MATRIX_TASKS = tuple(STAGES), tuple(TASKS)
+"""The registries as this module finds them when it is collected: a test module collected later may register parts
+of its own (which its tests cover), and the matrix must not depend on the order pytest collects files in."""
+
+
 def stage_cases() -> list[tuple[str, str, list[str]]]:
     cases = []
-    for stage, spec in STAGES.items():
-        base = [] if spec.tasks is not None else [f"--model.tasks=[{','.join(TASKS)}]", "--loss.method=uncertainty"]
+    for stage in MATRIX_STAGES:
+        spec = STAGES[stage]
+        base = [] if spec.tasks is not None else [f"--model.tasks=[{','.join(MATRIX_TASKS)}]",
+                                                  "--loss.method=uncertainty"]
         for variant, extra in VARIANTS.get(stage, {"default": []}).items():
             cases.append((stage, variant, base + extra))
     return cases
@@ -72,7 +79,7 @@ def test_stage_builds_and_trains_one_step_on_backbone(stage, variant, extra, bac
     if STAGES[stage].tasks is not None:
         assert set(model.tasks) == set(STAGES[stage].tasks)
     else:
-        assert set(model.tasks) == set(TASKS)
+        assert set(model.tasks) == set(MATRIX_TASKS)
     images, batch = make_batch(model, torch.Generator().manual_seed(1))
 
     model.train()
@@ -108,9 +115,10 @@ def test_stage_builds_and_trains_one_step_on_backbone(stage, variant, extra, bac
 
 
 def test_the_matrix_covers_every_stage_and_backbone():
-    assert {case[0] for case in CASES} == set(STAGES)
+    assert set(MATRIX_STAGES) >= {"autoencoder", "supervised", "multitask", "adapt", "superres"}
+    assert {case[0] for case in CASES} == set(MATRIX_STAGES)
     assert {case[3] for case in CASES} == set(ENCODER_NAMES)
-    assert len(CASES) == sum(len(VARIANTS.get(stage, {0: 0})) for stage in STAGES) * len(ENCODER_NAMES)
+    assert len(CASES) == sum(len(VARIANTS.get(stage, {0: 0})) for stage in MATRIX_STAGES) * len(ENCODER_NAMES)
 
 
 @pytest.mark.parametrize("method", METHODS)

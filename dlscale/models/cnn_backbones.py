@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
 
 from dlscale.models.backbone import Backbone, EncoderConfig, register_backbone
 
@@ -43,6 +42,10 @@ class ResNetEncoder(Backbone, nn.Module):
 
     def __init__(self, in_channels: int = 1, small_input_stem: bool = False) -> None:
         super().__init__()
+        # imported here: torchvision's package import loads torch._dynamo (seconds of CPU in every process that
+        # imports the models, most of which never build a ResNet)
+        from torchvision.models import resnet18
+
         net = resnet18(weights=None)
         if small_input_stem:
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)

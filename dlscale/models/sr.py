@@ -24,7 +24,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from dlscale.registry import Registry
 
@@ -237,6 +236,7 @@ def sr_loss(pred: torch.Tensor, target: torch.Tensor, pixel: str = "l1", ssim_we
     pred, target = pred.float(), target.float()
     loss = SR_LOSSES[pixel](pred, target)
     if ssim_weight:
+        from torchmetrics.functional.image import structural_similarity_index_measure   # see `sr_scores`
         loss = loss + ssim_weight * (1 - structural_similarity_index_measure(pred, target, data_range=1.0))
     return loss
 
@@ -244,6 +244,9 @@ def sr_loss(pred: torch.Tensor, target: torch.Tensor, pixel: str = "l1", ssim_we
 def sr_scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image PSNR (dB) and SSIM (torchmetrics: data range 1, 11x11 Gaussian window, sigma 1.5) of predictions
     clamped to [0, 1], in float64."""
+    # imported here: `import torchmetrics` loads all of its domains, text ones with transformers when installed
+    # (peft brings it): seconds of CPU for every process that imports the models, most of which never score SR
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
     pred, target = pred.detach().clamp(0, 1).double(), target.detach().double()
     return {"psnr": peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3)),
             "ssim": structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")}
