@@ -30,7 +30,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from dlscale.data.shards import DatasetWriter
-from dlscale.data.stream import StreamConfig, train_loader
+from dlscale.data.stream import train_loader
+from dlscale.data.stream_config import StreamConfig
 from dlscale.models import EncoderConfig, build_encoder
 
 WARMUP_BATCHES = 3    # worker start-up and the shuffle buffer's first fill
