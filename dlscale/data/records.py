@@ -94,11 +94,11 @@ class RecordStream(IterableDataset):
                     if record is None:
                         continue
                     try:
-                        rows = self.prepare(self.shards.decode(index, r, key, record), j + r)
+                        rows, lost = self.prepare(self.shards.decode(index, r, key, record), j + r), None
                     except CorruptShardError as err:
-                        yield Read(j + r, draw, index, r, worker, None, err)
-                        continue
-                    yield Read(j + r, draw, index, r, worker, rows, None)
+                        rows, lost = None, err
+                    del record        # its bytes can serve the next read (`allocate`) while this one is handed on
+                    yield Read(j + r, draw, index, r, worker, rows, lost)
         except (CorruptShardError, OSError) as err:
             error = err
         if passed < count and error is None:
@@ -131,9 +131,10 @@ class RecordLoader:
     batches in their fixed order. `dataset` is the stream (as on a DataLoader).
 
     Memory per rank, in samples (spr: samples per record, buffer: max(shuffle_buffer, batch_size) + batch_size):
-    `TrainStream`: its `RecordRing`, about (2 x workers + 3) x spr + 3 x buffer (two buffers' worth of records live in
-    their slots, one of spill rows), plus a record being read by each worker (1x150x150 images, records of 256, the
-    default shuffle buffer, batch 128, 8 workers: ~17,800 samples, 1.6 GB);
+    `TrainStream`: its `RecordRing` in shared memory, about (2 x workers + 3) x spr + 3 x buffer (two buffers' worth
+    of records live in their slots, one of spill rows), plus 2 records' bytes per worker that its reads reuse, plus 4
+    batches the training process reuses besides those the consumer holds (1x150x150 images, records of 256, the
+    default shuffle buffer, batch 128, 8 workers: ~22,100 samples, 2.0 GB, of which the ring 1.6 GB);
     `EvalStream`: one batch plus (3 x workers + 1) records, 2 queued per worker and one being read by each."""
 
     def __init__(self, stream: RecordStream, cfg: StreamConfig):

@@ -155,9 +155,9 @@ class TrainStream(RecordStream):
                 return
 
 
-RECORD_READS_KEPT = 3
-"""Records' bytes a worker keeps for reuse: the record being prepared, the next one's first member (read before the
-last is handed on), and one held by the loop until its next turn."""
+RECORD_READS_KEPT = 2
+"""Records' bytes a worker keeps for reuse: the record being prepared and the next one's first member (the tar reader
+reads it to see that the record before has ended)."""
 BATCHES_KEPT = 4
 """Batches' memory the training process keeps for reuse (reused once the consumer has let go of the batch)."""
 
