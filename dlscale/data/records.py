@@ -50,6 +50,9 @@ class RecordStream(IterableDataset):
 
     allocate: Allocate | None = None
     """Where a worker reads records' bytes (`iter_records`): fresh memory unless a stream reuses its own."""
+    mapped: bool = False
+    """Read local shards through a memory map (`ShardSet.open`): for a stream whose `prepare` never writes into the
+    decoded record."""
 
     def __init__(self, shards: ShardSet, rank: int, world: int):
         self.shards, self.rank, self.world = shards, rank, world
@@ -86,7 +89,7 @@ class RecordStream(IterableDataset):
         mine = lambda r: (j + r) % workers == worker   # noqa: E731
         name, passed, error = self.shards.shards[index]["name"], 0, None
         try:
-            with self.shards.open(index) as stream:
+            with self.shards.open(index, self.mapped) as stream:
                 for r, (key, record) in enumerate(iter_records(stream, name, mine, self.allocate)):
                     if r >= count:
                         break

@@ -10,7 +10,7 @@ import torch
 
 from dlscale.data.shards import decode_record, load_manifest
 from dlscale.data.stream_config import StreamConfig
-from dlscale.data.tario import CorruptShardError, ReadIntoAdapter, iter_records
+from dlscale.data.tario import CorruptShardError, MappedFile, ReadIntoAdapter, iter_records
 
 
 class ShardSet:
@@ -36,12 +36,14 @@ class ShardSet:
             raise ValueError(f"shard URL {url!r} runs a shell command; set data.allow_pipe=true to allow it")
         return url
 
-    def open(self, index: int) -> BinaryIO:
+    def open(self, index: int, mapped: bool = False) -> BinaryIO:
+        """Shard `index` as a stream; `mapped`: a local file through a memory map (`MappedFile`: records' bytes are
+        not copied out of the page cache; only for readers that do not write into what they decode)."""
         url = self.urls[index]
         if "://" in url or url.startswith("pipe:"):
             from webdataset.gopen import gopen
             return ReadIntoAdapter(gopen(url, "rb"))
-        return open(url, "rb", buffering=1 << 20)
+        return MappedFile(url) if mapped else open(url, "rb", buffering=1 << 20)
 
     def records(self, index: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Decoded records of shard `index`: images, labels, ids (shard, record, position), targets or None."""

@@ -73,7 +73,8 @@ class TrainStream(RecordStream):
         self.batches_per_epoch, self.seed, self.epoch = batches_per_epoch, seed, 0
         self.image_shape = shards.cfg.output_shape(shards.image_shape)   # of the batches (after data.resize)
         self.max_failures = 10 * len(shards.urls) + 10
-        self.allocate = BufferPool(RECORD_READS_KEPT).take
+        self.allocate = BufferPool(RECORD_READS_KEPT).take    # reads of pipes and remote shards
+        self.mapped = True     # `prepare` writes records into the ring, never into the decoded ones
         self.batch_memory = BufferPool(BATCHES_KEPT)
 
     def set_epoch(self, epoch: int) -> None:

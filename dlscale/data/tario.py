@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import io
 import math
+import mmap
+import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +48,11 @@ def _read_exact(stream: BinaryIO, n: int, where: str, allocate: Allocate | None 
     Above `CHUNK_BYTES` the bytes are read in chunks, each allocated only once the previous one is full, so a tar
     header claiming a huge member costs at most one chunk before the stream ends and the member is reported
     truncated."""
+    if isinstance(stream, MappedFile):
+        part = stream.view(n)
+        if len(part) < n:
+            raise CorruptShardError(f"{where}: truncated (wanted {n} bytes, got {len(part)})")
+        return part
     parts, got = [], 0
     while got < n or not parts:
         size = min(CHUNK_BYTES, n - got)   # np.empty, unlike bytearray(n), is not zero-filled first
@@ -59,6 +66,40 @@ def _read_exact(stream: BinaryIO, n: int, where: str, allocate: Allocate | None 
         parts.append(part)
         got += filled
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class MappedFile:
+    """A local file read through a private memory map: `_read_exact` hands out views of its pages (the page cache's,
+    no copy into this process); a page written through a view is copied for this process only, never the file."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8) if size else \
+                np.empty(0, np.uint8)
+        self.position = 0
+
+    def view(self, n: int) -> np.ndarray:
+        """The next n bytes (fewer at the end of the file)."""
+        out = self.data[self.position:self.position + n]
+        self.position += len(out)
+        return out
+
+    def read(self, n: int) -> bytes:
+        return self.view(n).tobytes()
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, n: int, whence: int) -> None:
+        assert whence == io.SEEK_CUR, "a mapped shard is only read forward"
+        self.position += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """The map stays while views of it live (the arrays decoded from it); nothing to close before."""
 
 
 class ReadIntoAdapter:

@@ -74,14 +74,16 @@ NO_AUGMENTATION = -1
 
 def transform(images: torch.Tensor, cfg: StreamConfig, generator: torch.Generator | None,
               out: torch.Tensor | None = None) -> torch.Tensor:
-    """Resize, normalise (in place) and, with a generator, augment a batch, on whatever device it sits; the result
-    goes into `out` if given."""
+    """Resize, normalise and, with a generator, augment a batch, on whatever device it sits: in place of `images`,
+    or, given `out`, into `out` without writing into `images` (augmented there first: the per-image normalisations
+    do not depend on the images' orientation, up to float rounding for `standardize`)."""
     if cfg.resize is not None:
         images = resize(images, cfg.resize, cfg.resize_mode)
+    if out is not None:
+        out = augment(images, generator, out) if generator is not None else out.copy_(images)
+        return normalize(out, cfg.normalize, inplace=True)
     images = normalize(images, cfg.normalize, inplace=True)
-    if generator is not None:
-        return augment(images, generator, out)
-    return images if out is None else out.copy_(images)
+    return augment(images, generator) if generator is not None else images
 
 
 def finish_batch(batch: dict, cfg: StreamConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
