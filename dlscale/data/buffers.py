@@ -1,8 +1,9 @@
 """Large buffers handed out again once nothing refers to them: a training stream's record reads and batches.
 
-Fresh memory costs a page fault per 4 KiB page the first time it is written (the kernel zeroes it): ~2.5 us a page
-here, 55 us a 1x150x150 sample, more than copying the sample. `malloc` returns large blocks to the kernel when they
-are freed, so a loop that allocates a batch per step pays that on every batch. A `BufferPool` keeps a few buffers
+Fresh memory costs a page fault per 4 KiB page the first time it is written (the kernel zeroes it): up to ~2.5 us a
+page here, ~55 us a 1x150x150 sample, more than copying the sample. `malloc` may return a large block to the kernel
+when it is freed (glibc does above its mmap threshold), and a loop that allocates a batch per step then pays that on
+every batch. A `BufferPool` keeps a few buffers
 and lends one again only when no array or tensor made from it is left (numpy's base chain and `torch.from_numpy`
 hold a reference to it, so a buffer a caller still holds, even through a view, is never written over).
 """

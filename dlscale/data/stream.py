@@ -64,7 +64,6 @@ def _batch(rows: tuple, cfg: StreamConfig, generator: torch.Generator | None) ->
     return batch
 
 
-
 class TrainStream(RecordStream):
     """Endless resampled stream cut to `batches_per_epoch` batches per rank; call `set_epoch` before each epoch."""
 
