@@ -59,7 +59,7 @@ class RecordRing:
         self.store = [None if shape is None else make(*shape)
                       for shape in self.shapes(record_slots, spill_rows, samples_per_record, rows)]
         self.released = torch.full((1,), -1, dtype=torch.int64).share_memory_()
-        self.shared, self.mapped = shared, {}     # mapped: pid -> the slots whose pages that process has mapped
+        self.shared, self.populated = shared, {}     # pid -> the slots whose pages that process has mapped
 
     @staticmethod
     def shapes(record_slots: int, spill_rows: int, samples_per_record: int, rows: list) -> list:
@@ -85,9 +85,9 @@ class RecordRing:
             time.sleep(0.001)
         start = self.first_row(j)
         views = tuple(None if store is None else store[start:start + rows] for store in self.store)
-        mapped = self.mapped.setdefault(os.getpid(), set())
-        if self.shared and j % self.record_slots not in mapped:
-            mapped.add(j % self.record_slots)
+        populated = self.populated.setdefault(os.getpid(), set())
+        if self.shared and j % self.record_slots not in populated:
+            populated.add(j % self.record_slots)
             for view in views:
                 if view is not None:
                     _populate(view)
