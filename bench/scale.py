@@ -48,7 +48,8 @@ def phase(name: str, data: Path, n: int, batch_size: int, workers: int) -> dict:
     torch.set_num_threads(1)
     from dlscale.cli import main as cli
     from dlscale.data.shards import load_manifest
-    from dlscale.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
+    from dlscale.data.stream import batches_per_epoch, eval_loader, train_loader
+    from dlscale.data.stream_config import StreamConfig
     imported = current_rss_mb()   # what the imports alone hold, for scale
     start = time.perf_counter()
     if name == "simulate":

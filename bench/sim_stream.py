@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dlscale.data.stream import StreamConfig, train_loader  # noqa: E402
+from dlscale.data.stream import train_loader
+from dlscale.data.stream_config import StreamConfig  # noqa: E402
 from dlscale.models import ClassifierHead, EncoderConfig, build_encoder  # noqa: E402
 from dlscale.sim.stream import SimulationSourceConfig, SimulationStream, simulation_loader  # noqa: E402
 

@@ -2,11 +2,15 @@
 consumer (the loader alone) and to a training step, vs the same images from memory; `dlscale pack` files/s.
 
     python bench/stream.py [--samples 40000] [--batch-size 64] [--rounds 2] [--workers 0,1,2,4]   # prints JSON
+    python bench/stream.py --quick     # the two goal ratios only (~2 min on an idle 2-core machine)
 
 Each figure is the best of `--rounds` interleaved rounds (the machine is shared: a round that another job slowed
 down is not the loader's speed). `1x<size>x<size>.noop.workers_<W>` is samples/s with nothing done per batch;
 `.step.workers_<W>` samples/s of a plain-PyTorch training step of the small CNN (width 16) fed by the stream, with its
 data-wait fraction (time in `next(loader)` / wall time). `workers_0` reads in the training process.
+`noop_per_sample`: CPU time (us) and minor page faults per sample of the training process (`main_*`) and of its
+DataLoader workers together (`workers_*`) with the no-op consumer, after the warm-up, in the fastest round; unlike
+samples/s, they hardly move with the machine's load.
 
 Goals: `ratio_2_workers_vs_1_150px_noop` (2 DataLoader workers vs 1, 1x150x150, no-op consumer) >= 1.6 on 2 cores
 (ideal 2); `ratio_stream_vs_memory_64px` (the best worker count vs an in-memory DataLoader, 1x64x64, no-op) >= 0.8.
@@ -15,8 +19,10 @@ Pack speed is measured through the CLI (start-up included).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -30,7 +36,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from dlscale.data.shards import DatasetWriter
-from dlscale.data.stream import StreamConfig, train_loader
+from dlscale.data.stream import train_loader
+from dlscale.data.stream_config import StreamConfig
 from dlscale.models import EncoderConfig, build_encoder
 
 WARMUP_BATCHES = 3    # worker start-up and the shuffle buffer's first fill
@@ -45,25 +52,45 @@ def write_dataset(out: Path, n: int, size: int) -> None:
                         [{"i": start + i} for i in range(m)])
 
 
-def rate(loader, consume=None) -> tuple[float, float]:
-    """(samples/s after the warm-up batches, fraction of that time spent waiting for the loader)."""
-    seen, waited, t0 = 0, 0.0, None
+def usage() -> tuple[float, float, float, float]:
+    """CPU seconds and minor page faults so far of this process and of its live child processes together (the
+    DataLoader workers; Linux /proc)."""
+    tick, mine, workers = os.sysconf("SC_CLK_TCK"), resource.getrusage(resource.RUSAGE_SELF), [0.0, 0.0]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            workers[0] += (int(fields[11]) + int(fields[12])) / tick
+            workers[1] += int(fields[7])
+    return mine.ru_utime + mine.ru_stime, workers[0], mine.ru_minflt, workers[1]
+
+
+def rate(loader, consume=None, batches_total: int | None = None) -> tuple[float, float, dict]:
+    """(samples/s after the warm-up batches, fraction of that time spent waiting for the loader, CPU us and minor
+    page faults per sample of this process and of the workers over that time: measured up to the `batches_total`-th
+    batch, before the workers exit; empty without it)."""
+    seen, waited, t0, cpu = 0, 0.0, None, {}
     batches = iter(loader)
-    while True:
+    for i in itertools.count():
         asked = time.perf_counter()
         batch = next(batches, None)
         if batch is None:
             break
         images, labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
         if t0 is None and seen >= WARMUP_BATCHES * len(labels):
-            t0, seen, waited = time.perf_counter(), 0, 0.0
+            t0, seen, waited, used = time.perf_counter(), 0, 0.0, usage()
         elif t0 is not None:
             waited += time.perf_counter() - asked
         seen += len(labels)
+        if t0 is not None and i + 1 == batches_total:
+            names, scales = ("main_cpu_us", "workers_cpu_us", "main_faults", "workers_faults"), (1e6, 1e6, 1, 1)
+            cpu = {k: round(x * (b - a) / seen, 1) for k, x, a, b in zip(names, scales, used, usage())}
         if consume is not None:
             consume(images, labels)
     wall = time.perf_counter() - t0
-    return seen / wall, waited / wall
+    return seen / wall, waited / wall, cpu
 
 
 def training_step(size: int):
@@ -82,9 +109,9 @@ def training_step(size: int):
     return step
 
 
-def stream_rate(data: Path, workers: int, batch: int, samples: int, consume=None) -> tuple[float, float]:
+def stream_rate(data: Path, workers: int, batch: int, samples: int, consume=None) -> tuple[float, float, dict]:
     cfg = StreamConfig(batch_size=batch, num_workers=workers, augment=True)
-    return rate(train_loader(data, cfg, batches=samples // batch), consume)
+    return rate(train_loader(data, cfg, batches=samples // batch), consume, samples // batch)
 
 
 def memory_loader(n: int, size: int, batch: int) -> DataLoader:
@@ -107,20 +134,21 @@ def pack_rate(tmp: Path, files_per_class: int, workers: int) -> float:
 
 
 def measure_size(data: Path, size: int, n: int, a) -> dict:
-    best: dict[str, tuple[float, float]] = {}
+    best: dict[str, tuple[float, float, dict]] = {}
 
-    def keep(key: str, figure: tuple[float, float]) -> None:
+    def keep(key: str, figure: tuple[float, float, dict]) -> None:
         if key not in best or figure[0] > best[key][0]:
             best[key] = figure
     for _ in range(a.rounds):
         keep("memory_dataloader", rate(memory_loader(n, size, a.batch_size)))
         for w in a.workers:
             keep(f"noop.workers_{w}", stream_rate(data, w, a.batch_size, n))
-        for w in a.workers:
+        for w in a.workers if a.step_samples else ():
             keep(f"step.workers_{w}", stream_rate(data, w, a.batch_size, a.step_samples, training_step(size)))
     out: dict = {"samples": n, "memory_dataloader": round(best["memory_dataloader"][0])}
     for kind in ("noop", "step"):
         out[kind] = {key.split(".")[1]: round(best[key][0]) for key in best if key.startswith(kind)}
+    out["noop_per_sample"] = {key.split(".")[1]: best[key][2] for key in best if key.startswith("noop")}
     out["step_data_wait_fraction"] = {key.split(".")[1]: round(best[key][1], 3) for key in best
                                       if key.startswith("step")}
     return out
@@ -129,12 +157,16 @@ def measure_size(data: Path, size: int, n: int, a) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=40000, help="per measurement at 1x64x64 (a quarter at 150x150)")
-    p.add_argument("--step-samples", type=int, default=3200, help="per measurement with the training step")
+    p.add_argument("--step-samples", type=int, default=3200, help="per measurement with the training step (0: skip)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", default="0,1,2,4", help="DataLoader worker counts")
     p.add_argument("--pack-files", type=int, default=1000, help="files per class for the pack benchmark (0: skip)")
+    p.add_argument("--quick", action="store_true", help="only what the two goal ratios need: workers 0,1,2 with the "
+                   "no-op consumer and the in-memory loader, 3 rounds; no training step, no pack")
     a = p.parse_args(argv)
+    if a.quick:
+        a.workers, a.step_samples, a.pack_files, a.rounds = "0,1,2", 0, 0, 3
     a.workers = [int(w) for w in a.workers.split(",")]
     torch.set_num_threads(1)
     results: dict = {"batch_size": a.batch_size, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}

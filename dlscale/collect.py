@@ -17,7 +17,7 @@ def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.d
 
     Keys: ids (N,3), labels, features, and whatever the model collects (`TaskModel.collect`: its tasks' probs,
     recon_mse, regression + target, ...); its first `n_examples` shown images (`TaskModel.examples`).
-    `finish(batch)` puts a batch on the device (and transforms it there, see `data.stream.finish_batch`).
+    `finish(batch)` puts a batch on the device (and transforms it there, see `data.transforms.finish_batch`).
     """
     parts: dict[str, list[np.ndarray]] = {}
     seen = 0

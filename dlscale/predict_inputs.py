@@ -26,7 +26,10 @@ from torch.utils.data import IterableDataset
 
 from dlscale.data.deeplense import BadFileError, discover, load_npy, split_image_and_mass, to_chw
 from dlscale.data.shards import load_manifest
-from dlscale.data.stream import ShardSet, StreamConfig, _worker, normalize
+from dlscale.data.records import worker_share
+from dlscale.data.shardset import ShardSet
+from dlscale.data.stream_config import StreamConfig
+from dlscale.data.transforms import normalize
 from dlscale.data.tario import CorruptShardError
 
 GLOB_CHARS = "*?["
@@ -142,7 +145,7 @@ class PredictStream(IterableDataset):
         return [item for i, item in enumerate(self.items) if (i % (self.world * workers)) // workers == self.rank]
 
     def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker()
+        worker, workers = worker_share()
         slot, slots = self.rank * workers + worker, self.world * workers
         for index in range(slot, len(self.items), slots):
             item = self.items[index]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import read_split
-from dlscale.data.stream import normalize
+from dlscale.data.transforms import normalize
 from dlscale.export import load_encoder
 from dlscale.train.adabn import batchnorm_layers
 from dlscale.train.evaluation import load_run

@@ -351,7 +351,7 @@ def test_both_domains_pass_the_encoder_together_so_batchnorm_sees_one_statistic(
 def test_with_device_transforms_the_target_images_are_finished_on_the_device_too(separable_data, target_data,
                                                                                   tmp_path):
     """data.transforms=device: workers hand both domains' images over raw; `finish_batch` normalises both."""
-    from dlscale.data.stream import RAW, finish_batch
+    from dlscale.data.transforms import RAW, finish_batch
     cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--data.transforms=device")
     source = training_source(cfg)
     stream, _ = source.open(DistInfo(0, 1, 0), torch.device("cpu"))

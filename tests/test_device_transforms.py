@@ -4,7 +4,9 @@ from dataclasses import replace
 
 import torch
 
-from dlscale.data.stream import StreamConfig, eval_loader, finish_batch, train_loader
+from dlscale.data.stream import eval_loader, train_loader
+from dlscale.data.stream_config import StreamConfig
+from dlscale.data.transforms import finish_batch
 
 
 def test_eval_batches_transformed_on_the_device_equal_the_host_ones(separable_data):

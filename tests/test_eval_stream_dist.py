@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dlscale.data.shards import load_manifest
-from dlscale.data.stream import StreamConfig, batches_per_epoch, eval_loader, train_loader
+from dlscale.data.stream import batches_per_epoch, eval_loader, train_loader
+from dlscale.data.stream_config import StreamConfig
 
 pytestmark = pytest.mark.slow   # every test reads the streams on 2 ranks under torchrun
 

@@ -19,7 +19,8 @@ from dlscale.data import deeplense, shards as shards_module
 from dlscale.data.deeplense import BadFileError, load_npy
 from dlscale.data.partial import OWNER, DiskFullError
 from dlscale.data.shards import MANIFEST, DatasetWriter, load_manifest, verify
-from dlscale.data.stream import ShardSet, StreamConfig
+from dlscale.data.shardset import ShardSet
+from dlscale.data.stream_config import StreamConfig
 from dlscale.data.tario import CorruptShardError, iter_members
 from dlscale.sim import LensSimulator, load_config, simulate_main
 

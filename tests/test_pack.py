@@ -8,7 +8,8 @@ import webdataset as wds
 
 from deeplense_fixtures import write_common_test, write_model, write_model_iv
 from dlscale.data.classes import class_index
-from dlscale.data.stream import StreamConfig, eval_loader
+from dlscale.data.stream import eval_loader
+from dlscale.data.stream_config import StreamConfig
 
 SOURCES = {
     "common-test": lambda root: write_common_test(root, {"train": 4, "val": 3}),

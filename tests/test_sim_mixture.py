@@ -13,7 +13,8 @@ from dlscale import preemption
 from dlscale.configtree import from_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
-from dlscale.data.stream import StreamConfig, finish_batch
+from dlscale.data.stream_config import StreamConfig
+from dlscale.data.transforms import finish_batch
 from dlscale.sim.stream import SimulationSourceConfig, SimulationStream, prepare_eval_set, simulation_loader
 
 

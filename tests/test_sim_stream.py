@@ -9,7 +9,9 @@ import torch
 from dlscale.configtree import flatten, from_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
-from dlscale.data.stream import StreamConfig, eval_loader, make_loader, normalize, resize
+from dlscale.data.stream import eval_loader, make_loader
+from dlscale.data.stream_config import StreamConfig
+from dlscale.data.transforms import normalize, resize
 from dlscale.sim.stream import (SimulationSourceConfig, SimulationStream, prepare_eval_set, simulation_device,
                                 simulation_loader)
 

@@ -172,7 +172,8 @@ def test_the_simulation_source_answers_the_protocol(tmp_path):
 
 
 def test_the_simulation_stream_transforms_its_batches_as_the_shard_streams():
-    from dlscale.data.stream import StreamConfig, transform
+    from dlscale.data.stream_config import StreamConfig
+    from dlscale.data.transforms import transform
     from dlscale.sim.stream import SimulationSourceConfig, SimulationStream
     source = SimulationSourceConfig(overrides={"instrument.n_pix": 16})
     cfg = StreamConfig(batch_size=6, num_workers=0, normalize="standardize", resize=8, augment=False)
@@ -196,7 +197,9 @@ def test_an_in_memory_stream_needs_no_source_name():
 def test_a_raw_batch_carries_one_control_key_which_finish_batch_removes(separable_data):
     from dataclasses import replace
 
-    from dlscale.data.stream import NO_AUGMENTATION, RAW, StreamConfig, finish_batch, train_loader
+    from dlscale.data.stream import train_loader
+    from dlscale.data.stream_config import StreamConfig
+    from dlscale.data.transforms import NO_AUGMENTATION, RAW, finish_batch
     cfg = StreamConfig(batch_size=16, num_workers=0, shuffle_buffer=64, transforms="device")
     for config in (cfg, replace(cfg, augment=False)):
         batch = next(iter(train_loader(separable_data, config, batches=1)))

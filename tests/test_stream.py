@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from dlscale.data.stream import ShardSet, StreamConfig, augment, eval_loader, normalize, train_loader
+from dlscale.data.shardset import ShardSet
+from dlscale.data.stream import eval_loader, train_loader
+from dlscale.data.stream_config import StreamConfig
+from dlscale.data.transforms import augment, normalize
 from dlscale.data.tario import CorruptShardError
 
 

@@ -180,7 +180,7 @@ def low_resolution_files(folder: Path, n: int, side: int = 16) -> list[Path]:
 
 
 def test_predict_writes_one_super_resolved_image_per_input_in_csv_order(one_rank_run, cli, tmp_path):
-    from dlscale.data.stream import normalize
+    from dlscale.data.transforms import normalize
     from dlscale.train.evaluation import load_run
     paths = low_resolution_files(tmp_path / "low", 5)
     result = cli("predict", "--run", one_rank_run, "--data", tmp_path / "low", "--out", tmp_path / "out",

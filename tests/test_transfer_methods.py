@@ -96,7 +96,7 @@ def pretrained(separable_data, tiny_args, tmp_path_factory) -> Path:
 def test_lpft_head_starts_as_the_linear_probe_on_the_encoder_s_frozen_features(pretrained, separable_data,
                                                                                  tiny_args, tmp_path):
     """At learning rate 0 the engine never moves the head, so model.pt holds the head it started from."""
-    from dlscale.data.stream import StreamConfig
+    from dlscale.data.stream_config import StreamConfig
     from dlscale.export import load_encoder
     from dlscale.metrics import logistic_probe
     from dlscale.train.config import load_config

@@ -12,8 +12,11 @@ claims so callers can check it against the bytes actually there.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
+import mmap
+import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from typing import BinaryIO
 import numpy as np
 
 BLOCK = 512
+Allocate = Callable[[int], np.ndarray]   # n -> n writable uint8 bytes
 CHUNK_BYTES = 1 << 26            # members above this are read piecewise, never allocated up front
 
 
@@ -37,15 +41,22 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None
     tar.addfile(info, io.BytesIO(data))
 
 
-def _read_exact(stream: BinaryIO, n: int, where: str) -> np.ndarray:
-    """Read exactly n bytes into a fresh writable uint8 buffer (arrays then view it without another copy).
+def _read_exact(stream: BinaryIO, n: int, where: str, allocate: Allocate | None = None) -> np.ndarray:
+    """Read exactly n bytes into a writable uint8 buffer, fresh or from `allocate` (arrays then view it without
+    another copy).
 
     Above `CHUNK_BYTES` the bytes are read in chunks, each allocated only once the previous one is full, so a tar
     header claiming a huge member costs at most one chunk before the stream ends and the member is reported
     truncated."""
+    if isinstance(stream, MappedFile):
+        part = stream.view(n)
+        if len(part) < n:
+            raise CorruptShardError(f"{where}: truncated (wanted {n} bytes, got {len(part)})")
+        return part
     parts, got = [], 0
     while got < n or not parts:
-        part = np.empty(min(CHUNK_BYTES, n - got), dtype=np.uint8)   # unlike bytearray(n), not zero-filled first
+        size = min(CHUNK_BYTES, n - got)   # np.empty, unlike bytearray(n), is not zero-filled first
+        part = allocate(size) if allocate is not None else np.empty(size, dtype=np.uint8)
         view, filled = memoryview(part), 0
         while filled < len(part):   # pipes may return short reads
             step = stream.readinto(view[filled:])
@@ -55,6 +66,40 @@ def _read_exact(stream: BinaryIO, n: int, where: str) -> np.ndarray:
         parts.append(part)
         got += filled
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class MappedFile:
+    """A local file read through a private memory map: `_read_exact` hands out views of its pages (the page cache's,
+    no copy into this process); a page written through a view is copied for this process only, never the file."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8) if size else \
+                np.empty(0, np.uint8)
+        self.position = 0
+
+    def view(self, n: int) -> np.ndarray:
+        """The next n bytes (fewer at the end of the file)."""
+        out = self.data[self.position:self.position + n]
+        self.position += len(out)
+        return out
+
+    def read(self, n: int) -> bytes:
+        return self.view(n).tobytes()
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, n: int, whence: int) -> None:
+        assert whence == io.SEEK_CUR, "a mapped shard is only read forward"
+        self.position += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """The map stays while views of it live (the arrays decoded from it); nothing to close before."""
 
 
 class ReadIntoAdapter:
@@ -106,7 +151,7 @@ def read_npy_header(f: BinaryIO) -> NpyHeader:
 def npy_from_buffer(data: np.ndarray, where: str) -> np.ndarray:
     """View a .npy member as a numpy array without copying; object dtypes (pickle) are refused."""
     try:
-        header = read_npy_header(io.BytesIO(data[:4096].tobytes()))
+        header = _parsed_npy_header(_npy_header_bytes(data))
     except ValueError as err:
         raise CorruptShardError(f"{where}: not a .npy member ({err})") from None
     if header.dtype.hasobject:
@@ -118,6 +163,19 @@ def npy_from_buffer(data: np.ndarray, where: str) -> np.ndarray:
         header.shape, order="F" if header.fortran_order else "C")
 
 
+def _npy_header_bytes(data: np.ndarray) -> bytes:
+    """The bytes of a .npy member's header (magic, version, length, dictionary): all its parse depends on."""
+    lead = data[:12].tobytes()
+    wide = len(lead) > 6 and lead[6] >= 2          # format 2.0 / 3.0: a 4-byte header length
+    return data[:(12 if wide else 10) + int.from_bytes(lead[8:12] if wide else lead[8:10], "little")].tobytes()
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_npy_header(header: bytes) -> NpyHeader:
+    """A shard's members repeat a few headers: parsing one (`ast.literal_eval`) costs ~60 us, a lookup nothing."""
+    return read_npy_header(io.BytesIO(header))
+
+
 def _skip(stream: BinaryIO, n: int, where: str) -> None:
     """Pass over n bytes: a seek where the stream allows it (a local file), else read in chunks and dropped."""
     if stream.seekable():
@@ -127,11 +185,11 @@ def _skip(stream: BinaryIO, n: int, where: str) -> None:
         n -= len(_read_exact(stream, min(n, CHUNK_BYTES), where))
 
 
-def iter_members(stream: BinaryIO, where: str, keep: Callable[[str], bool] | None = None
-                 ) -> Iterator[tuple[str, np.ndarray | None]]:
-    """Yield (name, data as a uint8 array) of the regular files of a tar stream, in order; a member whose name
-    `keep` refuses is passed over unread and yielded with data None. (A seek past the end of a truncated file
-    succeeds: the cut shows at the next header read.)"""
+def iter_members(stream: BinaryIO, where: str, keep: Callable[[str], bool] | None = None,
+                 allocate: Allocate | None = None) -> Iterator[tuple[str, np.ndarray | None]]:
+    """Yield (name, data as a uint8 array, in memory from `allocate` if given) of the regular files of a tar
+    stream, in order; a member whose name `keep` refuses is passed over unread and yielded with data None. (A seek
+    past the end of a truncated file succeeds: the cut shows at the next header read.)"""
     long_name = None
     while True:
         header = stream.read(BLOCK)
@@ -151,7 +209,7 @@ def iter_members(stream: BinaryIO, where: str, keep: Callable[[str], bool] | Non
             yield (long_name or info.name), None
             long_name = None
             continue
-        data = _read_exact(stream, info.size, where)
+        data = _read_exact(stream, info.size, where, allocate if info.isreg() else None)
         _read_exact(stream, -info.size % BLOCK, where)
         if info.type == tarfile.GNUTYPE_LONGNAME:
             long_name = data.tobytes().rstrip(b"\0").decode("utf-8", "surrogateescape")
@@ -172,10 +230,11 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{prefix}/{stem}" if prefix else stem), suffix
 
 
-def iter_records(stream: BinaryIO, where: str, wanted: Callable[[int], bool] | None = None
-                 ) -> Iterator[tuple[str, dict[str, np.ndarray] | None]]:
+def iter_records(stream: BinaryIO, where: str, wanted: Callable[[int], bool] | None = None,
+                 allocate: Allocate | None = None) -> Iterator[tuple[str, dict[str, np.ndarray] | None]]:
     """Group consecutive members by WebDataset key: yield (key, {suffix: data}) for the r-th record, r = 0, 1, ...;
-    a record that `wanted(r)` refuses is passed over unread and yielded as (key, None)."""
+    a record that `wanted(r)` refuses is passed over unread and yielded as (key, None). `allocate(n)`: where the
+    members' bytes go (e.g. a `dlscale.data.buffers.BufferPool`'s `take`)."""
     seen = [None, -1]    # the key of the last member `keep` was asked about, and its record's index
 
     def keep(name: str) -> bool:
@@ -185,7 +244,7 @@ def iter_records(stream: BinaryIO, where: str, wanted: Callable[[int], bool] | N
         return wanted(seen[1])
 
     key, record = None, {}
-    for name, data in iter_members(stream, where, None if wanted is None else keep):
+    for name, data in iter_members(stream, where, None if wanted is None else keep, allocate):
         member_key, suffix = _split_name(name)
         if member_key != key:
             if record is None or record:

@@ -44,7 +44,7 @@ from dlscale.configtree import plain, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.mixing import add_round
 from dlscale.data.shards import DatasetWriter
-from dlscale.data.stream import resize
+from dlscale.data.transforms import resize
 from dlscale.sim.config import Range, SimulatorConfig, preset_with_overrides
 from dlscale.sim.simulator import LensParams, LensSimulator
 from dlscale.sim.write import check_batch, plan_batches

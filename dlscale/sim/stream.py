@@ -44,7 +44,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dlscale.configtree import flatten, from_dict, plain, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import MANIFEST, load_manifest
-from dlscale.data.stream import StreamConfig, make_loader, transform
+from dlscale.data.stream import make_loader
+from dlscale.data.stream_config import StreamConfig
+from dlscale.data.transforms import transform
 from dlscale.sim.config import SimulatorConfig, preset_config, preset_with_overrides
 from dlscale.sim.mixture import (Mixture, MixtureComponent, NuisanceConfig, batch_generators, common_side,
                                  write_mixture_set)

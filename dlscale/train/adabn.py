@@ -37,7 +37,8 @@ from dlscale import io
 from dlscale.configtree import dump_yaml
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
-from dlscale.data.stream import StreamConfig, eval_loader, leading_shards
+from dlscale.data.stream import eval_loader, leading_shards
+from dlscale.data.stream_config import StreamConfig
 from dlscale.train import artifacts
 from dlscale.train.deepspeed_setup import pick_device
 from dlscale.train.evaluation import evaluate_split, load_run

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dlscale.configtree import commented_yaml, from_dict, merge, merge_overrides, read_yaml, rehomed, to_dict
-from dlscale.data.stream import StreamConfig
+from dlscale.data.stream_config import StreamConfig
 from dlscale.models import EncoderConfig
 from dlscale.models.adapters import LoRAConfig
 from dlscale.preemption import DEFAULT_SIGNALS, signal_number

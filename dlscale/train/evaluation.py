@@ -22,7 +22,8 @@ from dlscale.compat import format_version, upgrade_model_state
 from dlscale.configtree import flatten, read_yaml, to_dict
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
-from dlscale.data.stream import eval_loader, finish_batch
+from dlscale.data.stream import eval_loader
+from dlscale.data.transforms import finish_batch
 from dlscale.distributed import DistInfo, dist_info
 from dlscale.metrics import (apply_temperature, expected_calibration_error, fit_temperature,
                              negative_log_likelihood, summarize)

@@ -18,7 +18,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from dlscale.data.stream import StreamConfig, eval_loader
+from dlscale.data.stream import eval_loader
+from dlscale.data.stream_config import StreamConfig
 from dlscale.metrics import one_vs_rest_aucs
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dlscale import preemption
-from dlscale.data.stream import finish_batch
+from dlscale.data.transforms import finish_batch
 from dlscale.distributed import DistInfo
 from dlscale.models.adapters import merged
 from dlscale.train import artifacts, checkpoint

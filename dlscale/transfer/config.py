@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dlscale.configtree import commented_yaml, from_dict, merge, overrides_tree, read_yaml, to_dict
-from dlscale.data.stream import NORMALIZATIONS, StreamConfig
+from dlscale.data.stream_config import NORMALIZATIONS, StreamConfig
 from dlscale.distributed import local_ranks
 from dlscale.train.config import DeepSpeedConfig, OptimConfig
 from dlscale.transfer.methods import DEFAULT_METHODS, METHODS, TRAINED

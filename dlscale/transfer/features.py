@@ -19,7 +19,9 @@ from torch import nn
 from tqdm import tqdm
 
 from dlscale.collect import collect, gather
-from dlscale.data.stream import StreamConfig, eval_loader, finish_batch
+from dlscale.data.stream import eval_loader
+from dlscale.data.stream_config import StreamConfig
+from dlscale.data.transforms import finish_batch
 from dlscale.export import encoder_config, load_encoder, read_encoder_file
 from dlscale.models import EncoderConfig, backbone_class, build_encoder, global_pool, layer_groups
 

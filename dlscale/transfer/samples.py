@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from dlscale.data.shards import decode_record
-from dlscale.data.stream import ShardSet, StreamConfig, resize
+from dlscale.data.shardset import ShardSet
+from dlscale.data.stream_config import StreamConfig
+from dlscale.data.transforms import resize
 from dlscale.data.tario import iter_records
 
 

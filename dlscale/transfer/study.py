@@ -17,7 +17,7 @@ import numpy as np
 
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import load_manifest
-from dlscale.data.stream import StreamConfig
+from dlscale.data.stream_config import StreamConfig
 from dlscale.models.adapters import LoRAConfig, add_adapters
 from dlscale.train.deepspeed_setup import pick_device
 from dlscale.train.preflight import check_manifest

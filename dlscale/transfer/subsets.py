@@ -28,7 +28,8 @@ from dlscale.data.classes import CLASSES
 from dlscale.data.mixing import spread_order
 from dlscale.data.partial import partial_dir, remove_stale_partials
 from dlscale.data.shards import MANIFEST, DatasetWriter, decode_record, load_manifest
-from dlscale.data.stream import ShardSet, StreamConfig
+from dlscale.data.shardset import ShardSet
+from dlscale.data.stream_config import StreamConfig
 from dlscale.data.tario import iter_records
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import numpy as np
 
 from dlscale import io
 from dlscale.configtree import from_dict, plain, to_dict
-from dlscale.data.stream import StreamConfig
+from dlscale.data.stream_config import StreamConfig
 from dlscale.distributed import dist_info, launch_local_ranks, setup_logging
 from dlscale.models.adapters import LoRAConfig
 from dlscale.preemption import Preempted

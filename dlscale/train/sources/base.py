@@ -17,7 +17,7 @@ run's config:
 
 A stream is an iterable with `set_epoch(epoch)`; each of its batches is a dict with the keys `batch_keys`
 (`image` (B, C, H, W), `label` (B,) int64, `ids` (B, 3) int64, `target` (B, T) with `data.targets`) and,
-for a batch left raw by `data.transforms=device`, the keys `dlscale.data.stream.finish_batch` reads.
+for a batch left raw by `data.transforms=device`, the keys `dlscale.data.transforms.finish_batch` reads.
 """
 from __future__ import annotations
 

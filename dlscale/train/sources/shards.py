@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dlscale.data.stream import ShardSet, TrainStream, batches_per_epoch
+from dlscale.data.shardset import ShardSet
+from dlscale.data.stream import TrainStream, batches_per_epoch
 from dlscale.train.sources.base import TrainingSource, register_source
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dlscale.data.stream import RAW
+from dlscale.data.transforms import RAW
 from dlscale.models.model import TARGET_DOMAIN   # (a dict: `image`, `ids`, and RAW when data.transforms=device)
 from dlscale.train.sources.base import TrainingSource, source_class
 from dlscale.train.tasks import task_class

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlscale.data.stream import augment
+from dlscale.data.transforms import augment
 from dlscale.models.heads import global_pool
 from dlscale.models.model import TARGET_DOMAIN
 from dlscale.train.tasks.adaptation import target_features

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from dlscale.collect import collect, gather
 from dlscale.data.classes import CLASSES
-from dlscale.data.stream import eval_loader, finish_batch
+from dlscale.data.stream import eval_loader
+from dlscale.data.transforms import finish_batch
 from dlscale.train.config import load_config, run_tasks
 from dlscale.train.evaluation import load_run
 from dlscale.transfer import features as feats

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dlscale.data.classes import CLASSES
-from dlscale.data.stream import normalize
+from dlscale.data.transforms import normalize
 from dlscale.figures import grid_figure
 from dlscale.models.sr import (MIN_LOW_SIDE, SSIM_WINDOW, SRConfig, SRNet, bicubic_down, bicubic_up, example_grid,
                                sr_loss, sr_scores, unit_range)
