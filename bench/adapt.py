@@ -49,6 +49,11 @@ SHIFTS = {
                                                                "instrument.exposure_time: [100, 100]}"}),
 }
 FROM_SOURCE = ["--init_from={source_only}", "--optim.warmup_steps=10"]
+# SHOT from where AdaBN ends: the source model (encoder and, fitted to its features, classifier), each domain
+# normalised by its own statistics
+SHOT = ["--model.tasks=[classification,shot]", "--model.domain_batchnorm=separate",
+        "--model.task_options.classification.probe_init=true", "--eval.probe_samples=1200", "--optim.lr=1e-3",
+        *FROM_SOURCE]
 METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
     "source_only": ("supervised", [], 1.0, False),
     "mmd": ("adapt", ["--model.tasks=[classification,mmd]"], 1.0, True),
@@ -65,6 +70,9 @@ METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
                                        "--optim.lr=3e-4", *FROM_SOURCE], 0.5, True),
     "adda_selftrain_sep": ("adapt", ["--model.tasks=[classification,adda,selftrain]", "--optim.encoder_lr_scale=0.1",
                                      "--model.domain_batchnorm=separate", *FROM_SOURCE], 0.5, True),
+    "shot": ("adapt", SHOT, 0.5, True),
+    "shot_lr3e-4": ("adapt", [*SHOT, "--optim.lr=3e-4"], 0.5, True),
+    "shot_cluster": ("adapt", [*SHOT, "--model.task_options.shot.cluster_weight=0.3"], 0.5, True),
     "target_supervised": ("supervised", [], 1.0, False),
 }
 TRAIN = ["--model.encoder.name=small", "--model.encoder.width=16", "--data.batch_size=32", "--data.num_workers=1",

@@ -1,6 +1,7 @@
 """ADDA (inverted-label GAN loss, frozen source encoder) and AdaMatch-style self-training: their gradients and
 pseudo-labels against the formulas, views that replay, target labels that never matter, and a 2-rank run with
 DataLoader workers that resumes exactly from a SIGKILL."""
+import copy
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dlscale.train.model import build_run_model
 from dlscale.train.sources import TARGET_DOMAIN, training_source
 from dlscale.train.selection import deep_embedded_validation, importance_weights
 from dlscale.train.tasks.adaptation import mmd_loss
+from dlscale.train.tasks.infomax import centroid_labels, information_maximisation
 from dlscale.train.tasks.selftraining import SelfTrainConfig, adamatch_ramp, pseudo_labels, strong_view
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -102,12 +104,14 @@ def test_selftrain_without_a_classifier_is_refused_naming_the_task(separable_dat
         model(batch["image"], batch)
 
 
-def test_target_labels_never_reach_adda_or_selftrain(separable_data, target_data, tmp_path):
+def test_target_labels_never_reach_adda_selftrain_or_shot(separable_data, target_data, tmp_path):
     permuted = write_target(tmp_path / "permuted", permute_labels=True)
     results = []
     for target in (target_data, permuted):
-        cfg = adapt_config(separable_data, target, tmp_path / "run", "--model.tasks=[classification,adda,selftrain]",
-                           "--model.task_options.selftrain.threshold=0.3")
+        cfg = adapt_config(separable_data, target, tmp_path / "run",
+                           "--model.tasks=[classification,adda,selftrain,shot]",
+                           "--model.task_options.selftrain.threshold=0.3",
+                           "--model.task_options.shot.cluster_weight=0.3")
         batch = first_batch(cfg)
         torch.manual_seed(0)
         model = build_run_model(cfg, (1, 32, 32), None, total_steps=4)
@@ -118,18 +122,69 @@ def test_target_labels_never_reach_adda_or_selftrain(separable_data, target_data
         results.append(({k: float(v.detach()) for k, v in losses.items()},
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = results
-    assert l0["selftrain"] > 0 and l0 == l1
+    assert l0["selftrain"] > 0 and l0["shot"] > 0 and l0 == l1
     assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def test_information_maximisation_is_mean_entropy_plus_the_diversity_term():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 1.0], [0.0, 0.0, 0.5]])
+    p = torch.softmax(logits, 1)
+    entropy = -(p * p.log()).sum(1).mean()
+    mean = p.mean(0)
+    diversity = np.log(3) + (mean * mean.log()).sum()
+    assert float(information_maximisation(logits, 0.7)) == pytest.approx(float(entropy + 0.7 * diversity), abs=1e-6)
+    confident_and_balanced = torch.eye(3) * 50
+    assert float(information_maximisation(confident_and_balanced, 1.0)) == pytest.approx(0.0, abs=1e-5)
+    one_class = torch.tensor([[50.0, 0, 0]] * 3)   # confident, but all one class: the diversity term is log 3
+    assert float(information_maximisation(one_class, 1.0)) == pytest.approx(np.log(3), abs=1e-5)
+
+
+def test_centroid_labels_follow_the_feature_clusters_not_the_predictions():
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 8) * 5
+    labels = np.repeat(np.arange(3), 10)
+    features = torch.tensor(centres[labels] + rng.normal(scale=0.3, size=(30, 8)), dtype=torch.float32)
+    probs = torch.full((30, 3), 0.1)
+    probs[torch.arange(30), torch.tensor(labels)] = 0.8
+    probs[:3] = torch.tensor([0.1, 0.8, 0.1])   # three images of class 0 predicted as class 1: the clusters win
+    assert centroid_labels(features, probs).tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_shot_s_gradient_reaches_the_classifier_only_when_it_is_not_frozen(separable_data, target_data, tmp_path,
+                                                                            frozen):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[classification,shot]",
+                       "--model.domain_batchnorm=separate", f"--model.task_options.shot.freeze_classifier={frozen}")
+    batch = first_batch(cfg)
+    torch.manual_seed(0)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    out = model(batch["image"], batch)
+    model.task_specs["shot"].loss(out, batch["image"], batch).backward()
+    classifier = model.heads["classification"].linear
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.encoder.parameters())
+    assert (classifier.weight.grad is None) == frozen
+    with torch.no_grad():   # the target's logits: the classifier on the target images encoded alone
+        want = model.heads["classification"](model.features(batch[TARGET_DOMAIN]["image"]))
+    assert torch.allclose(out["shot_logits"], want, atol=1e-5)
+
+
+def test_shot_without_a_classifier_is_refused_naming_the_task(separable_data, target_data, tmp_path):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[shot]")
+    batch = first_batch(cfg)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    with pytest.raises(ValueError, match="add task classification"):
+        model(batch["image"], batch)
 
 
 # ---- 2 ranks, workers, a SIGKILL and a resume ---------------------------------------------------------------------
 
-METHOD_ARGS = ("--model.tasks=[classification,adda,selftrain]", "--optim.encoder_lr_scale=0.1",
-               "--model.task_options.selftrain.threshold=0.5")
+METHOD_ARGS = ("--model.tasks=[classification,adda,selftrain,shot]", "--optim.encoder_lr_scale=0.1",
+               "--model.task_options.selftrain.threshold=0.5", "--model.task_options.shot.cluster_weight=0.3",
+               "--model.domain_batchnorm=separate", "--model.task_options.classification.probe_init=true")
 
 
 @pytest.mark.slow
-def test_adda_and_selftrain_on_two_ranks_resume_exactly_from_a_sigkill(tmp_path, launch, venv_bin, separable_data,
+def test_adda_selftrain_and_shot_on_two_ranks_resume_exactly_from_a_sigkill(tmp_path, launch, venv_bin, separable_data,
                                                                        target_data):
     whole = launch(two_ranks(venv_bin, separable_data, target_data, tmp_path / "whole", *METHOD_ARGS),
                    tmp_path / "whole.log", tmp_path)
@@ -181,6 +236,23 @@ def test_separate_domain_batchnorm_encodes_each_domain_alone(separable_data, tar
     assert torch.allclose(out["features"], alone[0], atol=1e-6)
     assert torch.allclose(out["mmd"], mmd_loss(*alone), atol=1e-6)
     assert not torch.allclose(out["features"], joint[:len(images)], atol=1e-3)
+
+
+def test_with_separate_domain_batchnorm_the_running_statistics_stay_the_labelled_domain_s(separable_data,
+                                                                                          target_data, tmp_path):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[classification,selftrain,shot]",
+                       "--model.domain_batchnorm=separate", "--model.task_options.selftrain.ramp=false")
+    batch = first_batch(cfg)
+    torch.manual_seed(0)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    labelled_only = copy.deepcopy(model)
+    model(batch["image"], batch)
+    labelled_only.heads["classification"](labelled_only.encoder(batch["image"]))
+    got, want = model.state_dict(), labelled_only.state_dict()
+    stats = [k for k in want if "running_" in k]
+    assert any(".norm." in k for k in stats) and len(stats) > 2   # the encoder's and the classifier's
+    assert [k for k in stats if not torch.equal(got[k], want[k])] == []
+    assert [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0] == 0.1   # restored
 
 
 def test_a_spectrally_normalised_dann_classifier_has_unit_spectral_norm_layers(separable_data, target_data, tmp_path):

@@ -110,7 +110,7 @@ class ModelConfig:
     domain_batchnorm: str = "joint"
     """stage adapt: joint (the labelled and target images pass the encoder in one batch: BatchNorm normalises both
     with one statistic) | separate (each domain's images pass alone, normalised with their own batch statistics,
-    as AdaBN's target statistics do at inference)"""
+    as AdaBN's target statistics do at inference; the running statistics stay the labelled domain's)"""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapters on the encoder (`dlscale.models.adapters`): with rank > 0 only they and the heads train"""
     task_options: dict[str, Any] = field(default_factory=dict)

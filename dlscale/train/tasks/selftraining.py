@@ -14,7 +14,8 @@ FixMatch's (Sohn et al. 2020) pseudo-labelling:
 - the loss's weight ramps up with AdaMatch's schedule, 0.5 - cos(min(pi, 2 pi p)) / 2 over training progress p.
 
 Every random draw comes from a generator seeded by the batches seen so far (a checkpointed buffer), so a resumed
-run draws the same views. Target labels are never read: the batch does not carry them.
+run draws the same views. This task's passes leave the running statistics as the model's own pass set them
+(`running_stats_kept`). Target labels are never read: the batch does not carry them.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from dlscale.data.stream import augment
 from dlscale.models.heads import global_pool
-from dlscale.models.model import TARGET_DOMAIN
+from dlscale.models.model import TARGET_DOMAIN, running_stats_kept
 from dlscale.train.tasks.adaptation import target_features
 from dlscale.train.tasks.base import Task, register_task
 
@@ -114,13 +115,14 @@ class SelfTrain(Task):
         if head.training:
             head.batches_seen += 1
         classifier = model.heads["classification"]
-        with torch.no_grad():
+        with torch.no_grad(), running_stats_kept(classifier):
             source_probs = torch.softmax(classifier(global_pool(feature_map)).float(), 1)
             target_probs = torch.softmax(classifier(target_features(batch)).float(), 1)
         labels, mask = pseudo_labels(source_probs, target_probs, o.threshold, o.align)
         seed = int(np.random.SeedSequence([seen, VIEW_SEED_KEY]).generate_state(1)[0])
         strong = strong_view(batch[TARGET_DOMAIN]["image"].cpu(), o, torch.Generator().manual_seed(seed))
-        logits = classifier(global_pool(model.encoder(strong.to(images.device, images.dtype))))
+        with running_stats_kept(model):   # target views: the running statistics stay the labelled domain's
+            logits = classifier(global_pool(model.encoder(strong.to(images.device, images.dtype))))
         ramp = adamatch_ramp(seen / self.ctx.total_steps) if o.ramp and self.ctx.total_steps else 1.0
         return {"selftrain_logits": logits, "selftrain_labels": labels, "selftrain_mask": mask,
                 "selftrain_ramp": torch.tensor(ramp, device=logits.device)}
