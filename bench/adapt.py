@@ -49,11 +49,11 @@ SHIFTS = {
                                                                "instrument.exposure_time: [100, 100]}"}),
 }
 FROM_SOURCE = ["--init_from={source_only}", "--optim.warmup_steps=10"]
-# SHOT from where AdaBN ends: the source model (encoder and, fitted to its features, classifier), each domain
-# normalised by its own statistics
-SHOT = ["--model.tasks=[classification,shot]", "--model.domain_batchnorm=separate",
-        "--model.task_options.classification.probe_init=true", "--eval.probe_samples=1200", "--optim.lr=1e-3",
-        *FROM_SOURCE]
+# where AdaBN ends: the source model (encoder and, fitted to its features, classifier), each domain normalised by
+# its own statistics in training (the target's as AdaBN's), the labelled domain's kept as the run's
+FROM_ADABN = ["--model.domain_batchnorm=separate", "--model.task_options.classification.probe_init=true",
+              "--eval.probe_samples=1200", *FROM_SOURCE]
+SHOT = ["--model.tasks=[classification,shot]", "--optim.lr=1e-3", *FROM_ADABN]
 METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
     "source_only": ("supervised", [], 1.0, False),
     "mmd": ("adapt", ["--model.tasks=[classification,mmd]"], 1.0, True),
@@ -73,6 +73,17 @@ METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
     "shot": ("adapt", SHOT, 0.5, True),
     "shot_lr3e-4": ("adapt", [*SHOT, "--optim.lr=3e-4"], 0.5, True),
     "shot_cluster": ("adapt", [*SHOT, "--model.task_options.shot.cluster_weight=0.3"], 0.5, True),
+    "shot_lr1e-4": ("adapt", [*SHOT, "--optim.lr=1e-4"], 0.5, True),
+    "shot_div2_lr3e-4": ("adapt", [*SHOT, "--optim.lr=3e-4", "--model.task_options.shot.diversity=2"], 0.5, True),
+    "selftrain_adabn": ("adapt", ["--model.tasks=[classification,selftrain]", "--optim.lr=3e-4", *FROM_ADABN], 0.5,
+                        True),
+    "selftrain_adabn_lr1e-4": ("adapt", ["--model.tasks=[classification,selftrain]", "--optim.lr=1e-4",
+                                         *FROM_ADABN], 0.5, True),
+    "instrument": ("adapt", ["--model.tasks=[classification,instrument]"], 1.0, True),
+    "instrument_adabn": ("adapt", ["--model.tasks=[classification,instrument]", "--optim.lr=1e-3", *FROM_ADABN],
+                         0.5, True),
+    "instrument_shot": ("adapt", ["--model.tasks=[classification,instrument,shot]", "--optim.lr=1e-3", *FROM_ADABN],
+                        0.5, True),
     "target_supervised": ("supervised", [], 1.0, False),
 }
 TRAIN = ["--model.encoder.name=small", "--model.encoder.width=16", "--data.batch_size=32", "--data.num_workers=1",
