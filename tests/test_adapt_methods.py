@@ -16,7 +16,8 @@ from dlscale.train.model import build_run_model
 from dlscale.train.sources import TARGET_DOMAIN, training_source
 from dlscale.train.selection import deep_embedded_validation, importance_weights
 from dlscale.train.tasks.adaptation import mmd_loss
-from dlscale.train.tasks.infomax import centroid_labels, information_maximisation
+from dlscale.train.tasks.infomax import information_maximisation
+from dlscale.train.tasks.randomisation import InstrumentViewConfig, gaussian_blur, instrument_view
 from dlscale.train.tasks.selftraining import SelfTrainConfig, adamatch_ramp, pseudo_labels, strong_view
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -109,9 +110,8 @@ def test_target_labels_never_reach_adda_selftrain_or_shot(separable_data, target
     results = []
     for target in (target_data, permuted):
         cfg = adapt_config(separable_data, target, tmp_path / "run",
-                           "--model.tasks=[classification,adda,selftrain,shot]",
-                           "--model.task_options.selftrain.threshold=0.3",
-                           "--model.task_options.shot.cluster_weight=0.3")
+                           "--model.tasks=[classification,adda,selftrain,shot,instrument]",
+                           "--model.task_options.selftrain.threshold=0.3")
         batch = first_batch(cfg)
         torch.manual_seed(0)
         model = build_run_model(cfg, (1, 32, 32), None, total_steps=4)
@@ -122,7 +122,7 @@ def test_target_labels_never_reach_adda_selftrain_or_shot(separable_data, target
         results.append(({k: float(v.detach()) for k, v in losses.items()},
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = results
-    assert l0["selftrain"] > 0 and l0["shot"] > 0 and l0 == l1
+    assert l0["selftrain"] > 0 and l0["shot"] > 0 and l0["instrument"] > 0 and l0 == l1
     assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
 
 
@@ -139,15 +139,34 @@ def test_information_maximisation_is_mean_entropy_plus_the_diversity_term():
     assert float(information_maximisation(one_class, 1.0)) == pytest.approx(np.log(3), abs=1e-5)
 
 
-def test_centroid_labels_follow_the_feature_clusters_not_the_predictions():
-    rng = np.random.default_rng(0)
-    centres = np.eye(3, 8) * 5
-    labels = np.repeat(np.arange(3), 10)
-    features = torch.tensor(centres[labels] + rng.normal(scale=0.3, size=(30, 8)), dtype=torch.float32)
-    probs = torch.full((30, 3), 0.1)
-    probs[torch.arange(30), torch.tensor(labels)] = 0.8
-    probs[:3] = torch.tensor([0.1, 0.8, 0.1])   # three images of class 0 predicted as class 1: the clusters win
-    assert centroid_labels(features, probs).tolist() == labels.tolist()
+def ring(n: int = 4, side: int = 32, radius: float = 8.0) -> tuple[torch.Tensor, torch.Tensor]:
+    y, x = torch.meshgrid(torch.arange(side) - (side - 1) / 2, torch.arange(side) - (side - 1) / 2, indexing="ij")
+    r = (x.square() + y.square()).sqrt()
+    return torch.exp(-(r - radius).square() / 2).expand(n, 1, side, side).clone(), r
+
+
+def test_instrument_views_replay_from_their_seed_and_change_the_ring_s_scale_not_its_centre():
+    images, r = ring()
+    o = InstrumentViewConfig()
+    a, b = (instrument_view(images, o, torch.Generator().manual_seed(5)) for _ in range(2))
+    assert torch.equal(a, b) and not torch.equal(a, instrument_view(images, o, torch.Generator().manual_seed(6)))
+    zoom_only = InstrumentViewConfig(max_zoom=1.4, max_blur=0.0, flux_scale=0.0, noise=0.0)
+    views = instrument_view(images, zoom_only, torch.Generator().manual_seed(0))
+    radii = (views * r).flatten(1).sum(1) / views.flatten(1).sum(1)
+    assert float(radii.min()) > 8 / 1.45 and float(radii.max()) < 8 * 1.45 and float(radii.std()) > 0.3
+    centre = (views * torch.arange(32.0)).flatten(1).sum(1) / views.flatten(1).sum(1)
+    assert torch.allclose(centre, torch.full_like(centre, 15.5), atol=0.05)   # about the centre: the lens stays
+    none = InstrumentViewConfig(max_zoom=1.0, max_blur=0.0, flux_scale=0.0, noise=0.0)
+    assert torch.allclose(instrument_view(images, none, torch.Generator().manual_seed(0)), images, atol=1e-5)
+
+
+def test_the_psf_blur_keeps_the_flux_and_widens_the_ring_by_its_sigma():
+    images, r = ring(2)
+    blurred = gaussian_blur(images, torch.tensor([0.0, 2.0]), radius=6)
+    assert torch.allclose(blurred[0], images[0], atol=1e-6)
+    assert float(blurred[1].sum()) == pytest.approx(float(images[1].sum()), rel=1e-3)
+    width = lambda im: float((im * (r - 8).square()).sum() / im.sum())   # noqa: E731  (the ring's variance)
+    assert width(blurred[1]) == pytest.approx(width(images[1]) + 4.0, rel=0.1)   # variances add: 1 + 2^2
 
 
 @pytest.mark.parametrize("frozen", [True, False])
@@ -178,8 +197,8 @@ def test_shot_without_a_classifier_is_refused_naming_the_task(separable_data, ta
 
 # ---- 2 ranks, workers, a SIGKILL and a resume ---------------------------------------------------------------------
 
-METHOD_ARGS = ("--model.tasks=[classification,adda,selftrain,shot]", "--optim.encoder_lr_scale=0.1",
-               "--model.task_options.selftrain.threshold=0.5", "--model.task_options.shot.cluster_weight=0.3",
+METHOD_ARGS = ("--model.tasks=[classification,adda,selftrain,shot,instrument]", "--optim.encoder_lr_scale=0.1",
+               "--model.task_options.selftrain.threshold=0.5", "--model.task_options.shot.diversity=2",
                "--model.domain_batchnorm=separate", "--model.task_options.classification.probe_init=true")
 
 
@@ -198,6 +217,7 @@ def test_adda_selftrain_and_shot_on_two_ranks_resume_exactly_from_a_sigkill(tmp_
     got = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
     want = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
     assert int(got["heads.selftrain.batches_seen"]) == EPOCHS * BATCHES and bool(got["heads.adda.copied"])
+    assert int(got["heads.instrument.batches_seen"]) == EPOCHS * BATCHES
     assert got.keys() == want.keys()
     assert [k for k, v in got.items() if torch.is_tensor(v) and not torch.equal(v, want[k])] == []
     assert not np.isnan(float(got["heads.classification.linear.weight"].sum()))
