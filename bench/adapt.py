@@ -13,6 +13,11 @@ Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 
                      stage adapt started from source_only's encoder (`init_from`), `--batches` / 2 batches (AdaMatch
                      pseudo-labels; ADDA with the encoder at 0.1x the discriminator's learning rate; both);
                      `_sep`: the same with `model.domain_batchnorm=separate` (each domain normalised alone)
+  shot, mmd_adabn, selftrain_adabn, instrument_adabn, instrument_shot
+                     started where AdaBN ends (`FROM_ADABN`: source_only's encoder, its classifier fitted to its
+                     features before the first step, each domain normalised by its own statistics), `--batches` / 2
+                     batches: SHOT's information maximisation, MMD, AdaMatch, instrument randomisation, the last two
+  instrument         stage adapt from scratch with instrument randomisation of the labelled images
   target_supervised  stage supervised on the target simulator: the upper bound at the same budget
 Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`). All are
 scored on one simulated target evaluation set (its labels used for scoring only) and one source evaluation set.

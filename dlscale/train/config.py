@@ -62,9 +62,6 @@ class TargetDataConfig:
         if self.source and SOURCES[self.source].needs_data_dir and not self.data_dir:
             raise ValueError(f"data.target.source={self.source} needs the target dataset: --target-data DIR "
                              "(data.target.data_dir)")
-        if self.adabn and not self.source:
-            raise ValueError("data.target.adabn=true needs a target domain: --target-data DIR or "
-                             "data.target.source=simulate")
         try:
             self.simulator.validate()
         except ValueError as err:
@@ -313,6 +310,9 @@ class Config:
             raise ValueError(f"tasks {adapting} adapt to a target domain and none is given: --target-data DIR (a "
                              "dataset with a train split) or --data.target.source=simulate "
                              "--data.target.simulator.preset=model_iii")
+        if self.data.target.adabn and not self.data.target.source:
+            raise ValueError("data.target.adabn=true needs a target domain: --target-data DIR or "
+                             "data.target.source=simulate")
         check_weighting(self)
         if complete:
             self.check_inputs()
