@@ -97,11 +97,13 @@ def test_adamatch_ramp():
     assert [adamatch_ramp(p) for p in (0.0, 0.25, 0.5, 0.9)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
 
 
-def test_selftrain_without_a_classifier_is_refused_naming_the_task(separable_data, target_data, tmp_path):
-    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[selftrain]")
+@pytest.mark.parametrize("task", ["selftrain", "shot", "instrument"])
+def test_a_task_working_through_the_classifier_is_refused_without_it_naming_the_task(separable_data, target_data,
+                                                                                     tmp_path, task):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", f"--model.tasks=[{task}]")
     batch = first_batch(cfg)
     model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
-    with pytest.raises(ValueError, match="add task classification"):
+    with pytest.raises(ValueError, match=f"task {task} .* add task classification"):
         model(batch["image"], batch)
 
 
@@ -185,14 +187,6 @@ def test_shot_s_gradient_reaches_the_classifier_only_when_it_is_not_frozen(separ
     with torch.no_grad():   # the target's logits: the classifier on the target images encoded alone
         want = model.heads["classification"](model.features(batch[TARGET_DOMAIN]["image"]))
     assert torch.allclose(out["shot_logits"], want, atol=1e-5)
-
-
-def test_shot_without_a_classifier_is_refused_naming_the_task(separable_data, target_data, tmp_path):
-    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[shot]")
-    batch = first_batch(cfg)
-    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
-    with pytest.raises(ValueError, match="add task classification"):
-        model(batch["image"], batch)
 
 
 # ---- 2 ranks, workers, a SIGKILL and a resume ---------------------------------------------------------------------

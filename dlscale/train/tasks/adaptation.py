@@ -67,6 +67,14 @@ def target_features(batch: dict) -> torch.Tensor:
     return batch[TARGET_FEATURES]
 
 
+def require_classifier(model: nn.Module, task: str) -> nn.Module:
+    """The run's classifier head (task `classification`), which task `task` reads or trains; refused without it."""
+    if "classification" not in model.heads:
+        raise ValueError(f"task {task} works through the run's classifier: add task classification "
+                         f"(model.tasks=[classification,{task},...])")
+    return model.heads["classification"]
+
+
 def coral_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Deep CORAL: ||C_s - C_t||_F^2 / (4 d^2), C the unbiased covariance of (B, d) features."""
     d = source.shape[1]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlscale.models.model import TARGET_DOMAIN, running_stats_kept
-from dlscale.train.tasks.adaptation import target_features
+from dlscale.train.tasks.adaptation import require_classifier, target_features
 from dlscale.train.tasks.base import Task, register_task
 
 
@@ -70,11 +70,8 @@ class SHOT(Task):
     def forward(self, head, feature_map, images, batch, model):
         if batch is None:   # evaluation and inference: nothing to adapt
             return {}
-        if "classification" not in model.heads:
-            raise ValueError("task shot maximises the information of the run's classifier on the target: add task "
-                             "classification (model.tasks=[classification,shot,...])")
+        classifier = require_classifier(model, self.name)
         o = self.ctx.options or InfoMaxConfig()
-        classifier = model.heads["classification"]
         features = target_features(batch)
         with running_stats_kept(classifier):   # its standardisation's running statistics stay the labelled ones
             if o.freeze_classifier:

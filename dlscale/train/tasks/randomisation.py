@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dlscale.models.heads import global_pool
 from dlscale.models.model import running_stats_kept
+from dlscale.train.tasks.adaptation import require_classifier
 from dlscale.train.tasks.base import Task, register_task
 from dlscale.train.tasks.selftraining import ViewCounter
 
@@ -95,17 +95,12 @@ class InstrumentViews(Task):
     def forward(self, head, feature_map, images, batch, model):
         if batch is None:   # evaluation and inference: no views
             return {}
-        if "classification" not in model.heads:
-            raise ValueError("task instrument trains the run's classifier on instrument views: add task "
-                             "classification (model.tasks=[classification,instrument,...])")
-        o = self.ctx.options or InstrumentViewConfig()
-        seen = int(head.batches_seen)   # one host read per step: the views' seed
-        if head.training:
-            head.batches_seen += 1
-        seed = int(np.random.SeedSequence([seen, VIEW_SEED_KEY]).generate_state(1)[0])
-        views = instrument_view(images.detach(), o, torch.Generator().manual_seed(seed))
+        classifier = require_classifier(model, self.name)
+        _, seed = head.next_seed(VIEW_SEED_KEY)
+        views = instrument_view(images.detach(), self.ctx.options or InstrumentViewConfig(),
+                                torch.Generator().manual_seed(seed))
         with running_stats_kept(model):
-            return {"instrument_logits": model.heads["classification"](global_pool(model.encoder(views)))}
+            return {"instrument_logits": classifier(global_pool(model.encoder(views)))}
 
     def loss(self, out, images, batch):
         return F.cross_entropy(out["instrument_logits"].float(), batch["label"].to(out["instrument_logits"].device))

@@ -30,7 +30,7 @@ from torch import nn
 from dlscale.data.stream import augment
 from dlscale.models.heads import global_pool
 from dlscale.models.model import TARGET_DOMAIN, running_stats_kept
-from dlscale.train.tasks.adaptation import target_features
+from dlscale.train.tasks.adaptation import require_classifier, target_features
 from dlscale.train.tasks.base import Task, register_task
 
 VIEW_SEED_KEY = 0x5E1F7
@@ -93,6 +93,14 @@ class ViewCounter(nn.Module):
         super().__init__()
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.int64))
 
+    def next_seed(self, key: int) -> tuple[int, int]:
+        """(batches seen before this one, the seed of this batch's views under `key`); counts the batch in training
+        (one host read per step)."""
+        seen = int(self.batches_seen)
+        if self.training:
+            self.batches_seen += 1
+        return seen, int(np.random.SeedSequence([seen, key]).generate_state(1)[0])
+
 
 @register_task
 class SelfTrain(Task):
@@ -107,19 +115,13 @@ class SelfTrain(Task):
     def forward(self, head, feature_map, images, batch, model):
         if batch is None:   # evaluation and inference: nothing to adapt
             return {}
-        if "classification" not in model.heads:
-            raise ValueError("task selftrain pseudo-labels with the run's classifier: add task classification "
-                             "(model.tasks=[classification,selftrain,...])")
+        classifier = require_classifier(model, self.name)
         o = self.ctx.options or SelfTrainConfig()
-        seen = int(head.batches_seen)   # one host read per step: the views' seed
-        if head.training:
-            head.batches_seen += 1
-        classifier = model.heads["classification"]
+        seen, seed = head.next_seed(VIEW_SEED_KEY)
         with torch.no_grad(), running_stats_kept(classifier):
             source_probs = torch.softmax(classifier(global_pool(feature_map)).float(), 1)
             target_probs = torch.softmax(classifier(target_features(batch)).float(), 1)
         labels, mask = pseudo_labels(source_probs, target_probs, o.threshold, o.align)
-        seed = int(np.random.SeedSequence([seen, VIEW_SEED_KEY]).generate_state(1)[0])
         strong = strong_view(batch[TARGET_DOMAIN]["image"].cpu(), o, torch.Generator().manual_seed(seed))
         with running_stats_kept(model):   # target views: the running statistics stay the labelled domain's
             logits = classifier(global_pool(model.encoder(strong.to(images.device, images.dtype))))
