@@ -8,7 +8,8 @@ adaptation recipe closes on simulated instrument shifts, and which recipe a user
 Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 32):
   source_only        stage supervised on the source simulator, `--batches` batches
   adabn              source_only with every BatchNorm re-estimated on the target's unlabelled images (no training)
-  mmd, dann_sn       stage adapt from scratch, `--batches` batches (dann_sn: spectrally normalised domain classifier)
+  mmd, sinkhorn, dann_sn
+                     stage adapt from scratch, `--batches` batches (dann_sn: spectrally normalised domain classifier)
   selftrain, adda, adda_selftrain
                      stage adapt started from source_only's encoder (`init_from`), `--batches` / 2 batches (AdaMatch
                      pseudo-labels; ADDA with the encoder at 0.1x the discriminator's learning rate; both);
@@ -62,6 +63,7 @@ SHOT = ["--model.tasks=[classification,shot]", "--optim.lr=1e-3", *FROM_ADABN]
 METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
     "source_only": ("supervised", [], 1.0, False),
     "mmd": ("adapt", ["--model.tasks=[classification,mmd]"], 1.0, True),
+    "sinkhorn": ("adapt", ["--model.tasks=[classification,sinkhorn]"], 1.0, True),
     "dann_sn": ("adapt", ["--model.tasks=[classification,dann]", "--model.task_options.dann.spectral_norm=true"],
                 1.0, True),
     "selftrain": ("adapt", ["--model.tasks=[classification,selftrain]", *FROM_SOURCE], 0.5, True),

@@ -137,7 +137,8 @@ def test_target_labels_never_reach_a_loss(separable_data, target_data, tmp_path)
     permuted = write_target(tmp_path / "permuted", permute_labels=True)
     results = []
     for target in (target_data, permuted):
-        cfg = adapt_config(separable_data, target, tmp_path / "run", "--model.tasks=[classification,dann,coral,mmd]")
+        cfg = adapt_config(separable_data, target, tmp_path / "run",
+                           "--model.tasks=[classification,dann,coral,mmd,sinkhorn]")
         source = training_source(cfg)
         assert isinstance(source, TwoStreamSource)
         stream, _ = source.open(DistInfo(0, 1, 0), torch.device("cpu"))

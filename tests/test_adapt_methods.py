@@ -15,7 +15,7 @@ from dlscale.distributed import DistInfo
 from dlscale.train.model import build_run_model
 from dlscale.train.sources import TARGET_DOMAIN, training_source
 from dlscale.train.selection import deep_embedded_validation, importance_weights
-from dlscale.train.tasks.adaptation import mmd_loss
+from dlscale.train.tasks.adaptation import mmd_loss, sinkhorn_loss
 from dlscale.train.tasks.infomax import information_maximisation
 from dlscale.train.tasks.randomisation import InstrumentViewConfig, gaussian_blur, instrument_view
 from dlscale.train.tasks.selftraining import SelfTrainConfig, adamatch_ramp, pseudo_labels, strong_view
@@ -141,6 +141,20 @@ def test_information_maximisation_is_mean_entropy_plus_the_diversity_term():
     assert float(information_maximisation(one_class, 1.0)) == pytest.approx(np.log(3), abs=1e-5)
 
 
+def test_sinkhorn_is_geomloss_s_divergence_on_features_in_units_of_their_spread():
+    from geomloss import SamplesLoss
+    rng = np.random.default_rng(0)
+    a = torch.tensor(rng.normal(size=(24, 6)), dtype=torch.float32)
+    b = torch.tensor(rng.normal(size=(20, 6)) + [1.5, 0, 0, 0, 0, 0], dtype=torch.float32)
+    both = torch.cat([a, b])
+    scale = torch.cdist(both, both).square().mean().sqrt()
+    want = SamplesLoss("sinkhorn", p=2, blur=0.2)(a / scale, b / scale)
+    assert float(sinkhorn_loss(a, b, 0.2)) == pytest.approx(float(want), rel=1e-5)
+    assert float(sinkhorn_loss(a * 30, b * 30, 0.2)) == pytest.approx(float(want), rel=1e-4)   # the features' scale
+    assert float(sinkhorn_loss(a, a, 0.2)) == pytest.approx(0.0, abs=1e-6)                       # debiased
+    assert float(sinkhorn_loss(a, a + 0.1, 0.2)) < float(want)
+
+
 def ring(n: int = 4, side: int = 32, radius: float = 8.0) -> tuple[torch.Tensor, torch.Tensor]:
     y, x = torch.meshgrid(torch.arange(side) - (side - 1) / 2, torch.arange(side) - (side - 1) / 2, indexing="ij")
     r = (x.square() + y.square()).sqrt()
@@ -191,7 +205,7 @@ def test_shot_s_gradient_reaches_the_classifier_only_when_it_is_not_frozen(separ
 
 # ---- 2 ranks, workers, a SIGKILL and a resume ---------------------------------------------------------------------
 
-METHOD_ARGS = ("--model.tasks=[classification,adda,selftrain,shot,instrument]", "--optim.encoder_lr_scale=0.1",
+METHOD_ARGS = ("--model.tasks=[classification,adda,selftrain,shot,instrument,sinkhorn]", "--optim.encoder_lr_scale=0.1",
                "--model.task_options.selftrain.threshold=0.5", "--model.task_options.shot.diversity=2",
                "--model.domain_batchnorm=separate", "--model.task_options.classification.probe_init=true")
 
