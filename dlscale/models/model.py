@@ -46,8 +46,8 @@ class TaskModel(nn.Module):
     BatchNorm normalises both domains with the same statistics in training, as its running statistics will at
     evaluation; with `separate_domains` each domain passes alone (normalised with its own batch statistics, as
     AdaBN's target statistics will at inference), and the target's pass leaves the running statistics to the
-    labelled domain (`running_stats_kept`): the run's model is the labelled domain's, AdaBN makes the target's. The tasks see the second domain's pooled features as
-    `batch[TARGET_FEATURES]`."""
+    labelled domain (`running_stats_kept`): the run's model is the labelled domain's, AdaBN makes the target's.
+    The tasks see the second domain's pooled features as `batch[TARGET_FEATURES]`."""
     separate_domains: bool = False
 
     def __init__(self, encoder: nn.Module, tasks: Mapping[str, object], weighting: nn.Module | None = None) -> None:
