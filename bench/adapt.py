@@ -8,11 +8,17 @@ adaptation recipe closes on simulated instrument shifts, and which recipe a user
 Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 32):
   source_only        stage supervised on the source simulator, `--batches` batches
   adabn              source_only with every BatchNorm re-estimated on the target's unlabelled images (no training)
-  mmd, dann_sn       stage adapt from scratch, `--batches` batches (dann_sn: spectrally normalised domain classifier)
+  mmd, sinkhorn, dann_sn
+                     stage adapt from scratch, `--batches` batches (dann_sn: spectrally normalised domain classifier)
   selftrain, adda, adda_selftrain
                      stage adapt started from source_only's encoder (`init_from`), `--batches` / 2 batches (AdaMatch
                      pseudo-labels; ADDA with the encoder at 0.1x the discriminator's learning rate; both);
                      `_sep`: the same with `model.domain_batchnorm=separate` (each domain normalised alone)
+  shot, mmd_adabn, selftrain_adabn, instrument_adabn, instrument_shot
+                     started where AdaBN ends (`FROM_ADABN`: source_only's encoder, its classifier fitted to its
+                     features before the first step, each domain normalised by its own statistics), `--batches` / 2
+                     batches: SHOT's information maximisation, MMD, AdaMatch, instrument randomisation, the last two
+  instrument         stage adapt from scratch with instrument randomisation of the labelled images
   target_supervised  stage supervised on the target simulator: the upper bound at the same budget
 Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`). All are
 scored on one simulated target evaluation set (its labels used for scoring only) and one source evaluation set.
@@ -49,9 +55,15 @@ SHIFTS = {
                                                                "instrument.exposure_time: [100, 100]}"}),
 }
 FROM_SOURCE = ["--init_from={source_only}", "--optim.warmup_steps=10"]
+# where AdaBN ends: the source model (encoder and, fitted to its features, classifier), each domain normalised by
+# its own statistics in training (the target's as AdaBN's), the labelled domain's kept as the run's
+FROM_ADABN = ["--model.domain_batchnorm=separate", "--model.task_options.classification.probe_init=true",
+              "--eval.probe_samples=1200", *FROM_SOURCE]
+SHOT = ["--model.tasks=[classification,shot]", "--optim.lr=1e-3", *FROM_ADABN]
 METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
     "source_only": ("supervised", [], 1.0, False),
     "mmd": ("adapt", ["--model.tasks=[classification,mmd]"], 1.0, True),
+    "sinkhorn": ("adapt", ["--model.tasks=[classification,sinkhorn]"], 1.0, True),
     "dann_sn": ("adapt", ["--model.tasks=[classification,dann]", "--model.task_options.dann.spectral_norm=true"],
                 1.0, True),
     "selftrain": ("adapt", ["--model.tasks=[classification,selftrain]", *FROM_SOURCE], 0.5, True),
@@ -65,6 +77,20 @@ METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
                                        "--optim.lr=3e-4", *FROM_SOURCE], 0.5, True),
     "adda_selftrain_sep": ("adapt", ["--model.tasks=[classification,adda,selftrain]", "--optim.encoder_lr_scale=0.1",
                                      "--model.domain_batchnorm=separate", *FROM_SOURCE], 0.5, True),
+    "shot": ("adapt", SHOT, 0.5, True),
+    "shot_lr3e-4": ("adapt", [*SHOT, "--optim.lr=3e-4"], 0.5, True),
+    "shot_lr1e-4": ("adapt", [*SHOT, "--optim.lr=1e-4"], 0.5, True),
+    "shot_div2_lr3e-4": ("adapt", [*SHOT, "--optim.lr=3e-4", "--model.task_options.shot.diversity=2"], 0.5, True),
+    "selftrain_adabn": ("adapt", ["--model.tasks=[classification,selftrain]", "--optim.lr=3e-4", *FROM_ADABN], 0.5,
+                        True),
+    "selftrain_adabn_lr1e-4": ("adapt", ["--model.tasks=[classification,selftrain]", "--optim.lr=1e-4",
+                                         *FROM_ADABN], 0.5, True),
+    "mmd_adabn": ("adapt", ["--model.tasks=[classification,mmd]", "--optim.lr=1e-3", *FROM_ADABN], 0.5, True),
+    "instrument": ("adapt", ["--model.tasks=[classification,instrument]"], 1.0, True),
+    "instrument_adabn": ("adapt", ["--model.tasks=[classification,instrument]", "--optim.lr=1e-3", *FROM_ADABN],
+                         0.5, True),
+    "instrument_shot": ("adapt", ["--model.tasks=[classification,instrument,shot]", "--optim.lr=1e-3", *FROM_ADABN],
+                        0.5, True),
     "target_supervised": ("supervised", [], 1.0, False),
 }
 TRAIN = ["--model.encoder.name=small", "--model.encoder.width=16", "--data.batch_size=32", "--data.num_workers=1",

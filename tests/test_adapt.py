@@ -137,7 +137,8 @@ def test_target_labels_never_reach_a_loss(separable_data, target_data, tmp_path)
     permuted = write_target(tmp_path / "permuted", permute_labels=True)
     results = []
     for target in (target_data, permuted):
-        cfg = adapt_config(separable_data, target, tmp_path / "run", "--model.tasks=[classification,dann,coral,mmd]")
+        cfg = adapt_config(separable_data, target, tmp_path / "run",
+                           "--model.tasks=[classification,dann,coral,mmd,sinkhorn]")
         source = training_source(cfg)
         assert isinstance(source, TwoStreamSource)
         stream, _ = source.open(DistInfo(0, 1, 0), torch.device("cpu"))
@@ -176,7 +177,7 @@ def test_plain_stages_do_not_read_the_target_stream(separable_data, target_data,
 
 def test_adapt_without_a_target_is_refused_naming_the_option(cli, separable_data, tmp_path, tiny_args):
     result = cli("train", "--stage", "adapt", "--data", separable_data, "--run-dir", tmp_path / "run", *tiny_args)
-    assert result.code == 2 and "--target-data" in result.err and "dann" in result.err
+    assert result.code == 2 and "--target-data" in result.err and "mmd" in result.err
     assert not (tmp_path / "run").exists()
 
 
@@ -295,8 +296,8 @@ def test_the_shipped_adapt_sweep_tunes_the_adaptation_strength_ranked_on_the_tar
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
     assert "target/val/auc_macro" in (out / "results.md").read_text()
-    weights = {float(r["loss.fixed.weights.dann"]) for r in rows}
-    assert len(weights) == 2 and all(1e-2 <= w <= 3.0 for w in weights)
+    weights = {float(r["loss.fixed.weights.mmd"]) for r in rows}
+    assert len(weights) == 2 and all(0.1 <= w <= 2.0 for w in weights)
 
 
 def test_a_simulated_target_adapts_records_its_stream_and_is_scored_on_its_own_simulated_set(cli, separable_data,

@@ -1,6 +1,7 @@
 """ADDA (inverted-label GAN loss, frozen source encoder) and AdaMatch-style self-training: their gradients and
 pseudo-labels against the formulas, views that replay, target labels that never matter, and a 2-rank run with
 DataLoader workers that resumes exactly from a SIGKILL."""
+import copy
 import sys
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from dlscale.distributed import DistInfo
 from dlscale.train.model import build_run_model
 from dlscale.train.sources import TARGET_DOMAIN, training_source
 from dlscale.train.selection import deep_embedded_validation, importance_weights
-from dlscale.train.tasks.adaptation import mmd_loss
+from dlscale.train.tasks.adaptation import mmd_loss, sinkhorn_loss
+from dlscale.train.tasks.infomax import information_maximisation
+from dlscale.train.tasks.randomisation import InstrumentViewConfig, gaussian_blur, instrument_view
 from dlscale.train.tasks.selftraining import SelfTrainConfig, adamatch_ramp, pseudo_labels, strong_view
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -94,19 +97,22 @@ def test_adamatch_ramp():
     assert [adamatch_ramp(p) for p in (0.0, 0.25, 0.5, 0.9)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
 
 
-def test_selftrain_without_a_classifier_is_refused_naming_the_task(separable_data, target_data, tmp_path):
-    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[selftrain]")
+@pytest.mark.parametrize("task", ["selftrain", "shot", "instrument"])
+def test_a_task_working_through_the_classifier_is_refused_without_it_naming_the_task(separable_data, target_data,
+                                                                                     tmp_path, task):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", f"--model.tasks=[{task}]")
     batch = first_batch(cfg)
     model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
-    with pytest.raises(ValueError, match="add task classification"):
+    with pytest.raises(ValueError, match=f"task {task} .* add task classification"):
         model(batch["image"], batch)
 
 
-def test_target_labels_never_reach_adda_or_selftrain(separable_data, target_data, tmp_path):
+def test_target_labels_never_reach_adda_selftrain_or_shot(separable_data, target_data, tmp_path):
     permuted = write_target(tmp_path / "permuted", permute_labels=True)
     results = []
     for target in (target_data, permuted):
-        cfg = adapt_config(separable_data, target, tmp_path / "run", "--model.tasks=[classification,adda,selftrain]",
+        cfg = adapt_config(separable_data, target, tmp_path / "run",
+                           "--model.tasks=[classification,adda,selftrain,shot,instrument]",
                            "--model.task_options.selftrain.threshold=0.3")
         batch = first_batch(cfg)
         torch.manual_seed(0)
@@ -118,18 +124,94 @@ def test_target_labels_never_reach_adda_or_selftrain(separable_data, target_data
         results.append(({k: float(v.detach()) for k, v in losses.items()},
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = results
-    assert l0["selftrain"] > 0 and l0 == l1
+    assert l0["selftrain"] > 0 and l0["shot"] > 0 and l0["instrument"] > 0 and l0 == l1
     assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def test_information_maximisation_is_mean_entropy_plus_the_diversity_term():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 1.0], [0.0, 0.0, 0.5]])
+    p = torch.softmax(logits, 1)
+    entropy = -(p * p.log()).sum(1).mean()
+    mean = p.mean(0)
+    diversity = np.log(3) + (mean * mean.log()).sum()
+    assert float(information_maximisation(logits, 0.7)) == pytest.approx(float(entropy + 0.7 * diversity), abs=1e-6)
+    confident_and_balanced = torch.eye(3) * 50
+    assert float(information_maximisation(confident_and_balanced, 1.0)) == pytest.approx(0.0, abs=1e-5)
+    one_class = torch.tensor([[50.0, 0, 0]] * 3)   # confident, but all one class: the diversity term is log 3
+    assert float(information_maximisation(one_class, 1.0)) == pytest.approx(np.log(3), abs=1e-5)
+
+
+def test_sinkhorn_is_geomloss_s_divergence_on_features_in_units_of_their_spread():
+    from geomloss import SamplesLoss
+    rng = np.random.default_rng(0)
+    a = torch.tensor(rng.normal(size=(24, 6)), dtype=torch.float32)
+    b = torch.tensor(rng.normal(size=(20, 6)) + [1.5, 0, 0, 0, 0, 0], dtype=torch.float32)
+    both = torch.cat([a, b])
+    scale = torch.cdist(both, both).square().mean().sqrt()
+    want = SamplesLoss("sinkhorn", p=2, blur=0.2)(a / scale, b / scale)
+    assert float(sinkhorn_loss(a, b, 0.2)) == pytest.approx(float(want), rel=1e-5)
+    assert float(sinkhorn_loss(a * 30, b * 30, 0.2)) == pytest.approx(float(want), rel=1e-4)   # the features' scale
+    assert float(sinkhorn_loss(a, a, 0.2)) == pytest.approx(0.0, abs=1e-6)                       # debiased
+    assert float(sinkhorn_loss(a, a + 0.1, 0.2)) < float(want)
+
+
+def ring(n: int = 4, side: int = 32, radius: float = 8.0) -> tuple[torch.Tensor, torch.Tensor]:
+    y, x = torch.meshgrid(torch.arange(side) - (side - 1) / 2, torch.arange(side) - (side - 1) / 2, indexing="ij")
+    r = (x.square() + y.square()).sqrt()
+    return torch.exp(-(r - radius).square() / 2).expand(n, 1, side, side).clone(), r
+
+
+def test_instrument_views_replay_from_their_seed_and_change_the_ring_s_scale_not_its_centre():
+    images, r = ring()
+    o = InstrumentViewConfig()
+    a, b = (instrument_view(images, o, torch.Generator().manual_seed(5)) for _ in range(2))
+    assert torch.equal(a, b) and not torch.equal(a, instrument_view(images, o, torch.Generator().manual_seed(6)))
+    zoom_only = InstrumentViewConfig(max_zoom=1.4, max_blur=0.0, flux_scale=0.0, noise=0.0)
+    views = instrument_view(images, zoom_only, torch.Generator().manual_seed(0))
+    radii = (views * r).flatten(1).sum(1) / views.flatten(1).sum(1)
+    assert float(radii.min()) > 8 / 1.45 and float(radii.max()) < 8 * 1.45 and float(radii.std()) > 0.3
+    centre = (views * torch.arange(32.0)).flatten(1).sum(1) / views.flatten(1).sum(1)
+    assert torch.allclose(centre, torch.full_like(centre, 15.5), atol=0.05)   # about the centre: the lens stays
+    none = InstrumentViewConfig(max_zoom=1.0, max_blur=0.0, flux_scale=0.0, noise=0.0)
+    assert torch.allclose(instrument_view(images, none, torch.Generator().manual_seed(0)), images, atol=1e-5)
+
+
+def test_the_psf_blur_keeps_the_flux_and_widens_the_ring_by_its_sigma():
+    images, r = ring(2)
+    blurred = gaussian_blur(images, torch.tensor([0.0, 2.0]), radius=6)
+    assert torch.allclose(blurred[0], images[0], atol=1e-6)
+    assert float(blurred[1].sum()) == pytest.approx(float(images[1].sum()), rel=1e-3)
+    width = lambda im: float((im * (r - 8).square()).sum() / im.sum())   # noqa: E731  (the ring's variance)
+    assert width(blurred[1]) == pytest.approx(width(images[1]) + 4.0, rel=0.1)   # variances add: 1 + 2^2
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_shot_s_gradient_reaches_the_classifier_only_when_it_is_not_frozen(separable_data, target_data, tmp_path,
+                                                                            frozen):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[classification,shot]",
+                       "--model.domain_batchnorm=separate", f"--model.task_options.shot.freeze_classifier={frozen}")
+    batch = first_batch(cfg)
+    torch.manual_seed(0)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    out = model(batch["image"], batch)
+    model.task_specs["shot"].loss(out, batch["image"], batch).backward()
+    classifier = model.heads["classification"].linear
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.encoder.parameters())
+    assert (classifier.weight.grad is None) == frozen
+    with torch.no_grad():   # the target's logits: the classifier on the target images encoded alone
+        want = model.heads["classification"](model.features(batch[TARGET_DOMAIN]["image"]))
+    assert torch.allclose(out["shot_logits"], want, atol=1e-5)
 
 
 # ---- 2 ranks, workers, a SIGKILL and a resume ---------------------------------------------------------------------
 
-METHOD_ARGS = ("--model.tasks=[classification,adda,selftrain]", "--optim.encoder_lr_scale=0.1",
-               "--model.task_options.selftrain.threshold=0.5")
+METHOD_ARGS = ("--model.tasks=[classification,adda,selftrain,shot,instrument,sinkhorn]", "--optim.encoder_lr_scale=0.1",
+               "--model.task_options.selftrain.threshold=0.5", "--model.task_options.shot.diversity=2",
+               "--model.domain_batchnorm=separate", "--model.task_options.classification.probe_init=true")
 
 
 @pytest.mark.slow
-def test_adda_and_selftrain_on_two_ranks_resume_exactly_from_a_sigkill(tmp_path, launch, venv_bin, separable_data,
+def test_adda_selftrain_and_shot_on_two_ranks_resume_exactly_from_a_sigkill(tmp_path, launch, venv_bin, separable_data,
                                                                        target_data):
     whole = launch(two_ranks(venv_bin, separable_data, target_data, tmp_path / "whole", *METHOD_ARGS),
                    tmp_path / "whole.log", tmp_path)
@@ -143,6 +225,7 @@ def test_adda_and_selftrain_on_two_ranks_resume_exactly_from_a_sigkill(tmp_path,
     got = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
     want = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
     assert int(got["heads.selftrain.batches_seen"]) == EPOCHS * BATCHES and bool(got["heads.adda.copied"])
+    assert int(got["heads.instrument.batches_seen"]) == EPOCHS * BATCHES
     assert got.keys() == want.keys()
     assert [k for k, v in got.items() if torch.is_tensor(v) and not torch.equal(v, want[k])] == []
     assert not np.isnan(float(got["heads.classification.linear.weight"].sum()))
@@ -181,6 +264,23 @@ def test_separate_domain_batchnorm_encodes_each_domain_alone(separable_data, tar
     assert torch.allclose(out["features"], alone[0], atol=1e-6)
     assert torch.allclose(out["mmd"], mmd_loss(*alone), atol=1e-6)
     assert not torch.allclose(out["features"], joint[:len(images)], atol=1e-3)
+
+
+def test_with_separate_domain_batchnorm_the_running_statistics_stay_the_labelled_domain_s(separable_data,
+                                                                                          target_data, tmp_path):
+    cfg = adapt_config(separable_data, target_data, tmp_path / "run", "--model.tasks=[classification,selftrain,shot]",
+                       "--model.domain_batchnorm=separate", "--model.task_options.selftrain.ramp=false")
+    batch = first_batch(cfg)
+    torch.manual_seed(0)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    labelled_only = copy.deepcopy(model)
+    model(batch["image"], batch)
+    labelled_only.heads["classification"](labelled_only.encoder(batch["image"]))
+    got, want = model.state_dict(), labelled_only.state_dict()
+    stats = [k for k in want if "running_" in k]
+    assert any(".norm." in k for k in stats) and len(stats) > 2   # the encoder's and the classifier's
+    assert [k for k in stats if not torch.equal(got[k], want[k])] == []
+    assert [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0] == 0.1   # restored
 
 
 def test_a_spectrally_normalised_dann_classifier_has_unit_spectral_norm_layers(separable_data, target_data, tmp_path):

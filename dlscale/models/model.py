@@ -7,7 +7,8 @@ DeepSpeed engine as the network.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -20,6 +21,22 @@ TARGET_FEATURES = "target_features"
 """Key under which the tasks' batch gets the pooled features (B', C) of TARGET_DOMAIN's images."""
 
 
+@contextmanager
+def running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Inside: `module`'s BatchNorms still normalise a training batch by its own statistics, but leave their running
+    statistics as they are (momentum 0: running = 1 x running + 0 x batch, exactly). For a second domain's passes,
+    so that the running statistics, and the run's model with them, stay the labelled domain's."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+
 class TaskModel(nn.Module):
     """`forward(images, batch=None)` returns a dict: `features` (pooled encoder features (B, C), whenever the clean
     image's feature map was computed) plus every task's outputs (`recon`, `logits`, `regression`, ...).
@@ -28,8 +45,9 @@ class TaskModel(nn.Module):
     A batch carrying a second domain's images (TARGET_DOMAIN) is encoded in the same encoder pass as `images`, so
     BatchNorm normalises both domains with the same statistics in training, as its running statistics will at
     evaluation; with `separate_domains` each domain passes alone (normalised with its own batch statistics, as
-    AdaBN's target statistics will at inference). The tasks see the second domain's pooled features as
-    `batch[TARGET_FEATURES]`."""
+    AdaBN's target statistics will at inference), and the target's pass leaves the running statistics to the
+    labelled domain (`running_stats_kept`): the run's model is the labelled domain's, AdaBN makes the target's.
+    The tasks see the second domain's pooled features as `batch[TARGET_FEATURES]`."""
     separate_domains: bool = False
 
     def __init__(self, encoder: nn.Module, tasks: Mapping[str, object], weighting: nn.Module | None = None) -> None:
@@ -50,7 +68,9 @@ class TaskModel(nn.Module):
         if need_map and batch is not None and TARGET_DOMAIN in batch:
             target = batch[TARGET_DOMAIN]["image"]
             if self.separate_domains:
-                feature_map, target_map = self.encoder(images), self.encoder(target)
+                feature_map = self.encoder(images)
+                with running_stats_kept(self.encoder):
+                    target_map = self.encoder(target)
             else:
                 joint = self.encoder(torch.cat([images, target]))
                 feature_map, target_map = joint[:len(images)], joint[len(images):]

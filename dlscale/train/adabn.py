@@ -241,7 +241,8 @@ def check_run_step(cfg, model: nn.Module) -> None:
         return
     if not batchnorm_layers(model):
         raise ValueError(f"data.target.adabn=true: the model ({cfg.model.encoder.name} encoder, heads "
-                         f"{'+'.join(model.task_specs)}) has no BatchNorm layer, AdaBN has no statistics to adapt")
+                         f"{'+'.join(model.task_specs)}) has no BatchNorm layer, AdaBN has no statistics to adapt "
+                         "(stage adapt sets it by default: --data.target.adabn=false)")
     target = cfg.data.target
     if simulated_target_set(cfg):
         images, where = len(CLASSES) * target.simulator.probe_per_class, "data.target.simulator.probe_per_class x 3"

@@ -62,9 +62,6 @@ class TargetDataConfig:
         if self.source and SOURCES[self.source].needs_data_dir and not self.data_dir:
             raise ValueError(f"data.target.source={self.source} needs the target dataset: --target-data DIR "
                              "(data.target.data_dir)")
-        if self.adabn and not self.source:
-            raise ValueError("data.target.adabn=true needs a target domain: --target-data DIR or "
-                             "data.target.source=simulate")
         try:
             self.simulator.validate()
         except ValueError as err:
@@ -110,7 +107,7 @@ class ModelConfig:
     domain_batchnorm: str = "joint"
     """stage adapt: joint (the labelled and target images pass the encoder in one batch: BatchNorm normalises both
     with one statistic) | separate (each domain's images pass alone, normalised with their own batch statistics,
-    as AdaBN's target statistics do at inference)"""
+    as AdaBN's target statistics do at inference; the running statistics stay the labelled domain's)"""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapters on the encoder (`dlscale.models.adapters`): with rank > 0 only they and the heads train"""
     task_options: dict[str, Any] = field(default_factory=dict)
@@ -313,6 +310,9 @@ class Config:
             raise ValueError(f"tasks {adapting} adapt to a target domain and none is given: --target-data DIR (a "
                              "dataset with a train split) or --data.target.source=simulate "
                              "--data.target.simulator.preset=model_iii")
+        if self.data.target.adabn and not self.data.target.source:
+            raise ValueError("data.target.adabn=true needs a target domain: --target-data DIR or "
+                             "data.target.source=simulate")
         check_weighting(self)
         if complete:
             self.check_inputs()

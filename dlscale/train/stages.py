@@ -39,8 +39,9 @@ register_stage("multitask", Stage(None, "shared encoder, several task heads unde
                                   default_tasks=("recon", "classification"), when_available=("regression",)))
 register_stage("mae", Stage(("mae",), "masked autoencoder: rebuild hidden patches (ViT: visible patches only)"))
 register_stage("adapt", Stage(None, "domain adaptation: classification of the labelled data + a task aligning its "
-                                   "features with the unlabelled target domain's (data.target)",
-                             default_tasks=("classification", "dann")))
+                                   "features with the unlabelled target domain's (data.target), then AdaBN",
+                             default_tasks=("classification", "mmd"),
+                             defaults={"data": {"target": {"adabn": True}}}))
 register_stage("contrastive", Stage(("contrastive",), "SimCLR (NT-Xent, negatives from every rank) or BYOL on two "
                                                       "random lensing views"))
 register_stage("superres", Stage(("superres",), "super-resolution of the data's own images (no labels): a residual "

@@ -2,8 +2,10 @@
 from dlscale.train.tasks.base import TASKS, Task, TaskContext, register_task, task_class, task_options
 from dlscale.train.tasks import supervised  # noqa: F401  (registers recon, classification, regression)
 from dlscale.train.tasks import mae, contrastive  # noqa: F401,E401  (registers mae, contrastive)
-from dlscale.train.tasks import adaptation  # noqa: F401  (registers dann, coral, mmd, adda)
+from dlscale.train.tasks import adaptation  # noqa: F401  (registers dann, coral, mmd, adda, sinkhorn)
 from dlscale.train.tasks import selftraining  # noqa: F401  (registers selftrain)
+from dlscale.train.tasks import infomax  # noqa: F401  (registers shot)
+from dlscale.train.tasks import randomisation  # noqa: F401  (registers instrument)
 from dlscale.train.tasks import superres  # noqa: F401  (registers superres)
 
 __all__ = ["TASKS", "Task", "TaskContext", "register_task", "task_class", "task_options"]

@@ -10,6 +10,9 @@ any loss weighting (stage `adapt`: classification + dann).
   covariances, divided by 4 d^2. Blind to a shift of the mean.
 - `mmd` (Long et al. 2015, "Learning transferable features with deep adaptation networks"): the squared maximum
   mean discrepancy under a sum of Gaussian kernels, which sees every moment of the two feature distributions.
+- `sinkhorn` (Feydy et al. 2019, "Interpolating between optimal transport and MMDs using Sinkhorn divergences";
+  `geomloss`): the debiased Sinkhorn divergence between the two domains' features (optimal transport with an
+  entropic blur), which moves each target feature towards the labelled ones near it rather than matching averages.
 - `adda` (Tzeng et al. 2017, "Adversarial discriminative domain adaptation"): the run's encoder is the target
   encoder (start it from the source run: `init_from`); a frozen copy of it, taken as the first training step
   starts, is the source encoder. A discriminator learns source features (frozen copy, labelled images) from target features
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from geomloss import SamplesLoss
 from torch import nn
 
 from dlscale.models.heads import global_pool
@@ -65,6 +69,14 @@ def target_features(batch: dict) -> torch.Tensor:
         raise ValueError(f"this task adapts to a target domain and the batch has none ({TARGET_DOMAIN!r}): give the "
                          "target's images with --target-data DIR or data.target.source=simulate")
     return batch[TARGET_FEATURES]
+
+
+def require_classifier(model: nn.Module, task: str) -> nn.Module:
+    """The run's classifier head (task `classification`), which task `task` reads or trains; refused without it."""
+    if "classification" not in model.heads:
+        raise ValueError(f"task {task} works through the run's classifier: add task classification "
+                         f"(model.tasks=[classification,{task},...])")
+    return model.heads["classification"]
 
 
 def coral_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -275,3 +287,32 @@ class MMD(StatisticsAlignment):
     """Multi-kernel MMD between the two domains' pooled features."""
     name = "mmd"
     distance = staticmethod(mmd_loss)
+
+
+@dataclass
+class SinkhornConfig:
+    blur: float = 0.1
+    """the entropic blur (the transport's length scale), in units of the features' root-mean-square pairwise
+    distance over both domains (so it follows the features' scale, as MMD's bandwidth does)"""
+
+    def __post_init__(self) -> None:
+        if self.blur <= 0:
+            raise ValueError(f"model.task_options.sinkhorn.blur={self.blur}: expected > 0")
+
+
+def sinkhorn_loss(source: torch.Tensor, target: torch.Tensor, blur: float = 0.1) -> torch.Tensor:
+    """Debiased Sinkhorn divergence (p = 2, geomloss) between (B, d) and (B', d) features, both divided by their
+    root-mean-square pairwise distance (detached), with uniform weights."""
+    x = torch.cat([source, target]).float()
+    scale = torch.cdist(x, x).square().mean().detach().sqrt().clamp_min(1e-12)
+    return SamplesLoss("sinkhorn", p=2, blur=blur)(source.float() / scale, target.float() / scale)
+
+
+@register_task
+class Sinkhorn(StatisticsAlignment):
+    """Sinkhorn divergence between the two domains' pooled features."""
+    name = "sinkhorn"
+    Config = SinkhornConfig
+
+    def distance(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sinkhorn_loss(source, target, (self.ctx.options or SinkhornConfig()).blur)

@@ -14,7 +14,8 @@ FixMatch's (Sohn et al. 2020) pseudo-labelling:
 - the loss's weight ramps up with AdaMatch's schedule, 0.5 - cos(min(pi, 2 pi p)) / 2 over training progress p.
 
 Every random draw comes from a generator seeded by the batches seen so far (a checkpointed buffer), so a resumed
-run draws the same views. Target labels are never read: the batch does not carry them.
+run draws the same views. This task's passes leave the running statistics as the model's own pass set them
+(`running_stats_kept`). Target labels are never read: the batch does not carry them.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from torch import nn
 
 from dlscale.data.transforms import augment
 from dlscale.models.heads import global_pool
-from dlscale.models.model import TARGET_DOMAIN
-from dlscale.train.tasks.adaptation import target_features
+from dlscale.models.model import TARGET_DOMAIN, running_stats_kept
+from dlscale.train.tasks.adaptation import require_classifier, target_features
 from dlscale.train.tasks.base import Task, register_task
 
 VIEW_SEED_KEY = 0x5E1F7
@@ -92,6 +93,14 @@ class ViewCounter(nn.Module):
         super().__init__()
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.int64))
 
+    def next_seed(self, key: int) -> tuple[int, int]:
+        """(batches seen before this one, the seed of this batch's views under `key`); counts the batch in training
+        (one host read per step)."""
+        seen = int(self.batches_seen)
+        if self.training:
+            self.batches_seen += 1
+        return seen, int(np.random.SeedSequence([seen, key]).generate_state(1)[0])
+
 
 @register_task
 class SelfTrain(Task):
@@ -106,21 +115,16 @@ class SelfTrain(Task):
     def forward(self, head, feature_map, images, batch, model):
         if batch is None:   # evaluation and inference: nothing to adapt
             return {}
-        if "classification" not in model.heads:
-            raise ValueError("task selftrain pseudo-labels with the run's classifier: add task classification "
-                             "(model.tasks=[classification,selftrain,...])")
+        classifier = require_classifier(model, self.name)
         o = self.ctx.options or SelfTrainConfig()
-        seen = int(head.batches_seen)   # one host read per step: the views' seed
-        if head.training:
-            head.batches_seen += 1
-        classifier = model.heads["classification"]
-        with torch.no_grad():
+        seen, seed = head.next_seed(VIEW_SEED_KEY)
+        with torch.no_grad(), running_stats_kept(classifier):
             source_probs = torch.softmax(classifier(global_pool(feature_map)).float(), 1)
             target_probs = torch.softmax(classifier(target_features(batch)).float(), 1)
         labels, mask = pseudo_labels(source_probs, target_probs, o.threshold, o.align)
-        seed = int(np.random.SeedSequence([seen, VIEW_SEED_KEY]).generate_state(1)[0])
         strong = strong_view(batch[TARGET_DOMAIN]["image"].cpu(), o, torch.Generator().manual_seed(seed))
-        logits = classifier(global_pool(model.encoder(strong.to(images.device, images.dtype))))
+        with running_stats_kept(model):   # target views: the running statistics stay the labelled domain's
+            logits = classifier(global_pool(model.encoder(strong.to(images.device, images.dtype))))
         ramp = adamatch_ramp(seen / self.ctx.total_steps) if o.ramp and self.ctx.total_steps else 1.0
         return {"selftrain_logits": logits, "selftrain_labels": labels, "selftrain_mask": mask,
                 "selftrain_ramp": torch.tensor(ramp, device=logits.device)}
