@@ -31,6 +31,7 @@ from dlscale import io
 from dlscale.configtree import commented_yaml, load_dataclass, parse_with_overrides
 from dlscale.data.classes import CLASSES, SPLITS
 from dlscale.data.deeplense import BadFileError
+from dlscale.data.records import worker_start
 from dlscale.distributed import DistInfo, dist_info, setup_logging
 from dlscale.models.heads import global_pool
 from dlscale.predict_inputs import (Preprocess, PredictStream, file_items, is_shard_dataset, list_files,
@@ -172,8 +173,8 @@ def run_rank(predictor: Predictor, stream: PredictStream, cfg: PredictConfig, de
              rank_images: int, show: bool) -> tuple[dict, str | None]:
     """This rank's outputs (keys, sources, arrays, rejected) and its error, if any (raised after the gather, on every
     rank, so no rank waits forever). Stops at the first bad input unless `skip_bad`."""
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
-                        prefetch_factor=4 if cfg.num_workers else None)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, prefetch_factor=4 if cfg.num_workers
+                        else None, multiprocessing_context=worker_start(cfg.num_workers))
     parts: dict[str, list] = {"keys": [np.zeros((0, 3), np.int64)]}
     sources, rejected = [], []
     want_features = cfg.embeddings or not predictor.is_run

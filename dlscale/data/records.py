@@ -7,7 +7,10 @@ the records in the order of j whatever W is, and a stream (`dlscale.data.stream`
 """
 from __future__ import annotations
 
+import multiprocessing
+import sys
 from collections.abc import Iterator
+from multiprocessing.context import BaseContext
 from typing import NamedTuple
 
 import torch
@@ -17,6 +20,15 @@ from dlscale.data.corrupt import SkipCounter, count_skip
 from dlscale.data.shardset import ShardSet
 from dlscale.data.stream_config import StreamConfig
 from dlscale.data.tario import Allocate, CorruptShardError, iter_records
+
+
+def worker_start(workers: int) -> BaseContext | None:
+    """How a DataLoader's workers start (its `multiprocessing_context`): forked from the rank on Linux, however the
+    rank itself started. A rank started by spawn or forkserver (`torch.multiprocessing.spawn`, the default of Python
+    3.14) would otherwise start each worker, every epoch, as a fresh interpreter importing torch and dlscale
+    (seconds of CPU each); forked, a worker starts in milliseconds holding the stream's state. None: the platform's
+    default (elsewhere), or no workers."""
+    return multiprocessing.get_context("fork") if workers and sys.platform.startswith("linux") else None
 
 
 def worker_share() -> tuple[int, int]:
@@ -147,7 +159,8 @@ class RecordLoader:
         workers = self.cfg.num_workers
         self.dataset.start(workers)
         records = DataLoader(_Reads(self.dataset), batch_size=None, num_workers=workers,
-                             prefetch_factor=RECORDS_IN_FLIGHT if workers else None, persistent_workers=False)
+                             prefetch_factor=RECORDS_IN_FLIGHT if workers else None, persistent_workers=False,
+                             multiprocessing_context=worker_start(workers))
         return self._in_order(iter(records))
 
     def _in_order(self, records) -> Iterator[dict]:

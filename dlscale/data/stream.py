@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dlscale.data.buffers import BufferPool
-from dlscale.data.records import RECORDS_IN_FLIGHT, Read, RecordLoader, RecordStream
+from dlscale.data.records import RECORDS_IN_FLIGHT, Read, RecordLoader, RecordStream, worker_start
 from dlscale.data.ring import RecordRing, ShuffleBuffer, empty_rows
 from dlscale.data.shardset import ShardSet
 from dlscale.data.stream_config import StreamConfig
@@ -261,4 +261,5 @@ def make_loader(dataset: IterableDataset, cfg: StreamConfig):
     if isinstance(dataset, RecordStream):
         return RecordLoader(dataset, cfg)
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
+                      multiprocessing_context=worker_start(cfg.num_workers))
