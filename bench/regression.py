@@ -2,13 +2,14 @@
 against cdm + axion), at 1,000 labelled images per class and with all labels, against the goals.
 
     python bench/regression.py [--encoder runs/quickstart/pretrain] [--work-dir runs/bench_regression]
-                               [--n-per-class 12000] [--epochs 20] [--ranks 2]                      # prints JSON
+                               [--n-per-class 12000] [--epochs 20] [--ranks 2] [--pretrain-epochs 3]  # prints JSON
 
 1. data: a simulated Model II set (`dlscale simulate --preset model_ii`: 64x64, noiseless, SIE + shear fixed, the
    axion mass log-uniform in 1e-24 - 1e-22 eV, so its vortex line is 0.06 - 6 arcsec long, 0.6 - 60 pixels of
    0.101"), `--n-per-class` images per class, 80% train / 20% val.
-2. encoder: a pretrained one (default: the demo's, `make demo` -> runs/quickstart/pretrain: the small CNN pretrained
-   by reconstruction + SimCLR from the Model II simulation stream, no labels).
+2. encoder: `--encoder` (e.g. the demo's, `make demo` -> runs/quickstart/pretrain: the small CNN pretrained by
+   reconstruction + SimCLR from the Model II simulation stream, no labels); without it, bench/transfer_methods.py's
+   recipe (the same CNN and objectives) pretrains `--pretrain-epochs` epochs on the train split's images.
 3. two studies, `dlscale transfer --tasks regression,anomaly --methods probe,finetune,lpft,scratch`: at 1,000
    labels per class (1,000 axion images for the mass; 3 label subsets) and at all labels (one run per method). Every
    trained run: `--epochs` x max(20, N_train / (32 x ranks)) batches of 32 per rank at lr 3e-3 (warm-up a tenth),
@@ -20,28 +21,16 @@ and the load average.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
+
+from transfer_methods import PRETRAIN, step   # this folder: `python bench/regression.py` puts it first on the path
 
 MASS = "mae/log10_axion_mass"
 GOALS = {"1000": (MASS, 0.10), "all": (MASS, 0.05)}   # labels per class -> (metric, largest MAE in dex)
 ANOMALY_GOAL = 0.93
-
-
-def step(argv: list[str]) -> float:
-    """One `dlscale` command in this process (its printed summary to stderr: stdout is the JSON); its wall
-    seconds."""
-    from dlscale.cli import main
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
-        code = main(argv)
-    if code != 0:
-        raise SystemExit(f"dlscale {' '.join(argv[:3])} ... failed")
-    return round(time.perf_counter() - start, 1)
 
 
 def goal_lines(cells: list[dict]) -> list[str]:
@@ -70,7 +59,8 @@ def goal_lines(cells: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", type=Path, default=Path("runs/quickstart/pretrain"))
+    p.add_argument("--encoder", type=Path, help="a pretrained encoder (default: pretrain one in WORK/pretrain)")
+    p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench_regression"))
     p.add_argument("--n-per-class", type=int, default=12000)
     p.add_argument("--epochs", type=int, default=20)
@@ -82,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "manifest.json").is_file():
         seconds["simulate"] = step(["simulate", "--preset", "model_ii", "--n-per-class", str(args.n_per_class),
                                     "--out", str(data), "--splits", "train=0.8,val=0.2", "--seed", "0"])
+    encoder = args.encoder or work / "pretrain"
+    if args.encoder is None and not (encoder / "encoder.pt").is_file():
+        seconds["pretrain"] = step(["train", "--data", str(data), "--run-dir", str(encoder), *PRETRAIN,
+                                    f"--schedule.epochs={args.pretrain_epochs}", "--eval.probe_samples=3000"])
     cells = []
     for labels, repeats in (("1000", 3), ("all", 1)):
         out = work / f"study-{labels}"
         seconds[f"study-{labels}"] = step([
-            "transfer", "--encoder", str(args.encoder), "--data", str(data), "--out", str(out), "--tasks",
+            "transfer", "--encoder", str(encoder), "--data", str(data), "--out", str(out), "--tasks",
             "regression,anomaly", "--task_options.regression.targets=[log10_axion_mass]", "--methods", args.methods,
             "--labels-per-class", labels, "--repeats", str(repeats), "--ranks", str(args.ranks), "--n-bootstrap",
             "1000", f"--budget.epochs={args.epochs}", "--budget.min_batches_per_epoch=20", "--data.batch_size=32",
@@ -94,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((out / "results.json").read_text())
         keys = ("task", "method", "model", "n_per_class", "n_train", "mean", "ci_low", "ci_high")
         cells += [{k: c[k] for k in keys} for c in results["cells"]]
-    print(json.dumps({"encoder": str(args.encoder), "cells": cells, "goals": goal_lines(cells), "seconds": seconds,
+    print(json.dumps({"encoder": str(encoder), "cells": cells, "goals": goal_lines(cells), "seconds": seconds,
                       "load_average": os.getloadavg()}, indent=1))
     return 0
 
