@@ -17,7 +17,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("stream", "simulate", "sim_stream", "scale", "engine", "scaling", "tune", "decoder", "pretrain",
-              "foundation", "predict", "transfer_methods", "superres")
+              "foundation", "predict", "transfer_methods", "regression", "superres")
 
 
 def machine() -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -157,6 +157,12 @@ def logistic_probe(seed: int = 0):
     """The linear probe's model, unfitted: multinomial logistic regression on standardised features (lbfgs fits the
     softmax model for K > 2 classes, scikit-learn's default since 1.5). The one definition every probe uses."""
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+
+
+def ridge_probe(alpha: float = 1.0):
+    """The regression probe's model, unfitted: ridge regression on standardised features, targets in their units.
+    The one definition every regression probe uses (the transfer study's, and LP-FT's starting regression head)."""
+    return make_pipeline(StandardScaler(), Ridge(alpha=alpha))
 
 
 def linear_probe(

@@ -3,7 +3,8 @@
     simulated Model-II-like labelled data -> shards -> pretraining from the simulation stream (fresh lenses every
     step, >= 10x the labelled train split; reconstruction + SimCLR, no labels) -> supervised baseline -> multi-task
     (initialised from the pretrained encoder) -> label efficiency of the pretrained encoder (`dlscale transfer`:
-    linear probe, fine-tuning and scratch at 10 / 100 labels per class, 3 label subsets each, random-init control)
+    linear probe, fine-tuning, LP-FT and scratch at 10 / 100 labels per class, 3 label subsets each, random-init
+    control)
     -> report.md (the goals met or not, tables with CIs, "what this shows"), roc.png, label_efficiency.png,
     TensorBoard runs
 

@@ -185,7 +185,7 @@ def placed(cfg: QuickstartConfig) -> QuickstartConfig:
                                    seed=cfg.seed, ranks=local_ranks(), **fixed)
     return dataclasses.replace(
         cfg, steps=steps,
-        transfer=study("label_efficiency", cfg.transfer, methods=["probe", "finetune", "scratch", "random"],
+        transfer=study("label_efficiency", cfg.transfer, methods=["probe", "finetune", "lpft", "scratch", "random"],
                        tasks=["classification"]),
         downstream=study("downstream", cfg.downstream, repeats=1, methods=["probe"],
                          tasks=["regression", "anomaly"]))

@@ -237,23 +237,26 @@ def axion_data(tmp_path_factory) -> Path:
     return out
 
 
-def test_regression_fine_tune_and_scratch_cells_have_finite_mae_and_r2(encoder, axion_data, tmp_path):
+def test_regression_fine_tune_lpft_and_scratch_cells_have_finite_mae_and_r2(encoder, axion_data, tmp_path):
     out = tmp_path / "reg"
     result = run_cli("transfer", "--encoder", encoder, "--data", axion_data, "--out", out, "--tasks", "regression",
-                     "--methods", "probe,finetune,scratch", "--labels-per-class", "4", "--repeats", "1", "--ranks",
-                     "1", "--epochs=1", "--budget.min_batches_per_epoch=2", *FAST, "--data.batch_size=8")
+                     "--methods", "probe,finetune,lpft,scratch", "--labels-per-class", "4", "--repeats", "1",
+                     "--ranks", "1", "--epochs=1", "--budget.min_batches_per_epoch=2", *FAST, "--data.batch_size=8")
     assert result.code == 0, result.err[-3000:]
     cells = {(c["method"], c["n_per_class"]): c for c in json.loads((out / "results.json").read_text())["cells"]}
-    assert {("probe", 4), ("finetune", 4), ("scratch", 4)} <= set(cells)
-    for method in ("finetune", "scratch"):
+    assert {("probe", 4), ("finetune", 4), ("lpft", 4), ("scratch", 4)} <= set(cells)
+    for method in ("finetune", "lpft", "scratch"):
         c = cells[(method, 4)]
         for metric in ("mae/log10_axion_mass", "r2/log10_axion_mass", "mae/theta_E", "r2/theta_E"):
             assert np.isfinite(c["mean"][metric]) and c["ci_low"][metric] <= c["ci_high"][metric], (method, metric)
         assert len(c["runs"]) == 2                                   # one run per target group
     import yaml
-    runs = {(m, "axion" in r): Path(r) for m in ("finetune", "scratch") for r in cells[(m, 4)]["runs"]}
+    runs = {(m, "axion" in r): Path(r) for m in ("finetune", "lpft", "scratch") for r in cells[(m, 4)]["runs"]}
     for is_mass in (True, False):
         finetune, scratch = runs[("finetune", is_mass)], runs[("scratch", is_mass)]
+        lpft = (runs[("lpft", is_mass)] / "log.txt").read_text()   # the ridge probe of the images carrying the targets
+        assert f"heads fitted before training on {4 if is_mass else 12} images" in lpft
+        assert "heads fitted" not in (finetune / "log.txt").read_text()
         assert f"encoder initialised from {encoder / 'encoder.pt'}" in (finetune / "log.txt").read_text()
         assert "encoder initialised" not in (scratch / "log.txt").read_text()
         steps = [json.loads((d / "metrics.json").read_text())["step"] for d in (finetune, scratch)]

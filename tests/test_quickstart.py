@@ -44,7 +44,7 @@ def test_quickstart_tiny_writes_report_and_a_loadable_encoder_then_reuses_finish
 
     # label efficiency: 3 label subsets at each N, every method
     for n in (2, 5):
-        for method in ("probe", "finetune", "scratch"):
+        for method in ("probe", "finetune", "lpft", "scratch"):
             assert re.search(rf"^\| {n} \| {method} \| [^|]+ \| 3 \| ", report, re.M), (n, method)
     assert re.search(r"^- \(b\) Linear probe at 100 labels per class >= 0\.93: not measured", report, re.M)
     assert re.search(r"^- \(c\) Multi-task >= supervised: (met|\*\*not met\*\*) \(macro AUC 0\.\d{3} vs", report,
@@ -89,20 +89,28 @@ def _stage(auc: float, low: float, high: float) -> dict:
 
 
 def test_goals_are_met_only_by_intervals_apart_and_thresholds_reached():
-    transfer = {"cells": [_cell("finetune", 10, 0.86, 0.85, 0.87), _cell("scratch", 10, 0.82, 0.81, 0.84),
-                          _cell("finetune", 100, 0.95, 0.94, 0.96), _cell("scratch", 100, 0.94, 0.93, 0.955),
+    """The best method from the pretrained encoder at 10 labels (here lpft; never scratch or the random control)
+    must clear scratch's CI, and not fall below it with CIs apart at 100."""
+    transfer = {"cells": [_cell("finetune", 10, 0.86, 0.83, 0.89), _cell("lpft", 10, 0.88, 0.85, 0.91),
+                          _cell("scratch", 10, 0.82, 0.81, 0.84), _cell("random", 10, 0.95, 0.94, 0.96),
+                          _cell("lpft", 100, 0.93, 0.92, 0.94), _cell("scratch", 100, 0.94, 0.93, 0.955),
                           _cell("probe", 100, PROBE_GOAL - 0.001, 0.92, 0.94)]}
     lines = goals({"supervised": _stage(0.990, 0.987, 0.992), "multitask": _stage(0.991, 0.989, 0.993)}, transfer)
-    assert lines[0].startswith("- (a) Fine-tuned beats scratch at 10 labels per class, 95% CIs apart: met (")
-    assert "at 100 labels per class, 95% CIs apart: **not met**" in lines[1]     # 0.94 < 0.955: the CIs overlap
+    assert lines[0].startswith("- (a) The best transfer method at 10 labels per class, `lpft`, beats scratch with "
+                               "95% CIs apart: met (0.880 (0.850-0.910) vs 0.820")
+    assert lines[1].startswith("- (a) `lpft` is at least level with scratch at 100 labels per class (not below it "
+                               "with CIs apart): met (0.930")                  # 0.94 >= 0.93: the CIs overlap
     assert "(b) Linear probe at 100 labels per class >= 0.93: **not met** (0.929" in lines[2]
     assert lines[3] == "- (c) Multi-task >= supervised: met (macro AUC 0.991 vs 0.990; the CIs overlap)."
+    below = goals({}, {"cells": [_cell("lpft", 10, 0.86, 0.83, 0.89), _cell("scratch", 10, 0.84, 0.82, 0.86),
+                                 _cell("lpft", 100, 0.90, 0.89, 0.91), _cell("scratch", 100, 0.94, 0.93, 0.95)]})
+    assert "CIs apart: **not met** (0.860" in below[0] and "with CIs apart): **not met** (0.900" in below[1]
 
 
 def test_goals_say_what_was_not_measured():
     lines = goals({}, {"cells": [_cell("probe", 100, 0.95, 0.94, 0.96)]})
-    assert lines == ["- (a) Fine-tuned beats scratch at 10 labels per class: not measured in this run.",
-                     "- (a) Fine-tuned beats scratch at 100 labels per class: not measured in this run.",
+    assert lines == ["- (a) The best transfer method against scratch at 10 labels per class: not measured in this "
+                     "run.",
                      "- (b) Linear probe at 100 labels per class >= 0.93: met (0.950 (0.940-0.960))."]
 
 

@@ -143,7 +143,8 @@ def two_rank_study(runs, encoder_run, separable_data):
     result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
                      "--labels-per-class", "2,4", "--repeats", "1", "--ranks", "2",
                      "--task_options.classification.targets=[theta_E]",
-                     "--methods", "probe,finetune,scratch,lpft,layer_decay,partial", "--tasks", "classification",
+                     "--methods", "probe,finetune,scratch,lpft,layer_decay,partial", "--tasks",
+                     "classification,regression",
                      "--budget.finetune_encoder_lr_scale=0.5", "--budget.freeze_stages=1", *SMALL, *FAST)
     assert result.code == 0, result.err[-4000:]
     return out, result
@@ -153,7 +154,7 @@ def two_rank_study(runs, encoder_run, separable_data):
 def test_finetune_and_scratch_train_on_two_ranks_with_the_same_budget(two_rank_study, encoder_run):
     out, _ = two_rank_study
     results = json.loads((out / "results.json").read_text())
-    cells = {(c["method"], c["n_per_class"]): c for c in results["cells"]}
+    cells = {(c["method"], c["n_per_class"]): c for c in results["cells"] if c["task"] == "classification"}
     assert {("finetune", 2), ("finetune", 4), ("scratch", 2), ("scratch", 4), ("probe", 4)} <= set(cells)
     for n in (2, 4):
         finetune, scratch = (Path(cells[(m, n)]["runs"][0]) for m in ("finetune", "scratch"))
@@ -170,7 +171,7 @@ def test_finetune_and_scratch_train_on_two_ranks_with_the_same_budget(two_rank_s
         assert (finetune / "tb").is_dir()
         manifest = load_manifest(_data_dir(finetune))
         assert manifest["splits"]["train"]["samples"] == 3 * n
-    for cell in results["cells"]:
+    for cell in cells.values():
         assert {"accuracy", "auc_macro", "mae/theta_E", "r2/theta_E"} <= set(cell["mean"])
 
 
@@ -179,7 +180,8 @@ def test_lpft_layer_decay_and_partial_train_on_two_ranks_with_the_fine_tune_budg
     out, _ = two_rank_study
     results = json.loads((out / "results.json").read_text())
     assert {"lpft", "layer_decay", "partial"} <= set(results["methods"])
-    cells = {(c["method"], c["n_per_class"]): c for c in results["cells"]}
+    cells = {(c["method"], c["n_per_class"]): c for c in results["cells"] if c["task"] == "classification"}
+    regression = {(c["method"], c["n_per_class"]): c for c in results["cells"] if c["task"] == "regression"}
     for n in (2, 4):
         runs = {m: Path(cells[(m, n)]["runs"][0]) for m in ("finetune", "lpft", "layer_decay", "partial")}
         configs = {m: yaml.safe_load((d / "config.yaml").read_text()) for m, d in runs.items()}
@@ -196,6 +198,11 @@ def test_lpft_layer_decay_and_partial_train_on_two_ranks_with_the_fine_tune_budg
         assert options == {"finetune": (1.0, 0, False), "lpft": (1.0, 0, True), "layer_decay": (0.75, 0, False),
                            "partial": (1.0, 1, False)}
         assert {"accuracy", "auc_macro"} <= set(cells[("lpft", n)]["mean"])
+        lpft = Path(regression[("lpft", n)]["runs"][0])   # regression-only: the ridge probe of the whole subset
+        assert "2 rank(s)" in (lpft / "log.txt").read_text()
+        assert f"heads fitted before training on {3 * n} images" in (lpft / "log.txt").read_text()
+        assert json.loads((lpft / "metrics.json").read_text())["step"] == 2
+        assert np.isfinite(regression[("lpft", n)]["mean"]["mae/theta_E"])
 
 
 def _data_dir(run_dir: Path) -> str:
@@ -211,7 +218,7 @@ def test_report_table_and_figures_are_written(two_rank_study, encoder_run, separ
     assert f"trained on `{separable_data}`" in report and "the data of this study" in report
     assert "fine-tuned encoders learn at 0.5x the learning rate of their new head" in report
     rows = [line for line in report.splitlines() if line.startswith("| 4 | finetune |")]
-    assert len(rows) == 1 and rows[0] in result.out
+    assert len(rows) == 2 and rows[0] in result.out      # one row in each task's table
     for figure in ("label_efficiency.png", "regression_scatter.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -123,6 +123,37 @@ def test_lpft_head_starts_as_the_linear_probe_on_the_encoder_s_frozen_features(p
     assert (head.argmax(1) == probe.argmax(1)).all()
 
 
+REGRESSION = ["--stage", "multitask", "--model.tasks=[regression]", "--data.targets=[theta_E]"]
+
+
+def test_lpft_regression_head_starts_as_the_ridge_probe_on_the_encoder_s_frozen_features(pretrained, separable_data,
+                                                                                         tiny_args, tmp_path):
+    """A regression-only run has no classification probe (`eval.probe_samples=0`): its head starts as the ridge
+    probe of the whole train split, in the targets' units once the run's target standardisation is undone."""
+    from dlscale.data.stream import StreamConfig
+    from dlscale.export import load_encoder, read_encoder_file
+    from dlscale.train.config import load_config
+    from dlscale.transfer.features import features
+    from dlscale.transfer.scoring import probe_regressor
+    from dlscale.transfer.training import stream_fields
+    run = train(*REGRESSION, "--data", separable_data, "--run-dir", tmp_path / "lpft", *tiny_args,
+                "--init-from", pretrained / "encoder.pt", "--optim.lr=0", "--schedule.epochs=1",
+                "--schedule.batches_per_epoch=2", "--eval.probe_samples=0",
+                "--model.task_options.regression.probe_init=true")
+    assert "heads fitted before training on 240 images" in (run / "log.txt").read_text()
+    cfg = load_config(run / "config.yaml")
+    stream = StreamConfig(**stream_fields(cfg.data))
+    encoder = load_encoder(pretrained / "encoder.pt")
+    train_set, val_set = (features(encoder, separable_data, stream, split, "pretrained") for split in ("train", "val"))
+    stats = read_encoder_file(run / "encoder.pt")["target_stats"]
+    state = torch.load(run / "model.pt", weights_only=True)
+    weight, bias = (state[f"heads.regression.linear.{k}"].double().numpy() for k in ("weight", "bias"))
+    head = (val_set["features"] @ weight.T + bias) * stats["std"] + stats["mean"]
+    probe = probe_regressor(train_set["features"], train_set["target"], val_set["features"])
+    assert np.abs(head - probe).max() < 1e-4 * np.ptp(val_set["target"])
+    assert np.abs(probe - val_set["target"]).mean() < 0.5 * np.abs(val_set["target"] - stats["mean"]).mean()
+
+
 VIT = ["--model.encoder.name=vit_tiny"]
 LORA = ["--model.lora.rank=4"]
 
@@ -136,6 +167,8 @@ def vit_pretrained(separable_data, tiny_args, tmp_path_factory) -> Path:
 
 METHOD_OPTIONS = {   # method -> (its training options, the pretrained encoder's fixture)
     "lpft": (["--model.task_options.classification.probe_init=true"], "pretrained"),
+    "lpft_regression": ([*REGRESSION, "--eval.probe_samples=0", "--model.task_options.regression.probe_init=true"],
+                        "pretrained"),
     "layer_decay": (["--optim.layer_decay=0.5"], "pretrained"),
     "partial": (["--optim.freeze_stages=1"], "pretrained"),
     "lora": ([*VIT, *LORA], "vit_pretrained"),

@@ -130,16 +130,18 @@ def evaluate_split(model, ev: Evaluation, split: str, probe: bool, step: int = 0
     return outcome[0], scores
 
 
-def probe_features(model, ev: Evaluation) -> tuple[dict | None, dict]:
+def probe_features(model, ev: Evaluation, whole_split: bool = False) -> tuple[dict | None, dict]:
     """The frozen features of the probe's train set, gathered on every rank (None with `eval.probe_samples=0`), and
     the skip counts of reading it: the first `probe_samples / classes` training samples of each class in id order
-    (`probe_set`), read from the leading shards that hold them, so the same set whatever the ranks and workers. Read
-    tolerantly unless `data.strict`: a corrupt train shard is skipped and counted in `probe/skipped_*`."""
+    (`probe_set`), read from the leading shards that hold them, so the same set whatever the ranks and workers
+    (`whole_split`: the whole train split instead). Read tolerantly unless `data.strict`: a corrupt train shard is
+    skipped and counted in `probe/skipped_*`."""
     cfg, info = ev.cfg, ev.info
-    if cfg.eval.probe_samples <= 0:
+    if cfg.eval.probe_samples <= 0 and not whole_split:
         return None, {}
     train, classes = ev.manifest["splits"]["train"], ev.manifest["classes"]
-    quota = probe_quota(cfg.eval.probe_samples, {c: train["class_counts"].get(c, 0) for c in classes})
+    quota = None if whole_split else probe_quota(cfg.eval.probe_samples,
+                                                 {c: train["class_counts"].get(c, 0) for c in classes})
     loader = eval_loader(cfg.data_dir, cfg.data, info.rank, info.world, "train", tolerant=not cfg.data.strict,
                          shard_limit=probe_shard_count(train["shards"], classes, quota))
     features = gather(collect_on_every_rank(model, loader, ev, "train", n_examples=0))
@@ -165,13 +167,13 @@ def finalize_heads(model, ev: Evaluation, train_features: dict | None, hook: str
 
 def initialize_heads(model, ev: Evaluation) -> dict:
     """The heads of tasks that start from a fit (`Task.initializes`: LP-FT's probe head) fitted to the eval-mode
-    features of the probe's train set, before the engine copies the weights into its optimiser."""
+    features of the probe's train set, before the engine copies the weights into its optimiser; of the whole train
+    split in a run without a probe (`eval.probe_samples=0`: e.g. a regression run on the axion images alone, one
+    class, which no classification probe can fit)."""
     if not any(task.initializes() for task in model.task_specs.values()):
         return {}
-    if ev.cfg.eval.probe_samples <= 0:
-        raise ValueError("model.task_options.classification.probe_init fits the head to the probe's train images: "
-                         "set eval.probe_samples > 0")
-    return finalize_heads(model, ev, probe_features(model, ev)[0], hook="initialize")
+    return finalize_heads(model, ev, probe_features(model, ev, whole_split=ev.cfg.eval.probe_samples <= 0)[0],
+                          hook="initialize")
 
 
 class EvaluationError(ValueError):

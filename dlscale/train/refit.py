@@ -13,6 +13,10 @@ The fix: after the last step, the head's standardisation is set to the mean and 
 of the probe's train set (`eval.probe_samples` training images, an even share of each class: the training split
 only, never the scored one), and its linear layer is fitted to them by full-batch L-BFGS on cross-entropy with the probe's L2
 penalty (scikit-learn's C = 1), starting from the trained weights. Float64 on the CPU, the same on every rank.
+
+LP-FT's regression head starts as the regression probe instead (`fit_regressor`): scikit-learn's ridge on
+standardised features, folded into the head's one linear layer, which predicts targets standardised with the run's
+train-split statistics.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from dlscale.metrics import ridge_probe
 
 L2_C = 1.0            # the linear probe's inverse regularisation strength (LogisticRegression's default)
 MAX_ITERATIONS = 500
@@ -73,3 +79,20 @@ def _head_weights(norm: nn.Module, linear: nn.Linear, mean: torch.Tensor, scale:
         old_scale, old_mean = torch.ones_like(mean), torch.zeros_like(mean)
     w = weight * (scale / old_scale)
     return w.clone(), (bias + weight @ ((mean - old_mean) / old_scale)).clone()
+
+
+def fit_regressor(linear: nn.Linear, features: np.ndarray, targets: np.ndarray, mean, std) -> dict:
+    """Set `linear` (pooled features -> targets standardised as (y - `mean`) / `std`) to the ridge probe fitted on
+    (N, C) `features` and (N, T) `targets` in their units: its feature standardisation and the target statistics
+    folded into the weights, so the head predicts what the probe does. Returns the probe's mean absolute error on
+    those targets (in their units) and the sample count."""
+    x, y = np.asarray(features, dtype=np.float64), np.asarray(targets, dtype=np.float64).reshape(len(features), -1)
+    probe = ridge_probe().fit(x, y)
+    scaler, ridge = probe[0], probe[-1]
+    coef = np.atleast_2d(ridge.coef_) / scaler.scale_                       # (T, C) on the raw features
+    intercept = np.atleast_1d(ridge.intercept_) - coef @ scaler.mean_
+    mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(coef / std[:, None]))
+        linear.bias.copy_(torch.as_tensor((intercept - mean) / std))
+    return {"train_mae": float(np.abs(probe.predict(x).reshape(y.shape) - y).mean()), "samples": int(len(y))}

@@ -19,7 +19,8 @@ class Method:
     """starts from the trained encoder's weights (one run per encoder; scratch: one per architecture), its encoder
     at `budget.finetune_encoder_lr_scale`"""
     probe_head: bool = False
-    """the classification head starts from the linear probe fitted on the subset's frozen features (LP-FT)"""
+    """the new heads start from the probes fitted on the subset's frozen features (LP-FT): logistic regression for
+    the classification head, ridge for the regression head (`probe_init` of the training task's options)"""
     layer_decay: bool = False
     """the encoder learns with layer-wise learning-rate decay `budget.layer_decay`"""
     freeze_stages: bool = False
@@ -36,7 +37,8 @@ METHOD_TABLE = {
     "random": Method("control: the same architecture at random initialisation, probed like `probe`", frozen=True,
                      pretrained=False),
     "lpft": Method("linear probe, then fine-tune (Kumar et al. 2022): the new head starts from the probe fitted on "
-                   "the subset's frozen features, then the whole model is fine-tuned", probe_head=True),
+                   "the subset's frozen features (ridge for regression targets), then the whole model is fine-tuned",
+                   probe_head=True),
     "layer_decay": Method("fine-tuned with layer-wise learning-rate decay (BEiT, Bao et al. 2022): the encoder's "
                           "layer group d from the output learns at budget.layer_decay^d of the head's rate",
                           layer_decay=True),

@@ -14,13 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from dlscale.transfer.bootstrap import weighted_auc
-from dlscale.metrics import check_labels, classification_metrics, logistic_probe, regression_metrics
+from dlscale.metrics import check_labels, classification_metrics, logistic_probe, regression_metrics, ridge_probe
 
 
 def probe_classifier(train_features: np.ndarray, train_labels: np.ndarray, eval_features: np.ndarray,
@@ -33,8 +30,7 @@ def probe_classifier(train_features: np.ndarray, train_labels: np.ndarray, eval_
 def probe_regressor(train_features: np.ndarray, train_targets: np.ndarray, eval_features: np.ndarray,
                     alpha: float = 1.0) -> np.ndarray:
     """Eval-split predictions (in the targets' units) of ridge regression on standardised frozen features."""
-    probe = make_pipeline(StandardScaler(), Ridge(alpha=alpha))
-    probe.fit(train_features, train_targets)
+    probe = ridge_probe(alpha).fit(train_features, train_targets)
     return np.asarray(probe.predict(eval_features)).reshape(len(eval_features), -1)
 
 

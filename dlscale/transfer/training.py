@@ -30,7 +30,6 @@ from dlscale.preemption import Preempted
 from dlscale.train.config import Config, DataConfig, fill_options, load_config, run_tasks
 from dlscale.train.deepspeed_setup import prepare_process
 from dlscale.train.runner import run as train
-from dlscale.train.tasks.supervised import ClassificationConfig
 from dlscale.transfer.methods import METHOD_TABLE
 
 log = logging.getLogger(__name__)
@@ -61,8 +60,9 @@ def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir
     eval split without bootstrap. A run with a classification head has the probe read all `n_train` labelled
     images, so the head is refitted to their eval-mode features as in any training run
     (`classification.refit_head`; without it 2 of 3 label subsets ended with most no_sub images called cdm,
-    accuracy 0.58-0.61 at macro AUC 0.93); a regression-only run, which may hold one class, has no probe (and so
-    no LP-FT head: `regression_runs` plans no lpft run)."""
+    accuracy 0.58-0.61 at macro AUC 0.93); a regression-only run, which may hold one class, has no probe, and its
+    LP-FT head starts from the ridge probe fitted on its whole train split (the subset's images carrying the
+    targets)."""
     cfg, m, budget = study.cfg, METHOD_TABLE[method], study.cfg.budget
     base = load_config(None, None, stage=stage, data_dir=data_dir, run_dir=str(run_dir), seed=seed,
                        device=cfg.device, init_from=str(source.path) if m.pretrained else None)
@@ -81,11 +81,13 @@ def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir
         schedule=dataclasses.replace(base.schedule, epochs=cfg.budget.epochs, batches_per_epoch=batches,
                                      checkpoint_every=0, keep_checkpoints=1))
     probe = n_train if "classification" in run_tasks(run) else 0
-    if m.probe_head and probe:
-        run.model.task_options["classification"] = ClassificationConfig(probe_init=True)
-    run = dataclasses.replace(run, eval=dataclasses.replace(base.eval, split=cfg.split, probe_samples=probe,
-                                                           n_bootstrap=0))
-    return fill_options(run).validate()
+    run = fill_options(dataclasses.replace(run, eval=dataclasses.replace(base.eval, split=cfg.split,
+                                                                         probe_samples=probe, n_bootstrap=0)))
+    if m.probe_head:   # every head that can start from its probe's fit (`probe_init`) does
+        run.model.task_options.update({task: dataclasses.replace(options, probe_init=True)
+                                       for task, options in run.model.task_options.items()
+                                       if hasattr(options, "probe_init")})
+    return run.validate()
 
 
 def stream_fields(stream: StreamConfig) -> dict:

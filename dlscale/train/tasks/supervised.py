@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlscale.models.heads import ClassifierHead, Decoder, RegressionHead, WideDecoder
-from dlscale.train.refit import refit_classifier
+from dlscale.train.refit import fit_regressor, refit_classifier
 from dlscale.train.tasks.base import Task, register_task
 
 DECODERS = ("light", "wide")
@@ -111,12 +111,20 @@ class Classification(Task):
         return {f"refit/{key}": value for key, value in fitted.items()}
 
 
+@dataclass
+class RegressionConfig:
+    probe_init: bool = False
+    """LP-FT: before the first step, set the head to the ridge probe fitted on the eval-mode features of the probe's
+    training images (the whole train split with `eval.probe_samples=0`) and their targets (`dlscale.train.refit`)"""
+
+
 @register_task
 class Regression(Task):
     """Lens parameters (`data.targets`, e.g. theta_E) by MSE on targets standardised with the train split's
     mean/std; the head predicts standardised values, evaluation converts them back to the targets' units."""
     name = "regression"
     batch_keys = ("target",)
+    Config = RegressionConfig
 
     def build_head(self) -> nn.Module:
         return RegressionHead(self.ctx.encoder_channels, len(self.ctx.targets))
@@ -141,6 +149,16 @@ class Regression(Task):
             return {}
         mean, std = self._stats(out["regression"].device)
         return {"regression": out["regression"].float() * std + mean, "target": batch["target"]}
+
+    def initializes(self):
+        return (self.ctx.options or RegressionConfig()).probe_init
+
+    def initialize(self, head, train):
+        if not self.initializes():
+            return {}
+        stats = self.ctx.target_stats
+        fitted = fit_regressor(head.linear, train["features"], train["target"], stats["mean"], stats["std"])
+        return {f"probe_init/regression/{key}": value for key, value in fitted.items()}
 
     @classmethod
     def available(cls, n_targets: int) -> bool:

@@ -4,8 +4,9 @@ writes `axion_mass` in eV on every axion sample, None on the others) and the len
 
 probe     ridge regression on standardised frozen features of the N-per-class subset's samples that carry the
           target (so N axion samples for the mass); the random-init control likewise
-finetune  the encoder trained on those samples for the regression targets alone (`regression_runs`), and
-scratch   the same architecture from random weights, same samples, config and budget
+finetune  the encoder trained on those samples for the regression targets alone (`regression_runs`);
+lpft      the same, its head starting as the ridge probe fitted on those samples' frozen features;
+scratch   the same architecture from random weights, same samples, config and budget (and the other trained methods)
 Metrics: MAE (in dex for the mass) and R^2 on the eval images that carry the target, with the study's bootstrap.
 """
 from __future__ import annotations
@@ -68,9 +69,9 @@ class Regression(DownstreamTask):
     higher_is_better = False
     Config = RegressionOptions
     note = ("ridge regression on standardised frozen features of the subset's samples that carry the target "
-            "(random-init control likewise); fine-tune and scratch: regression-only runs on the same samples with "
-            "the same budget (the axion mass: axion images only, scored on the eval split's axion images); MAE in "
-            "the target's units (dex for log10 axion mass), R^2")
+            "(random-init control likewise); fine-tune, LP-FT (its head starting as that ridge probe) and scratch: "
+            "regression-only runs on the same samples with the same budget (the axion mass: axion images only, "
+            "scored on the eval split's axion images); MAE in the target's units (dex for log10 axion mass), R^2")
 
     def __init__(self) -> None:
         self.targets: list[str] = []

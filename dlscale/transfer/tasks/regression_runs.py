@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dlscale.transfer.methods import METHOD_TABLE
 from dlscale.transfer.samples import metadata
 from dlscale.transfer.subsets import ALL, is_subset, write_samples
 from dlscale.transfer.training import PlannedRun, read_scores, run_config, train_all
@@ -72,7 +71,7 @@ def group_data(study, names: list[str], n, r: int, index: np.ndarray, masks: tup
 def plan(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derived: set[str]) -> list[tuple]:
     """[((method, model, N), repeat, names, eval mask, PlannedRun)] of every regression fine-tune / scratch run."""
     cfg = study.cfg
-    models = [job for job in study.trained_models() if not METHOD_TABLE[job[0]].probe_head]   # no classifier
+    models = study.trained_models()
     if not models:
         return []
     planned = []
