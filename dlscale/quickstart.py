@@ -78,7 +78,7 @@ import shutil
 from pathlib import Path
 
 from dlscale import io
-from dlscale.configtree import dump_yaml, parse_with_overrides
+from dlscale.configtree import dump_yaml, parse_with_overrides, plain, to_dict
 from dlscale.distributed import launch_local_ranks, local_ranks
 from dlscale.quickstart_config import QuickstartConfig, load_quickstart_config, print_quickstart_config, scale_names
 from dlscale.quickstart_report import write_report
@@ -126,13 +126,17 @@ def train_step(cfg: Config, record: Path) -> None:
 
 
 def study(cfg: TransferConfig | None, what: str, force: bool) -> dict | None:
-    """A `dlscale transfer` study on the pretrained encoder (its results are reused unless `force`)."""
+    """A `dlscale transfer` study on the pretrained encoder: its results are reused when made with this very config
+    (unless `force`), else it runs again from nothing (a changed `--transfer.repeats` is a new study)."""
     if cfg is None:
         return None
     where = Path(cfg.out)
     if (where / "results.json").is_file() and not force:
-        log.info("reusing the %s study in %s", what, where)
-        return io.read_json(where / "results.json")
+        done = io.read_json(where / "results.json")
+        if done.get("config") == plain(to_dict(cfg)):
+            log.info("reusing the %s study in %s", what, where)
+            return done
+        log.info("the %s study in %s was made with another config: running it again", what, where)
     shutil.rmtree(where, ignore_errors=True)
     return run_transfer(cfg)
 

@@ -1,6 +1,7 @@
 """`dlscale quickstart` end to end at the tiny scale: pretraining from the simulation stream, report table, goals,
 overlaid ROC and reliability figures, exported encoder, the same report from a process with another hash seed, step
 reuse; and the goals' verdicts on given numbers."""
+import dataclasses
 import os
 import re
 import subprocess
@@ -161,3 +162,25 @@ def test_the_report_names_a_mixture_streams_instruments_and_shares():
     mixture = {"i": {"preset": "model_i", "share": 2.0}, "iii": {"preset": "model_iii", "share": 1.0}}
     assert simulated_text({"preset": "model_ii", "mixture": mixture}) == \
         "the mixture of `model_i` (share 2), `model_iii` (share 1)"
+
+
+def test_a_study_is_reused_only_when_made_with_the_same_config(tmp_path, monkeypatch):
+    """A finished study's results come back unchanged for its own config; another config (more label subsets) runs
+    the study again from an empty directory instead of reporting the old results under the new settings."""
+    from dlscale import quickstart as qs
+    from dlscale.configtree import plain, to_dict
+    cfg = qs.load_quickstart_config("tiny", given={"out": str(tmp_path / "out")}).transfer
+    where = tmp_path / "out" / "label_efficiency"
+    where.mkdir(parents=True)
+    io.write_json(where / "results.json", {"config": plain(to_dict(cfg)), "cells": ["old"]})
+    (where / "leftover.txt").write_text("from the old study")
+    ran = []
+    monkeypatch.setattr(qs, "run_transfer", lambda c: ran.append(c) or {"cells": ["new"]})
+    assert qs.study(cfg, "label-efficiency", force=False)["cells"] == ["old"] and ran == []
+    assert qs.study(cfg, "label-efficiency", force=True)["cells"] == ["new"] and len(ran) == 1
+    assert not where.exists()                              # emptied before the study ran again
+    where.mkdir()
+    io.write_json(where / "results.json", {"config": plain(to_dict(cfg)), "cells": ["old"]})
+    more = dataclasses.replace(cfg, repeats=cfg.repeats + 2)
+    assert qs.study(more, "label-efficiency", force=False)["cells"] == ["new"] and ran[-1] is more
+    assert not where.exists()
