@@ -24,8 +24,9 @@ $(STAMP): $(BASE)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# Test files run in parallel, one per core at a time (pytest-xdist; a file's module fixtures start once).
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 # The main job: simulated data -> shards -> pretraining from the simulation stream -> supervised -> multi-task ->
 # label efficiency -> runs/quickstart/report.md
