@@ -1,17 +1,21 @@
-"""Shared memory between a training stream's DataLoader workers and its main process: the `RecordRing` the workers
-write prepared records into, and the `ShuffleBuffer` that mixes their rows and gathers batches from it."""
+"""Shared memory between a training stream's DataLoader workers and its main process: the `BatchRing`, whose batch
+slots the workers write each prepared row straight into, at the place the shuffle plan (`dlscale.data.plan`) gives
+it, and which the main process hands on batch by batch without copying the rows."""
 from __future__ import annotations
 
 import ctypes
 import math
 import mmap
 import os
+import sys
 import time
+from collections import deque
 
 import numpy as np
 import torch
 
-from dlscale.data.buffers import BufferPool
+from dlscale.data.buffers import UNUSED_REFS, BufferPool
+from dlscale.data.plan import Cut, Placement
 
 
 def empty_rows(t: torch.Tensor, rows: int, pin: bool) -> torch.Tensor:
@@ -41,112 +45,152 @@ def _populate(t: torch.Tensor) -> None:
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
-class RecordRing:
-    """Shared-memory record slots that DataLoader workers write a training epoch's prepared records into (record j
-    into slot j mod `record_slots`) and the main process's shuffle buffer draws from, plus `spill` rows where that
-    buffer keeps the rows that outlive their record's slot. Made before the first epoch's workers start and
-    reused by the next epochs (its pages are touched once, not once an epoch).
+class BatchRing:
+    """`slots` batch slots of `batch_size` rows, `spill_rows` rows for the rows that outlive the shuffle plan's window
+    and one row for the rows no batch of the epoch uses, per part of a batch (images, labels, ids, targets), in shared
+    memory when workers write into it. Made before the first epoch's workers start and reused by the next epochs (its
+    pages are touched once, not once an epoch).
 
-    A worker writes record j only once the main process has released record j - record_slots (`released`): with
-    slots for every record a worker may be asked for ahead of the main process (`RECORDS_IN_FLIGHT` per worker) plus
-    the buffer's own, it never waits; the check keeps a slot from being rewritten under the buffer whatever the
-    DataLoader's timing."""
+    The main process gives each upcoming batch a free slot, in batch order (`table`: batch k's slot, tagged with k and
+    the epoch's generation), and hands a complete batch's images on as a view of its slot: the slot is free again once
+    nothing made from that view is left, so a batch the consumer keeps is never written over. Past `LENT` batches
+    held at once, it hands on a copy and frees the slot at once, so the workers always find slots; labels, ids and
+    targets (a few bytes a sample) are always copies. A worker writes a row into batch k's slot once the slot is
+    given, into a spill row once the main process is done with the record the plan names (`state`)."""
 
-    def __init__(self, record_slots: int, spill_rows: int, samples_per_record: int, rows: list, shared: bool):
-        self.record_slots, self.samples_per_record = record_slots, samples_per_record
-        self.spill_start = record_slots * samples_per_record
+    def __init__(self, slots: int, batch_size: int, spill_rows: int, rows: list, shared: bool):
+        self.slots, self.bs = slots, batch_size
+        self.spill_start, self.trash = slots * batch_size, slots * batch_size + spill_rows
         make = _shared_zeros if shared else lambda shape, dtype: torch.zeros(shape, dtype=dtype)
-        self.store = [None if shape is None else make(*shape)
-                      for shape in self.shapes(record_slots, spill_rows, samples_per_record, rows)]
-        self.released = torch.full((1,), -1, dtype=torch.int64).share_memory_()
-        self.shared, self.populated = shared, {}     # pid -> the slots whose pages that process has mapped
+        self.store = [None if shape is None else make(*shape) for shape in self.shapes(slots, batch_size, spill_rows,
+                                                                                         rows)]
+        share = (lambda t: t.share_memory_()) if shared else (lambda t: t)
+        self.table = share(torch.full((2 * slots,), -1, dtype=torch.int64))   # at k mod 2 x slots: tag, slot
+        self.table_slot = share(torch.full((2 * slots,), -1, dtype=torch.int64))
+        self.state = share(torch.zeros(2, dtype=torch.int64))   # the epoch's generation, the last record done
+        self.shared, self.populated = shared, {}     # pid -> the chunks of batch_size rows that process has mapped
+        self.free, self.lent, self.given, self.next_batch = deque(range(slots)), [], {}, 0
+        self.copies = BufferPool(LENT)
 
     @staticmethod
-    def shapes(record_slots: int, spill_rows: int, samples_per_record: int, rows: list) -> list:
+    def shapes(slots: int, batch_size: int, spill_rows: int, rows: list) -> list:
         """(shape, dtype) of each part's store (None for an absent part), for `rows`' (shape, dtype) per row."""
-        total = record_slots * samples_per_record + spill_rows
+        total = slots * batch_size + spill_rows + 1
         return [None if row is None else ((total, *row[0]), row[1]) for row in rows]
 
     @staticmethod
     def nbytes(*layout) -> int:
         """Bytes of a ring made with the arguments `layout` (those of the constructor, `shared` left out)."""
-        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in filter(None, RecordRing.shapes(*layout)))
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in filter(None, BatchRing.shapes(*layout)))
 
-    def first_row(self, j: int) -> int:
-        return (j % self.record_slots) * self.samples_per_record
+    def parts(self) -> list[torch.Tensor]:
+        return [store for store in self.store if store is not None]
 
-    def slot(self, j: int, rows: int) -> tuple:
-        """A worker: views of the first `rows` rows of record j's slot (None for an absent part), to write the record
-        into once the main process has released the record the slot held before."""
+    # ---- the main process --------------------------------------------------------------------------------------
+
+    def begin_epoch(self) -> None:
+        """A new epoch: no batch has a slot yet; slots the consumer still holds stay out of use."""
+        self.state[0] += 1
+        self.state[1] = -1
+        self.table.fill_(-1)
+        self._reclaim()
+        self.free.extend(self.given.values())
+        self.given, self.next_batch = {}, 0
+        self._give()
+
+    def done(self, j: int) -> None:
+        """Every batch cut when record j arrived is handed on: the spill rows they used may be written again."""
+        self.state[1] = j
+
+    def batch(self, cut: Cut, lost: np.ndarray | None, pin: bool) -> tuple:
+        """Batch `cut.k`'s parts, its spill rows copied in; `lost`: its positions whose record was lost (left out)."""
+        s = self.given.pop(cut.k)
+        first = s * self.bs
+        if len(cut.spill_at):
+            target, source = torch.from_numpy(first + cut.spill_at), torch.from_numpy(self.spill_start + cut.spill_rows)
+            for store in self.parts():
+                store.index_copy_(0, target, store.index_select(0, source))
+        self._reclaim()
+        keep = None if lost is None or not lost.any() else torch.from_numpy(first + np.flatnonzero(~lost))
+        parts = tuple(None if store is None else
+                      store[first:first + self.bs].clone() if keep is None else store.index_select(0, keep)
+                      for store in self.store[1:])
+        images = self.store[0][first:first + self.bs]
+        if keep is not None:
+            images = torch.index_select(self.store[0], 0, keep)
+        elif pin:   # the host-to-device copy runs asynchronously from page-locked memory torch keeps until it is done
+            images = empty_rows(images, self.bs, True).copy_(images)
+        elif len(self.lent) < LENT:
+            view = images.numpy()
+            self.lent.append((s, view))
+            images = torch.from_numpy(view)
+            s = None
+        else:
+            images = self.copies.tensor(tuple(images.shape), images.dtype).copy_(images)
+        if s is not None:
+            self.free.append(s)
+        self._give()
+        return (images, *parts)
+
+    def _reclaim(self) -> None:
+        """Free the slots of lent batches that nothing refers to any more."""
+        held = []
+        for s, view in self.lent:
+            (held.append((s, view)) if sys.getrefcount(view) > UNUSED_REFS + 1 else self.free.append(s))
+        self.lent = held
+
+    def _give(self) -> None:
+        """Give the free slots to the next batches, in order."""
+        while self.free:
+            s, k = self.free.popleft(), self.next_batch
+            self.given[k] = s
+            self.table_slot[k % len(self.table)] = s
+            self.table[k % len(self.table)] = (int(self.state[0]) << TAG_BITS) + k
+            self.next_batch += 1
+
+    # ---- a writer (a worker, or the main process without workers) ------------------------------------------------
+
+    def rows(self, place: Placement) -> torch.Tensor:
+        """The store rows for a record's rows, once they may be written (waits for slots and spill rows)."""
+        generation = int(self.state[0])
+        rows = np.full(len(place.position), self.trash, dtype=np.int64)
+        placed = place.position >= 0
+        batches = place.position[placed] // self.bs
+        slot_of = {k: self._slot(k, generation) for k in np.unique(batches).tolist()}
+        rows[placed] = np.array([slot_of[k] for k in batches.tolist()], dtype=np.int64) * self.bs + \
+            place.position[placed] % self.bs
+        spilled = place.spill >= 0
+        if spilled.any():
+            self._wait(lambda: int(self.state[1]) >= place.stamp, generation, f"record {place.stamp}")
+            rows[spilled] = self.spill_start + place.spill[spilled]
+        if self.shared:
+            self._populate_chunks(rows)
+        return torch.from_numpy(rows)
+
+    def _slot(self, k: int, generation: int) -> int:
+        entry = k % len(self.table)
+        self._wait(lambda: int(self.table[entry]) == (generation << TAG_BITS) + k, generation, f"a slot for batch {k}")
+        return int(self.table_slot[entry])
+
+    def _wait(self, ready, generation: int, what: str) -> None:
         deadline = time.monotonic() + RING_WAIT_S
-        while int(self.released[0]) < j - self.record_slots:
+        while not ready():
+            if int(self.state[0]) != generation:
+                raise RuntimeError(f"waiting for {what}: the epoch is over")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"record {j}: its ring slot was not released within {RING_WAIT_S} s")
-            time.sleep(0.001)
-        start = self.first_row(j)
-        views = tuple(None if store is None else store[start:start + rows] for store in self.store)
+                raise RuntimeError(f"waited {RING_WAIT_S} s for {what} in the batch ring")
+            time.sleep(0.0005)
+
+    def _populate_chunks(self, rows: np.ndarray) -> None:
         populated = self.populated.setdefault(os.getpid(), set())
-        if self.shared and j % self.record_slots not in populated:
-            populated.add(j % self.record_slots)
-            for view in views:
-                if view is not None:
-                    _populate(view)
-        return views
+        for chunk in np.unique(rows // self.bs).tolist():
+            if chunk not in populated:
+                populated.add(chunk)
+                for store in self.parts():
+                    _populate(store[chunk * self.bs:(chunk + 1) * self.bs])
 
 
+LENT = 4
+"""Batches the consumer may hold as views of the ring at once; past that, it gets copies."""
+TAG_BITS = 40
 RING_WAIT_S = 600
-
-
-class ShuffleBuffer:
-    """The main process's sample pool over a `RecordRing`: which ring rows it holds. A record's rows join when it
-    arrives and leave with the batches that take them (gathered once, into fresh memory); the rows still held when
-    their record's slot is due to be rewritten move to spill rows (one copy, for the few that linger)."""
-
-    def __init__(self, ring: RecordRing, capacity: int, rng: np.random.Generator, batches: BufferPool | None = None,
-                 pin: bool = False):
-        self.ring, self.rng, self.batches, self.pin = ring, rng, batches, pin
-        self.free = np.arange(ring.spill_start, len(ring.store[1]))[::-1].copy()   # spill rows not in use
-        self.n_free = len(self.free)
-        self.occupied = np.empty(capacity, dtype=np.int64)
-        self.n = 0
-
-    def put(self, j: int, count: int) -> None:
-        start = self.ring.first_row(j)
-        self.occupied[self.n:self.n + count] = np.arange(start, start + count)
-        self.n += count
-
-    def release(self, j: int) -> None:
-        """Move the rows of record j still held to spill rows, and let the workers rewrite its slot."""
-        start = self.ring.first_row(j)
-        held = np.flatnonzero((self.occupied[:self.n] >= start) &
-                              (self.occupied[:self.n] < start + self.ring.samples_per_record))
-        if len(held):
-            spill = self.free[self.n_free - len(held):self.n_free].copy()
-            self.n_free -= len(held)
-            source, target = torch.from_numpy(self.occupied[held]), torch.from_numpy(spill)
-            for store in self.ring.store:
-                if store is not None:
-                    store.index_copy_(0, target, store.index_select(0, source))
-            self.occupied[held] = spill
-        self.ring.released[0] = j
-
-    def shuffle(self) -> None:
-        self.occupied[:self.n] = self.occupied[self.rng.permutation(self.n)]
-
-    def take(self, k: int) -> tuple:
-        """The next `k` samples, in page-locked memory when the buffer pins (torch caches it), else in memory from
-        `batches` (reused once the batches made of it are gone), else fresh."""
-        rows = self.occupied[self.n - k:self.n].copy()
-        self.n -= k
-        spilled = rows[rows >= self.ring.spill_start]
-        self.free[self.n_free:self.n_free + len(spilled)] = spilled
-        self.n_free += len(spilled)
-        index = torch.from_numpy(rows)   # index_select: ~6x faster than store[index] here
-        return tuple(None if store is None else torch.index_select(store, 0, index, out=self._rows(store, k))
-                     for store in self.ring.store)
-
-    def _rows(self, store: torch.Tensor, k: int) -> torch.Tensor:
-        if self.batches is None or self.pin:
-            return empty_rows(store, k, self.pin)
-        return self.batches.tensor((k, *store.shape[1:]), store.dtype)
-

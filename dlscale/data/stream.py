@@ -26,6 +26,7 @@ measured); the shards stay plain WebDataset tars (tests read them with `webdatas
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,10 +37,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dlscale.data.buffers import BufferPool
 from dlscale.data.records import RECORDS_IN_FLIGHT, Read, RecordLoader, RecordStream, worker_start
-from dlscale.data.ring import RecordRing, ShuffleBuffer, empty_rows
+from dlscale.data.plan import ShufflePlan
+from dlscale.data.ring import LENT, BatchRing, empty_rows
 from dlscale.data.shardset import ShardSet
 from dlscale.data.stream_config import StreamConfig
-from dlscale.data.transforms import NO_AUGMENTATION, RAW, transform
+from dlscale.data.tario import CorruptShardError
+from dlscale.data.transforms import NO_AUGMENTATION, RAW, augment, transform
 
 
 def _generator(seeds: list[int], *key: int) -> torch.Generator:
@@ -74,7 +77,7 @@ class TrainStream(RecordStream):
         self.max_failures = 10 * len(shards.urls) + 10
         self.allocate = BufferPool(RECORD_READS_KEPT).take    # reads of pipes and remote shards
         self.mapped = True     # `prepare` writes records into the ring, never into the decoded ones
-        self.batch_memory = BufferPool(BATCHES_KEPT)
+        self.work_memory = BufferPool(1)   # a record being resized and normalised before it is augmented
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -87,17 +90,35 @@ class TrainStream(RecordStream):
         while True:
             yield int(rng.integers(len(self.shards.urls)))
 
+    def record_counts(self) -> Iterator[int]:
+        """The rows of the epoch's records in order, as the manifest gives them (a shard's records are full but its
+        last)."""
+        spr = self.shards.manifest["record_layout"]["samples_per_record"]
+        for index in self.draws():
+            shard = self.shards.shards[index]
+            yield from (min(spr, shard["samples"] - r * spr) for r in range(shard["records"]))
+
     def prepare(self, rows: tuple, j: int) -> int:
-        """Write record j into its ring slot, transformed on the way there (`transforms=host`); returns its rows."""
+        """Write record j's rows into the batch ring where the shuffle plan puts them, transformed on the way there
+        (`transforms=host`: resized and normalised in reused memory, augmented into the ring); returns its rows."""
         cfg, (images, *rest) = self.shards.cfg, rows
-        slot = self.ring.slot(j, len(images))
+        place = self.plan.place(j)
+        if len(images) != len(place.position):
+            raise CorruptShardError(f"record {j} of the epoch holds {len(images)} samples, its shard's manifest entry "
+                                    f"{len(place.position)}")
+        target = self.ring.rows(place)
+        store, *parts = self.ring.store
         if cfg.transforms == "device":
-            slot[0].copy_(images)
+            store.index_copy_(0, target, images)
         else:
-            transform(images, cfg, _generator(self.seeds(), j, RECORD_KEY) if cfg.augment else None, out=slot[0])
-        for target, source in zip(slot[1:], rest):
-            if target is not None:
-                target.copy_(source)
+            work = transform(images, cfg, None, out=self.work_memory.tensor(tuple(images.shape), torch.float32))
+            if cfg.augment:
+                augment(work, _generator(self.seeds(), j, RECORD_KEY), out=store, rows=target.numpy())
+            else:
+                store.index_copy_(0, target, work)
+        for part, source in zip(parts, rest):
+            if part is not None:
+                part.index_copy_(0, target, source)
         return len(images)
 
     def _pool_rows(self) -> tuple[int, int, int]:
@@ -108,32 +129,35 @@ class TrainStream(RecordStream):
 
     def start(self, workers: int) -> None:
         cfg, spr = self.shards.cfg, self.shards.manifest["record_layout"]["samples_per_record"]
-        full, _, capacity = self._pool_rows()
-        # records whose rows the buffer draws from in their slots: twice those it fills to, so that few rows (~10%)
-        # are still held when their slot is released and must move
-        self.live_records = 2 * -(-full // spr) + 2
-        slots = RECORDS_IN_FLIGHT * workers + self.live_records
-        if getattr(self, "ring", None) is not None and self.ring.record_slots == slots and (
-                workers == 0 or self.ring.store[1].is_shared()):
-            self.ring.released[0] = -1     # the last epoch's workers are gone: its memory serves again
-            return
-        shape = self.shards.image_shape if cfg.transforms == "device" else self.image_shape   # as `prepare` leaves it
-        rows = [(shape, torch.float32), ((), torch.int64), ((3,), torch.int64),
-                ((len(cfg.targets),), torch.float32) if cfg.targets else None]
-        if workers:
-            _check_shared_memory(RecordRing.nbytes(slots, capacity, spr, rows))
-        self.ring = RecordRing(slots, capacity, spr, rows, shared=workers > 0)
+        bs = cfg.batch_size
+        full, keep, capacity = self._pool_rows()
+        # rows go straight into batches up to about two buffer fills ahead of their record (~7% of them outlive that
+        # and wait in spill rows); the workers may be ahead of this process by their queued records
+        window = max(1, math.ceil(WINDOW_FILLS * full / bs))
+        slots = window + math.ceil((RECORDS_IN_FLIGHT * workers + 1) * spr / bs) + 1 + LENT
+        spill = 2 * capacity
+        def plan(writer: bool, reader: bool) -> ShufflePlan:
+            return ShufflePlan(self.record_counts(), np.random.default_rng(self.seeds() + [SHUFFLE_KEY]), bs, full,
+                               keep, capacity, self.batches_per_epoch, window, spill, writer, reader)
+        self.plan = plan(True, workers == 0)          # the writers' (copied into each worker)
+        self.cuts = self.plan if workers == 0 else plan(False, True)     # this process's
+        ring = getattr(self, "ring", None)
+        if ring is None or (ring.slots, ring.spill_start + spill) != (slots, ring.trash) or ring.shared != (workers > 0):
+            shape = self.shards.image_shape if cfg.transforms == "device" else self.image_shape   # as `prepare` leaves it
+            rows = [(shape, torch.float32), ((), torch.int64), ((3,), torch.int64),
+                    ((len(cfg.targets),), torch.float32) if cfg.targets else None]
+            if workers:
+                _check_shared_memory(BatchRing.nbytes(slots, bs, spill, rows))
+            self.ring = BatchRing(slots, bs, spill, rows, shared=workers > 0)
+        self.ring.begin_epoch()
 
     def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
-        cfg, seeds, bs = self.shards.cfg, self.seeds(), self.shards.cfg.batch_size
-        full, keep, capacity = self._pool_rows()
-        pool = ShuffleBuffer(self.ring, capacity, np.random.default_rng(seeds + [SHUFFLE_KEY]), self.batch_memory, pin)
+        cfg, seeds = self.shards.cfg, self.seeds()
+        plan, lost = self.cuts, []      # lost: the row numbers of the lost records
         k = failures = 0     # k: the batch of this rank's epoch about to be cut
         seeded = cfg.transforms == "device" and cfg.augment    # batches carry their augmentation's seed
         counted: set[int] = set()
         for read in reads:
-            if read.j + 1 >= self.live_records:   # the slot the workers write next: its rows leave it now
-                pool.release(read.j + 1 - self.live_records)
             if read.rows is None:
                 if cfg.strict:
                     raise read.error
@@ -142,24 +166,31 @@ class TrainStream(RecordStream):
                 if failures > self.max_failures:
                     raise RuntimeError(f"{failures} consecutive shard failures in split {self.shards.split!r}; "
                                        f"last: {read.error}") from read.error
-                continue
-            failures = 0
-            pool.put(read.j, read.rows)
-            if pool.n < full:
-                continue
-            pool.shuffle()
-            while pool.n >= keep and k < self.batches_per_epoch:
-                yield _batch(pool.take(bs), cfg, _generator(seeds, k, BATCH_KEY) if seeded else None)
+                lost.append(plan.rows_of(read.j))
+            else:
+                failures = 0
+            for cut in plan.cuts(read.j):
+                rows = self.ring.batch(cut, _among(cut.rows, lost), pin)
+                yield _batch(rows, cfg, _generator(seeds, k, BATCH_KEY) if seeded else None)
                 k += 1
+            self.ring.done(read.j)
             if k >= self.batches_per_epoch:
                 return
 
 
+def _among(rows: np.ndarray, ranges: list[range]) -> np.ndarray | None:
+    """Which of `rows` (row numbers) lie in one of `ranges` (None: no range given)."""
+    if not ranges:
+        return None
+    return np.logical_or.reduce([(rows >= r.start) & (rows < r.stop) for r in ranges])
+
+
+WINDOW_FILLS = 2
+"""How far ahead of its record a row may go straight into its batch, in shuffle-buffer fills (2: ~7% of the rows
+wait in spill rows at the default sizes, measured)."""
 RECORD_READS_KEPT = 2
 """Records' bytes a worker keeps for reuse: the record being prepared and the next one's first member (the tar reader
 reads it to see that the record before has ended)."""
-BATCHES_KEPT = 4
-"""Batches' memory the training process keeps for reuse (reused once the consumer has let go of the batch)."""
 
 
 def _check_shared_memory(nbytes: int, where: str = "/dev/shm") -> None:

@@ -54,21 +54,23 @@ def resize(images: torch.Tensor, side: int, mode: str = "interpolate") -> torch.
                                            antialias=True)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, out: torch.Tensor | None = None) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, out: torch.Tensor | None = None,
+            rows: np.ndarray | None = None) -> torch.Tensor:
     """Apply one of the 8 dihedral transforms (90-degree rotations x optional flip), drawn per image, in place of
     the images' order (a record's images may arrive grouped by class: the draw must not follow their order); the
-    result goes into `out` if given (a ring slot), else into fresh memory."""
+    result goes into `out` if given, else into fresh memory; image i into `out`'s row `rows[i]` if given (host
+    images: the batch ring's rows the shuffle plan gives them)."""
     square = images.shape[2] == images.shape[3]
     choices = torch.randint(0, 8 if square else 4, (len(images),), generator=generator)
     out = torch.empty_like(images) if out is None else out
     on_host = images.device.type == "cpu" and images.dtype != torch.bfloat16
     for k in torch.unique(choices).tolist():
-        rows = (choices == k).nonzero().flatten()
+        chosen = (choices == k).nonzero().flatten()
         if on_host:   # numpy's flips are views: two copies per image instead of up to four (~2.5x faster)
-            index = rows.numpy()
-            out.numpy()[index] = _dihedral(images.numpy()[index], k, np)
+            index = chosen.numpy()
+            out.numpy()[index if rows is None else rows[index]] = _dihedral(images.numpy()[index], k, np)
         else:
-            out.index_copy_(0, rows, _dihedral(images.index_select(0, rows), k, torch))
+            out.index_copy_(0, chosen, _dihedral(images.index_select(0, chosen), k, torch))
     return out
 
 
