@@ -1,5 +1,5 @@
-"""The training stream reuses its large buffers (records' bytes, batches) instead of fresh pages, never one that is
-still held; its host augmentation (numpy views) is the device one (torch flips), image for image."""
+"""The training stream reuses its large buffers (records' bytes, the batch ring's slots) instead of fresh pages, never
+one that is still held; its host augmentation (numpy views) is the device one (torch flips), image for image."""
 import pytest
 import torch
 
@@ -43,10 +43,14 @@ def test_batches_a_consumer_keeps_are_never_written_over_by_later_ones(make_shar
 
 
 def test_batches_a_consumer_drops_lend_their_memory_to_the_next(make_shards):
+    """The batches are views of the batch ring's slots; a slot the consumer let go of serves a later batch."""
     data = make_shards({"train": 384}, shard_size=128, samples_per_record=64, shape=(1, 64, 64))
     cfg = StreamConfig(batch_size=64, num_workers=0, shuffle_buffer=128)
-    addresses = {batch["image"].data_ptr() for batch in train_loader(data, cfg, batches=12)}
-    assert len(addresses) <= 2
+    loader = train_loader(data, cfg, batches=36)
+    addresses = {batch["image"].data_ptr() for batch in loader}
+    store = loader.dataset.ring.store[0]
+    assert len(addresses) <= loader.dataset.ring.slots < 36
+    assert all(store.data_ptr() <= a < store.data_ptr() + store.nbytes for a in addresses)
 
 
 @pytest.mark.parametrize("square", [True, False])

@@ -153,7 +153,7 @@ class TrainStream(RecordStream):
 
     def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
         cfg, seeds = self.shards.cfg, self.seeds()
-        plan, lost = self.cuts, []      # lost: the row numbers of the lost records
+        plan, lost, error = self.cuts, [], None      # lost: the row numbers of the lost records
         k = failures = 0     # k: the batch of this rank's epoch about to be cut
         seeded = cfg.transforms == "device" and cfg.augment    # batches carry their augmentation's seed
         counted: set[int] = set()
@@ -167,10 +167,16 @@ class TrainStream(RecordStream):
                     raise RuntimeError(f"{failures} consecutive shard failures in split {self.shards.split!r}; "
                                        f"last: {read.error}") from read.error
                 lost.append(plan.rows_of(read.j))
+                error = read.error
             else:
                 failures = 0
             for cut in plan.cuts(read.j):
-                rows = self.ring.batch(cut, _among(cut.rows, lost), pin)
+                gone = _among(cut.rows, lost)
+                if gone is not None and gone.all():
+                    raise RuntimeError(f"batch {k} of split {self.shards.split!r} holds no sample: each was in a lost "
+                                       f"record ({failures} consecutive shard failures in split "
+                                       f"{self.shards.split!r}, {len(lost)} records lost in all; last: {error})")
+                rows = self.ring.batch(cut, gone, pin)
                 yield _batch(rows, cfg, _generator(seeds, k, BATCH_KEY) if seeded else None)
                 k += 1
             self.ring.done(read.j)

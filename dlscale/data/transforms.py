@@ -91,13 +91,12 @@ NO_AUGMENTATION = -1
 def transform(images: torch.Tensor, cfg: StreamConfig, generator: torch.Generator | None,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """Resize, normalise and, with a generator, augment a batch, on whatever device it sits: in place of `images`,
-    or, given `out`, into `out` without writing into `images` (augmented there first: the per-image normalisations
-    do not depend on the images' orientation, up to float rounding for `standardize`)."""
+    or, given `out` (and no generator: the training stream augments as it writes rows into their batches), into
+    `out` without writing into `images`."""
     if cfg.resize is not None:
         images = resize(images, cfg.resize, cfg.resize_mode)
     if out is not None:
-        out = augment(images, generator, out) if generator is not None else out.copy_(images)
-        return normalize(out, cfg.normalize, inplace=True)
+        return normalize(out.copy_(images), cfg.normalize, inplace=True)
     images = normalize(images, cfg.normalize, inplace=True)
     return augment(images, generator) if generator is not None else images
 
