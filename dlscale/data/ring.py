@@ -34,12 +34,13 @@ def _shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 MADV_POPULATE_WRITE = 23   # Linux >= 5.14
 
 
-def _populate(t: torch.Tensor) -> None:
-    """Map the pages of `t`, shared memory another process made, into this one in a single call (`madvise`): a
-    worker writing a slot's pages a fault at a time spent ~5.5 ms on the faults of a record of 256 1x150x150 images,
-    populating them first ~2.5 ms (measured here). Where the kernel lacks the call, the faults happen as before."""
-    start = t.data_ptr() - t.data_ptr() % mmap.PAGESIZE
-    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(t.data_ptr() + t.nbytes - start), MADV_POPULATE_WRITE)
+def _populate(address: int, nbytes: int) -> None:
+    """Map the pages of `nbytes` at `address`, shared memory another process made, into this one in a single call
+    (`madvise`): a worker writing a record's pages a fault at a time spent ~5.5 ms on the faults of 256 1x150x150
+    images, populating them first ~2.5 ms (measured here). Where the kernel lacks the call, the faults happen as
+    before."""
+    start = address - address % mmap.PAGESIZE
+    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), MADV_POPULATE_WRITE)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -68,7 +69,7 @@ class BatchRing:
         self.table = share(torch.full((2 * slots,), -1, dtype=torch.int64))   # at k mod 2 x slots: tag, slot
         self.table_slot = share(torch.full((2 * slots,), -1, dtype=torch.int64))
         self.state = share(torch.zeros(2, dtype=torch.int64))   # the epoch's generation, the last record done
-        self.shared, self.populated = shared, {}     # pid -> the chunks of batch_size rows that process has mapped
+        self.shared, self.populated = shared, {}     # pid -> the image rows that process has mapped
         self.free, self.lent, self.given, self.next_batch = deque(range(slots)), [], {}, 0
         self.copies = BufferPool(LENT)
 
@@ -164,7 +165,7 @@ class BatchRing:
             self._wait(lambda: int(self.state[1]) >= place.stamp, generation, f"record {place.stamp}")
             rows[spilled] = self.spill_start + place.spill[spilled]
         if self.shared:
-            self._populate_chunks(rows)
+            self._populate_rows(rows)
         return torch.from_numpy(rows)
 
     def _slot(self, k: int, generation: int) -> int:
@@ -181,13 +182,20 @@ class BatchRing:
                 raise RuntimeError(f"waited {RING_WAIT_S} s for {what} in the batch ring")
             time.sleep(0.0005)
 
-    def _populate_chunks(self, rows: np.ndarray) -> None:
-        populated = self.populated.setdefault(os.getpid(), set())
-        for chunk in np.unique(rows // self.bs).tolist():
-            if chunk not in populated:
-                populated.add(chunk)
-                for store in self.parts():
-                    _populate(store[chunk * self.bs:(chunk + 1) * self.bs])
+    def _populate_rows(self, rows: np.ndarray) -> None:
+        """Map the pages of the images' `rows` into this process (a worker is new each epoch; a row, or a run of
+        consecutive rows, in one call), those of the other parts (a few bytes a row) in full the first time."""
+        populated = self.populated.get(os.getpid())
+        if populated is None:
+            populated = self.populated[os.getpid()] = np.zeros(len(self.store[0]), dtype=bool)
+            for store in self.parts()[1:]:
+                _populate(store.data_ptr(), store.nbytes)
+        new = np.unique(rows[~populated[rows]])
+        populated[new] = True
+        runs = np.split(new, np.flatnonzero(np.diff(new) != 1) + 1) if len(new) else []
+        base, row_bytes = self.store[0].data_ptr(), self.store[0][:1].nbytes
+        for run in runs:
+            _populate(base + int(run[0]) * row_bytes, len(run) * row_bytes)
 
 
 LENT = 4
