@@ -60,7 +60,7 @@ class BatchRing:
     given, into a spill row once the main process is done with the record the plan names (`state`)."""
 
     def __init__(self, slots: int, batch_size: int, spill_rows: int, rows: list, shared: bool):
-        self.slots, self.bs = slots, batch_size
+        self.slots, self.bs, self.layout = slots, batch_size, (slots, batch_size, spill_rows)
         self.spill_start, self.trash = slots * batch_size, slots * batch_size + spill_rows
         make = _shared_zeros if shared else lambda shape, dtype: torch.zeros(shape, dtype=dtype)
         self.store = [None if shape is None else make(*shape) for shape in self.shapes(slots, batch_size, spill_rows,

@@ -6,7 +6,7 @@ the training process receives them in their fixed order and cuts the batches the
 (seed, epoch, rank) and of the data, whatever the number of workers.
 
 Train: shards are drawn with replacement from an RNG seeded by (seed, epoch, rank), their records mixed in a
-tensor-level shuffle buffer; every rank yields exactly `batches_per_epoch` batches, so no rank waits on another at a
+shuffle buffer; every rank yields exactly `batches_per_epoch` batches, so no rank waits on another at a
 collective. A record that does not decode is lost alone, everything after a cut or unreadable part of a shard is
 lost; lost records are skipped and counted (fatal with `strict`): the first skip of a rank is a warning, each shard
 read cut short is counted once in the stream's `SkipCounter`, and the run reports the totals once at its end.
@@ -17,9 +17,10 @@ shard's samples in batches of `batch_size`, a short last one), in shard order, s
 nor the order of the batches depends on the number of ranks or workers. A corrupt shard fails the evaluation, except
 in a `tolerant` stream (the linear probe's train features), which skips and counts it like the training stream.
 
-Memory per rank: see `RecordLoader`; the training stream's shared memory: `dlscale.data.ring`. With a GPU present
-the batches are cut into page-locked memory, so `finish_batch` copies them to the device asynchronously; without,
-into memory reused from batch to batch (`dlscale.data.buffers`).
+Training batches are planned ahead (`dlscale.data.plan`: the shuffle buffer's decisions depend only on its seed and
+the records' row counts), so the workers write each row straight into its batch in shared memory
+(`dlscale.data.ring`) and this process hands the batches on without copying them; with a GPU present it copies each
+into page-locked memory, so `finish_batch` copies it to the device asynchronously. Memory per rank: `RecordLoader`.
 
 Why not `webdataset.WebDataset` here: its tar stream parser caps a worker at ~20-30k samples/s (1x64x64 records,
 measured); the shards stay plain WebDataset tars (tests read them with `webdataset`), only the reader is ours.
@@ -136,14 +137,15 @@ class TrainStream(RecordStream):
         window = max(1, math.ceil(WINDOW_FILLS * full / bs))
         slots = window + math.ceil((RECORDS_IN_FLIGHT * workers + 1) * spr / bs) + 1 + LENT
         spill = 2 * capacity
+
         def plan(writer: bool, reader: bool) -> ShufflePlan:
             return ShufflePlan(self.record_counts(), np.random.default_rng(self.seeds() + [SHUFFLE_KEY]), bs, full,
                                keep, capacity, self.batches_per_epoch, window, spill, writer, reader)
         self.plan = plan(True, workers == 0)          # the writers' (copied into each worker)
         self.cuts = self.plan if workers == 0 else plan(False, True)     # this process's
         ring = getattr(self, "ring", None)
-        if ring is None or (ring.slots, ring.spill_start + spill) != (slots, ring.trash) or ring.shared != (workers > 0):
-            shape = self.shards.image_shape if cfg.transforms == "device" else self.image_shape   # as `prepare` leaves it
+        if ring is None or ring.layout != (slots, bs, spill) or ring.shared != (workers > 0):
+            shape = self.shards.image_shape if cfg.transforms == "device" else self.image_shape   # as `prepare` writes
             rows = [(shape, torch.float32), ((), torch.int64), ((3,), torch.int64),
                     ((len(cfg.targets),), torch.float32) if cfg.targets else None]
             if workers:
@@ -153,7 +155,8 @@ class TrainStream(RecordStream):
 
     def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
         cfg, seeds = self.shards.cfg, self.seeds()
-        plan, lost, error = self.cuts, [], None      # lost: the row numbers of the lost records
+        plan, error = self.cuts, None
+        lost = np.empty((0, 2), dtype=np.int64)     # the row numbers of the lost records, [start, stop) in order
         k = failures = 0     # k: the batch of this rank's epoch about to be cut
         seeded = cfg.transforms == "device" and cfg.augment    # batches carry their augmentation's seed
         counted: set[int] = set()
@@ -166,7 +169,8 @@ class TrainStream(RecordStream):
                 if failures > self.max_failures:
                     raise RuntimeError(f"{failures} consecutive shard failures in split {self.shards.split!r}; "
                                        f"last: {read.error}") from read.error
-                lost.append(plan.rows_of(read.j))
+                rows = plan.rows_of(read.j)
+                lost = np.concatenate([lost, [[rows.start, rows.stop]]])
                 error = read.error
             else:
                 failures = 0
@@ -184,11 +188,12 @@ class TrainStream(RecordStream):
                 return
 
 
-def _among(rows: np.ndarray, ranges: list[range]) -> np.ndarray | None:
-    """Which of `rows` (row numbers) lie in one of `ranges` (None: no range given)."""
-    if not ranges:
+def _among(rows: np.ndarray, ranges: np.ndarray) -> np.ndarray | None:
+    """Which of `rows` (row numbers) lie in one of `ranges` ([start, stop) rows, in order; None: no range)."""
+    if not len(ranges):
         return None
-    return np.logical_or.reduce([(rows >= r.start) & (rows < r.stop) for r in ranges])
+    i = np.searchsorted(ranges[:, 0], rows, side="right") - 1
+    return (i >= 0) & (rows < ranges[np.maximum(i, 0), 1])
 
 
 WINDOW_FILLS = 2
@@ -208,7 +213,7 @@ def _check_shared_memory(nbytes: int, where: str = "/dev/shm") -> None:
         return
     free = stat.f_bavail * stat.f_frsize
     if nbytes > free:
-        raise RuntimeError(f"data.num_workers > 0: the training stream's record ring needs {nbytes / 2**20:.0f} MiB "
+        raise RuntimeError(f"data.num_workers > 0: the training stream's batch ring needs {nbytes / 2**20:.0f} MiB "
                            f"of shared memory, {where} has {free / 2**20:.0f} MiB free; enlarge it (docker run "
                            "--shm-size, a Kubernetes emptyDir of medium Memory), lower data.shuffle_buffer, or use "
                            "data.num_workers=0")

@@ -11,7 +11,8 @@ from dlscale.data.stream_config import StreamConfig
 EPS = 1e-8
 
 
-def normalize(images: torch.Tensor, method: str, inplace: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+def normalize(images: torch.Tensor, method: str, inplace: bool = False,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image normalisation of a (B,C,H,W) batch (raw physical values stay in the shards), into `out` if given.
 
     `inplace` reuses the batch's memory: fresh large tensors cost page faults on every batch (~0.7 ms per MB here).
