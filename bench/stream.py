@@ -10,7 +10,7 @@ down is not the loader's speed). `1x<size>x<size>.noop.workers_<W>` is samples/s
 data-wait fraction (time in `next(loader)` / wall time). `workers_0` reads in the training process.
 `noop_per_sample`: CPU time (us) and minor page faults per sample of the training process (`main_*`) and of its
 DataLoader workers together (`workers_*`) with the no-op consumer, after the warm-up, in the fastest round; unlike
-samples/s, they hardly move with the machine's load.
+samples/s, they hardly move with the machine's load; `spilled`: the fraction of the rows that waited in spill rows.
 
 Goals: `ratio_2_workers_vs_1_150px_noop` (2 DataLoader workers vs 1, 1x150x150, no-op consumer) >= 1.6 on 2 cores
 (ideal 2); `ratio_stream_vs_memory_64px` (the best worker count vs an in-memory DataLoader, 1x64x64, no-op) >= 0.8.
@@ -110,8 +110,13 @@ def training_step(size: int):
 
 
 def stream_rate(data: Path, workers: int, batch: int, samples: int, consume=None) -> tuple[float, float, dict]:
+    """`rate` of the training stream; its per-sample figures add `spilled`, the fraction of the rows that went
+    through the batch ring's spill rows."""
     cfg = StreamConfig(batch_size=batch, num_workers=workers, augment=True)
-    return rate(train_loader(data, cfg, batches=samples // batch), consume, samples // batch)
+    loader = train_loader(data, cfg, batches=samples // batch)
+    samples_per_s, waited, per_sample = rate(loader, consume, samples // batch)
+    plan = loader.dataset.cuts
+    return samples_per_s, waited, {**per_sample, "spilled": round(plan.spilled / plan.taken, 3)} if per_sample else {}
 
 
 def memory_loader(n: int, size: int, batch: int) -> DataLoader:
