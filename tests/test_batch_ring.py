@@ -102,3 +102,18 @@ def test_a_lost_record_leaves_its_rows_out_of_their_batches(make_shards):
         assert read == set(range(len(read))) and 0 < len(read) < 8
         assert ids == [[i for i in batch if i[0] != 1 or i[1] in read] for batch in expected]
         assert sum(stream.skips.totals()[0]) > 0
+
+
+@pytest.mark.parametrize("transforms", ["host", "device"])
+def test_unaugmented_rows_are_the_stored_images_for_any_worker_count(data, monkeypatch, transforms):
+    """Rows copied into the ring as they are (no augmentation; `device`: not normalised either), spill rows too."""
+    monkeypatch.setattr("dlscale.data.stream.WINDOW_FILLS", 0)
+    stored = {tuple(i): image for images, _, ids, _ in (r for index in range(5) for r in
+                                                         ShardSet(data, "train", StreamConfig()).records(index))
+              for i, image in zip(ids.tolist(), images)}
+    for workers in (0, 2):
+        cfg = StreamConfig(batch_size=4, num_workers=workers, shuffle_buffer=8, augment=False, transforms=transforms,
+                           normalize="none")
+        ids, images, _ = streamed(data, cfg, 30)
+        assert all(torch.equal(image, stored[tuple(i)]) for batch, group in zip(ids, images)
+                   for i, image in zip(batch, group))

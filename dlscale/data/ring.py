@@ -16,6 +16,7 @@ import torch
 
 from dlscale.data.buffers import UNUSED_REFS, BufferPool
 from dlscale.data.plan import Cut, Placement
+from dlscale.data.records import worker_share
 
 
 def empty_rows(t: torch.Tensor, rows: int, pin: bool) -> torch.Tensor:
@@ -59,26 +60,32 @@ class BatchRing:
     targets (a few bytes a sample) are always copies. A worker writes a row into batch k's slot once the slot is
     given, into a spill row once the main process is done with the record the plan names (`state`)."""
 
-    def __init__(self, slots: int, batch_size: int, spill_rows: int, rows: list, shared: bool):
-        self.slots, self.bs, self.layout = slots, batch_size, (slots, batch_size, spill_rows)
+    def __init__(self, slots: int, batch_size: int, spill_rows: int, work: tuple[int, int], rows: list,
+                 shared: bool):
+        self.slots, self.bs, self.layout = slots, batch_size, (slots, batch_size, spill_rows, work)
         self.spill_start, self.trash = slots * batch_size, slots * batch_size + spill_rows
+        self.work_rows = work[1]
         make = _shared_zeros if shared else lambda shape, dtype: torch.zeros(shape, dtype=dtype)
-        self.store = [None if shape is None else make(*shape) for shape in self.shapes(slots, batch_size, spill_rows,
-                                                                                         rows)]
+        *self.store, self.work_store = [None if shape is None else make(*shape)
+                                        for shape in self.shapes(*self.layout, rows)]
         share = (lambda t: t.share_memory_()) if shared else (lambda t: t)
         self.table = share(torch.full((2 * slots,), -1, dtype=torch.int64))   # at k mod 2 x slots: tag, slot
         self.table_slot = share(torch.full((2 * slots,), -1, dtype=torch.int64))
         self.state = share(torch.zeros(2, dtype=torch.int64))   # the epoch's generation, the last record done
         self.shared, self.populated = shared, {}     # pid -> the image rows that process has mapped
+        self.populated_work: set[int] = set()        # the processes that have mapped their work rows
         self.free, self.lent, self.given, self.next_batch = deque(range(slots)), [], {}, 0
         self.copies = BufferPool(LENT)
 
     @staticmethod
-    def shapes(slots: int, batch_size: int, spill_rows: int, rows: list) -> list:
-        """(shape, dtype) of each part's store (None for an absent part), for `rows`' (shape, dtype) per row."""
+    def shapes(slots: int, batch_size: int, spill_rows: int, work: tuple[int, int], rows: list) -> list:
+        """(shape, dtype) of each part's store (None for an absent part), for `rows`' (shape, dtype) per row (batch
+        slots, spill rows, a row for the unused rows), and of the images' work rows: `work` = (writers, rows each)
+        where each writer transforms a record before augmenting it into the ring (memory a worker maps in one call,
+        where memory of its own would cost a fault and a zeroed page per page, every epoch)."""
         total = slots * batch_size + spill_rows + 1
-        return [None if row is None else ((total, *row[0]), row[1]) for row in rows]
-
+        return [None if row is None else ((total, *row[0]), row[1]) for row in rows] + \
+            [((work[0] * work[1], *rows[0][0]), rows[0][1]) if work[1] else None]
     @staticmethod
     def nbytes(*layout) -> int:
         """Bytes of a ring made with the arguments `layout` (those of the constructor, `shared` left out)."""
@@ -167,6 +174,15 @@ class BatchRing:
         if self.shared:
             self._populate_rows(rows)
         return torch.from_numpy(rows)
+
+    def work(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """This writer's work rows, as a tensor of `shape` (a record's images)."""
+        first = worker_share()[0] * self.work_rows
+        rows = self.work_store[first:first + shape[0]]
+        if self.shared and os.getpid() not in self.populated_work:
+            self.populated_work.add(os.getpid())
+            _populate(self.work_store[first:first + self.work_rows].data_ptr(), self.work_rows * rows[:1].nbytes)
+        return rows.view(shape)
 
     def _slot(self, k: int, generation: int) -> int:
         entry = k % len(self.table)

@@ -78,7 +78,6 @@ class TrainStream(RecordStream):
         self.max_failures = 10 * len(shards.urls) + 10
         self.allocate = BufferPool(RECORD_READS_KEPT).take    # reads of pipes and remote shards
         self.mapped = True     # `prepare` writes records into the ring, never into the decoded ones
-        self.work_memory = BufferPool(1)   # a record being resized and normalised before it is augmented
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,7 +111,7 @@ class TrainStream(RecordStream):
         if cfg.transforms == "device":
             store.index_copy_(0, target, images)
         else:
-            work = transform(images, cfg, None, out=self.work_memory.tensor(tuple(images.shape), torch.float32))
+            work = transform(images, cfg, None, out=self.ring.work(tuple(images.shape[:1]) + self.image_shape))
             if cfg.augment:
                 augment(work, _generator(self.seeds(), j, RECORD_KEY), out=store, rows=target.numpy())
             else:
@@ -144,13 +143,14 @@ class TrainStream(RecordStream):
         self.plan = plan(True, workers == 0)          # the writers' (copied into each worker)
         self.cuts = self.plan if workers == 0 else plan(False, True)     # this process's
         ring = getattr(self, "ring", None)
-        if ring is None or ring.layout != (slots, bs, spill) or ring.shared != (workers > 0):
+        work = (max(1, workers), 0 if cfg.transforms == "device" else spr)   # (writers, rows each)
+        if ring is None or ring.layout != (slots, bs, spill, work) or ring.shared != (workers > 0):
             shape = self.shards.image_shape if cfg.transforms == "device" else self.image_shape   # as `prepare` writes
             rows = [(shape, torch.float32), ((), torch.int64), ((3,), torch.int64),
                     ((len(cfg.targets),), torch.float32) if cfg.targets else None]
             if workers:
-                _check_shared_memory(BatchRing.nbytes(slots, bs, spill, rows))
-            self.ring = BatchRing(slots, bs, spill, rows, shared=workers > 0)
+                _check_shared_memory(BatchRing.nbytes(slots, bs, spill, work, rows))
+            self.ring = BatchRing(slots, bs, spill, work, rows, shared=workers > 0)
         self.ring.begin_epoch()
 
     def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
