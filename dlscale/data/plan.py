@@ -15,7 +15,7 @@ done with record c (`Placement.stamp`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -40,14 +40,16 @@ class Cut(NamedTuple):
 
 
 class ShufflePlan:
-    """One epoch's shuffle buffer over row numbers. `counts`: the rows of record j = 0, 1, ... (from the manifest);
-    a `writer` asks `place(j)` for each record in order, the `reader` (the training process) `cuts(j)` for the batches
-    cut when record j arrives (one plan is both when that process writes the records itself)."""
+    """One epoch's shuffle buffer over row numbers. `counts()`: the rows of record j = 0, 1, ... (from the manifest;
+    called on first use, so that a plan not yet used pickles); a `writer` asks `place(j)` for each record in order,
+    the `reader` (the training process) `cuts(j)` for the batches cut when record j arrives (one plan is both when
+    that process writes the records itself)."""
 
-    def __init__(self, counts: Iterator[int], rng: np.random.Generator, batch_size: int, full: int, keep: int,
-                 capacity: int, batches: int, window: int, spill_rows: int, writer: bool, reader: bool):
+    def __init__(self, counts: Callable[[], Iterator[int]], rng: np.random.Generator, batch_size: int, full: int,
+                 keep: int, capacity: int, batches: int, window: int, spill_rows: int, writer: bool, reader: bool):
         self.writer, self.reader = writer, reader
-        self.counts, self.rng, self.bs, self.full, self.keep = counts, rng, batch_size, full, keep
+        self.make_counts, self.counts = counts, None
+        self.rng, self.bs, self.full, self.keep = rng, batch_size, full, keep
         self.batches, self.window = batches, window
         self.pool = np.empty(capacity, dtype=np.int64)      # row numbers held, in the buffer's order
         self.limit = np.empty(capacity, dtype=np.int64)     # per held row: the first batch past its record's window
@@ -97,6 +99,7 @@ class ShufflePlan:
         return self.extents[j]
 
     def _put(self) -> None:
+        self.counts = self.counts or self.make_counts()
         count, first = next(self.counts), self.rows
         self.pool[self.n:self.n + count] = np.arange(first, first + count)
         self.limit[self.n:self.n + count] = self.k + self.window

@@ -138,7 +138,7 @@ class TrainStream(RecordStream):
         spill = 2 * capacity
 
         def plan(writer: bool, reader: bool) -> ShufflePlan:
-            return ShufflePlan(self.record_counts(), np.random.default_rng(self.seeds() + [SHUFFLE_KEY]), bs, full,
+            return ShufflePlan(self.record_counts, np.random.default_rng(self.seeds() + [SHUFFLE_KEY]), bs, full,
                                keep, capacity, self.batches_per_epoch, window, spill, writer, reader)
         self.plan = plan(True, workers == 0)          # the writers' (copied into each worker)
         self.cuts = self.plan if workers == 0 else plan(False, True)     # this process's
