@@ -163,10 +163,9 @@ class BatchRing:
         generation = int(self.state[0])
         rows = np.full(len(place.position), self.trash, dtype=np.int64)
         placed = place.position >= 0
-        batches = place.position[placed] // self.bs
-        slot_of = {k: self._slot(k, generation) for k in np.unique(batches).tolist()}
-        rows[placed] = np.array([slot_of[k] for k in batches.tolist()], dtype=np.int64) * self.bs + \
-            place.position[placed] % self.bs
+        if placed.any():
+            batches = place.position[placed] // self.bs
+            rows[placed] = self._slots(batches, generation) * self.bs + place.position[placed] % self.bs
         spilled = place.spill >= 0
         if spilled.any():
             self._wait(lambda: int(self.state[1]) >= place.stamp, generation, f"record {place.stamp}")
@@ -184,10 +183,12 @@ class BatchRing:
             _populate(self.work_store[first:first + self.work_rows].data_ptr(), self.work_rows * rows[:1].nbytes)
         return rows.view(shape)
 
-    def _slot(self, k: int, generation: int) -> int:
-        entry = k % len(self.table)
-        self._wait(lambda: int(self.table[entry]) == (generation << TAG_BITS) + k, generation, f"a slot for batch {k}")
-        return int(self.table_slot[entry])
+    def _slots(self, batches: np.ndarray, generation: int) -> np.ndarray:
+        """The slots given to `batches`, once each is given (the main process writes a slot before its tag)."""
+        entries, tags = batches % len(self.table), (generation << TAG_BITS) + batches
+        table = self.table.numpy()
+        self._wait(lambda: bool((table[entries] == tags).all()), generation, f"slots for batches to {batches.max()}")
+        return self.table_slot.numpy()[entries]
 
     def _wait(self, ready, generation: int, what: str) -> None:
         deadline = time.monotonic() + RING_WAIT_S
