@@ -86,6 +86,7 @@ class BatchRing:
         total = slots * batch_size + spill_rows + 1
         return [None if row is None else ((total, *row[0]), row[1]) for row in rows] + \
             [((work[0] * work[1], *rows[0][0]), rows[0][1]) if work[1] else None]
+
     @staticmethod
     def nbytes(*layout) -> int:
         """Bytes of a ring made with the arguments `layout` (those of the constructor, `shared` left out)."""
@@ -143,8 +144,11 @@ class BatchRing:
     def _reclaim(self) -> None:
         """Free the slots of lent batches that nothing refers to any more."""
         held = []
-        for s, view in self.lent:
-            (held.append((s, view)) if sys.getrefcount(view) > UNUSED_REFS + 1 else self.free.append(s))
+        for s, view in self.lent:    # the loop's name for the view is one reference more
+            if sys.getrefcount(view) > UNUSED_REFS + 1:
+                held.append((s, view))
+            else:
+                self.free.append(s)
         self.lent = held
 
     def _give(self) -> None:
