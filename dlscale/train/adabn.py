@@ -83,7 +83,8 @@ class AdaBNConfig:
 
     def __post_init__(self) -> None:
         self.run_dir, self.target_data, self.out = Path(self.run_dir), Path(self.target_data), Path(self.out)
-        TARGET_HEADS.get_class(self.head)
+        if self.head not in TARGET_HEADS:
+            raise ValueError(f"adapt-bn: head {self.head!r}: expected one of {', '.join(TARGET_HEADS)}")
         if self.max_images < 0 or self.batch_size < 0 or self.num_workers < 0:
             raise ValueError(f"adapt-bn: max_images, batch_size and num_workers must be >= 0 (got {self.max_images}, "
                              f"{self.batch_size}, {self.num_workers})")
@@ -338,8 +339,8 @@ def adapt_bn_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=0, help="default: the run's data.batch_size")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--head", default=SOURCE_HEAD, choices=list(TARGET_HEADS),
-                   help="then refit the classification head to the target's features, label-free")
+    p.add_argument("--head", default=SOURCE_HEAD, help="then refit the classification head to the target's "
+                                                       f"features, label-free: {' | '.join(TARGET_HEADS)}")
     a = p.parse_args(argv)
     out = adapt_batchnorm(AdaBNConfig(a.run_dir, a.target_data, a.out, a.split, a.max_images, a.resize,
                                       a.batch_size, a.num_workers, a.device, a.head))
