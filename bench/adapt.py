@@ -29,10 +29,11 @@ Reported per candidate: target macro AUC with a 95% CI, the share of the gap clo
 (AUC_target_supervised - AUC_source_only)) with a paired bootstrap CI (`dlscale.metrics.gap_closed`), the gain over
 AdaBN alone (paired bootstrap CI), the source validation macro AUC and the deep-embedded-validation risk
 (`dlscale.train.selection`); an AdaBN candidate is a target-specific export, so its labelled-domain side (source
-validation AUC and loss, source features of DEV's domain classifier) is its weights with the source statistics
-(`twin`; a refitted head included), its target side its own features. Then the candidate each selection rule picks: `source_val` (highest
-source validation AUC), `dev` (lowest DEV risk; label-free), against `oracle` (highest target AUC: what a user cannot do). Wall times
-and the machine load are recorded; finished runs in --work-dir are reused.
+validation AUC and loss, source features of DEV's domain classifier) is its weights (a refitted head included)
+with the source statistics (`twin`), its target side its own features. Then the candidate each selection rule
+picks: `source_val` (highest source validation AUC), `dev` (lowest DEV risk; label-free), against `oracle` (highest
+target AUC: what a user cannot do). Wall times and the machine load are recorded; finished runs in --work-dir are
+reused.
 """
 from __future__ import annotations
 

@@ -224,7 +224,8 @@ def test_a_run_without_batchnorm_is_refused(separable_data, target, work, tiny_a
     assert not (work / "refused_vit").exists()
 
 
-def test_stage_adapt_ends_with_adabn_its_head_refit_and_scores_it_on_the_target(cli, separable_data, target, tmp_path, tiny_args):
+def test_stage_adapt_ends_with_adabn_its_head_refit_and_scores_it_on_the_target(cli, separable_data, target,
+                                                                                tmp_path, tiny_args):
     run = tmp_path / "run"
     result = cli("train", "--stage", "adapt", "--data", separable_data, "--target-data", target, "--run-dir", run,
                  "--model.tasks=[classification,mmd]", "--data.target.adabn=true", "--data.target.head=coral",
