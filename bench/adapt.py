@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dlscale.train.target_head import TARGET_HEADS
+from dlscale.train.target_head import SOURCE_HEAD, TARGET_HEADS
 
 SHIFTS = {
     # Euclid-like (Model II: 0.101"/px, PSF 0.16") -> HST-like (Model III: 0.08"/px, PSF 0.08"); both 64x64
@@ -155,7 +155,7 @@ def candidates(work: Path, methods: list[str], heads: list[str]) -> dict[str, Pa
     AdaBN run's head refits (`<run>+<head>`)."""
     from dlscale.train.adabn import RUN_STEP_DIR
     source = work / "source_only"
-    runs = {"source_only": source, "adabn": adabn_run(source, work / "adabn", "source", work)}
+    runs = {"source_only": source, "adabn": adabn_run(source, work / "adabn", SOURCE_HEAD, work)}
     runs.update({f"adabn+{h}": adabn_run(source, work / f"adabn_{h}", h, work) for h in heads})
     for m in methods:
         runs[m] = work / m
@@ -218,7 +218,7 @@ def study(shift: str, args, work: Path) -> dict:
                       **label_free_scores(o["source_train"], o["source_val"], o["target_train"]["features"],
                                           args.seed),
                       "seconds": round(seconds.get(name.split("+")[0], 0.0), 1)}
-        if head_report(runs[name]).get("kind", "source") != "source":
+        if head_report(runs[name]).get("kind", SOURCE_HEAD) != SOURCE_HEAD:
             rows[name]["head"] = head_report(runs[name])
     deployable = [n for n in rows if n != "target_supervised"]
     chosen = {"source_val": max(deployable, key=lambda n: rows[n]["source_auc_macro"]),
@@ -248,7 +248,7 @@ def main() -> None:
     args = p.parse_args()
     shifts, args.methods, args.heads = args.shifts.split(","), args.methods.split(","), [
         h for h in args.heads.split(",") if h]
-    refits = [h for h in TARGET_HEADS if h != "source"]
+    refits = [h for h in TARGET_HEADS if h != SOURCE_HEAD]
     unknown = (sorted(set(shifts) - set(SHIFTS)) + sorted(m for m in args.methods if not METHODS.get(m, (0,) * 4)[3])
                + sorted(set(args.heads) - set(refits)))
     if unknown:

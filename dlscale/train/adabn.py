@@ -45,14 +45,13 @@ from dlscale.train.config import run_tasks
 from dlscale.train.deepspeed_setup import pick_device
 from dlscale.train.evaluation import evaluate_split, load_run
 from dlscale.train.sources.two_stream import simulated_target_set
-from dlscale.train.target_head import TARGET_HEADS, refit_head
+from dlscale.train.target_head import SOURCE_HEAD, TARGET_HEADS, refit_head
 
 log = logging.getLogger(__name__)
 PROVENANCE = "adabn.json"
 RUN_STEP_DIR = "adabn"
 """RUN/adabn: the adapted run that stage adapt writes as its last step (`data.target.adabn`)."""
 RUN_STEP_PREFIX = "adabn/target/"
-SOURCE_HEAD = "source"
 
 
 @dataclass
@@ -201,7 +200,7 @@ def read_target(ab: AdaBNConfig, stream: StreamConfig, used: int, device: torch.
     return read_images(ab.target_data, ab.split, stream, used, device)[0]
 
 
-def labelled_images(cfg, ab: AdaBNConfig, stream: StreamConfig, used: int) -> tuple[Path, int]:
+def labelled_images(cfg, ab: AdaBNConfig, used: int) -> tuple[Path, int]:
     """Where a head refit reads the source run's labelled images (its dataset's train split) and how many: as
     many as the target's; refused before anything is read if the run has no classification head or no such split."""
     if "classification" not in run_tasks(cfg):
@@ -234,7 +233,7 @@ def adapt_batchnorm(ab: AdaBNConfig, progress: bool = True) -> Path:
     stream = stream_settings(cfg, ab, ab.batch_size or cfg.data.batch_size)
     used = check_target(ab, manifest, stream, tuple(info["image_shape"]))
     refit = ab.head != SOURCE_HEAD
-    labelled_dir, labelled_count = labelled_images(cfg, ab, stream, used) if refit else (None, 0)
+    labelled_dir, labelled_count = labelled_images(cfg, ab, used) if refit else (None, 0)
     device = pick_device(ab.device)
     batches = read_target(ab, stream, used, device)
     source_model = copy.deepcopy(model).to(device) if refit else None

@@ -12,8 +12,8 @@ own statistics (the source run's for the labelled images, AdaBN's for the target
   2016, closed form) before the source head, folded into its linear layer.
 - `em`: a Gaussian class-conditional model of the target's features with one shared covariance (linear
   discriminant analysis), initialised from the labelled classes' means and within-class covariance and fitted to the
-  target's unlabelled features by EM with the labelled domain's class prior held (uniform; Saerens et al. 2002 for
-  the EM of class-conditional models on unlabelled data); its posterior is linear in the features, so it folds into
+  target's unlabelled features by EM with a uniform class prior held (Saerens et al. 2002 for the EM of
+  class-conditional models on unlabelled data); its posterior is linear in the features, so it folds into
   the head's linear layer. Unsupervised EM can lock onto structure that is not the classes (measured: where the
   features do not separate the classes, on a noise shift, it falls to chance), so its fit is kept only if it passes
   reverse validation (Zhong et al. 2010): a logistic regression fitted to the EM's target pseudo-labels must
@@ -86,6 +86,10 @@ class SourceHead(TargetHead):
 
     def fit(self, f: HeadFeatures) -> tuple[np.ndarray, np.ndarray, dict]:
         return f.weight, f.bias, {}
+
+
+SOURCE_HEAD = SourceHead.name
+"""the kind that keeps the trained head (AdaBN alone): the default"""
 
 
 def matrix_power(symmetric: np.ndarray, power: float) -> np.ndarray:
