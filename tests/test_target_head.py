@@ -1,6 +1,6 @@
 """Label-free head refits after AdaBN (`dlscale.train.target_head`), against direct computations on tiny feature
 sets: CORAL's re-colouring folded into the linear layer, the EM mixture's posterior as that layer, EM finding
-target classes that moved, reverse validation refusing an EM fit that locked onto a nuisance, bad input refused."""
+target classes that moved, an EM fit sharper than the labelled classes refused, bad input refused."""
 import numpy as np
 import pytest
 from scipy.linalg import sqrtm
@@ -8,7 +8,7 @@ from scipy.special import softmax
 from scipy.stats import multivariate_normal
 
 from dlscale.metrics import one_vs_rest_aucs
-from dlscale.train.target_head import TARGET_HEADS, HeadFeatures, fit_mixture
+from dlscale.train.target_head import EM_SHRINKAGE, TARGET_HEADS, HeadFeatures, fit_mixture
 
 K, C = 3, 4
 
@@ -62,7 +62,7 @@ def test_em_head_is_the_posterior_of_its_fitted_mixture():
     assert np.allclose(softmax(x @ weight.T + bias, 1), softmax(density, 1), atol=1e-10)
 
 
-def test_em_head_follows_target_classes_that_moved_and_passes_reverse_validation():
+def test_em_head_follows_target_classes_that_moved_and_is_kept():
     f, target_labels = moved_target()
     weight, bias, report = TARGET_HEADS["em"]().fit(f)
     before = (logits((f.weight, f.bias), f.target).argmax(1) == target_labels).mean()
@@ -71,18 +71,30 @@ def test_em_head_follows_target_classes_that_moved_and_passes_reverse_validation
     assert report["kept"] and report["em_iterations"] > 1
 
 
-def test_em_fit_locked_onto_a_nuisance_is_refused_and_the_source_head_kept():
-    """Target classes that the features do not separate, spread along a nuisance axis in three clumps: EM finds the
-    clumps, a classifier of the clumps says nothing about the labelled classes, and the source head stays."""
-    f, target_labels = moved_target()
+def test_em_fit_sharper_than_the_labelled_classes_is_refused_and_the_source_head_kept():
+    """Labelled classes that overlap (about 5% of them ambiguous); on the target three tight clumps along a nuisance
+    axis that EM separates almost surely: far sharper than the classes are anywhere, so not the classes."""
     rng = np.random.default_rng(2)
-    clump = rng.integers(0, K, len(f.target))
-    f.target = 0.3 * rng.standard_normal(f.target.shape) + 1.0
-    f.target[:, 0] += 4.0 * clump - 4.0
+    source, labels = gaussian_classes(rng, 3.0 * np.eye(K, C), 300, spread=1.2)
+    target = 0.3 * rng.standard_normal((300, C)) + 1.0
+    target[:, 0] += 4.0 * rng.integers(0, K, len(target)) - 4.0
+    f = HeadFeatures(source, labels, target, *source_head(source, labels))
     weight, bias, report = TARGET_HEADS["em"]().fit(f)
-    assert not report["kept"]
-    assert report["reverse_validation_auc"]["source_head"] - report["reverse_validation_auc"]["em"] > 0.05
+    errors = report["estimated_error"]
+    assert not report["kept"] and errors["em_target"] < report["min_error_ratio"] * errors["labelled"], report
     assert np.array_equal(weight, f.weight) and np.array_equal(bias, f.bias)
+
+
+def test_the_estimated_errors_are_one_minus_the_mean_largest_posterior():
+    f, _ = moved_target()
+    _, _, report = TARGET_HEADS["em"]().fit(f)
+    mixture, _ = fit_mixture(f.source, f.labels, f.target)
+    assert report["estimated_error"]["em_target"] == pytest.approx(1 - mixture.posterior(f.target).max(1).mean())
+    means = np.stack([f.source[f.labels == k].mean(0) for k in range(K)])
+    within = np.cov(f.source - means[f.labels], rowvar=False)
+    covariance = (1 - EM_SHRINKAGE) * within + EM_SHRINKAGE * np.trace(within) / C * np.eye(C)
+    density = np.stack([multivariate_normal(m, covariance).logpdf(f.source) for m in means], 1)
+    assert report["estimated_error"]["labelled"] == pytest.approx(1 - softmax(density, 1).max(1).mean())
 
 
 def test_the_source_head_kind_changes_nothing():

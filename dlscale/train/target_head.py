@@ -14,11 +14,13 @@ own statistics (the source run's for the labelled images, AdaBN's for the target
   discriminant analysis), initialised from the labelled classes' means and within-class covariance and fitted to the
   target's unlabelled features by EM with a uniform class prior held (Saerens et al. 2002 for the EM of
   class-conditional models on unlabelled data); its posterior is linear in the features, so it folds into
-  the head's linear layer. Unsupervised EM can lock onto structure that is not the classes (measured: where the
-  features do not separate the classes, on a noise shift, it falls to chance), so its fit is kept only if it passes
-  reverse validation (Zhong et al. 2010): a logistic regression fitted to the EM's target pseudo-labels must
-  classify the labelled images within `REVERSE_TOLERANCE` macro AUC of one fitted to the source head's own target
-  pseudo-labels; otherwise the source head stays, and the report says why.
+  the head's linear layer. Unsupervised EM follows the strongest structure of the target's features, which need not
+  be the classes (measured: where the features do not separate them, on a noise shift, it falls to chance). Its fit
+  is kept only if it claims no sharper classes than the labelled domain has: its own estimate of its error on the
+  target (1 - mean largest posterior) must be at least `MIN_ERROR_RATIO` x the labelled model's estimate on the
+  labelled images (the same model before EM, its posterior on the domain it was fitted to). Target clusters much
+  sharper than the classes are on the labelled images, where the encoder was trained to separate them, are
+  something else (brightness, noise level); then the source head stays, and the report says why.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ import torch
 from scipy.special import softmax
 from torch import nn
 
-from dlscale.metrics import logistic_probe, one_vs_rest_aucs
 from dlscale.registry import Registry
 
 EM_SHRINKAGE = 0.03
@@ -39,9 +40,10 @@ estimate a 64 x 64 covariance poorly (0 measured 0.88, 0.01-0.2 0.93-0.94 on the
 EM_MAX_ITERATIONS = 200
 EM_TOLERANCE = 1e-8
 """EM stops when no class mean moves by more than this (standardised units)"""
-REVERSE_TOLERANCE = 0.05
-"""the largest drop of the reverse-validation macro AUC (see the module docstring) an EM fit may cost; measured on
-two shifts: 0.02 where EM helped (0.875 -> 0.94), 0.17-0.31 where it fell to chance"""
+MIN_ERROR_RATIO = 2 / 3
+"""the EM fit's estimated target error over the labelled model's estimated error below which EM is refused;
+measured 0.90-1.00 where EM found the classes (two seeds of the instrument shift after AdaBN: 0.85-0.88 -> 0.94
+macro AUC), 0.06-0.46 where it did not (six feature sets of both shifts, EM at 0.50-0.54)"""
 
 
 @dataclass
@@ -134,13 +136,17 @@ def shrunk(covariance: np.ndarray, shrinkage: float) -> np.ndarray:
     return (1 - shrinkage) * covariance + shrinkage * np.trace(covariance) / dim * np.eye(dim)
 
 
+def initial_mixture(source: np.ndarray, labels: np.ndarray, shrinkage: float = EM_SHRINKAGE) -> Mixture:
+    """The labelled classes' means and (shrunk) within-class covariance."""
+    means = np.stack([source[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
+    return Mixture(means, shrunk(np.cov(source - means[labels], rowvar=False), shrinkage))
+
+
 def fit_mixture(source: np.ndarray, labels: np.ndarray, target: np.ndarray, shrinkage: float = EM_SHRINKAGE,
                 max_iterations: int = EM_MAX_ITERATIONS) -> tuple[Mixture, int]:
     """EM on `target` from the labelled classes' means and within-class covariance; returns the fit and its
     iterations."""
-    k = int(labels.max()) + 1
-    means = np.stack([source[labels == c].mean(0) for c in range(k)])
-    model = Mixture(means, shrunk(np.cov(source - means[labels], rowvar=False), shrinkage))
+    model = initial_mixture(source, labels, shrinkage)
     for iteration in range(1, max_iterations + 1):
         resp = model.posterior(target)
         means = resp.T @ target / resp.sum(0)[:, None]
@@ -153,14 +159,9 @@ def fit_mixture(source: np.ndarray, labels: np.ndarray, target: np.ndarray, shri
     return model, iteration
 
 
-def reverse_auc(target: np.ndarray, pseudo_labels: np.ndarray, source: np.ndarray, labels: np.ndarray) -> float:
-    """Macro AUC on the labelled images of a logistic regression fitted to target pseudo-labels (0.5 where the
-    pseudo-labels miss a class: nothing learnt about it)."""
-    k = int(labels.max()) + 1
-    if len(np.unique(pseudo_labels)) < k:
-        return 0.5
-    probe = logistic_probe().fit(target, pseudo_labels)
-    return float(one_vs_rest_aucs(probe.predict_proba(source), labels).mean())
+def estimated_error(mixture: Mixture, x: np.ndarray) -> float:
+    """The mixture's own estimate of its error rate on `x`: 1 - the mean of its largest posterior."""
+    return float(1 - mixture.posterior(x).max(1).mean())
 
 
 @TARGET_HEADS.register
@@ -168,15 +169,15 @@ class EMHead(TargetHead):
     name = "em"
 
     def fit(self, f: HeadFeatures) -> tuple[np.ndarray, np.ndarray, dict]:
+        labelled = initial_mixture(f.source, f.labels)
         mixture, iterations = fit_mixture(f.source, f.labels, f.target)
+        errors = {"labelled": estimated_error(labelled, f.source), "em_target": estimated_error(mixture, f.target)}
+        kept = errors["em_target"] >= MIN_ERROR_RATIO * errors["labelled"]
         weight, bias = mixture.linear()
-        source_pseudo = (f.target @ f.weight.T + f.bias).argmax(1)
-        em_pseudo = (f.target @ weight.T + bias).argmax(1)
-        reverse = {"source_head": reverse_auc(f.target, source_pseudo, f.source, f.labels),
-                   "em": reverse_auc(f.target, em_pseudo, f.source, f.labels)}
-        kept = reverse["source_head"] - reverse["em"] <= REVERSE_TOLERANCE
-        report = {"em_iterations": iterations, "reverse_validation_auc": reverse, "tolerance": REVERSE_TOLERANCE,
-                  "kept": bool(kept), "em_pseudo_label_counts": np.bincount(em_pseudo, minlength=len(bias)).tolist()}
+        pseudo_labels = (f.target @ weight.T + bias).argmax(1)
+        report = {"em_iterations": iterations, "estimated_error": errors, "min_error_ratio": MIN_ERROR_RATIO,
+                  "kept": bool(kept),
+                  "em_pseudo_label_counts": np.bincount(pseudo_labels, minlength=len(bias)).tolist()}
         return (weight, bias, report) if kept else (f.weight, f.bias, report)
 
 
