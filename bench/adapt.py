@@ -195,7 +195,7 @@ def twin(name: str) -> str:
 
 
 def head_report(run_dir: Path) -> dict:
-    """What a head refit did (adabn.json's `head`: whether EM passed reverse validation), if it ran."""
+    """What a head refit did (adabn.json's `head`: for EM, whether its fit was kept), if it ran."""
     record = run_dir / "adabn.json"
     return json.loads(record.read_text()).get("head", {}) if record.is_file() else {}
 
