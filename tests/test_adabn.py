@@ -176,6 +176,34 @@ def test_target_labels_never_reach_a_head_refit(head, source_run, target, permut
     assert records[0] == records[1] and records[0]["kind"] == head
 
 
+SELF_TRAIN = ("--head", "coral", "--self-train-rounds", "2", "--self-train-steps", "3", "--batch-size", "16")
+
+
+def test_self_training_fine_tunes_the_encoder_repeatably_without_target_labels(source_run, target, permuted, work):
+    runs = {name: work / f"self_train_{name}" for name in ("plain", "again", "permuted", "none")}
+    for name, out in runs.items():
+        extra = SELF_TRAIN[:2] + SELF_TRAIN[-2:] if name == "none" else SELF_TRAIN
+        result = adapt(source_run, permuted if name == "permuted" else target, out, *extra)
+        assert result.code == 0, result.err[-3000:]
+    models = {name: torch.load(out / "model.pt", weights_only=True) for name, out in runs.items()}
+    for name in ("again", "permuted"):
+        assert all(torch.equal(models[name][k], models["plain"][k]) for k in models["plain"]), name
+    encoder = [k for k in models["plain"] if k.startswith("encoder.") and k.endswith("weight")]
+    assert encoder and not all(torch.equal(models["plain"][k], models["none"][k]) for k in encoder)
+    rounds = json.loads((runs["plain"] / "adabn.json").read_text())["self_train"]
+    assert [r["kind"] for r in rounds] == ["coral", "coral"] and all(r["pseudo_labelled"] > 0 for r in rounds)
+    _, model, _ = load_run(runs["plain"])
+    layers = batchnorm_layers(model)
+    for name, x in layer_inputs(model, target_images(target)).items():   # the last round's AdaBN: the target's
+        assert torch.allclose(layers[name].running_mean.double(), x.mean(1), atol=1e-4), name
+
+
+def test_self_training_without_a_head_refit_is_refused(source_run, target, work):
+    result = adapt(source_run, target, work / "refused_self_train", "--self-train-rounds", "1")
+    assert result.code == 2 and "--head" in result.err and "coral" in result.err, result.err
+    assert not (work / "refused_self_train").exists()
+
+
 def test_an_unknown_head_is_refused_naming_the_kinds(source_run, target, work):
     result = adapt(source_run, target, work / "refused_head", "--head", "nope")
     assert result.code == 2 and "coral" in result.err and "em" in result.err, result.err

@@ -26,7 +26,7 @@ import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from dlscale.train.deepspeed_setup import pick_device
 from dlscale.train.evaluation import evaluate_split, load_run
 from dlscale.train.sources.two_stream import simulated_target_set
 from dlscale.train.target_head import SOURCE_HEAD, TARGET_HEADS, refit_head
+from dlscale.train.target_selftrain import SelfTrainConfig, self_train
 
 log = logging.getLogger(__name__)
 PROVENANCE = "adabn.json"
@@ -79,11 +80,17 @@ class AdaBNConfig:
     """then refit the classification head to the target's features without target labels
     (`dlscale.train.target_head`): source (as trained) | coral | em; reads as many of the source run's labelled
     train images as target images"""
+    self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    """then fine-tune the encoder on the target's pseudo-labels and refit again (`dlscale.train.target_selftrain`);
+    needs a head refit"""
 
     def __post_init__(self) -> None:
         self.run_dir, self.target_data, self.out = Path(self.run_dir), Path(self.target_data), Path(self.out)
         if self.head not in TARGET_HEADS:
             raise ValueError(f"adapt-bn: head {self.head!r}: expected one of {', '.join(TARGET_HEADS)}")
+        if self.self_train.rounds and self.head == SOURCE_HEAD:
+            raise ValueError(f"adapt-bn: self-training ({self.self_train.rounds} rounds) starts from a head refit's "
+                             f"pseudo-labels: give --head ({' | '.join(h for h in TARGET_HEADS if h != SOURCE_HEAD)})")
         if self.max_images < 0 or self.batch_size < 0 or self.num_workers < 0:
             raise ValueError(f"adapt-bn: max_images, batch_size and num_workers must be >= 0 (got {self.max_images}, "
                              f"{self.batch_size}, {self.num_workers})")
@@ -247,6 +254,11 @@ def adapt_batchnorm(ab: AdaBNConfig, progress: bool = True) -> Path:
                                          batches)
         log.info("AdaBN: classification head refit (%s) on %d labelled and %d target images: %s", ab.head,
                  labelled_count, used, layers_done["head"])
+        if ab.self_train.rounds:
+            model, layers_done["self_train"] = self_train(
+                ab.head, model, source_batches, torch.cat(labels).numpy(), batches, ab.self_train,
+                lambda m, b: adapt_statistics(m, b, progress=False), progress)
+            log.info("AdaBN: self-training: %s", layers_done["self_train"])
     new_cfg = dataclasses.replace(cfg, data_dir=str(ab.target_data), run_dir=str(ab.out),
                                   data=dataclasses.replace(cfg.data, resize=stream.resize))
     provenance = {"source_run": str(ab.run_dir.resolve()), "source_model_sha256": sha256(ab.run_dir / "model.pt"),
@@ -340,8 +352,13 @@ def adapt_bn_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--head", default=SOURCE_HEAD, help="then refit the classification head to the target's "
                                                        f"features, label-free: {' | '.join(TARGET_HEADS)}")
+    p.add_argument("--self-train-rounds", type=int, default=0,
+                   help="then rounds of encoder fine-tuning on the target's pseudo-labels, each refitted again")
+    p.add_argument("--self-train-steps", type=int, default=SelfTrainConfig.steps, help="optimiser steps per round")
+    p.add_argument("--seed", type=int, default=0, help="seeds the self-training")
     a = p.parse_args(argv)
     out = adapt_batchnorm(AdaBNConfig(a.run_dir, a.target_data, a.out, a.split, a.max_images, a.resize,
-                                      a.batch_size, a.num_workers, a.device, a.head))
+                                      a.batch_size, a.num_workers, a.device, a.head,
+                                      SelfTrainConfig(a.self_train_rounds, a.self_train_steps, seed=a.seed)))
     print(f"wrote {out}")
     return 0
