@@ -3,7 +3,8 @@ adaptation recipe closes on simulated instrument shifts, and which recipe a user
 (CPU-sized: 64x64, the small CNN, one rank).
 
     python bench/adapt.py [--shifts ii_to_iii,noiseless_to_noisy] [--batches 600] [--eval-per-class 400]
-                          [--methods ...] [--heads coral,em] [--work-dir runs/bench_adapt]       # prints JSON
+                          [--methods ...] [--heads coral,em] [--self-train-rounds 3]
+                          [--work-dir runs/bench_adapt]                                          # prints JSON
 
 Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 32):
   source_only        stage supervised on the source simulator, `--batches` batches
@@ -22,8 +23,9 @@ Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 
   target_supervised  stage supervised on the target simulator: the upper bound at the same budget
 Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`), and each
 AdaBN candidate's classification head is refitted to the target's features without target labels (`--heads`,
-`dlscale adapt-bn --head`: `adabn+em`, `<method>+adabn+coral`, ...). All are scored on one simulated target
-evaluation set (its labels used for scoring only) and one source evaluation set.
+`dlscale adapt-bn --head`: `adabn+em`, `<method>+adabn+coral`, ...); with `--self-train-rounds N`, source_only's
+refits also self-train the encoder on their target pseudo-labels (`adabn+em+selftrain`). All are scored on one
+simulated target evaluation set (its labels used for scoring only) and one source evaluation set.
 
 Reported per candidate: target macro AUC with a 95% CI, the share of the gap closed ((AUC - AUC_source_only) /
 (AUC_target_supervised - AUC_source_only)) with a paired bootstrap CI (`dlscale.metrics.gap_closed`), the gain over
@@ -141,22 +143,28 @@ def run_method(shift: str, method: str, args, work: Path) -> float:
     return seconds
 
 
-def adabn_run(run: Path, out: Path, head: str, work: Path) -> Path:
-    """`run` with AdaBN on the target's unlabelled train images (and the `head` refit) into `out`, unless done."""
+def adabn_run(run: Path, out: Path, head: str, work: Path, self_train_rounds: int = 0) -> Path:
+    """`run` with AdaBN on the target's unlabelled train images (and the `head` refit, and self-training) into
+    `out`, unless done."""
     from dlscale.train.adabn import AdaBNConfig, adapt_batchnorm
+    from dlscale.train.target_selftrain import SelfTrainConfig
     if not (out / "model.pt").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        adapt_batchnorm(AdaBNConfig(run, work / "source_only" / "target_eval_data", out, head=head), progress=False)
+        adapt_batchnorm(AdaBNConfig(run, work / "source_only" / "target_eval_data", out, head=head,
+                                    self_train=SelfTrainConfig(self_train_rounds)), progress=False)
     return out
 
 
-def candidates(work: Path, methods: list[str], heads: list[str]) -> dict[str, Path]:
+def candidates(work: Path, methods: list[str], heads: list[str], self_train_rounds: int) -> dict[str, Path]:
     """Every run directory a user could deploy: each method's run and, for adapted ones, its AdaBN run, and each
-    AdaBN run's head refits (`<run>+<head>`)."""
+    AdaBN run's head refits (`<run>+<head>`), and source_only's refits self-trained (`adabn+<head>+selftrain`)."""
     from dlscale.train.adabn import RUN_STEP_DIR
     source = work / "source_only"
     runs = {"source_only": source, "adabn": adabn_run(source, work / "adabn", SOURCE_HEAD, work)}
     runs.update({f"adabn+{h}": adabn_run(source, work / f"adabn_{h}", h, work) for h in heads})
+    if self_train_rounds:
+        runs.update({f"adabn+{h}+selftrain": adabn_run(source, work / f"adabn_{h}_selftrain{self_train_rounds}", h,
+                                                       work, self_train_rounds) for h in heads})
     for m in methods:
         runs[m] = work / m
         if METHODS[m][3]:
@@ -204,7 +212,7 @@ def study(shift: str, args, work: Path) -> dict:
     from dlscale.metrics import gap_closed
     from dlscale.train.selection import label_free_scores
     seconds = {m: run_method(shift, m, args, work) for m in ["source_only", *args.methods, "target_supervised"]}
-    runs = candidates(work, args.methods, args.heads)
+    runs = candidates(work, args.methods, args.heads, args.self_train_rounds)
     runs["target_supervised"] = work / "target_supervised"
     outs = {name: outputs(run, runs[twin(name)], work) for name, run in runs.items()}
     labels = outs["source_only"]["target_val"]["labels"]
@@ -240,6 +248,8 @@ def main() -> None:
                    help=f"adapted methods, some of {', '.join(m for m in METHODS if METHODS[m][3])}")
     p.add_argument("--heads", default="coral,em", help="head refits of every AdaBN candidate (`data.target.head`): "
                                                        "some of coral, em; '' for none")
+    p.add_argument("--self-train-rounds", type=int, default=0, help="also self-train source_only's head refits "
+                                                                     "(`adapt-bn --self-train-rounds`)")
     p.add_argument("--batches", type=int, default=600, help="training batches of 32 of a run from scratch")
     p.add_argument("--eval-per-class", type=int, default=400, help="evaluation (and train-split) images per class "
                                                                    "of both domains")
@@ -259,6 +269,7 @@ def main() -> None:
     results = {s: study(s, args, args.work_dir / s) for s in shifts}
     print(json.dumps({"bench": "adapt", "batches": args.batches, "batch_size": 32,
                       "eval_per_class": args.eval_per_class, "methods": args.methods, "heads": args.heads,
+                      "self_train_rounds": args.self_train_rounds,
                       "load_average_start": load, "load_average_end": os.getloadavg()[0],
                       "seconds": round(time.perf_counter() - start, 1), "shifts": results}, indent=2))
 

@@ -254,7 +254,9 @@ def adapt_batchnorm(ab: AdaBNConfig, progress: bool = True) -> Path:
                                          batches)
         log.info("AdaBN: classification head refit (%s) on %d labelled and %d target images: %s", ab.head,
                  labelled_count, used, layers_done["head"])
-        if ab.self_train.rounds:
+        if ab.self_train.rounds and not layers_done["head"].get("kept", True):
+            layers_done["self_train"] = "not run: the head refit was refused, so its pseudo-labels are not trusted"
+        elif ab.self_train.rounds:
             model, layers_done["self_train"] = self_train(
                 ab.head, model, source_batches, torch.cat(labels).numpy(), batches, ab.self_train,
                 lambda m, b: adapt_statistics(m, b, progress=False), progress)
