@@ -1,14 +1,17 @@
 """Label-free head refits after AdaBN (`dlscale.train.target_head`), against direct computations on tiny feature
 sets: CORAL's re-colouring folded into the linear layer, the EM mixture's posterior as that layer, EM finding
-target classes that moved, an EM fit sharper than the labelled classes refused, bad input refused."""
+target classes that moved, an EM fit sharper than the labelled classes refused, bad input refused; self-training's class-balanced choice of
+pseudo-labels."""
 import numpy as np
 import pytest
+import torch
 from scipy.linalg import sqrtm
 from scipy.special import softmax
 from scipy.stats import multivariate_normal
 
 from dlscale.metrics import one_vs_rest_aucs
 from dlscale.train.target_head import EM_SHRINKAGE, TARGET_HEADS, HeadFeatures, fit_mixture
+from dlscale.train.target_selftrain import balanced_confident
 
 K, C = 3, 4
 
@@ -128,3 +131,12 @@ def test_em_head_ranks_the_moved_target_better_than_the_source_head():
     auc = {name: one_vs_rest_aucs(logits(head, f.target), target_labels).mean()
            for name, head in (("source", (f.weight, f.bias)), ("em", (weight, bias)))}
     assert auc["em"] > auc["source"] + 0.05, auc
+
+
+def test_self_training_keeps_the_most_confident_images_of_every_pseudo_class_in_equal_numbers():
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.8, 0.1, 0.1], [0.7, 0.2, 0.1],
+                          [0.1, 0.5, 0.4], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
+    chosen, labels = balanced_confident(probs, keep=1.0)    # pseudo-classes of 4, 2 and 2 images: 2 of each
+    assert chosen.tolist() == [0, 2, 5, 4, 6, 7] and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    chosen, labels = balanced_confident(probs, keep=0.5)
+    assert chosen.tolist() == [0, 5, 6] and labels.tolist() == [0, 1, 2]
