@@ -193,13 +193,26 @@ def outputs(run_dir: Path, twin_dir: Path, work: Path) -> dict[str, dict]:
             for split in ("train", "val")}
 
 
-def twin(name: str) -> str:
+def labelled_side(run: Path, work: Path) -> Path:
+    """`run` with its BatchNorms re-estimated on the labelled domain's train images (AdaBN back to the source)."""
+    from dlscale.train.adabn import AdaBNConfig, adapt_batchnorm
+    out = run.parent / f"{run.name}_labelled"
+    if not (out / "model.pt").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        adapt_batchnorm(AdaBNConfig(run, work / "source_only" / "eval_data", out), progress=False)
+    return out
+
+
+def twin(name: str, runs: dict[str, Path], work: Path) -> Path:
     """The run whose BatchNorm statistics serve the labelled domain for candidate `name`: an AdaBN run is a
     target-specific export (domain-specific normalisation, as in AdaBN), its weights (its refitted head included)
     with the statistics of its source twin (`source_only` for `adabn...`, `m` for `m+adabn...`) score the labelled
-    validation set."""
+    validation set. A self-trained candidate's encoder is no longer its source twin's: its own weights with
+    statistics re-estimated on the labelled train images serve instead."""
+    if name.endswith("+selftrain"):
+        return labelled_side(runs[name], work)
     first = name.split("+")[0]
-    return "source_only" if first == "adabn" else first
+    return runs["source_only" if first == "adabn" else first]
 
 
 def head_report(run_dir: Path) -> dict:
@@ -214,7 +227,7 @@ def study(shift: str, args, work: Path) -> dict:
     seconds = {m: run_method(shift, m, args, work) for m in ["source_only", *args.methods, "target_supervised"]}
     runs = candidates(work, args.methods, args.heads, args.self_train_rounds)
     runs["target_supervised"] = work / "target_supervised"
-    outs = {name: outputs(run, runs[twin(name)], work) for name, run in runs.items()}
+    outs = {name: outputs(run, twin(name, runs, work), work) for name, run in runs.items()}
     labels = outs["source_only"]["target_val"]["labels"]
     probs = {name: o["target_val"]["probs"] for name, o in outs.items()}
     closed = gap_closed(probs, labels, "source_only", "target_supervised", seed=args.seed)

@@ -97,7 +97,8 @@ def self_train(head: str, adapted: nn.Module, source_batches: list[torch.Tensor]
     """`st.rounds` rounds from `adapted` (target statistics, `head` refitted); returns the last kept model and one
     report per round. `adapt_statistics(model, batches)` re-estimates a model's BatchNorms on `batches` (AdaBN)."""
     generator = torch.Generator().manual_seed(st.seed)
-    source_images, source_labels = torch.cat(source_batches), torch.as_tensor(labels, dtype=torch.long)
+    source_images = torch.cat(source_batches)
+    source_labels = torch.as_tensor(labels, dtype=torch.long, device=source_images.device)
     target_images = torch.cat(target_batches)
     model, reports = adapted, []
     for _ in range(st.rounds):
