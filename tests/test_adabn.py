@@ -1,6 +1,7 @@
 """AdaBN (`dlscale adapt-bn`): every BatchNorm of the adapted run holds the exact statistics of its inputs over the
 target's images (the first against a direct computation from the stored images), the adapted run's exports and
-`dlscale predict` use them, target labels never reach them, and bad input is refused before anything is written."""
+`dlscale predict` use them, target labels never reach them (nor a head refit, nor self-training, which repeats
+exactly), and bad input is refused before anything is written."""
 import csv
 import json
 from pathlib import Path
@@ -182,7 +183,8 @@ SELF_TRAIN = ("--head", "coral", "--self-train-rounds", "2", "--self-train-steps
 def test_self_training_fine_tunes_the_encoder_repeatably_without_target_labels(source_run, target, permuted, work):
     runs = {name: work / f"self_train_{name}" for name in ("plain", "again", "permuted", "none")}
     for name, out in runs.items():
-        extra = SELF_TRAIN[:2] + SELF_TRAIN[-2:] if name == "none" else SELF_TRAIN
+        extra = {"none": SELF_TRAIN[:2] + SELF_TRAIN[-2:], "again": (*SELF_TRAIN, "--num-workers", "2")}.get(
+            name, SELF_TRAIN)
         result = adapt(source_run, permuted if name == "permuted" else target, out, *extra)
         assert result.code == 0, result.err[-3000:]
     models = {name: torch.load(out / "model.pt", weights_only=True) for name, out in runs.items()}
