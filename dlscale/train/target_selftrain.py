@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dlscale.data.views import dihedral
 from dlscale.train.target_head import refit_head
 
 
@@ -66,13 +67,6 @@ def balanced_confident(probs: torch.Tensor, keep: float) -> tuple[torch.Tensor, 
     return chosen, labels[chosen]
 
 
-def dihedral_view(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One element of the dihedral group D4 for the whole batch (lensing images have no preferred orientation)."""
-    turns, flip = divmod(int(torch.randint(8, (), generator=generator)), 2)
-    images = torch.rot90(images, turns, (2, 3))
-    return images.flip(3) if flip else images
-
-
 def fine_tune(teacher: nn.Module, source_images: torch.Tensor, labels: torch.Tensor, target_images: torch.Tensor,
               pseudo_labels: torch.Tensor, st: SelfTrainConfig, generator: torch.Generator,
               progress: bool) -> nn.Module:
@@ -82,8 +76,8 @@ def fine_tune(teacher: nn.Module, source_images: torch.Tensor, labels: torch.Ten
     for _ in tqdm(range(st.steps), desc="self-training", disable=not progress):
         loss = 0.0
         for images, targets in ((source_images, labels), (target_images, pseudo_labels)):
-            rows = torch.randint(len(images), (st.batch_size,), generator=generator)
-            logits = student(dihedral_view(images[rows], generator))["logits"]
+            rows = torch.randint(len(images), (st.batch_size,), generator=generator, device=images.device)
+            logits = student(dihedral(images[rows], generator))["logits"]
             loss = loss + nn.functional.cross_entropy(logits.float(), targets[rows])
         optimiser.zero_grad()
         loss.backward()
@@ -96,8 +90,8 @@ def self_train(head: str, adapted: nn.Module, source_batches: list[torch.Tensor]
                progress: bool = True) -> tuple[nn.Module, list[dict]]:
     """`st.rounds` rounds from `adapted` (target statistics, `head` refitted); returns the last kept model and one
     report per round. `adapt_statistics(model, batches)` re-estimates a model's BatchNorms on `batches` (AdaBN)."""
-    generator = torch.Generator().manual_seed(st.seed)
     source_images = torch.cat(source_batches)
+    generator = torch.Generator(source_images.device).manual_seed(st.seed)
     source_labels = torch.as_tensor(labels, dtype=torch.long, device=source_images.device)
     target_images = torch.cat(target_batches)
     model, reports = adapted, []
