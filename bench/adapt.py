@@ -49,7 +49,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dlscale.train.target_head import SOURCE_HEAD, TARGET_HEADS
