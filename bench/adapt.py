@@ -3,7 +3,8 @@ adaptation recipe closes on simulated instrument shifts, and which recipe a user
 (CPU-sized: 64x64, the small CNN, one rank).
 
     python bench/adapt.py [--shifts ii_to_iii,noiseless_to_noisy] [--batches 600] [--eval-per-class 400]
-                          [--methods ...] [--work-dir runs/bench_adapt]                          # prints JSON
+                          [--methods ...] [--heads coral,em] [--self-train-rounds 3]
+                          [--work-dir runs/bench_adapt]                                          # prints JSON
 
 Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 32):
   source_only        stage supervised on the source simulator, `--batches` batches
@@ -20,21 +21,26 @@ Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 
                      batches: SHOT's information maximisation, MMD, AdaMatch, instrument randomisation, the last two
   instrument         stage adapt from scratch with instrument randomisation of the labelled images
   target_supervised  stage supervised on the target simulator: the upper bound at the same budget
-Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`). All are
-scored on one simulated target evaluation set (its labels used for scoring only) and one source evaluation set.
+Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`), and each
+AdaBN candidate's classification head is refitted to the target's features without target labels (`--heads`,
+`dlscale adapt-bn --head`: `adabn+em`, `<method>+adabn+coral`, ...); with `--self-train-rounds N`, source_only's
+refits also self-train the encoder on their target pseudo-labels (`adabn+em+selftrain`). All are scored on one
+simulated target evaluation set (its labels used for scoring only) and one source evaluation set.
 
 Reported per candidate: target macro AUC with a 95% CI, the share of the gap closed ((AUC - AUC_source_only) /
 (AUC_target_supervised - AUC_source_only)) with a paired bootstrap CI (`dlscale.metrics.gap_closed`), the gain over
 AdaBN alone (paired bootstrap CI), the source validation macro AUC and the deep-embedded-validation risk
 (`dlscale.train.selection`); an AdaBN candidate is a target-specific export, so its labelled-domain side (source
-validation AUC and loss, source features of DEV's domain classifier) is its weights with the source statistics
-(`twin`), its target side its own features. Then the candidate each selection rule picks: `source_val` (highest
-source validation AUC), `dev` (lowest DEV risk; label-free), against `oracle` (highest target AUC: what a user cannot do). Wall times
-and the machine load are recorded; finished runs in --work-dir are reused.
+validation AUC and loss, source features of DEV's domain classifier) is its weights (a refitted head included)
+with the source statistics (`twin`), its target side its own features. Then the candidate each selection rule
+picks: `source_val` (highest source validation AUC), `dev` (lowest DEV risk; label-free), against `oracle` (highest
+target AUC: what a user cannot do). Wall times and the machine load are recorded; finished runs in --work-dir are
+reused.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -43,8 +49,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from dlscale.train.target_head import SOURCE_HEAD, TARGET_HEADS
 
 SHIFTS = {
     # Euclid-like (Model II: 0.101"/px, PSF 0.16") -> HST-like (Model III: 0.08"/px, PSF 0.08"); both 64x64
@@ -135,47 +142,91 @@ def run_method(shift: str, method: str, args, work: Path) -> float:
     return seconds
 
 
-def candidates(work: Path, methods: list[str]) -> dict[str, Path]:
-    """Every run directory a user could deploy: each method's run and, for adapted ones, its AdaBN run."""
-    from dlscale.train.adabn import RUN_STEP_DIR, AdaBNConfig, adapt_batchnorm
-    adabn = work / "adabn"
-    if not (adabn / "model.pt").is_file():
-        shutil.rmtree(adabn, ignore_errors=True)
-        adapt_batchnorm(AdaBNConfig(work / "source_only", work / "source_only" / "target_eval_data", adabn),
-                        progress=False)
-    runs = {"source_only": work / "source_only", "adabn": adabn}
+def adabn_run(run: Path, out: Path, head: str, work: Path, self_train_rounds: int = 0) -> Path:
+    """`run` with AdaBN on the target's unlabelled train images (and the `head` refit, and self-training) into
+    `out`, unless done."""
+    from dlscale.train.adabn import AdaBNConfig, adapt_batchnorm
+    from dlscale.train.target_selftrain import SelfTrainConfig
+    if not (out / "model.pt").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        adapt_batchnorm(AdaBNConfig(run, work / "source_only" / "target_eval_data", out, head=head,
+                                    self_train=SelfTrainConfig(self_train_rounds)), progress=False)
+    return out
+
+
+def candidates(work: Path, methods: list[str], heads: list[str], self_train_rounds: int) -> dict[str, Path]:
+    """Every run directory a user could deploy: each method's run and, for adapted ones, its AdaBN run, and each
+    AdaBN run's head refits (`<run>+<head>`), and source_only's refits self-trained (`adabn+<head>+selftrain`)."""
+    from dlscale.train.adabn import RUN_STEP_DIR
+    source = work / "source_only"
+    runs = {"source_only": source, "adabn": adabn_run(source, work / "adabn", SOURCE_HEAD, work)}
+    runs.update({f"adabn+{h}": adabn_run(source, work / f"adabn_{h}", h, work) for h in heads})
+    if self_train_rounds:
+        runs.update({f"adabn+{h}+selftrain": adabn_run(source, work / f"adabn_{h}_selftrain{self_train_rounds}", h,
+                                                       work, self_train_rounds) for h in heads})
     for m in methods:
         runs[m] = work / m
         if METHODS[m][3]:
             runs[f"{m}+adabn"] = work / m / RUN_STEP_DIR
+            runs.update({f"{m}+adabn+{h}": adabn_run(work / m, work / m / f"adabn_{h}", h, work) for h in heads})
     return runs
 
 
-def outputs(run_dir: Path, work: Path) -> dict[str, dict]:
-    """A candidate's probabilities and features on the source val / train and target train / val splits."""
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def outputs(run_dir: Path, twin_dir: Path, work: Path) -> dict[str, dict]:
+    """A candidate's probabilities and features on the target's train / val splits, and on the source's with its
+    weights under the BatchNorm statistics of `twin_dir` (see `twin`)."""
     from dlscale.train.evaluation import load_run
     from dlscale.train.selection import split_outputs
     cfg, model, _ = load_run(run_dir)
+    _, twin_model, _ = load_run(twin_dir)
+    source_model = copy.deepcopy(model)
+    source_model.load_state_dict({**model.state_dict(), **{k: v for k, v in twin_model.state_dict().items()
+                                                             if k.rsplit(".", 1)[-1] in STATISTICS}})
     source, target = work / "source_only" / "eval_data", work / "source_only" / "target_eval_data"
     device = torch.device("cpu")
-    return {f"{side}_{split}": split_outputs(model, cfg.data, where, split, device)
-            for side, where in (("source", source), ("target", target)) for split in ("train", "val")}
+    return {f"{side}_{split}": split_outputs(m, cfg.data, where, split, device)
+            for side, m, where in (("source", source_model, source), ("target", model, target))
+            for split in ("train", "val")}
 
 
-def twin(name: str) -> str:
+def labelled_side(run: Path, work: Path) -> Path:
+    """`run` with its BatchNorms re-estimated on the labelled domain's train images (AdaBN back to the source)."""
+    from dlscale.train.adabn import AdaBNConfig, adapt_batchnorm
+    out = run.parent / f"{run.name}_labelled"
+    if not (out / "model.pt").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        adapt_batchnorm(AdaBNConfig(run, work / "source_only" / "eval_data", out), progress=False)
+    return out
+
+
+def twin(name: str, runs: dict[str, Path], work: Path) -> Path:
     """The run whose BatchNorm statistics serve the labelled domain for candidate `name`: an AdaBN run is a
-    target-specific export (domain-specific normalisation, as in AdaBN), its weights' source-statistics twin
-    (`source_only` for `adabn`, `m` for `m+adabn`) is what scores the labelled validation set."""
-    return "source_only" if name == "adabn" else name.removesuffix("+adabn")
+    target-specific export (domain-specific normalisation, as in AdaBN), its weights (its refitted head included)
+    with the statistics of its source twin (`source_only` for `adabn...`, `m` for `m+adabn...`) score the labelled
+    validation set. A self-trained candidate's encoder is no longer its source twin's: its own weights with
+    statistics re-estimated on the labelled train images serve instead."""
+    if name.endswith("+selftrain"):
+        return labelled_side(runs[name], work)
+    first = name.split("+")[0]
+    return runs["source_only" if first == "adabn" else first]
+
+
+def head_report(run_dir: Path) -> dict:
+    """What a head refit did (adabn.json's `head`: for EM, whether its fit was kept), if it ran."""
+    record = run_dir / "adabn.json"
+    return json.loads(record.read_text()).get("head", {}) if record.is_file() else {}
 
 
 def study(shift: str, args, work: Path) -> dict:
     from dlscale.metrics import gap_closed
     from dlscale.train.selection import label_free_scores
     seconds = {m: run_method(shift, m, args, work) for m in ["source_only", *args.methods, "target_supervised"]}
-    runs = candidates(work, args.methods)
+    runs = candidates(work, args.methods, args.heads, args.self_train_rounds)
     runs["target_supervised"] = work / "target_supervised"
-    outs = {name: outputs(run, work) for name, run in runs.items()}
+    outs = {name: outputs(run, twin(name, runs, work), work) for name, run in runs.items()}
     labels = outs["source_only"]["target_val"]["labels"]
     probs = {name: o["target_val"]["probs"] for name, o in outs.items()}
     closed = gap_closed(probs, labels, "source_only", "target_supervised", seed=args.seed)
@@ -184,9 +235,11 @@ def study(shift: str, args, work: Path) -> dict:
     for name, o in outs.items():
         rows[name] = {**closed[name], "gain_over_adabn_ci_low": over_adabn[name]["gain_over_baseline_ci_low"],
                       "gain_over_adabn_ci_high": over_adabn[name]["gain_over_baseline_ci_high"],
-                      **label_free_scores(outs[twin(name)]["source_train"], outs[twin(name)]["source_val"],
-                                          o["target_train"]["features"], args.seed),
+                      **label_free_scores(o["source_train"], o["source_val"], o["target_train"]["features"],
+                                          args.seed),
                       "seconds": round(seconds.get(name.split("+")[0], 0.0), 1)}
+        if head_report(runs[name]).get("kind", SOURCE_HEAD) != SOURCE_HEAD:
+            rows[name]["head"] = head_report(runs[name])
     deployable = [n for n in rows if n != "target_supervised"]
     chosen = {"source_val": max(deployable, key=lambda n: rows[n]["source_auc_macro"]),
               "dev": min(deployable, key=lambda n: rows[n]["dev_risk"]),
@@ -205,22 +258,30 @@ def main() -> None:
     p.add_argument("--shifts", default=",".join(SHIFTS))
     p.add_argument("--methods", default="mmd,selftrain,adda_selftrain",
                    help=f"adapted methods, some of {', '.join(m for m in METHODS if METHODS[m][3])}")
+    p.add_argument("--heads", default="coral,em", help="head refits of every AdaBN candidate (`data.target.head`): "
+                                                       "some of coral, em; '' for none")
+    p.add_argument("--self-train-rounds", type=int, default=0, help="also self-train source_only's head refits "
+                                                                     "(`adapt-bn --self-train-rounds`)")
     p.add_argument("--batches", type=int, default=600, help="training batches of 32 of a run from scratch")
     p.add_argument("--eval-per-class", type=int, default=400, help="evaluation (and train-split) images per class "
                                                                    "of both domains")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench_adapt"))
     args = p.parse_args()
-    shifts, args.methods = args.shifts.split(","), args.methods.split(",")
-    unknown = sorted(set(shifts) - set(SHIFTS)) + sorted(m for m in args.methods if not METHODS.get(m, (0,) * 4)[3])
+    shifts, args.methods, args.heads = args.shifts.split(","), args.methods.split(","), [
+        h for h in args.heads.split(",") if h]
+    refits = [h for h in TARGET_HEADS if h != SOURCE_HEAD]
+    unknown = (sorted(set(shifts) - set(SHIFTS)) + sorted(m for m in args.methods if not METHODS.get(m, (0,) * 4)[3])
+               + sorted(set(args.heads) - set(refits)))
     if unknown:
-        p.error(f"unknown shifts or methods {unknown}: shifts {', '.join(SHIFTS)}; methods "
-                f"{', '.join(m for m in METHODS if METHODS[m][3])}")
+        p.error(f"unknown shifts, methods or heads {unknown}: shifts {', '.join(SHIFTS)}; methods "
+                f"{', '.join(m for m in METHODS if METHODS[m][3])}; heads {', '.join(refits)}")
     torch.set_num_threads(1)
     load, start = os.getloadavg()[0], time.perf_counter()
     results = {s: study(s, args, args.work_dir / s) for s in shifts}
     print(json.dumps({"bench": "adapt", "batches": args.batches, "batch_size": 32,
-                      "eval_per_class": args.eval_per_class, "methods": args.methods,
+                      "eval_per_class": args.eval_per_class, "methods": args.methods, "heads": args.heads,
+                      "self_train_rounds": args.self_train_rounds,
                       "load_average_start": load, "load_average_end": os.getloadavg()[0],
                       "seconds": round(time.perf_counter() - start, 1), "shifts": results}, indent=2))
 

@@ -1,6 +1,7 @@
 """AdaBN (`dlscale adapt-bn`): every BatchNorm of the adapted run holds the exact statistics of its inputs over the
 target's images (the first against a direct computation from the stored images), the adapted run's exports and
-`dlscale predict` use them, target labels never reach them, and bad input is refused before anything is written."""
+`dlscale predict` use them, target labels never reach them (nor a head refit, nor self-training, which repeats
+exactly), and bad input is refused before anything is written."""
 import csv
 import json
 from pathlib import Path
@@ -126,13 +127,89 @@ def test_predict_with_the_adapted_run_uses_the_target_statistics(adapted, source
     assert not np.allclose(outs["source"], want, atol=1e-3)
 
 
-def test_target_labels_never_reach_the_statistics(adapted, source_run, work):
-    permuted = write_target(work / "permuted", splits=(("train", 120), ("val", 30)), permute_labels=True)
+@pytest.fixture(scope="module")
+def permuted(work) -> Path:
+    return write_target(work / "permuted", splits=(("train", 120), ("val", 30)), permute_labels=True)
+
+
+def test_target_labels_never_reach_the_statistics(adapted, source_run, permuted, work):
     result = adapt(source_run, permuted, work / "adapted_permuted")
     assert result.code == 0, result.err[-3000:]
     got = torch.load(work / "adapted_permuted" / "model.pt", weights_only=True)
     want = torch.load(adapted / "model.pt", weights_only=True)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.fixture(scope="module")
+def adapted_coral(work, source_run, target) -> Path:
+    result = adapt(source_run, target, work / "adapted_coral", "--head", "coral")
+    assert result.code == 0, result.err[-3000:]
+    return work / "adapted_coral"
+
+
+def test_a_head_refit_changes_only_the_classification_layer_and_predict_uses_it(adapted, adapted_coral, target,
+                                                                               work):
+    got = torch.load(adapted_coral / "model.pt", weights_only=True)
+    want = torch.load(adapted / "model.pt", weights_only=True)
+    changed = {k for k in got if not torch.equal(got[k], want[k])}
+    assert changed == {"heads.classification.linear.weight", "heads.classification.linear.bias"}
+    record = json.loads((adapted_coral / "adabn.json").read_text())["head"]
+    assert record == {"kind": "coral", "labelled_images": 120}
+    result = run_cli("predict", "--run", adapted_coral, "--data", target, "--split", "val", "--out",
+                     work / "pred_coral", "--no-progress", "--workers", "0")
+    assert result.code == 0, result.err[-3000:]
+    _, model, _ = load_run(adapted_coral)
+    with torch.no_grad():
+        want = torch.softmax(model.eval()(target_images(target, "val"))["logits"], 1).numpy()
+    assert np.allclose(read_probs(work / "pred_coral" / "predictions.csv"), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["coral", "em"])
+def test_target_labels_never_reach_a_head_refit(head, source_run, target, permuted, work):
+    for name, data in (("plain", target), ("permuted", permuted)):
+        result = adapt(source_run, data, work / f"{head}_{name}", "--head", head)
+        assert result.code == 0, result.err[-3000:]
+    got = torch.load(work / f"{head}_permuted" / "model.pt", weights_only=True)
+    want = torch.load(work / f"{head}_plain" / "model.pt", weights_only=True)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    records = [json.loads((work / f"{head}_{name}" / "adabn.json").read_text())["head"] for name in ("plain",
+                                                                                                     "permuted")]
+    assert records[0] == records[1] and records[0]["kind"] == head
+
+
+SELF_TRAIN = ("--head", "coral", "--self-train-rounds", "2", "--self-train-steps", "3", "--batch-size", "16")
+
+
+def test_self_training_fine_tunes_the_encoder_repeatably_without_target_labels(source_run, target, permuted, work):
+    runs = {name: work / f"self_train_{name}" for name in ("plain", "again", "permuted", "none")}
+    for name, out in runs.items():
+        extra = {"none": SELF_TRAIN[:2] + SELF_TRAIN[-2:], "again": (*SELF_TRAIN, "--num-workers", "2")}.get(
+            name, SELF_TRAIN)
+        result = adapt(source_run, permuted if name == "permuted" else target, out, *extra)
+        assert result.code == 0, result.err[-3000:]
+    models = {name: torch.load(out / "model.pt", weights_only=True) for name, out in runs.items()}
+    for name in ("again", "permuted"):
+        assert all(torch.equal(models[name][k], models["plain"][k]) for k in models["plain"]), name
+    encoder = [k for k in models["plain"] if k.startswith("encoder.") and k.endswith("weight")]
+    assert encoder and not all(torch.equal(models["plain"][k], models["none"][k]) for k in encoder)
+    rounds = json.loads((runs["plain"] / "adabn.json").read_text())["self_train"]
+    assert [r["kind"] for r in rounds] == ["coral", "coral"] and all(r["pseudo_labelled"] > 0 for r in rounds)
+    _, model, _ = load_run(runs["plain"])
+    layers = batchnorm_layers(model)
+    for name, x in layer_inputs(model, target_images(target)).items():   # the last round's AdaBN: the target's
+        assert torch.allclose(layers[name].running_mean.double(), x.mean(1), atol=1e-4), name
+
+
+def test_self_training_without_a_head_refit_is_refused(source_run, target, work):
+    result = adapt(source_run, target, work / "refused_self_train", "--self-train-rounds", "1")
+    assert result.code == 2 and "--head" in result.err and "coral" in result.err, result.err
+    assert not (work / "refused_self_train").exists()
+
+
+def test_an_unknown_head_is_refused_naming_the_kinds(source_run, target, work):
+    result = adapt(source_run, target, work / "refused_head", "--head", "nope")
+    assert result.code == 2 and "coral" in result.err and "em" in result.err, result.err
+    assert not (work / "refused_head").exists()
 
 
 def test_reader_workers_give_the_statistics_of_no_workers(adapted, source_run, target, work):
@@ -177,15 +254,17 @@ def test_a_run_without_batchnorm_is_refused(separable_data, target, work, tiny_a
     assert not (work / "refused_vit").exists()
 
 
-def test_stage_adapt_ends_with_adabn_and_scores_it_on_the_target(cli, separable_data, target, tmp_path, tiny_args):
+def test_stage_adapt_ends_with_adabn_its_head_refit_and_scores_it_on_the_target(cli, separable_data, target,
+                                                                                tmp_path, tiny_args):
     run = tmp_path / "run"
     result = cli("train", "--stage", "adapt", "--data", separable_data, "--target-data", target, "--run-dir", run,
-                 "--model.tasks=[classification,mmd]", "--data.target.adabn=true", "--schedule.epochs=1",
-                 "--schedule.batches_per_epoch=4", *tiny_args)
+                 "--model.tasks=[classification,mmd]", "--data.target.adabn=true", "--data.target.head=coral",
+                 "--schedule.epochs=1", "--schedule.batches_per_epoch=4", *tiny_args)
     assert result.code == 0, result.err[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     record = json.loads((run / "adabn" / "adabn.json").read_text())
     assert record["source_run"] == str(run.resolve()) and record["images"] == 120
+    assert record["head"]["kind"] == "coral"
     result = cli("eval", "--run-dir", run / "adabn")   # its own data: the target
     assert result.code == 0, result.err[-3000:]
     evaluated = json.loads((run / "adabn" / "metrics.json").read_text())
@@ -201,4 +280,16 @@ def test_stage_adapt_with_adabn_refuses_a_model_without_batchnorm_before_writing
                  *tiny_args, "--model.tasks=[classification,mmd]", "--data.target.adabn=true",
                  "--model.encoder.name=vit_tiny", "--model.task_options.classification.standardize=false")
     assert result.code == 2 and "data.target.adabn" in result.err and "no BatchNorm" in result.err, result.err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data.target.head=coral", "--data.target.adabn=false"], "needs data.target.adabn=true"),
+    (["--data.target.head=nope"], "data.target.head='nope': expected one of source, coral, em")])
+def test_stage_adapt_refuses_a_head_refit_it_cannot_do_before_writing(cli, separable_data, target, tmp_path,
+                                                                      tiny_args, extra, message):
+    run = tmp_path / "run"
+    result = cli("train", "--stage", "adapt", "--data", separable_data, "--target-data", target, "--run-dir", run,
+                 *tiny_args, "--model.tasks=[classification,mmd]", *extra)
+    assert result.code == 2 and message in result.err, result.err
     assert not run.exists()

@@ -216,7 +216,7 @@ def two_ranks(venv_bin, data, target, run_dir: Path, *extra) -> list:
             "--model.encoder.width=8", "--data.batch_size=12", "--data.num_workers=2", "--data.shuffle_buffer=48",
             "--model.tasks=[classification,dann,coral]", f"--schedule.epochs={EPOCHS}", "--schedule.log_every=2",
             "--schedule.checkpoint_every=2", "--eval.n_bootstrap=10", "--eval.probe_samples=60",
-            "--data.target.adabn=true", *extra]
+            "--data.target.adabn=true", "--data.target.head=em", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +278,8 @@ def test_a_killed_adapt_run_resumes_to_the_parameters_of_an_uninterrupted_one(ad
     adapted = torch.load(run / "adabn" / "model.pt", weights_only=True)   # the AdaBN step, after the resume too
     assert all(torch.equal(v, torch.load(root / "whole" / "adabn" / "model.pt", weights_only=True)[k])
                for k, v in adapted.items())
+    heads = [json.loads((r / "adabn" / "adabn.json").read_text())["head"] for r in (run, root / "whole")]
+    assert heads[0] == heads[1] and heads[0]["kind"] == "em"   # the head refit too
 
 
 @pytest.mark.slow

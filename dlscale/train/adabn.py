@@ -20,12 +20,13 @@ check runs before anything is written, and the directory appears whole (built be
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,9 +41,12 @@ from dlscale.data.shards import load_manifest
 from dlscale.data.stream import eval_loader, leading_shards
 from dlscale.data.stream_config import StreamConfig
 from dlscale.train import artifacts
+from dlscale.train.config import run_tasks
 from dlscale.train.deepspeed_setup import pick_device
 from dlscale.train.evaluation import evaluate_split, load_run
 from dlscale.train.sources.two_stream import simulated_target_set
+from dlscale.train.target_head import SOURCE_HEAD, TARGET_HEADS, refit_head
+from dlscale.train.target_selftrain import SelfTrainConfig, self_train
 
 log = logging.getLogger(__name__)
 PROVENANCE = "adabn.json"
@@ -72,9 +76,21 @@ class AdaBNConfig:
     """DataLoader worker processes reading the target"""
     device: str = "auto"
     """auto | cpu | cuda"""
+    head: str = SOURCE_HEAD
+    """then refit the classification head to the target's features without target labels
+    (`dlscale.train.target_head`): source (as trained) | coral | em; reads as many of the source run's labelled
+    train images as target images"""
+    self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
+    """then fine-tune the encoder on the target's pseudo-labels and refit again (`dlscale.train.target_selftrain`);
+    needs a head refit"""
 
     def __post_init__(self) -> None:
         self.run_dir, self.target_data, self.out = Path(self.run_dir), Path(self.target_data), Path(self.out)
+        if self.head not in TARGET_HEADS:
+            raise ValueError(f"adapt-bn: head {self.head!r}: expected one of {', '.join(TARGET_HEADS)}")
+        if self.self_train.rounds and self.head == SOURCE_HEAD:
+            raise ValueError(f"adapt-bn: self-training ({self.self_train.rounds} rounds) starts from a head refit's "
+                             f"pseudo-labels: give --head ({' | '.join(h for h in TARGET_HEADS if h != SOURCE_HEAD)})")
         if self.max_images < 0 or self.batch_size < 0 or self.num_workers < 0:
             raise ValueError(f"adapt-bn: max_images, batch_size and num_workers must be >= 0 (got {self.max_images}, "
                              f"{self.batch_size}, {self.num_workers})")
@@ -170,18 +186,41 @@ def check_target(ab: AdaBNConfig, manifest: dict, stream: StreamConfig, image_sh
     return used
 
 
-def read_target(ab: AdaBNConfig, stream: StreamConfig, used: int, device: torch.device) -> list[torch.Tensor]:
-    """The first `used` images of the target split as batches on `device` (labels dropped here)."""
-    shards = load_manifest(ab.target_data)["splits"][ab.split]["shards"]
-    loader = eval_loader(ab.target_data, stream, split=ab.split, shard_limit=leading_shards(shards, used))
-    batches, held = [], 0
+def read_images(data_dir: Path, split: str, stream: StreamConfig, used: int,
+                device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first `used` images of a split as batches on `device`, and their labels (kept on the host)."""
+    shards = load_manifest(data_dir)["splits"][split]["shards"]
+    loader = eval_loader(data_dir, stream, split=split, shard_limit=leading_shards(shards, used))
+    batches, labels, held = [], [], 0
     for batch in loader:
         images = batch["image"][:used - held]
         batches.append(images.to(device))
+        labels.append(batch["label"][:used - held])
         held += len(images)
         if held >= used:
             break
-    return batches
+    return batches, labels
+
+
+def read_target(ab: AdaBNConfig, stream: StreamConfig, used: int, device: torch.device) -> list[torch.Tensor]:
+    """The first `used` images of the target split as batches on `device` (labels dropped here)."""
+    return read_images(ab.target_data, ab.split, stream, used, device)[0]
+
+
+def labelled_images(cfg, ab: AdaBNConfig, used: int) -> tuple[Path, int]:
+    """Where a head refit reads the source run's labelled images (its dataset's train split) and how many: as
+    many as the target's; refused before anything is read if the run has no classification head or no such split."""
+    if "classification" not in run_tasks(cfg):
+        raise ValueError(f"--head {ab.head}: the run {ab.run_dir} has no classification head (tasks "
+                         f"{'+'.join(run_tasks(cfg))})")
+    data_dir = Path(cfg.data_dir)
+    if not (data_dir / "manifest.json").is_file():
+        raise ValueError(f"--head {ab.head}: the run's labelled dataset {data_dir} (its config's data_dir) is not a "
+                         "shard dataset: the head refit needs its labelled train images")
+    splits = load_manifest(data_dir)["splits"]
+    if "train" not in splits:
+        raise ValueError(f"--head {ab.head}: {data_dir} has no train split (has {', '.join(splits)})")
+    return data_dir, min(used, splits["train"]["samples"])
 
 
 def sha256(path: Path) -> str:
@@ -200,11 +239,28 @@ def adapt_batchnorm(ab: AdaBNConfig, progress: bool = True) -> Path:
     manifest = load_manifest(ab.target_data)
     stream = stream_settings(cfg, ab, ab.batch_size or cfg.data.batch_size)
     used = check_target(ab, manifest, stream, tuple(info["image_shape"]))
+    refit = ab.head != SOURCE_HEAD
+    labelled_dir, labelled_count = labelled_images(cfg, ab, used) if refit else (None, 0)
     device = pick_device(ab.device)
     batches = read_target(ab, stream, used, device)
+    source_model = copy.deepcopy(model).to(device) if refit else None
     layers_done = adapt_statistics(model.to(device), batches, progress)
     log.info("AdaBN: %d BatchNorm layer(s) re-estimated on %d %s images of %s", len(layers_done["adapted"]), used,
              ab.split, ab.target_data)
+    if refit:
+        source_stream = dataclasses.replace(stream, resize=cfg.data.resize)
+        source_batches, labels = read_images(labelled_dir, "train", source_stream, labelled_count, device)
+        layers_done["head"] = refit_head(ab.head, model, source_model, source_batches, torch.cat(labels).numpy(),
+                                         batches)
+        log.info("AdaBN: classification head refit (%s) on %d labelled and %d target images: %s", ab.head,
+                 labelled_count, used, layers_done["head"])
+        if ab.self_train.rounds and not layers_done["head"].get("kept", True):
+            layers_done["self_train"] = "not run: the head refit was refused, so its pseudo-labels are not trusted"
+        elif ab.self_train.rounds:
+            model, layers_done["self_train"] = self_train(
+                ab.head, model, source_batches, torch.cat(labels).numpy(), batches, ab.self_train,
+                lambda m, b: adapt_statistics(m, b, progress=False), progress)
+            log.info("AdaBN: self-training: %s", layers_done["self_train"])
     new_cfg = dataclasses.replace(cfg, data_dir=str(ab.target_data), run_dir=str(ab.out),
                                   data=dataclasses.replace(cfg.data, resize=stream.resize))
     provenance = {"source_run": str(ab.run_dir.resolve()), "source_model_sha256": sha256(ab.run_dir / "model.pt"),
@@ -235,14 +291,17 @@ def write_run(out: Path, cfg, model: nn.Module, info: dict, manifest: dict, prov
 
 
 def check_run_step(cfg, model: nn.Module) -> None:
-    """`data.target.adabn`, before a run directory is created: the model has BatchNorm layers and the target's
-    train split holds at least one batch."""
+    """`data.target.adabn`, before a run directory is created: the model has BatchNorm layers (and a classification
+    head for `data.target.head`) and the target's train split holds at least one batch."""
     if not cfg.data.target.adabn:
         return
     if not batchnorm_layers(model):
         raise ValueError(f"data.target.adabn=true: the model ({cfg.model.encoder.name} encoder, heads "
                          f"{'+'.join(model.task_specs)}) has no BatchNorm layer, AdaBN has no statistics to adapt "
                          "(stage adapt sets it by default: --data.target.adabn=false)")
+    if cfg.data.target.head != SOURCE_HEAD and "classification" not in model.task_specs:
+        raise ValueError(f"data.target.head={cfg.data.target.head}: the model has no classification head to refit "
+                         f"(heads {'+'.join(model.task_specs)})")
     target = cfg.data.target
     if simulated_target_set(cfg):
         images, where = len(CLASSES) * target.simulator.probe_per_class, "data.target.simulator.probe_per_class x 3"
@@ -266,7 +325,7 @@ def run_step(cfg, evaluation, info, device: torch.device, step: int) -> dict:
         try:
             shutil.rmtree(out, ignore_errors=True)
             adapt_batchnorm(AdaBNConfig(run_dir, cfg.data.target.data_dir, out, num_workers=cfg.data.num_workers,
-                                        device=cfg.device))
+                                        device=cfg.device, head=cfg.data.target.head))
         except Exception as err:
             outcome = [f"AdaBN of {run_dir} failed: {type(err).__name__}: {err}"]
     if info.world > 1:
@@ -293,8 +352,15 @@ def adapt_bn_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=0, help="default: the run's data.batch_size")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--head", default=SOURCE_HEAD, help="then refit the classification head to the target's "
+                                                       f"features, label-free: {' | '.join(TARGET_HEADS)}")
+    p.add_argument("--self-train-rounds", type=int, default=0,
+                   help="then rounds of encoder fine-tuning on the target's pseudo-labels, each refitted again")
+    p.add_argument("--self-train-steps", type=int, default=SelfTrainConfig.steps, help="optimiser steps per round")
+    p.add_argument("--seed", type=int, default=0, help="seeds the self-training")
     a = p.parse_args(argv)
     out = adapt_batchnorm(AdaBNConfig(a.run_dir, a.target_data, a.out, a.split, a.max_images, a.resize,
-                                      a.batch_size, a.num_workers, a.device))
+                                      a.batch_size, a.num_workers, a.device, a.head,
+                                      SelfTrainConfig(a.self_train_rounds, a.self_train_steps, seed=a.seed)))
     print(f"wrote {out}")
     return 0

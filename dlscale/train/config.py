@@ -23,6 +23,7 @@ from dlscale.compat import FORMAT_0_1, FORMAT_VERSION, format_version, upgrade_c
 from dlscale.train.sources import SOURCES, source_class
 from dlscale.train.sources.two_stream import needs_target
 from dlscale.train.stages import STAGES, get_stage, stage_tasks
+from dlscale.train.target_head import SOURCE_HEAD, TARGET_HEADS
 from dlscale.train.tasks import TASKS, task_options
 from dlscale.train.weighting import WEIGHTINGS, build_weighting, weighting_class
 from dlscale.train.weighting.classic import DWAConfig, FixedConfig
@@ -54,8 +55,15 @@ class TargetDataConfig:
     adabn: bool = False
     """after training, re-estimate every BatchNorm's statistics on the target's unlabelled train images (AdaBN,
     `dlscale adapt-bn`) into RUN/adabn, a run of its own, scored as `adabn/target/<split>/...`"""
+    head: str = SOURCE_HEAD
+    """with adabn: then refit RUN/adabn's classification head to the target's features without target labels
+    (`dlscale.train.target_head`): source (as trained) | coral | em"""
 
     def validate(self) -> "TargetDataConfig":
+        if self.head not in TARGET_HEADS:
+            raise ValueError(f"data.target.head={self.head!r}: expected one of {', '.join(TARGET_HEADS)}")
+        if self.head != SOURCE_HEAD and not self.adabn:
+            raise ValueError(f"data.target.head={self.head} refits RUN/adabn's head: it needs data.target.adabn=true")
         if self.source and self.source not in SOURCES:
             raise ValueError(f"data.target.source={self.source!r}: expected one of {', '.join(SOURCES)} (or \"\" "
                              "for none)")
