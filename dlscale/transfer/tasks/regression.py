@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dlscale.train.tasks.supervised import REGRESSION_LOSSES
 from dlscale.transfer import samples
 from dlscale.transfer.bootstrap import weighted_mean, weighted_r2
 from dlscale.transfer.scoring import probe_regressor
@@ -57,6 +58,18 @@ def varies(values: np.ndarray) -> bool:
 class RegressionOptions:
     targets: list[str] = field(default_factory=list)
     """targets to regress (default []: log10_axion_mass and the lens parameters that vary in the data)"""
+    loss: str = "l1"
+    """loss of the trained methods' regression head on the standardised targets: mse | huber | l1
+    (`model.task_options.regression.loss` of their runs)"""
+    tta: bool = True
+    """the trained methods' predictions are the mean over the 8 dihedral views of each eval image
+    (`model.task_options.regression.tta`), in the runs whose targets are all invariant under rotations and flips
+    (log10_axion_mass, theta_E; e1, e2, gamma1, gamma2 change sign under them and are scored on one view)"""
+
+    def validate(self) -> None:
+        if self.loss not in REGRESSION_LOSSES:
+            raise ValueError(f"task_options.regression.loss={self.loss!r}: expected one of "
+                             f"{', '.join(REGRESSION_LOSSES)}")
 
 
 @DOWNSTREAM.register
