@@ -58,7 +58,7 @@ def varies(values: np.ndarray) -> bool:
 class RegressionOptions:
     targets: list[str] = field(default_factory=list)
     """targets to regress (default []: log10_axion_mass and the lens parameters that vary in the data)"""
-    loss: str = "l1"
+    loss: str = "mse"
     """loss of the trained methods' regression head on the standardised targets: mse | huber | l1
     (`model.task_options.regression.loss` of their runs)"""
     tta: bool = True
