@@ -155,7 +155,7 @@ def _base_env() -> dict:
 
 # ---- the transfer study carries its regression options into the runs ----------------------------------------------
 
-def test_the_study_s_regression_options_reach_the_runs_tta_only_for_invariant_targets(tmp_path, separable_data):
+def test_the_study_s_regression_options_reach_the_runs_tta_and_augmentation_only_for_invariant_targets(tmp_path, separable_data):
     from dlscale.models.backbone import EncoderConfig
     from dlscale.transfer.config import load_transfer_config
     from dlscale.transfer.tasks.regression_runs import head_options
@@ -166,5 +166,6 @@ def test_the_study_s_regression_options_reach_the_runs_tta_only_for_invariant_ta
     for names, tta in ((["theta_E"], True), (["log10_axion_mass"], True), (["theta_E", "e1"], False)):
         run = run_config(study, source, "scratch", 60, tmp_path, str(separable_data), 0, "multitask",
                          ["regression"], ["theta_E"])
-        head = head_options(run, cfg.options("regression"), names).model.task_options["regression"]
-        assert (head.loss, head.tta) == ("huber", tta)
+        run = head_options(run, cfg.options("regression"), names)
+        head = run.model.task_options["regression"]
+        assert (head.loss, head.tta, run.data.augment) == ("huber", tta, tta)   # flips change e1: none for it
