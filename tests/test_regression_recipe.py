@@ -1,6 +1,7 @@
 """The regression head's recipe: its loss on the standardised targets, test-time augmentation over the dihedral
-views (the mean of the head's outputs, exact whatever the DataLoader workers and ranks of the evaluation), and the
-transfer study's step floor and regression options carried into its runs."""
+views (the mean of the regression head's outputs and of the classifier's probabilities, exact whatever the
+DataLoader workers and ranks of the evaluation), and the transfer study's step floor and regression options carried
+into its runs."""
 import json
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import yaml
 from dlscale.cli import main
 from runs import own_logging
 
-REGRESSION = ["--stage", "multitask", "--model.tasks=[regression]", "--data.targets=[theta_E]",
+BOTH_HEADS = ["--stage", "multitask", "--model.tasks=[classification,regression]", "--data.targets=[theta_E]",
               "--eval.probe_samples=0"]
 
 
@@ -28,11 +29,12 @@ def train(*argv) -> Path:
 
 @pytest.fixture(scope="module")
 def tta_run(separable_data, tiny_args, tmp_path_factory) -> Path:
-    """A few steps of a regression-only run whose evaluation averages over the dihedral views."""
+    """A few steps of a classification + regression run whose evaluation averages both over the dihedral views."""
     run = tmp_path_factory.mktemp("recipe") / "tta"
-    return train(*REGRESSION, "--data", separable_data, "--run-dir", run, *tiny_args, "--schedule.epochs=1",
-                 "--schedule.batches_per_epoch=4", "--model.task_options.regression.tta=true",
-                 "--model.task_options.regression.loss=huber")
+    return train(*BOTH_HEADS, "--data", separable_data, "--run-dir", run, *tiny_args, "--schedule.epochs=1",
+                 "--schedule.batches_per_epoch=4",
+                 "--model.task_options.regression.tta=true", "--model.task_options.regression.loss=huber",
+                 "--model.task_options.classification.tta=true")
 
 
 def _symmetries(images: torch.Tensor) -> list[torch.Tensor]:
@@ -57,6 +59,26 @@ def test_tta_prediction_is_the_mean_of_the_head_over_the_8_dihedral_views(tta_ru
     with torch.no_grad():   # training batches are never averaged: the loss sees the augmented image itself
         batch = {"target": torch.zeros(5, 1)}
         assert torch.equal(model.train()(images, batch)["regression"], head(model.encoder(images)))
+
+
+def test_classification_tta_probabilities_are_the_mean_softmax_over_the_8_dihedral_views(separable_data, tiny_args,
+                                                                                           tmp_path):
+    from dlscale.train.evaluation import load_run
+    run = train("--stage", "supervised", "--data", separable_data, "--run-dir", tmp_path / "cls", *tiny_args,
+                "--schedule.epochs=1", "--schedule.batches_per_epoch=2",
+                "--model.task_options.classification.tta=true")
+    _, model, _ = load_run(run)
+    model.eval()
+    images = torch.rand(5, 1, 32, 32)
+    head = model.heads["classification"]
+    with torch.no_grad():
+        probs = model.collect(model(images), images, {})["probs"]
+        views = torch.stack([torch.softmax(head(model.encoder(v)), -1) for v in _symmetries(images)])
+        plain = torch.softmax(head(model.encoder(images)), -1)
+    assert torch.allclose(probs, views.mean(0), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(probs, plain, rtol=1e-3, atol=1e-5)
+    with np.load(run / "scores_val.npz") as npz:   # the run's own evaluation scored with it: probabilities sum to 1
+        assert np.allclose(npz["probs"].sum(1), 1, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss, direct", [
@@ -117,13 +139,14 @@ def _with_workers(run: Path, where: Path, workers: int, tta: bool = True) -> Pat
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "tb"))
     cfg = yaml.safe_load((copy / "config.yaml").read_text())
     cfg["data"]["num_workers"] = workers
-    cfg["model"]["task_options"]["regression"]["tta"] = tta
+    for task in ("regression", "classification"):
+        cfg["model"]["task_options"][task]["tta"] = tta
     (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
     return copy
 
 
 @pytest.mark.slow   # dlscale eval in 4 processes, one of them 2 ranks under torchrun
-def test_tta_scores_are_bitwise_equal_for_0_or_2_workers_and_1_or_2_ranks(tta_run, venv_bin, free_ports, tmp_path):
+def test_tta_scores_of_both_heads_are_bitwise_equal_for_0_or_2_workers_and_1_or_2_ranks(tta_run, venv_bin, free_ports, tmp_path):
     env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     scores = {}
     for workers, ranks, tta in [(0, 1, True), (2, 1, True), (2, 2, True), (0, 1, False)]:
@@ -144,7 +167,8 @@ def test_tta_scores_are_bitwise_equal_for_0_or_2_workers_and_1_or_2_ranks(tta_ru
             assert np.array_equal(scores[key][name], reference[name]), f"workers, ranks, tta = {key}: {name} differs"
     plain = scores[(0, 1, False)]
     assert np.array_equal(plain["target"], reference["target"])
-    assert not np.allclose(plain["regression"], reference["regression"], rtol=1e-4, atol=1e-6)
+    for name in ("regression", "probs"):
+        assert not np.allclose(plain[name], reference[name], rtol=1e-4, atol=1e-6), name
 
 
 def _base_env() -> dict:

@@ -60,6 +60,13 @@ class Reconstruction(Task):
         return {"examples": images, "recon_examples": out["recon"]}
 
 
+def over_views(head: nn.Module, feature_map: torch.Tensor, images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """(V, B, ...): the head's outputs on every dihedral view of `images` (test-time augmentation), the identity's
+    from `feature_map`, the encoder's map of `images` itself."""
+    views = dihedral_views(images)[1:]
+    return torch.stack([head(feature_map), *(head(model.encoder(v)) for v in views)])
+
+
 @dataclass
 class ClassificationConfig:
     standardize: bool = True
@@ -73,6 +80,10 @@ class ClassificationConfig:
     """LP-FT (Kumar et al. 2022): before the first step, fit the head to the eval-mode features of the probe's
     training images (the linear probe's solution: `dlscale.train.refit`), so fine-tuning starts from a head that
     already fits the pretrained features instead of a random one whose gradients distort them"""
+    tta: bool = False
+    """test-time augmentation: at evaluation and prediction the class probabilities are the mean over the dihedral
+    views of each image (`dlscale.data.transforms.dihedral_views`: 8 for square images; the classes do not depend
+    on orientation), 8x the evaluation cost"""
 
 
 @register_task
@@ -88,6 +99,10 @@ class Classification(Task):
                               o.standardize)
 
     def forward(self, head, feature_map, images, batch, model):
+        if batch is None and (self.ctx.options or ClassificationConfig()).tta:
+            # the log of the mean probability: its softmax, what evaluation keeps, is the mean over the views
+            probs = torch.softmax(over_views(head, feature_map, images, model).float(), dim=-1).mean(0)
+            return {"logits": probs.log()}
         return {"logits": head(feature_map)}
 
     def loss(self, out, images, batch):
@@ -149,8 +164,7 @@ class Regression(Task):
 
     def forward(self, head, feature_map, images, batch, model):
         if batch is None and self._options().tta:   # evaluation / prediction: the mean over the dihedral views
-            views = dihedral_views(images)[1:]
-            return {"regression": torch.stack([head(feature_map), *(head(model.encoder(v)) for v in views)]).mean(0)}
+            return {"regression": over_views(head, feature_map, images, model).mean(0)}
         return {"regression": head(feature_map)}
 
     def _options(self) -> RegressionConfig:
