@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         cells += [{k: c[k] for k in keys} for c in results["cells"]]
     recipe = {"epochs": args.epochs, "min_steps": min_steps, "ranks": args.ranks, "batch_per_rank": 32, "lr": 3e-3,
               "methods": args.methods, "tasks": args.tasks}
-    print(json.dumps({"encoder": str(encoder), "recipe": recipe, "cells": cells, "goals": goal_lines(cells), "seconds": seconds,
-                      "load_average": os.getloadavg()}, indent=1))
+    print(json.dumps({"encoder": str(encoder), "recipe": recipe, "cells": cells, "goals": goal_lines(cells),
+                      "seconds": seconds, "load_average": os.getloadavg()}, indent=1))
     return 0
 
 

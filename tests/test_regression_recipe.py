@@ -146,7 +146,8 @@ def _with_workers(run: Path, where: Path, workers: int, tta: bool = True) -> Pat
 
 
 @pytest.mark.slow   # dlscale eval in 4 processes, one of them 2 ranks under torchrun
-def test_tta_scores_of_both_heads_are_bitwise_equal_for_0_or_2_workers_and_1_or_2_ranks(tta_run, venv_bin, free_ports, tmp_path):
+def test_tta_scores_of_both_heads_are_bitwise_equal_for_0_or_2_workers_and_1_or_2_ranks(tta_run, venv_bin,
+                                                                                          free_ports, tmp_path):
     env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     scores = {}
     for workers, ranks, tta in [(0, 1, True), (2, 1, True), (2, 2, True), (0, 1, False)]:
@@ -179,7 +180,8 @@ def _base_env() -> dict:
 
 # ---- the transfer study carries its regression options into the runs ----------------------------------------------
 
-def test_the_study_s_regression_options_reach_the_runs_tta_and_augmentation_only_for_invariant_targets(tmp_path, separable_data):
+def test_the_study_s_regression_options_reach_the_runs_tta_and_augmentation_only_for_invariant_targets(
+        tmp_path, separable_data):
     from dlscale.models.backbone import EncoderConfig
     from dlscale.transfer.config import load_transfer_config
     from dlscale.transfer.tasks.regression_runs import head_options
