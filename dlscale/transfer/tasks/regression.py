@@ -7,6 +7,7 @@ probe     ridge regression on standardised frozen features of the N-per-class su
 finetune  the encoder trained on those samples for the regression targets alone (`regression_runs`);
 lpft      the same, its head starting as the ridge probe fitted on those samples' frozen features;
 scratch   the same architecture from random weights, same samples, config and budget (and the other trained methods)
+The trained methods' loss and test-time augmentation are `task_options.regression.loss` / `.tta` (`RegressionOptions`).
 Metrics: MAE (in dex for the mass) and R^2 on the eval images that carry the target, with the study's bootstrap.
 """
 from __future__ import annotations
@@ -84,7 +85,9 @@ class Regression(DownstreamTask):
     note = ("ridge regression on standardised frozen features of the subset's samples that carry the target "
             "(random-init control likewise); fine-tune, LP-FT (its head starting as that ridge probe) and scratch: "
             "regression-only runs on the same samples with the same budget (the axion mass: axion images only, "
-            "scored on the eval split's axion images); MAE in the target's units (dex for log10 axion mass), R^2")
+            "scored on the eval split's axion images), their predictions averaged over the 8 dihedral views of each "
+            "image for rotation-invariant targets (task_options.regression.tta); MAE in the target's units (dex for "
+            "log10 axion mass), R^2")
 
     def __init__(self) -> None:
         self.targets: list[str] = []
