@@ -67,6 +67,11 @@ class RegressionOptions:
     (`model.task_options.regression.tta`), in the runs whose targets are all invariant under rotations and flips
     (log10_axion_mass, theta_E; e1, e2, gamma1, gamma2 change sign under them and are scored on one view)"""
 
+    precise_bn: bool = True
+    """the trained methods' BatchNorm statistics re-estimated on their training images after the last step
+    (`eval.precise_bn=-1` of their runs): the running averages lagged the weights (-0.17 dex on every prediction of a
+    27,000-step run)"""
+
     def validate(self) -> None:
         if self.loss not in REGRESSION_LOSSES:
             raise ValueError(f"task_options.regression.loss={self.loss!r}: expected one of "
