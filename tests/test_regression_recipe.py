@@ -194,3 +194,40 @@ def test_the_study_s_regression_options_reach_the_runs_tta_and_augmentation_only
         run = head_options(run, cfg.options("regression"), names)
         head = run.model.task_options["regression"]
         assert (head.loss, head.tta, run.data.augment) == ("huber", tta, tta)   # flips change e1: none for it
+
+
+# ---- precise BatchNorm statistics after the last step -------------------------------------------------------------
+
+def test_precise_bn_sets_each_batchnorm_to_the_exact_statistics_of_its_inputs_over_the_train_images(
+        separable_data, tiny_args, tmp_path):
+    from dlscale.data.stream import StreamConfig, eval_loader
+    from dlscale.train.adabn import batchnorm_layers
+    from dlscale.train.evaluation import load_run
+    run = train(*BOTH_HEADS, "--data", separable_data, "--run-dir", tmp_path / "pbn", *tiny_args,
+                "--schedule.epochs=1", "--schedule.batches_per_epoch=3", "--eval.precise_bn=-1",
+                "--optim.lr=0.05")
+    assert json.loads((run / "metrics.json").read_text())["precise_bn/images"] == 240
+    cfg, model, _ = load_run(run)
+    model.eval()
+    stream = StreamConfig(batch_size=50, num_workers=0, normalize=cfg.data.normalize, augment=False)
+    images = torch.cat([b["image"] for b in eval_loader(separable_data, stream, split="train")])
+    assert len(images) == 240
+    inputs = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0]))
+             for name, layer in batchnorm_layers(model).items()]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    encoder = {name: layer for name, layer in batchnorm_layers(model).items() if name.startswith("encoder.")}
+    assert len(encoder) == 3   # the small CNN's (the classifier's standardisation is refitted after, on the probe's)
+    for name, layer in encoder.items():
+        x = inputs[name].double().transpose(0, 1).flatten(1)
+        assert torch.allclose(layer.running_mean.double(), x.mean(1), rtol=1e-4, atol=1e-5), name
+        assert torch.allclose(layer.running_var.double(), x.var(1), rtol=1e-4, atol=1e-5), name
+
+
+def test_precise_bn_below_minus_one_is_refused_naming_the_key(separable_data):
+    from dlscale.train.config import load_config
+    with pytest.raises(ValueError, match=r"eval\.precise_bn=-2"):
+        load_config(None, ["eval.precise_bn=-2"], stage="supervised", data_dir=str(separable_data))
