@@ -245,7 +245,8 @@ class EvalConfig:
     precise_bn: int = 0
     """after the last step, before the heads' refit and the export, re-estimate every BatchNorm's statistics exactly
     on the first N images of the train split with the final weights (`dlscale.train.precise_bn`): the running
-    averages lag the weights of a long run; -1 = every train image, 0 = off"""
+    averages of per-batch statistics can be far from them (a constant offset of a long regression run); -1 = every
+    train image, 0 = off"""
 
     def __post_init__(self) -> None:
         if self.precise_bn < -1:

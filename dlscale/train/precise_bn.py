@@ -1,9 +1,10 @@
 """Precise BatchNorm statistics (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"): after the last step, every
 BatchNorm's statistics re-estimated exactly on the run's own training images with the final weights, as AdaBN does
 for another domain (`adabn.adapt_statistics`: layer by layer, float64 sums over every image; the run's evaluation
-transforms, no augmentation). The running averages of training follow weights that kept changing while they were
-averaged; in a long fine-tuning run they lagged enough to shift every eval-mode prediction of a regression head by a
-constant (log10 axion mass, 27,000 steps: -0.17 dex; after re-estimation the error fell from 0.172 to 0.055 dex)."""
+transforms, no augmentation). The running averages of training are averages of per-batch statistics, taken while the
+weights changed; they need not be the statistics the final weights give over the data. In a long fine-tuning run
+they were far enough off to shift every eval-mode prediction of a regression head by a constant (log10 axion mass,
+27,000 steps: -0.17 dex; after re-estimation the error fell from 0.172 to 0.055 dex)."""
 from __future__ import annotations
 
 import torch

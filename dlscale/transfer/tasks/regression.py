@@ -69,7 +69,7 @@ class RegressionOptions:
 
     precise_bn: bool = True
     """the trained methods' BatchNorm statistics re-estimated on their training images after the last step
-    (`eval.precise_bn=-1` of their runs): the running averages lagged the weights (-0.17 dex on every prediction of a
+    (`eval.precise_bn=-1` of their runs): the running averages were off (-0.17 dex on every prediction of a
     27,000-step run)"""
 
     def validate(self) -> None:
