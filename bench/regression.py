@@ -11,13 +11,15 @@ against cdm + axion), at 1,000 labelled images per class and with all labels, ag
 2. encoder: `--encoder` (e.g. the demo's, `make demo` -> runs/quickstart/pretrain: the small CNN pretrained by
    reconstruction + SimCLR from the Model II simulation stream, no labels); without it, bench/transfer_methods.py's
    recipe (the same CNN and objectives) pretrains `--pretrain-epochs` epochs on the train split's images.
-3. two studies, `dlscale transfer --tasks regression,anomaly --methods probe,finetune,lpft,scratch`: at 1,000
+3. two studies, `dlscale transfer --tasks regression,anomaly --methods probe,finetune` (`--methods` adds lpft,
+   scratch, ... at their cost: each trained method is one run per subset of the same step budget): at 1,000
    labels per class (1,000 axion images for the mass; 3 label subsets) and at all labels (one run per method). Every
    trained run: `--epochs` x max(20, N_train / (32 x ranks), min_steps / epochs) batches of 32 per rank at lr 3e-3
    (warm-up a tenth, cosine decay), `--min-steps` the step floor of each study (`budget.min_steps`: 1,000 images
    are only 15 batches an epoch on 2 ranks); the regression recipe of `dlscale transfer`'s defaults: the MSE loss on
-   the standardised target, predictions averaged over the 8 dihedral views of each image (`task_options.regression`
-   .loss / .tta); scratch is the same architecture from random weights. MAE and R^2 on the val split's axion
+   the standardised target, predictions averaged over the 8 dihedral views of each image, BatchNorm statistics
+   re-estimated on the training images after the last step (`task_options.regression` .loss / .tta / .precise_bn);
+   scratch is the same architecture from random weights. MAE and R^2 on the val split's axion
    images, AUROC on the whole val split, 95% CIs of the two-level bootstrap (1000 draws).
 Finished steps in WORK are reused. The JSON holds each cell's mean and CI, the goals met or not, the wall seconds
 and the load average.
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--min-steps", default="6000,27000",
                    help="each trained run's step floor in the study at 1,000 labels per class and in the one at all")
-    p.add_argument("--methods", default="probe,finetune,lpft,scratch")
+    p.add_argument("--methods", default="probe,finetune")
     p.add_argument("--tasks", default="regression,anomaly")
     p.add_argument("--studies", default="1000,all", help="which of the two studies to run (finished runs are reused)")
     args = p.parse_args(argv)
