@@ -2,7 +2,8 @@
 against cdm + axion), at 1,000 labelled images per class and with all labels, against the goals.
 
     python bench/regression.py [--encoder runs/quickstart/pretrain] [--work-dir runs/bench_regression]
-                               [--n-per-class 12000] [--epochs 20] [--ranks 2] [--pretrain-epochs 3]  # prints JSON
+                               [--n-per-class 12000] [--epochs 20] [--min-steps 6000,27000] [--ranks 2]
+                               [--pretrain-epochs 3] [--tasks regression,anomaly]  # prints JSON
 
 1. data: a simulated Model II set (`dlscale simulate --preset model_ii`: 64x64, noiseless, SIE + shear fixed, the
    axion mass log-uniform in 1e-24 - 1e-22 eV, so its vortex line is 0.06 - 6 arcsec long, 0.6 - 60 pixels of
@@ -10,11 +11,16 @@ against cdm + axion), at 1,000 labelled images per class and with all labels, ag
 2. encoder: `--encoder` (e.g. the demo's, `make demo` -> runs/quickstart/pretrain: the small CNN pretrained by
    reconstruction + SimCLR from the Model II simulation stream, no labels); without it, bench/transfer_methods.py's
    recipe (the same CNN and objectives) pretrains `--pretrain-epochs` epochs on the train split's images.
-3. two studies, `dlscale transfer --tasks regression,anomaly --methods probe,finetune,lpft,scratch`: at 1,000
+3. two studies, `dlscale transfer --tasks regression,anomaly --methods probe,finetune` (`--methods` adds lpft,
+   scratch, ... at their cost: each trained method is one run per subset of the same step budget): at 1,000
    labels per class (1,000 axion images for the mass; 3 label subsets) and at all labels (one run per method). Every
-   trained run: `--epochs` x max(20, N_train / (32 x ranks)) batches of 32 per rank at lr 3e-3 (warm-up a tenth),
-   the regression target standardised, MSE; scratch is the same architecture from random weights. MAE and R^2 on
-   the val split's axion images, AUROC on the whole val split, 95% CIs of the two-level bootstrap (1000 draws).
+   trained run: `--epochs` x max(20, N_train / (32 x ranks), min_steps / epochs) batches of 32 per rank at lr 3e-3
+   (warm-up a tenth, cosine decay), `--min-steps` the step floor of each study (`budget.min_steps`: 1,000 images
+   are only 15 batches an epoch on 2 ranks); the regression recipe of `dlscale transfer`'s defaults: the MSE loss on
+   the standardised target, predictions averaged over the 8 dihedral views of each image, BatchNorm statistics
+   re-estimated on the training images after the last step (`task_options.regression` .loss / .tta / .precise_bn);
+   scratch is the same architecture from random weights. MAE and R^2 on the val split's axion
+   images, AUROC on the whole val split, 95% CIs of the two-level bootstrap (1000 draws).
 Finished steps in WORK are reused. The JSON holds each cell's mean and CI, the goals met or not, the wall seconds
 and the load average.
 """
@@ -65,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-per-class", type=int, default=12000)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--methods", default="probe,finetune,lpft,scratch")
+    p.add_argument("--min-steps", default="6000,27000",
+                   help="each trained run's step floor in the study at 1,000 labels per class and in the one at all")
+    p.add_argument("--methods", default="probe,finetune")
+    p.add_argument("--tasks", default="regression,anomaly")
+    p.add_argument("--studies", default="1000,all", help="which of the two studies to run (finished runs are reused)")
     args = p.parse_args(argv)
+    min_steps = dict(zip(("1000", "all"), (int(n) for n in args.min_steps.split(",")), strict=True))
     work, seconds = args.work_dir, {}
     data = work / "data"
     if not (data / "manifest.json").is_file():
@@ -77,19 +88,22 @@ def main(argv: list[str] | None = None) -> int:
         seconds["pretrain"] = step(["train", "--data", str(data), "--run-dir", str(encoder), *PRETRAIN,
                                     f"--schedule.epochs={args.pretrain_epochs}", "--eval.probe_samples=3000"])
     cells = []
-    for labels, repeats in (("1000", 3), ("all", 1)):
+    for labels, repeats in [(n, r) for n, r in (("1000", 3), ("all", 1)) if n in args.studies.split(",")]:
         out = work / f"study-{labels}"
         seconds[f"study-{labels}"] = step([
             "transfer", "--encoder", str(encoder), "--data", str(data), "--out", str(out), "--tasks",
-            "regression,anomaly", "--task_options.regression.targets=[log10_axion_mass]", "--methods", args.methods,
+            args.tasks, "--task_options.regression.targets=[log10_axion_mass]", "--methods", args.methods,
             "--labels-per-class", labels, "--repeats", str(repeats), "--ranks", str(args.ranks), "--n-bootstrap",
-            "1000", f"--budget.epochs={args.epochs}", "--budget.min_batches_per_epoch=20", "--data.batch_size=32",
+            "1000", f"--budget.epochs={args.epochs}", f"--budget.min_steps={min_steps[labels]}",
+            "--budget.min_batches_per_epoch=20", "--data.batch_size=32",
             "--data.num_workers=0", "--optim.lr=3e-3", "--deepspeed.zero_stage=0"])
         results = json.loads((out / "results.json").read_text())
         keys = ("task", "method", "model", "n_per_class", "n_train", "mean", "ci_low", "ci_high")
         cells += [{k: c[k] for k in keys} for c in results["cells"]]
-    print(json.dumps({"encoder": str(encoder), "cells": cells, "goals": goal_lines(cells), "seconds": seconds,
-                      "load_average": os.getloadavg()}, indent=1))
+    recipe = {"epochs": args.epochs, "min_steps": min_steps, "ranks": args.ranks, "batch_per_rank": 32, "lr": 3e-3,
+              "methods": args.methods, "tasks": args.tasks}
+    print(json.dumps({"encoder": str(encoder), "recipe": recipe, "cells": cells, "goals": goal_lines(cells),
+                      "seconds": seconds, "load_average": os.getloadavg()}, indent=1))
     return 0
 
 

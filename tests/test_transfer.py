@@ -202,6 +202,8 @@ def test_lpft_layer_decay_and_partial_train_on_two_ranks_with_the_fine_tune_budg
         assert "2 rank(s)" in (lpft / "log.txt").read_text()
         assert f"heads fitted before training on {3 * n} images" in (lpft / "log.txt").read_text()
         assert json.loads((lpft / "metrics.json").read_text())["step"] == 2
+        head = yaml.safe_load((lpft / "config.yaml").read_text())["model"]["task_options"]["regression"]
+        assert (head["loss"], head["tta"]) == ("mse", True)   # the study's defaults; theta_E is rotation-invariant
         assert np.isfinite(regression[("lpft", n)]["mean"]["mae/theta_E"])
 
 

@@ -79,6 +79,14 @@ def augment(images: torch.Tensor, generator: torch.Generator, out: torch.Tensor 
     return out
 
 
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The images under every element of the dihedral group, identity first: 8 views of square images (4 rotations
+    by 90 degrees, each with and without a flip), the 4 flips of other images (their rotations change the shape).
+    What test-time augmentation averages over, as `augment` draws one of them per image in training."""
+    square = images.shape[2] == images.shape[3]
+    return [_dihedral(images, k, torch).contiguous() for k in range(8 if square else 4)]
+
+
 def _dihedral(x, k: int, lib):
     """Dihedral transform k of (B,C,H,W) images `x`: a numpy array or a tensor, `lib` its module."""
     x = lib.flip(x, (3,)) if k % 2 else x

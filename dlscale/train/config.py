@@ -250,6 +250,15 @@ class EvalConfig:
     calibration_split: str | None = None
     """fit a softmax temperature on this split (never the scored one) and report the scored split's ECE and NLL with
     it (`<split>/ece_calibrated`)"""
+    precise_bn: int = 0
+    """after the last step, before the heads' refit and the export, re-estimate every BatchNorm's statistics exactly
+    on the first N images of the train split with the final weights (`dlscale.train.precise_bn`): the running
+    averages of per-batch statistics can be far from them (a constant offset of a long regression run); -1 = every
+    train image, 0 = off"""
+
+    def __post_init__(self) -> None:
+        if self.precise_bn < -1:
+            raise ValueError(f"eval.precise_bn={self.precise_bn}: expected a number of images, -1 (all) or 0 (off)")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from dlscale.train.config import Config
 from dlscale.train.data import describe_ids, epoch_loader, training_skip_groups
 from dlscale.train.evaluation import (Evaluation, evaluate_with_target, finalize_heads, probe_features,
                                       rank0_buffers, share_buffers, write_hparams)
+from dlscale.train.precise_bn import precise_batchnorm
 from dlscale.train.skipped import skip_metrics
 
 log = logging.getLogger(__name__)
@@ -311,6 +312,7 @@ class Trainer:
         for prefix, skips in training_skip_groups(self.stream, self.cfg).items():
             extra.update(skip_metrics(skips, prefix, "training" if prefix == "data" else prefix, self.device))
         exported = False
+        extra.update(precise_batchnorm(self.module, self.cfg, image_shape, self.device))   # the same on every rank
         share_buffers(self.module, self.info.world)   # every rank evaluates the model it exports
         try:
             probe_train = probe_features(self.module, self.evaluation)

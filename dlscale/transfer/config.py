@@ -26,9 +26,13 @@ from dlscale.transfer.tasks import ALL_TASKS, DOWNSTREAM
 class BudgetConfig:
     """The training budget every fine-tune and scratch run shares (the same for a pretrained encoder and scratch)."""
     epochs: int = 10
-    """epochs of each run; an epoch is max(min_batches_per_epoch, N_train / (batch x ranks)) batches"""
+    """epochs of each run; an epoch is max(min_batches_per_epoch, N_train / (batch x ranks), min_steps / epochs)
+    batches"""
     min_batches_per_epoch: int = 5
     """floor of an epoch on a small subset"""
+    min_steps: int = 0
+    """floor of a run's steps: an epoch gets at least ceil(min_steps / epochs) batches, so a small subset trains as
+    many steps as a larger one (1,000 images at batch 32 on 2 ranks are 15 batches an epoch); 0 = no floor"""
     finetune_encoder_lr_scale: float = 1.0
     """runs from a pretrained encoder (every trained method but scratch): its learning rate as a multiple of its
     new head's"""
@@ -116,8 +120,9 @@ class TransferConfig:
             raise ValueError(f"methods {','.join(self.methods)}: expected some of {','.join(METHODS)}")
         if self.repeats < 1 or self.budget.epochs < 1 or self.ranks < 1 or self.n_bootstrap < 0:
             raise ValueError("repeats, budget.epochs and ranks must be >= 1, n_bootstrap >= 0")
-        if self.budget.min_batches_per_epoch < 1:
-            raise ValueError("budget.min_batches_per_epoch must be >= 1")
+        if self.budget.min_batches_per_epoch < 1 or self.budget.min_steps < 0:
+            raise ValueError(f"budget.min_batches_per_epoch={self.budget.min_batches_per_epoch}, budget.min_steps="
+                             f"{self.budget.min_steps}: expected >= 1 and >= 0")
         self.labels_per_class = parse_sizes(",".join(str(n) for n in self.labels_per_class))
         if self.split not in ("val", "test"):
             raise ValueError(f"split={self.split!r}: expected val or test")

@@ -55,9 +55,9 @@ def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir
                stage: str = "supervised", tasks: list[str] | None = None, targets: list[str] | None = None) -> Config:
     """The typed config of one run of trained `method` on `n_train` labelled images, as its `Method` declares
     (from `source`'s weights or from scratch; LP-FT's probe head, layer-wise decay, frozen stages, LoRA): `source`'s
-    architecture and normalisation; the study's data, optim and deepspeed sections;
-    the shared budget: `epochs` x max(floor, N_train / (batch x ranks)) batches, warm-up a tenth; evaluation on the
-    eval split without bootstrap. A run with a classification head has the probe read all `n_train` labelled
+    architecture and normalisation; the study's data, optim and deepspeed sections; the shared budget: `epochs` x
+    max(floor, N_train / (batch x ranks), min_steps / epochs) batches, warm-up a tenth; evaluation on the eval
+    split without bootstrap. A run with a classification head has the probe read all `n_train` labelled
     images, so the head is refitted to their eval-mode features as in any training run
     (`classification.refit_head`; without it 2 of 3 label subsets ended with most no_sub images called cdm,
     accuracy 0.58-0.61 at macro AUC 0.93); a regression-only run, which may hold one class, has no probe, and its
@@ -66,7 +66,8 @@ def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir
     cfg, m, budget = study.cfg, METHOD_TABLE[method], study.cfg.budget
     base = load_config(None, None, stage=stage, data_dir=data_dir, run_dir=str(run_dir), seed=seed,
                        device=cfg.device, init_from=str(source.path) if m.pretrained else None)
-    batches = max(budget.min_batches_per_epoch, n_train // (cfg.data.batch_size * cfg.ranks))
+    batches = max(budget.min_batches_per_epoch, n_train // (cfg.data.batch_size * cfg.ranks),
+                  -(-budget.min_steps // budget.epochs))
     optim = dataclasses.replace(
         cfg.optim, encoder_lr_scale=budget.finetune_encoder_lr_scale if m.pretrained else cfg.optim.encoder_lr_scale,
         layer_decay=budget.layer_decay if m.layer_decay else cfg.optim.layer_decay,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlscale.data.transforms import dihedral_views
 from dlscale.models.heads import ClassifierHead, Decoder, RegressionHead, WideDecoder
 from dlscale.train.refit import fit_regressor, refit_classifier
 from dlscale.train.tasks.base import Task, register_task
@@ -59,6 +60,13 @@ class Reconstruction(Task):
         return {"examples": images, "recon_examples": out["recon"]}
 
 
+def over_views(head: nn.Module, feature_map: torch.Tensor, images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """(V, B, ...): the head's outputs on every dihedral view of `images` (test-time augmentation), the identity's
+    from `feature_map`, the encoder's map of `images` itself."""
+    views = dihedral_views(images)[1:]
+    return torch.stack([head(feature_map), *(head(model.encoder(v)) for v in views)])
+
+
 @dataclass
 class ClassificationConfig:
     standardize: bool = True
@@ -72,6 +80,10 @@ class ClassificationConfig:
     """LP-FT (Kumar et al. 2022): before the first step, fit the head to the eval-mode features of the probe's
     training images (the linear probe's solution: `dlscale.train.refit`), so fine-tuning starts from a head that
     already fits the pretrained features instead of a random one whose gradients distort them"""
+    tta: bool = False
+    """test-time augmentation: at evaluation and prediction the class probabilities are the mean over the dihedral
+    views of each image (`dlscale.data.transforms.dihedral_views`: 8 for square images; the classes do not depend
+    on orientation), 8x the evaluation cost"""
 
 
 @register_task
@@ -87,6 +99,10 @@ class Classification(Task):
                               o.standardize)
 
     def forward(self, head, feature_map, images, batch, model):
+        if batch is None and (self.ctx.options or ClassificationConfig()).tta:
+            # the log of the mean probability: its softmax, what evaluation keeps, is the mean over the views
+            probs = torch.softmax(over_views(head, feature_map, images, model).float(), dim=-1).mean(0)
+            return {"logits": probs.log()}
         return {"logits": head(feature_map)}
 
     def loss(self, out, images, batch):
@@ -111,11 +127,28 @@ class Classification(Task):
         return {f"refit/{key}": value for key, value in fitted.items()}
 
 
+REGRESSION_LOSSES = {"mse": F.mse_loss, "huber": F.huber_loss, "l1": F.l1_loss}
+"""Losses of the regression head on the standardised targets (huber: delta 1, one standard deviation)."""
+
+
 @dataclass
 class RegressionConfig:
     probe_init: bool = False
     """LP-FT: before the first step, set the head to the ridge probe fitted on the eval-mode features of the probe's
     training images (the whole train split with `eval.probe_samples=0`) and their targets (`dlscale.train.refit`)"""
+    loss: str = "mse"
+    """on the standardised targets: mse | huber (quadratic within one standard deviation, linear beyond: the few
+    far-off predictions pull less) | l1 (the mean absolute error, the metric the targets are scored by)"""
+    tta: bool = False
+    """test-time augmentation: at evaluation and prediction the head's output is the mean over the dihedral views of
+    each image (`dlscale.data.transforms.dihedral_views`: 8 for square images), 8x the regression's evaluation
+    cost. Only for targets invariant under rotations and flips (theta_E, the axion mass; not e1, e2, gamma1, gamma2,
+    whose signs the group changes)"""
+
+    def __post_init__(self) -> None:
+        if self.loss not in REGRESSION_LOSSES:
+            raise ValueError(f"model.task_options.regression.loss={self.loss!r}: expected one of "
+                             f"{', '.join(REGRESSION_LOSSES)}")
 
 
 @register_task
@@ -130,7 +163,12 @@ class Regression(Task):
         return RegressionHead(self.ctx.encoder_channels, len(self.ctx.targets))
 
     def forward(self, head, feature_map, images, batch, model):
+        if batch is None and self._options().tta:   # evaluation / prediction: the mean over the dihedral views
+            return {"regression": over_views(head, feature_map, images, model).mean(0)}
         return {"regression": head(feature_map)}
+
+    def _options(self) -> RegressionConfig:
+        return self.ctx.options or RegressionConfig()
 
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         stats = self.ctx.target_stats
@@ -142,7 +180,7 @@ class Regression(Task):
     def loss(self, out, images, batch):
         pred = out["regression"].float()
         mean, std = self._stats(pred.device)
-        return F.mse_loss(pred, (batch["target"].to(pred.device) - mean) / std)
+        return REGRESSION_LOSSES[self._options().loss](pred, (batch["target"].to(pred.device) - mean) / std)
 
     def collect(self, out, images, batch):
         if "target" not in batch:
@@ -151,7 +189,7 @@ class Regression(Task):
         return {"regression": out["regression"].float() * std + mean, "target": batch["target"]}
 
     def initializes(self):
-        return (self.ctx.options or RegressionConfig()).probe_init
+        return self._options().probe_init
 
     def initialize(self, head, train):
         if not self.initializes():

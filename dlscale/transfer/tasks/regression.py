@@ -7,6 +7,7 @@ probe     ridge regression on standardised frozen features of the N-per-class su
 finetune  the encoder trained on those samples for the regression targets alone (`regression_runs`);
 lpft      the same, its head starting as the ridge probe fitted on those samples' frozen features;
 scratch   the same architecture from random weights, same samples, config and budget (and the other trained methods)
+The trained methods' loss and test-time augmentation are `task_options.regression.loss` / `.tta` (`RegressionOptions`).
 Metrics: MAE (in dex for the mass) and R^2 on the eval images that carry the target, with the study's bootstrap.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dlscale.train.tasks.supervised import REGRESSION_LOSSES
 from dlscale.transfer import samples
 from dlscale.transfer.bootstrap import weighted_mean, weighted_r2
 from dlscale.transfer.scoring import probe_regressor
@@ -57,6 +59,23 @@ def varies(values: np.ndarray) -> bool:
 class RegressionOptions:
     targets: list[str] = field(default_factory=list)
     """targets to regress (default []: log10_axion_mass and the lens parameters that vary in the data)"""
+    loss: str = "mse"
+    """loss of the trained methods' regression head on the standardised targets: mse | huber | l1
+    (`model.task_options.regression.loss` of their runs)"""
+    tta: bool = True
+    """the trained methods' predictions are the mean over the 8 dihedral views of each eval image
+    (`model.task_options.regression.tta`), in the runs whose targets are all invariant under rotations and flips
+    (log10_axion_mass, theta_E; e1, e2, gamma1, gamma2 change sign under them and are scored on one view)"""
+
+    precise_bn: bool = True
+    """the trained methods' BatchNorm statistics re-estimated on their training images after the last step
+    (`eval.precise_bn=-1` of their runs): the running averages were off (-0.17 dex on every prediction of a
+    27,000-step run)"""
+
+    def validate(self) -> None:
+        if self.loss not in REGRESSION_LOSSES:
+            raise ValueError(f"task_options.regression.loss={self.loss!r}: expected one of "
+                             f"{', '.join(REGRESSION_LOSSES)}")
 
 
 @DOWNSTREAM.register
@@ -71,7 +90,9 @@ class Regression(DownstreamTask):
     note = ("ridge regression on standardised frozen features of the subset's samples that carry the target "
             "(random-init control likewise); fine-tune, LP-FT (its head starting as that ridge probe) and scratch: "
             "regression-only runs on the same samples with the same budget (the axion mass: axion images only, "
-            "scored on the eval split's axion images); MAE in the target's units (dex for log10 axion mass), R^2")
+            "scored on the eval split's axion images), their predictions averaged over the 8 dihedral views of each "
+            "image for rotation-invariant targets (task_options.regression.tta); MAE in the target's units (dex for "
+            "log10 axion mass), R^2")
 
     def __init__(self) -> None:
         self.targets: list[str] = []

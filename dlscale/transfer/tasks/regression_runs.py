@@ -18,16 +18,19 @@ study's label subsets (`Study.subset_dirs`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from dlscale.train.config import Config
 from dlscale.transfer.samples import metadata
 from dlscale.transfer.subsets import ALL, is_subset, write_samples
 from dlscale.transfer.training import PlannedRun, read_scores, run_config, train_all
 
 log = logging.getLogger(__name__)
+DIHEDRAL_INVARIANT = {"log10_axion_mass", "theta_E"}   # targets rotations and flips of the image leave unchanged
 ROW = "transfer_row"                 # metadata of a copied sample: its row in the study's train / eval arrays
 
 
@@ -87,11 +90,26 @@ def plan(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derived: set[
                 data_dir = group_data(study, names, n, r, index, (train_mask, eval_mask), values, derived)
                 for method, model, source in models:
                     run_dir = Path(cfg.out) / "runs" / model / f"regression-{'+'.join(names)}-{method}-n{n}-r{r}"
-                    config = run_config(study, source, method, len(index), run_dir, data_dir, cfg.seed + r,
-                                        "multitask", ["regression"], list(names))
+                    config = head_options(run_config(study, source, method, len(index), run_dir, data_dir,
+                                                     cfg.seed + r, "multitask", ["regression"], list(names)),
+                                          cfg.options("regression"), names)
                     run = PlannedRun(str(run_dir), config)
                     planned.append(((method, model, n), r, names, eval_mask, run))
     return planned
+
+
+def head_options(config: Config, options, names: list[str]) -> Config:
+    """A run's config with the study's regression options (`task_options.regression`): the head's loss, precise
+    BatchNorm statistics, and test-time augmentation when every target of the run is invariant under the dihedral
+    group. A run with a target that the group changes (e1, e2, gamma1, gamma2 change sign under rotations by 90
+    degrees and flips) trains without the dihedral augmentation: a flipped image keeps its label only for invariant
+    targets."""
+    invariant = set(names) <= DIHEDRAL_INVARIANT
+    config.model.task_options["regression"] = dataclasses.replace(config.model.task_options["regression"],
+                                                                  loss=options.loss, tta=options.tta and invariant)
+    config.data.augment = config.data.augment and invariant
+    config.eval.precise_bn = -1 if options.precise_bn else config.eval.precise_bn
+    return config.validate()
 
 
 def run_trained(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derived: set[str]) -> tuple[dict, dict]:
