@@ -66,7 +66,6 @@ class RegressionOptions:
     """the trained methods' predictions are the mean over the 8 dihedral views of each eval image
     (`model.task_options.regression.tta`), in the runs whose targets are all invariant under rotations and flips
     (log10_axion_mass, theta_E; e1, e2, gamma1, gamma2 change sign under them and are scored on one view)"""
-
     precise_bn: bool = True
     """the trained methods' BatchNorm statistics re-estimated on their training images after the last step
     (`eval.precise_bn=-1` of their runs): the running averages were off (-0.17 dex on every prediction of a
