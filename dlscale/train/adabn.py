@@ -255,12 +255,13 @@ def adapt_batchnorm(ab: AdaBNConfig, progress: bool = True) -> Path:
         log.info("AdaBN: classification head refit (%s) on %d labelled and %d target images: %s", ab.head,
                  labelled_count, used, layers_done["head"])
         if ab.self_train.rounds and not layers_done["head"].get("kept", True):
-            layers_done["self_train"] = "not run: the head refit was refused, so its pseudo-labels are not trusted"
+            layers_done["self_train"] = {"rounds": [], "skipped": "the head refit was refused, so its pseudo-labels "
+                                                                  "are not trusted"}
         elif ab.self_train.rounds:
-            model, layers_done["self_train"] = self_train(
-                ab.head, model, source_batches, torch.cat(labels).numpy(), batches, ab.self_train,
-                lambda m, b: adapt_statistics(m, b, progress=False), progress)
-            log.info("AdaBN: self-training: %s", layers_done["self_train"])
+            model, rounds = self_train(ab.head, model, source_batches, torch.cat(labels).numpy(), batches,
+                                       ab.self_train, lambda m, b: adapt_statistics(m, b, progress=False), progress)
+            layers_done["self_train"] = {"rounds": rounds}
+            log.info("AdaBN: self-training: %s", rounds)
     new_cfg = dataclasses.replace(cfg, data_dir=str(ab.target_data), run_dir=str(ab.out),
                                   data=dataclasses.replace(cfg.data, resize=stream.resize))
     provenance = {"source_run": str(ab.run_dir.resolve()), "source_model_sha256": sha256(ab.run_dir / "model.pt"),
