@@ -81,8 +81,9 @@ class BatchRing:
     def shapes(slots: int, batch_size: int, spill_rows: int, work: tuple[int, int], rows: list) -> list:
         """(shape, dtype) of each part's store (None for an absent part), for `rows`' (shape, dtype) per row (batch
         slots, spill rows, a row for the unused rows), and of the images' work rows: `work` = (writers, rows each)
-        where each writer transforms a record before augmenting it into the ring (memory a worker maps in one call,
-        where memory of its own would cost a fault and a zeroed page per page, every epoch)."""
+        where each writer puts what it computes before writing into the ring (the logarithms of `log`: memory a
+        worker maps in one call, where memory of its own would cost a fault and a zeroed page per page, every
+        epoch)."""
         total = slots * batch_size + spill_rows + 1
         return [None if row is None else ((total, *row[0]), row[1]) for row in rows] + \
             [((work[0] * work[1], *rows[0][0]), rows[0][1]) if work[1] else None]
@@ -178,14 +179,16 @@ class BatchRing:
             self._populate_rows(rows)
         return torch.from_numpy(rows)
 
-    def work(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """This writer's work rows, as a tensor of `shape` (a record's images)."""
+    def work(self) -> torch.Tensor | None:
+        """This writer's work rows (None: the ring has none)."""
+        if self.work_store is None:
+            return None
         first = worker_share()[0] * self.work_rows
-        rows = self.work_store[first:first + shape[0]]
+        rows = self.work_store[first:first + self.work_rows]
         if self.shared and os.getpid() not in self.populated_work:
             self.populated_work.add(os.getpid())
-            _populate(self.work_store[first:first + self.work_rows].data_ptr(), self.work_rows * rows[:1].nbytes)
-        return rows.view(shape)
+            _populate(rows.data_ptr(), rows.nbytes)
+        return rows
 
     def _slots(self, batches: np.ndarray, generation: int) -> np.ndarray:
         """The slots given to `batches`, once each is given (the main process writes a slot before its tag)."""
@@ -212,11 +215,13 @@ class BatchRing:
             for store in self.parts()[1:]:
                 _populate(store.data_ptr(), store.nbytes)
         new = np.unique(rows[~populated[rows]])
+        if not len(new):
+            return
         populated[new] = True
-        runs = np.split(new, np.flatnonzero(np.diff(new) != 1) + 1) if len(new) else []
+        ends = np.flatnonzero(np.diff(new) != 1)
         base, row_bytes = self.store[0].data_ptr(), self.store[0][:1].nbytes
-        for run in runs:
-            _populate(base + int(run[0]) * row_bytes, len(run) * row_bytes)
+        for first, last in zip(new[np.r_[0, ends + 1]].tolist(), new[np.r_[ends, len(new) - 1]].tolist()):
+            _populate(base + first * row_bytes, (last + 1 - first) * row_bytes)
 
 
 LENT = 4

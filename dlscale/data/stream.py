@@ -43,7 +43,8 @@ from dlscale.data.ring import LENT, BatchRing, empty_rows
 from dlscale.data.shardset import ShardSet
 from dlscale.data.stream_config import StreamConfig
 from dlscale.data.tario import CorruptShardError
-from dlscale.data.transforms import NO_AUGMENTATION, RAW, augment, transform
+from dlscale.data.rowwrite import compile_row_writer, write_rows
+from dlscale.data.transforms import NO_AUGMENTATION, RAW, chunk_rows, dihedral_choices, resize_to, transform
 
 
 def _generator(seeds: list[int], *key: int) -> torch.Generator:
@@ -100,7 +101,8 @@ class TrainStream(RecordStream):
 
     def prepare(self, rows: tuple, j: int) -> int:
         """Write record j's rows into the batch ring where the shuffle plan puts them, transformed on the way there
-        (`transforms=host`: resized and normalised in reused memory, augmented into the ring); returns its rows."""
+        (`transforms=host`: resized, then normalised and augmented in one pass per image, `write_rows`); returns its
+        rows."""
         cfg, (images, *rest) = self.shards.cfg, rows
         place = self.plan.place(j)
         if len(images) != len(place.position):
@@ -111,11 +113,10 @@ class TrainStream(RecordStream):
         if cfg.transforms == "device":
             store.index_copy_(0, target, images)
         else:
-            work = transform(images, cfg, None, out=self.ring.work(tuple(images.shape[:1]) + self.image_shape))
-            if cfg.augment:
-                augment(work, _generator(self.seeds(), j, RECORD_KEY), out=store, rows=target.numpy())
-            else:
-                store.index_copy_(0, target, work)
+            images = resize_to(images, cfg)
+            choices = dihedral_choices(images, _generator(self.seeds(), j, RECORD_KEY)).numpy() if cfg.augment else \
+                np.zeros(len(images), dtype=np.int64)
+            write_rows(images, cfg.normalize, choices, store, target.numpy(), self.ring.work())
         for part, source in zip(parts, rest):
             if part is not None:
                 part.index_copy_(0, target, source)
@@ -143,7 +144,11 @@ class TrainStream(RecordStream):
         self.plan = plan(True, workers == 0)          # the writers' (copied into each worker)
         self.cuts = self.plan if workers == 0 else plan(False, True)     # this process's
         ring = getattr(self, "ring", None)
-        work = (max(1, workers), 0 if cfg.transforms == "device" else spr)   # (writers, rows each)
+        on_host = cfg.transforms != "device"
+        logs = on_host and cfg.normalize == "log"    # the one method that writes images before the ring
+        work = (max(1, workers), chunk_rows(4 * math.prod(self.image_shape)) if logs else 0)   # (writers, rows each)
+        if on_host:
+            compile_row_writer()     # here, before the workers fork, not in each of them
         if ring is None or ring.layout != (slots, bs, spill, work) or ring.shared != (workers > 0):
             shape = self.shards.image_shape if cfg.transforms == "device" else self.image_shape   # as `prepare` writes
             rows = [(shape, torch.float32), ((), torch.int64), ((3,), torch.int64),
