@@ -44,8 +44,9 @@ def place_rows(src: np.ndarray, offset: np.ndarray, scale: np.ndarray, choice: n
     """Image i of `src` (n,C,H,W float32), normalised as (image - offset[i]) * scale[i] and put through dihedral
     transform choice[i] (as `transforms.augment` numbers them: bit 0 flips W, bit 1 flips H, 4-7 also swap H and W,
     for square images), into `out[rows[i]]`."""
-    _write_rows(np.ascontiguousarray(src), offset.astype(np.float32, copy=False), scale.astype(np.float32, copy=False),
-                choice.astype(np.int64, copy=False), out, rows.astype(np.int64, copy=False))
+    as_c = np.ascontiguousarray     # one compiled signature (C-contiguous arrays) serves every call
+    _write_rows(as_c(src, np.float32), as_c(offset, np.float32), as_c(scale, np.float32), as_c(choice, np.int64), out,
+                as_c(rows, np.int64))
 
 
 def write_rows(images: torch.Tensor, method: str, choices: np.ndarray, out: torch.Tensor, rows: np.ndarray,
