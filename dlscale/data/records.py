@@ -149,10 +149,9 @@ class RecordLoader:
     `TrainStream`: its `BatchRing` in shared memory, about 4 x buffer + (2 x workers + 3) x spr + 6 x batch_size
     (batch slots for two buffers' worth of batches, for the records the workers may be ahead by and for the batches
     the consumer holds; spill rows for two buffers; with `normalize=log`, ~512 KiB per worker to write the
-    logarithms in), plus 2 records' bytes per
-    worker that its reads of pipes and remote shards reuse, plus 4 batches of copies for a consumer that holds more
-    than 4 (1x150x150 images, records of 256, the default shuffle buffer, batch 128, 8 workers: the ring 22,401
-    samples, 2.0 GB);
+    logarithms in), plus 2 records' bytes per worker that its reads of pipes and remote shards reuse, plus 4 batches
+    of copies for a consumer that holds more than 4 (1x150x150 images, records of 256, the default shuffle buffer,
+    batch 128, 8 workers: the ring 22,401 samples, 2.0 GB);
     `EvalStream`: one batch plus (3 x workers + 1) records, 2 queued per worker and one being read by each."""
 
     def __init__(self, stream: RecordStream, cfg: StreamConfig):

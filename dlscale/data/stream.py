@@ -40,10 +40,10 @@ from dlscale.data.buffers import BufferPool
 from dlscale.data.records import RECORDS_IN_FLIGHT, Read, RecordLoader, RecordStream, worker_start
 from dlscale.data.plan import ShufflePlan
 from dlscale.data.ring import LENT, BatchRing, empty_rows
+from dlscale.data.rowwrite import compile_row_writer, write_rows
 from dlscale.data.shardset import ShardSet
 from dlscale.data.stream_config import StreamConfig
 from dlscale.data.tario import CorruptShardError
-from dlscale.data.rowwrite import compile_row_writer, write_rows
 from dlscale.data.transforms import NO_AUGMENTATION, RAW, chunk_rows, dihedral_choices, resize_to, transform
 
 
