@@ -6,6 +6,7 @@ the step time, the engine's start-up + evaluation cost is a guess updated after 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -119,6 +120,9 @@ def host_transforms(check, entry: dict, data: Path, shape: tuple, deadline: floa
         return
     if not check.cuda:     # on a CPU the workers and the training process share one kind of processor
         entry["items"][name] = {"status": "skipped", "skipped": "no CUDA"}
+        return
+    if importlib.util.find_spec("numba") is None:   # the host row writer's compiler; llvmlite's wheel (60 MB) is
+        entry["items"][name] = {"status": "skipped", "skipped": "numba is not installed"}   # more than is carried
         return
     if left < check.overhead_s + sizes(check).get("min_train_s", 0.0):
         entry["items"][name] = {"status": "skipped", "skipped": f"budget: {left:.0f} s left"}

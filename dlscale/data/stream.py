@@ -40,7 +40,6 @@ from dlscale.data.buffers import BufferPool
 from dlscale.data.records import RECORDS_IN_FLIGHT, Read, RecordLoader, RecordStream, worker_start
 from dlscale.data.plan import ShufflePlan
 from dlscale.data.ring import LENT, BatchRing, empty_rows
-from dlscale.data.rowwrite import compile_row_writer, write_rows
 from dlscale.data.shardset import ShardSet
 from dlscale.data.stream_config import StreamConfig
 from dlscale.data.tario import CorruptShardError
@@ -116,6 +115,7 @@ class TrainStream(RecordStream):
             images = resize_to(images, cfg)
             choices = dihedral_choices(images, _generator(self.seeds(), j, RECORD_KEY)).numpy() if cfg.augment else \
                 np.zeros(len(images), dtype=np.int64)
+            from dlscale.data.rowwrite import write_rows     # numba: only where images are transformed on the host
             write_rows(images, cfg.normalize, choices, store, target.numpy(), self.ring.work())
         for part, source in zip(parts, rest):
             if part is not None:
@@ -147,7 +147,8 @@ class TrainStream(RecordStream):
         on_host = cfg.transforms != "device"
         logs = on_host and cfg.normalize == "log"    # the one method that writes images before the ring
         work = (max(1, workers), chunk_rows(4 * math.prod(self.image_shape)) if logs else 0)   # (writers, rows each)
-        if on_host:
+        if on_host:   # numba is imported here, not with the module: a GPU node transforming on the device needs none
+            from dlscale.data.rowwrite import compile_row_writer
             compile_row_writer()     # here, before the workers fork, not in each of them
         if ring is None or ring.layout != (slots, bs, spill, work) or ring.shared != (workers > 0):
             shape = self.shards.image_shape if cfg.transforms == "device" else self.image_shape   # as `prepare` writes
