@@ -103,7 +103,8 @@ def test_the_unlabelled_reconstruction_without_an_unlabelled_stream_is_refused_n
                                                                                         tiny_args, tmp_path,
                                                                                         capsys):
     code = cli("train", *TASKS, "--data", separable_data, *tiny_args, "--run-dir", tmp_path / "run")
-    assert code != 0 and "recon_unlabelled" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code != 0 and "recon_unlabelled" in err and "read the unlabelled images of data.target" in err
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
