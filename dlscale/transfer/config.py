@@ -46,7 +46,7 @@ class BudgetConfig:
     recon_weight: float = 100.0
     """methods multitask, multitask_scratch: weight of the unlabelled images' reconstruction loss against the
     labelled tasks' (weight 1 each): the MSE of min-max normalised lensing images is ~5e-4 against a cross-entropy
-    ~1; 100 did as well as 1000 or better in every cell measured (docs/transfer_methods.md)"""
+    ~1; 100 was level with 1000 from a pretrained encoder and above it from scratch (docs/transfer_methods.md)"""
 
 
 @dataclass
