@@ -1,6 +1,7 @@
 """Transfer methods beyond fine-tuning: the layer groups of every shipped backbone, layer-wise learning-rate decay and
-frozen stages in the optimiser, LP-FT's head starting as the linear probe, and each method's run resuming to the
-same parameters as an uninterrupted one (the 2-rank study of tests/test_transfer.py trains them on 2 ranks)."""
+frozen stages in the optimiser, LP-FT's head starting as the linear probe, and each method's run (the semi-supervised
+multi-task's with its unlabelled stream) resuming to the same parameters as an uninterrupted one (the 2-rank studies
+of tests/test_transfer.py and tests/test_transfer_multitask.py train them on 2 ranks)."""
 import json
 import shutil
 from pathlib import Path
@@ -165,6 +166,7 @@ def vit_pretrained(separable_data, tiny_args, tmp_path_factory) -> Path:
                  "--schedule.epochs=1", "--schedule.batches_per_epoch=2")
 
 
+TRAIN_DATA = object()   # stands for the training data's directory (the unlabelled stream of method multitask)
 METHOD_OPTIONS = {   # method -> (its training options, the pretrained encoder's fixture)
     "lpft": (["--model.task_options.classification.probe_init=true"], "pretrained"),
     "lpft_regression": ([*REGRESSION, "--eval.probe_samples=0", "--model.task_options.regression.probe_init=true"],
@@ -172,6 +174,9 @@ METHOD_OPTIONS = {   # method -> (its training options, the pretrained encoder's
     "layer_decay": (["--optim.layer_decay=0.5"], "pretrained"),
     "partial": (["--optim.freeze_stages=1"], "pretrained"),
     "lora": ([*VIT, *LORA], "vit_pretrained"),
+    "multitask": (["--stage", "multitask", "--model.tasks=[classification,recon_unlabelled]",
+                   "--loss.fixed.weights={classification: 1.0, recon_unlabelled: 1000.0}", "--target-data",
+                   TRAIN_DATA, "--data.target.evaluate=false"], "pretrained"),
 }
 
 
@@ -181,6 +186,7 @@ def test_each_method_s_run_resumes_to_the_same_parameters_as_an_uninterrupted_on
                                                                                   separable_data, tiny_args,
                                                                                   tmp_path):
     options, encoder = METHOD_OPTIONS[method]
+    options = [separable_data if option is TRAIN_DATA else option for option in options]
     pretrained = request.getfixturevalue(encoder)
     argv = ["--stage", "supervised", "--data", separable_data, *tiny_args, "--init-from", pretrained / "encoder.pt",
             "--schedule.epochs=2", "--schedule.batches_per_epoch=5", "--schedule.checkpoint_every=3",

@@ -19,6 +19,8 @@ TARGET_DOMAIN = "target_domain"
 """Batch key of a second domain's images (domain adaptation): a dict with `image` (B', C, H, W) and `ids`."""
 TARGET_FEATURES = "target_features"
 """Key under which the tasks' batch gets the pooled features (B', C) of TARGET_DOMAIN's images."""
+TARGET_MAP = "target_feature_map"
+"""Key under which the tasks' batch gets the encoder's feature map (B', C, h, w) of TARGET_DOMAIN's images."""
 
 
 @contextmanager
@@ -47,7 +49,8 @@ class TaskModel(nn.Module):
     evaluation; with `separate_domains` each domain passes alone (normalised with its own batch statistics, as
     AdaBN's target statistics will at inference), and the target's pass leaves the running statistics to the
     labelled domain (`running_stats_kept`): the run's model is the labelled domain's, AdaBN makes the target's.
-    The tasks see the second domain's pooled features as `batch[TARGET_FEATURES]`."""
+    The tasks see the second domain's pooled features as `batch[TARGET_FEATURES]`, its feature map as
+    `batch[TARGET_MAP]`."""
     separate_domains: bool = False
 
     def __init__(self, encoder: nn.Module, tasks: Mapping[str, object], weighting: nn.Module | None = None) -> None:
@@ -74,7 +77,7 @@ class TaskModel(nn.Module):
             else:
                 joint = self.encoder(torch.cat([images, target]))
                 feature_map, target_map = joint[:len(images)], joint[len(images):]
-            batch = {**batch, TARGET_FEATURES: global_pool(target_map)}
+            batch = {**batch, TARGET_FEATURES: global_pool(target_map), TARGET_MAP: target_map}
         elif need_map:
             feature_map = self.encoder(images)
         out = {} if feature_map is None else {"features": global_pool(feature_map)}

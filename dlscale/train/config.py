@@ -324,8 +324,8 @@ class Config:
             raise ValueError(f"model.task_options.{extra[0]}: this run trains tasks {list(tasks)}")
         adapting = needs_target(tasks)
         if adapting and not self.data.target.source:
-            raise ValueError(f"tasks {adapting} adapt to a target domain and none is given: --target-data DIR (a "
-                             "dataset with a train split) or --data.target.source=simulate "
+            raise ValueError(f"tasks {adapting} read the unlabelled images of data.target and none is given: "
+                             "--target-data DIR (a dataset with a train split) or --data.target.source=simulate "
                              "--data.target.simulator.preset=model_iii")
         if self.data.target.adabn and not self.data.target.source:
             raise ValueError("data.target.adabn=true needs a target domain: --target-data DIR or "

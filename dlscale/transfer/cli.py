@@ -18,6 +18,7 @@ import argparse
 from dlscale.configtree import parse_with_overrides, set_dotted
 from dlscale.train.deepspeed_setup import prepare_process
 from dlscale.transfer.config import load_transfer_config, print_transfer_config
+from dlscale.transfer.methods import METHODS
 from dlscale.transfer.report import task_sections
 from dlscale.transfer.runner import run_transfer
 from dlscale.transfer.subsets import parse_sizes
@@ -53,7 +54,7 @@ def transfer_main(argv: list[str] | None = None) -> int:
                    "methods only) = eval_data")
     p.add_argument("--labels-per-class", help="N values, e.g. 10,100,1000,all = labels_per_class")
     p.add_argument("--repeats", help="label subsets (seeds) per N = repeats")
-    p.add_argument("--methods", help="some of probe,finetune,scratch,random,lpft,layer_decay,partial,lora = methods")
+    p.add_argument("--methods", help=f"some of {','.join(METHODS)} = methods")
     p.add_argument("--split", choices=["val", "test"], help="evaluation split = split")
     p.add_argument("--tasks", help="downstream tasks, e.g. classification,regression,anomaly,superres; all: every "
                    "registered task the data allows = tasks")

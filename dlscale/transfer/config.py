@@ -43,6 +43,10 @@ class BudgetConfig:
     """method partial: the encoder's first k layer groups (stem first) stay frozen (`optim.freeze_stages`)"""
     lora_rank: int = 8
     """method lora: rank of the adapters (`model.lora.rank`; ViT encoders only)"""
+    recon_weight: float = 100.0
+    """methods multitask, multitask_scratch: weight of the unlabelled images' reconstruction loss against the
+    labelled tasks' (weight 1 each): the MSE of min-max normalised lensing images is ~5e-4 against a cross-entropy
+    ~1; 100 was level with 1000 from a pretrained encoder and above it from scratch (docs/transfer_methods.md)"""
 
 
 @dataclass
@@ -61,7 +65,8 @@ class TransferConfig:
     repeats: int = 3
     """seeded label subsets per N"""
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    """some of probe, finetune, scratch, random, lpft, layer_decay, partial, lora (`dlscale.transfer.methods`)"""
+    """some of probe, finetune, scratch, random, lpft, layer_decay, partial, lora, multitask, multitask_scratch
+    (`dlscale.transfer.methods`)"""
     split: str = "val"
     """the eval split every metric is taken on: val | test"""
     tasks: list[str] = field(default_factory=lambda: [ALL_TASKS])
@@ -151,6 +156,9 @@ class TransferConfig:
             raise ValueError(f"budget.layer_decay={self.budget.layer_decay}, budget.freeze_stages="
                              f"{self.budget.freeze_stages}, budget.lora_rank={self.budget.lora_rank}: expected a "
                              "factor in (0, 1], a count >= 0 and a rank >= 1")
+        if not self.budget.recon_weight > 0:
+            raise ValueError(f"budget.recon_weight={self.budget.recon_weight}: expected a weight > 0 (methods "
+                             "multitask, multitask_scratch)")
         for options in self.task_options.values():
             check = getattr(options, "validate", None)
             if check is not None:

@@ -27,9 +27,12 @@ from dlscale.data.stream_config import StreamConfig
 from dlscale.distributed import dist_info, launch_local_ranks, setup_logging
 from dlscale.models.adapters import LoRAConfig
 from dlscale.preemption import Preempted
-from dlscale.train.config import Config, DataConfig, fill_options, load_config, run_tasks
+from dlscale.train.config import Config, DataConfig, TargetDataConfig, fill_options, load_config, run_tasks
 from dlscale.train.deepspeed_setup import prepare_process
 from dlscale.train.runner import run as train
+from dlscale.train.stages import stage_tasks
+from dlscale.train.tasks.unlabelled import UnlabelledReconstruction
+from dlscale.train.weighting.classic import FixedConfig
 from dlscale.transfer.methods import METHOD_TABLE
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,8 @@ class PlannedRun:
 def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir: str, seed: int,
                stage: str = "supervised", tasks: list[str] | None = None, targets: list[str] | None = None) -> Config:
     """The typed config of one run of trained `method` on `n_train` labelled images, as its `Method` declares
-    (from `source`'s weights or from scratch; LP-FT's probe head, layer-wise decay, frozen stages, LoRA): `source`'s
+    (from `source`'s weights or from scratch; LP-FT's probe head, layer-wise decay, frozen stages, LoRA; the
+    semi-supervised multi-task's reconstruction of the study's whole train split as `data.target`): `source`'s
     architecture and normalisation; the study's data, optim and deepspeed sections; the shared budget: `epochs` x
     max(floor, N_train / (batch x ranks), min_steps / epochs) batches, warm-up a tenth; evaluation on the eval
     split without bootstrap. A run with a classification head has the probe read all `n_train` labelled
@@ -64,6 +68,11 @@ def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir
     LP-FT head starts from the ridge probe fitted on its whole train split (the subset's images carrying the
     targets)."""
     cfg, m, budget = study.cfg, METHOD_TABLE[method], study.cfg.budget
+    target, weights = TargetDataConfig(), None
+    if m.unlabelled_recon:   # the downstream task's heads, and every train image rebuilt from the unlabelled stream
+        tasks = [*stage_tasks(stage, tasks, len(targets or [])), UnlabelledReconstruction.name]
+        stage, weights = "multitask", {task: 1.0 for task in tasks} | {tasks[-1]: budget.recon_weight}
+        target = TargetDataConfig(source="shards", data_dir=cfg.data_dir, evaluate=False)
     base = load_config(None, None, stage=stage, data_dir=data_dir, run_dir=str(run_dir), seed=seed,
                        device=cfg.device, init_from=str(source.path) if m.pretrained else None)
     batches = max(budget.min_batches_per_epoch, n_train // (cfg.data.batch_size * cfg.ranks),
@@ -74,10 +83,12 @@ def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir
         freeze_stages=budget.freeze_stages if m.freeze_stages else cfg.optim.freeze_stages,
         warmup_steps=max(1, budget.epochs * batches // 10))
     run = dataclasses.replace(
-        base, data=DataConfig(**{**stream_fields(study.stream(source)), "targets": list(targets or [])}),
+        base, data=DataConfig(**{**stream_fields(study.stream(source)), "targets": list(targets or []),
+                                 "target": target}),
         model=dataclasses.replace(base.model, encoder=source.architecture, tasks=tasks, task_options={},
                                   lora=LoRAConfig(rank=budget.lora_rank) if m.adapters else base.model.lora),
-        loss=dataclasses.replace(base.loss, method="fixed") if tasks else base.loss, optim=optim,
+        loss=dataclasses.replace(base.loss, method="fixed", fixed=FixedConfig(weights)) if tasks else base.loss,
+        optim=optim,
         deepspeed=cfg.deepspeed,
         schedule=dataclasses.replace(base.schedule, epochs=cfg.budget.epochs, batches_per_epoch=batches,
                                      checkpoint_every=0, keep_checkpoints=1))

@@ -7,6 +7,8 @@
     random    the control: the same architecture at random initialisation, probed like `probe`
     lpft, layer_decay, partial, lora
               fine-tuning variants that keep more of the pretrained features (`dlscale.transfer.methods`)
+    multitask, multitask_scratch
+              semi-supervised multi-task: classification on the subset, reconstruction of every train image
 
 Macro AUC and accuracy (MAE and R^2 of `targets`) on the whole eval split, with the study's bootstrap.
 """
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from dlscale.data.classes import CLASSES
 from dlscale.transfer import samples
-from dlscale.transfer.methods import METHODS
+from dlscale.transfer.methods import METHOD_TABLE, METHODS
 from dlscale.transfer.report_text import fmt, with_ci
 from dlscale.transfer.scoring import probe_classifier, probe_regressor, summarize_cell
 from dlscale.transfer.subsets import ALL
@@ -31,7 +33,7 @@ from dlscale.transfer.training import PlannedRun, budget_of, read_scores, run_co
 
 LINE_STYLES = {"probe": "-", "finetune": "--", "scratch": ":", "random": "-.", "lpft": (0, (5, 1)),
                "layer_decay": (0, (3, 1, 1, 1, 1, 1)), "partial": (0, (1, 2)),
-               "lora": (0, (5, 2, 1, 2))}
+               "lora": (0, (5, 2, 1, 2)), "multitask": (0, (8, 2)), "multitask_scratch": (0, (2, 1))}
 
 
 @dataclass
@@ -135,8 +137,10 @@ class Classification(DownstreamTask):
         for method, model, n in tqdm(keys, desc="bootstrap", unit="cell", leave=False):
             summary = summarize_cell(self.preds[(method, model, n)], self.truth, CLASSES, self.targets,
                                      cfg.n_bootstrap, cfg.seed)
+            unlabelled = {"n_unlabelled": len(study.train_ids)} if METHOD_TABLE[method].unlabelled_recon else {}
             cells.append({"task": self.name, "method": method, "model": model, "n_per_class": n,
-                          "n_train": study.n_train(n), **summary, "runs": self.runs.get((method, model, n), [])})
+                          "n_train": study.n_train(n), **unlabelled, **summary,
+                          "runs": self.runs.get((method, model, n), [])})
         return cells
 
     def figures(self, study, cells: list[dict]) -> dict:
