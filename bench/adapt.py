@@ -71,6 +71,7 @@ METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
     "source_only": ("supervised", [], 1.0, False),
     "mmd": ("adapt", ["--model.tasks=[classification,mmd]"], 1.0, True),
     "sinkhorn": ("adapt", ["--model.tasks=[classification,sinkhorn]"], 1.0, True),
+    "mmd_selftrain": ("adapt", ["--model.tasks=[classification,mmd,selftrain]"], 1.0, True),
     "dann_sn": ("adapt", ["--model.tasks=[classification,dann]", "--model.task_options.dann.spectral_norm=true"],
                 1.0, True),
     "selftrain": ("adapt", ["--model.tasks=[classification,selftrain]", *FROM_SOURCE], 0.5, True),
@@ -156,20 +157,32 @@ def adabn_run(run: Path, out: Path, head: str, work: Path, self_train_rounds: in
 
 def candidates(work: Path, methods: list[str], heads: list[str], self_train_rounds: int) -> dict[str, Path]:
     """Every run directory a user could deploy: each method's run and, for adapted ones, its AdaBN run, and each
-    AdaBN run's head refits (`<run>+<head>`), and source_only's refits self-trained (`adabn+<head>+selftrain`)."""
+    AdaBN run's head refits (`<run>+<head>`), and with rounds the self-trained runs (see `refits`)."""
     from dlscale.train.adabn import RUN_STEP_DIR
     source = work / "source_only"
     runs = {"source_only": source, "adabn": adabn_run(source, work / "adabn", SOURCE_HEAD, work)}
-    runs.update({f"adabn+{h}": adabn_run(source, work / f"adabn_{h}", h, work) for h in heads})
-    if self_train_rounds:
-        runs.update({f"adabn+{h}+selftrain": adabn_run(source, work / f"adabn_{h}_selftrain{self_train_rounds}", h,
-                                                       work, self_train_rounds) for h in heads})
+    refits(runs, "adabn", source, work, work, heads, self_train_rounds)
     for m in methods:
         runs[m] = work / m
         if METHODS[m][3]:
             runs[f"{m}+adabn"] = work / m / RUN_STEP_DIR
-            runs.update({f"{m}+adabn+{h}": adabn_run(work / m, work / m / f"adabn_{h}", h, work) for h in heads})
+            refits(runs, f"{m}+adabn", work / m, work / m, work, heads, self_train_rounds)
     return runs
+
+
+def refits(runs: dict[str, Path], name: str, run: Path, where: Path, work: Path, heads: list[str],
+           self_train_rounds: int) -> None:
+    """Add `run`'s AdaBN head refits (`<name>+<head>`) and, with rounds, their self-trained runs
+    (`<name>+<head>+selftrain`) and the AdaBN run self-trained with its trained head as the teacher
+    (`<name>+selftrain`), written under `where`."""
+    if self_train_rounds:
+        runs[f"{name}+selftrain"] = adabn_run(run, where / f"adabn_selftrain{self_train_rounds}", SOURCE_HEAD, work,
+                                              self_train_rounds)
+    for h in heads:
+        runs[f"{name}+{h}"] = adabn_run(run, where / f"adabn_{h}", h, work)
+        if self_train_rounds:
+            runs[f"{name}+{h}+selftrain"] = adabn_run(run, where / f"adabn_{h}_selftrain{self_train_rounds}", h, work,
+                                                       self_train_rounds)
 
 
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -236,13 +249,17 @@ def study(shift: str, args, work: Path) -> dict:
         rows[name] = {**closed[name], "gain_over_adabn_ci_low": over_adabn[name]["gain_over_baseline_ci_low"],
                       "gain_over_adabn_ci_high": over_adabn[name]["gain_over_baseline_ci_high"],
                       **label_free_scores(o["source_train"], o["source_val"], o["target_train"]["features"],
-                                          args.seed),
+                                          o["target_train"]["probs"], args.seed),
                       "seconds": round(seconds.get(name.split("+")[0], 0.0), 1)}
         if head_report(runs[name]).get("kind", SOURCE_HEAD) != SOURCE_HEAD:
             rows[name]["head"] = head_report(runs[name])
     deployable = [n for n in rows if n != "target_supervised"]
     chosen = {"source_val": max(deployable, key=lambda n: rows[n]["source_auc_macro"]),
               "dev": min(deployable, key=lambda n: rows[n]["dev_risk"]),
+              "atc": max(deployable, key=lambda n: rows[n]["atc"]),
+              "snd": max(deployable, key=lambda n: rows[n]["snd"]),
+              "im": max(deployable, key=lambda n: rows[n]["im"]),
+              "bnm": max(deployable, key=lambda n: rows[n]["bnm"]),
               "oracle": max(deployable, key=lambda n: rows[n]["auc_macro"])}
     selection = {rule: {"chosen": n, "auc_macro": rows[n]["auc_macro"], "gap_closed": rows[n]["gap_closed"],
                         "gap_closed_ci": [rows[n]["gap_closed_ci_low"], rows[n]["gap_closed_ci_high"]],
