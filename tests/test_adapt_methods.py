@@ -14,7 +14,8 @@ from dlscale import preemption
 from dlscale.distributed import DistInfo
 from dlscale.train.model import build_run_model
 from dlscale.train.sources import TARGET_DOMAIN, training_source
-from dlscale.train.selection import (average_thresholded_confidence, deep_embedded_validation, importance_weights,
+from dlscale.train.selection import (average_thresholded_confidence, batch_nuclear_norm, deep_embedded_validation,
+                                     importance_weights, information_maximisation_score,
                                      soft_neighbourhood_density)
 from dlscale.train.tasks.adaptation import mmd_loss, sinkhorn_loss
 from dlscale.train.tasks.infomax import information_maximisation
@@ -274,6 +275,16 @@ def test_snd_prefers_predictions_in_dense_clusters_to_scattered_ones():
     clustered = centres[rng.integers(3, size=300)] + rng.normal(scale=0.005, size=(300, 3)).clip(-0.04, 0.04)
     scattered = rng.dirichlet(np.ones(3), size=300)
     assert soft_neighbourhood_density(clustered) > soft_neighbourhood_density(scattered)
+
+
+@pytest.mark.parametrize("rule", [information_maximisation_score, batch_nuclear_norm])
+def test_im_and_bnm_prefer_confident_predictions_of_every_class_to_collapsed_or_unsure_ones(rule):
+    rng = np.random.default_rng(5)
+    confident = np.eye(3)[rng.integers(3, size=300)] * 0.9 + 0.1 / 3
+    collapsed = np.tile([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3], (300, 1))
+    unsure = rng.dirichlet(np.full(3, 20.0), size=300)
+    assert rule(confident) > max(rule(collapsed), rule(unsure))
+    assert information_maximisation_score(collapsed) == pytest.approx(0, abs=1e-6)
 
 
 def test_separate_domain_batchnorm_encodes_each_domain_alone(separable_data, target_data, tmp_path):

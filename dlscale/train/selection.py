@@ -39,6 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from dlscale.data.stream import eval_loader
 from dlscale.data.stream_config import StreamConfig
 from dlscale.metrics import one_vs_rest_aucs
+from dlscale.train.tasks.infomax import information_maximisation
 
 
 @torch.no_grad()
@@ -106,8 +107,10 @@ def soft_neighbourhood_density(target_probs: np.ndarray, temperature: float = SN
     return float(-(neighbours * np.log(neighbours.clip(1e-12))).sum(1).mean())
 
 
-def information_maximisation(target_probs: np.ndarray) -> float:
-    return float(-negative_entropy(target_probs.mean(0, keepdims=True))[0] + negative_entropy(target_probs).mean())
+def information_maximisation_score(target_probs: np.ndarray) -> float:
+    """log K - SHOT's loss with diversity 1: the entropy of the mean prediction minus the mean entropy."""
+    logits = torch.as_tensor(np.log(target_probs.clip(1e-12)))
+    return float(np.log(target_probs.shape[1]) - information_maximisation(logits, diversity=1.0))
 
 
 def batch_nuclear_norm(target_probs: np.ndarray) -> float:
@@ -125,5 +128,5 @@ def label_free_scores(source_train: dict, source_val: dict, target_features: np.
     return {"source_auc_macro": float(one_vs_rest_aucs(source_val["probs"], source_val["labels"]).mean()),
             "dev_risk": deep_embedded_validation(weights, cross_entropy(source_val["probs"], source_val["labels"])),
             "atc": average_thresholded_confidence(source_val, target_probs),
-            "snd": soft_neighbourhood_density(target_probs), "im": information_maximisation(target_probs),
+            "snd": soft_neighbourhood_density(target_probs), "im": information_maximisation_score(target_probs),
             "bnm": batch_nuclear_norm(target_probs)}
