@@ -9,8 +9,9 @@ adaptation recipe closes on simulated instrument shifts, and which recipe a user
 Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 32):
   source_only        stage supervised on the source simulator, `--batches` batches
   adabn              source_only with every BatchNorm re-estimated on the target's unlabelled images (no training)
-  mmd, sinkhorn, dann_sn
-                     stage adapt from scratch, `--batches` batches (dann_sn: spectrally normalised domain classifier)
+  mmd, sinkhorn, dann_sn, mmd_selftrain
+                     stage adapt from scratch, `--batches` batches (dann_sn: spectrally normalised domain classifier;
+                     mmd_selftrain: MMD and AdaMatch self-training together)
   selftrain, adda, adda_selftrain
                      stage adapt started from source_only's encoder (`init_from`), `--batches` / 2 batches (AdaMatch
                      pseudo-labels; ADDA with the encoder at 0.1x the discriminator's learning rate; both);
@@ -23,18 +24,19 @@ Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 
   target_supervised  stage supervised on the target simulator: the upper bound at the same budget
 Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`), and each
 AdaBN candidate's classification head is refitted to the target's features without target labels (`--heads`,
-`dlscale adapt-bn --head`: `adabn+em`, `<method>+adabn+coral`, ...); with `--self-train-rounds N`, source_only's
-refits also self-train the encoder on their target pseudo-labels (`adabn+em+selftrain`). All are scored on one
+`dlscale adapt-bn --head`: `adabn+em`, `<method>+adabn+coral`, ...); with `--self-train-rounds N`, every AdaBN
+candidate and its refits also self-train the encoder on their target pseudo-labels (`adabn+selftrain`, taught by
+the trained head; `adabn+em+selftrain`, `mmd+adabn+em+selftrain`, ...). All are scored on one
 simulated target evaluation set (its labels used for scoring only) and one source evaluation set.
 
 Reported per candidate: target macro AUC with a 95% CI, the share of the gap closed ((AUC - AUC_source_only) /
 (AUC_target_supervised - AUC_source_only)) with a paired bootstrap CI (`dlscale.metrics.gap_closed`), the gain over
-AdaBN alone (paired bootstrap CI), the source validation macro AUC and the deep-embedded-validation risk
-(`dlscale.train.selection`); an AdaBN candidate is a target-specific export, so its labelled-domain side (source
+AdaBN alone (paired bootstrap CI), the source validation macro AUC, the deep-embedded-validation risk and the
+target-side rules ATC, SND, IM and BNM (`dlscale.train.selection`); an AdaBN candidate is a target-specific export, so its labelled-domain side (source
 validation AUC and loss, source features of DEV's domain classifier) is its weights (a refitted head included)
 with the source statistics (`twin`), its target side its own features. Then the candidate each selection rule
-picks: `source_val` (highest source validation AUC), `dev` (lowest DEV risk; label-free), against `oracle` (highest
-target AUC: what a user cannot do). Wall times and the machine load are recorded; finished runs in --work-dir are
+picks: `source_val` (highest source validation AUC), `dev` (lowest DEV risk), `atc`, `snd`, `im`, `bnm` (highest;
+all label-free), against `oracle` (highest target AUC: what a user cannot do). Wall times and the machine load are recorded; finished runs in --work-dir are
 reused.
 """
 from __future__ import annotations
