@@ -32,12 +32,12 @@ simulated target evaluation set (its labels used for scoring only) and one sourc
 Reported per candidate: target macro AUC with a 95% CI, the share of the gap closed ((AUC - AUC_source_only) /
 (AUC_target_supervised - AUC_source_only)) with a paired bootstrap CI (`dlscale.metrics.gap_closed`), the gain over
 AdaBN alone (paired bootstrap CI), the source validation macro AUC, the deep-embedded-validation risk and the
-target-side rules ATC, SND, IM and BNM (`dlscale.train.selection`); an AdaBN candidate is a target-specific export, so its labelled-domain side (source
-validation AUC and loss, source features of DEV's domain classifier) is its weights (a refitted head included)
-with the source statistics (`twin`), its target side its own features. Then the candidate each selection rule
-picks: `source_val` (highest source validation AUC), `dev` (lowest DEV risk), `atc`, `snd`, `im`, `bnm` (highest;
-all label-free), against `oracle` (highest target AUC: what a user cannot do). Wall times and the machine load are recorded; finished runs in --work-dir are
-reused.
+target-side rules ATC, SND, IM and BNM (`dlscale.train.selection`); an AdaBN candidate is a target-specific export,
+so its labelled-domain side (source validation AUC and loss, source features of DEV's domain classifier) is its
+weights (a refitted head included) with the source statistics (`twin`), its target side its own features. Then the
+candidate each selection rule picks: `source_val` (highest source validation AUC), `dev` (lowest DEV risk), `atc`,
+`snd`, `im`, `bnm` (highest; all label-free), against `oracle` (highest target AUC: what a user cannot do). Wall
+times and the machine load are recorded; finished runs in --work-dir are reused.
 """
 from __future__ import annotations
 

@@ -214,7 +214,7 @@ def labelled_images(cfg, ab: AdaBNConfig, used: int) -> tuple[Path, int]:
     data_dir = Path(cfg.data_dir)
     if not (data_dir / "manifest.json").is_file():
         raise ValueError(f"{what}: the run's labelled dataset {data_dir} (its config's data_dir) is not a "
-                         "shard dataset: the head refit needs its labelled train images")
+                         "shard dataset: the head refit and self-training need its labelled train images")
     splits = load_manifest(data_dir)["splits"]
     if "train" not in splits:
         raise ValueError(f"{what}: {data_dir} has no train split (has {', '.join(splits)})")
