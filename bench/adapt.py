@@ -9,8 +9,9 @@ adaptation recipe closes on simulated instrument shifts, and which recipe a user
 Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 32):
   source_only        stage supervised on the source simulator, `--batches` batches
   adabn              source_only with every BatchNorm re-estimated on the target's unlabelled images (no training)
-  mmd, sinkhorn, dann_sn
-                     stage adapt from scratch, `--batches` batches (dann_sn: spectrally normalised domain classifier)
+  mmd, sinkhorn, dann_sn, mmd_selftrain
+                     stage adapt from scratch, `--batches` batches (dann_sn: spectrally normalised domain classifier;
+                     mmd_selftrain: MMD and AdaMatch self-training together)
   selftrain, adda, adda_selftrain
                      stage adapt started from source_only's encoder (`init_from`), `--batches` / 2 batches (AdaMatch
                      pseudo-labels; ADDA with the encoder at 0.1x the discriminator's learning rate; both);
@@ -23,19 +24,20 @@ Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 
   target_supervised  stage supervised on the target simulator: the upper bound at the same budget
 Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`), and each
 AdaBN candidate's classification head is refitted to the target's features without target labels (`--heads`,
-`dlscale adapt-bn --head`: `adabn+em`, `<method>+adabn+coral`, ...); with `--self-train-rounds N`, source_only's
-refits also self-train the encoder on their target pseudo-labels (`adabn+em+selftrain`). All are scored on one
+`dlscale adapt-bn --head`: `adabn+em`, `<method>+adabn+coral`, ...); with `--self-train-rounds N`, every AdaBN
+candidate and its refits also self-train the encoder on their target pseudo-labels (`adabn+selftrain`, taught by
+the trained head; `adabn+em+selftrain`, `mmd+adabn+em+selftrain`, ...). All are scored on one
 simulated target evaluation set (its labels used for scoring only) and one source evaluation set.
 
 Reported per candidate: target macro AUC with a 95% CI, the share of the gap closed ((AUC - AUC_source_only) /
 (AUC_target_supervised - AUC_source_only)) with a paired bootstrap CI (`dlscale.metrics.gap_closed`), the gain over
-AdaBN alone (paired bootstrap CI), the source validation macro AUC and the deep-embedded-validation risk
-(`dlscale.train.selection`); an AdaBN candidate is a target-specific export, so its labelled-domain side (source
-validation AUC and loss, source features of DEV's domain classifier) is its weights (a refitted head included)
-with the source statistics (`twin`), its target side its own features. Then the candidate each selection rule
-picks: `source_val` (highest source validation AUC), `dev` (lowest DEV risk; label-free), against `oracle` (highest
-target AUC: what a user cannot do). Wall times and the machine load are recorded; finished runs in --work-dir are
-reused.
+AdaBN alone (paired bootstrap CI), the source validation macro AUC, the deep-embedded-validation risk and the
+target-side rules ATC, SND, IM and BNM (`dlscale.train.selection`); an AdaBN candidate is a target-specific export,
+so its labelled-domain side (source validation AUC and loss, source features of DEV's domain classifier) is its
+weights (a refitted head included) with the source statistics (`twin`), its target side its own features. Then the
+candidate each selection rule picks: `source_val` (highest source validation AUC), `dev` (lowest DEV risk), `atc`,
+`snd`, `im`, `bnm` (highest; all label-free), against `oracle` (highest target AUC: what a user cannot do). Wall
+times and the machine load are recorded; finished runs in --work-dir are reused.
 """
 from __future__ import annotations
 
@@ -71,6 +73,7 @@ METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
     "source_only": ("supervised", [], 1.0, False),
     "mmd": ("adapt", ["--model.tasks=[classification,mmd]"], 1.0, True),
     "sinkhorn": ("adapt", ["--model.tasks=[classification,sinkhorn]"], 1.0, True),
+    "mmd_selftrain": ("adapt", ["--model.tasks=[classification,mmd,selftrain]"], 1.0, True),
     "dann_sn": ("adapt", ["--model.tasks=[classification,dann]", "--model.task_options.dann.spectral_norm=true"],
                 1.0, True),
     "selftrain": ("adapt", ["--model.tasks=[classification,selftrain]", *FROM_SOURCE], 0.5, True),
@@ -156,20 +159,32 @@ def adabn_run(run: Path, out: Path, head: str, work: Path, self_train_rounds: in
 
 def candidates(work: Path, methods: list[str], heads: list[str], self_train_rounds: int) -> dict[str, Path]:
     """Every run directory a user could deploy: each method's run and, for adapted ones, its AdaBN run, and each
-    AdaBN run's head refits (`<run>+<head>`), and source_only's refits self-trained (`adabn+<head>+selftrain`)."""
+    AdaBN run's head refits (`<run>+<head>`), and with rounds the self-trained runs (see `refits`)."""
     from dlscale.train.adabn import RUN_STEP_DIR
     source = work / "source_only"
     runs = {"source_only": source, "adabn": adabn_run(source, work / "adabn", SOURCE_HEAD, work)}
-    runs.update({f"adabn+{h}": adabn_run(source, work / f"adabn_{h}", h, work) for h in heads})
-    if self_train_rounds:
-        runs.update({f"adabn+{h}+selftrain": adabn_run(source, work / f"adabn_{h}_selftrain{self_train_rounds}", h,
-                                                       work, self_train_rounds) for h in heads})
+    refits(runs, "adabn", source, work, work, heads, self_train_rounds)
     for m in methods:
         runs[m] = work / m
         if METHODS[m][3]:
             runs[f"{m}+adabn"] = work / m / RUN_STEP_DIR
-            runs.update({f"{m}+adabn+{h}": adabn_run(work / m, work / m / f"adabn_{h}", h, work) for h in heads})
+            refits(runs, f"{m}+adabn", work / m, work / m, work, heads, self_train_rounds)
     return runs
+
+
+def refits(runs: dict[str, Path], name: str, run: Path, where: Path, work: Path, heads: list[str],
+           self_train_rounds: int) -> None:
+    """Add `run`'s AdaBN head refits (`<name>+<head>`) and, with rounds, their self-trained runs
+    (`<name>+<head>+selftrain`) and the AdaBN run self-trained with its trained head as the teacher
+    (`<name>+selftrain`), written under `where`."""
+    if self_train_rounds:
+        runs[f"{name}+selftrain"] = adabn_run(run, where / f"adabn_selftrain{self_train_rounds}", SOURCE_HEAD, work,
+                                              self_train_rounds)
+    for h in heads:
+        runs[f"{name}+{h}"] = adabn_run(run, where / f"adabn_{h}", h, work)
+        if self_train_rounds:
+            runs[f"{name}+{h}+selftrain"] = adabn_run(run, where / f"adabn_{h}_selftrain{self_train_rounds}", h, work,
+                                                       self_train_rounds)
 
 
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -236,13 +251,17 @@ def study(shift: str, args, work: Path) -> dict:
         rows[name] = {**closed[name], "gain_over_adabn_ci_low": over_adabn[name]["gain_over_baseline_ci_low"],
                       "gain_over_adabn_ci_high": over_adabn[name]["gain_over_baseline_ci_high"],
                       **label_free_scores(o["source_train"], o["source_val"], o["target_train"]["features"],
-                                          args.seed),
+                                          o["target_train"]["probs"], args.seed),
                       "seconds": round(seconds.get(name.split("+")[0], 0.0), 1)}
         if head_report(runs[name]).get("kind", SOURCE_HEAD) != SOURCE_HEAD:
             rows[name]["head"] = head_report(runs[name])
     deployable = [n for n in rows if n != "target_supervised"]
     chosen = {"source_val": max(deployable, key=lambda n: rows[n]["source_auc_macro"]),
               "dev": min(deployable, key=lambda n: rows[n]["dev_risk"]),
+              "atc": max(deployable, key=lambda n: rows[n]["atc"]),
+              "snd": max(deployable, key=lambda n: rows[n]["snd"]),
+              "im": max(deployable, key=lambda n: rows[n]["im"]),
+              "bnm": max(deployable, key=lambda n: rows[n]["bnm"]),
               "oracle": max(deployable, key=lambda n: rows[n]["auc_macro"])}
     selection = {rule: {"chosen": n, "auc_macro": rows[n]["auc_macro"], "gap_closed": rows[n]["gap_closed"],
                         "gap_closed_ci": [rows[n]["gap_closed_ci_low"], rows[n]["gap_closed_ci_high"]],

@@ -202,10 +202,23 @@ def test_self_training_fine_tunes_the_encoder_repeatably_without_target_labels(s
         assert torch.allclose(layers[name].running_mean.double(), x.mean(1), atol=1e-4), name
 
 
-def test_self_training_without_a_head_refit_is_refused(source_run, target, work):
-    result = adapt(source_run, target, work / "refused_self_train", "--self-train-rounds", "1")
-    assert result.code == 2 and "--head" in result.err and "coral" in result.err, result.err
-    assert not (work / "refused_self_train").exists()
+def test_self_training_without_a_head_refit_is_taught_by_the_trained_head_repeatably_without_target_labels(
+        source_run, target, permuted, work):
+    runs = {name: work / f"self_train_source_head_{name}" for name in ("plain", "again", "permuted")}
+    for name, out in runs.items():
+        extra = ("--num-workers", "2") if name == "again" else ()
+        result = adapt(source_run, permuted if name == "permuted" else target, out, "--self-train-rounds", "1",
+                       *SELF_TRAIN[-4:], *extra)
+        assert result.code == 0, result.err[-3000:]
+    record = json.loads((runs["plain"] / "adabn.json").read_text())
+    assert record["head"]["kind"] == "source" and record["self_train"]["head"] == "source"
+    assert [r["kind"] for r in record["self_train"]["rounds"]] == ["source"]
+    assert record["self_train"]["rounds"][0]["pseudo_labelled"] > 0
+    models = {name: torch.load(out / "model.pt", weights_only=True) for name, out in runs.items()}
+    for name in ("again", "permuted"):
+        assert all(torch.equal(models[name][k], models["plain"][k]) for k in models["plain"]), name
+    trained = torch.load(source_run / "model.pt", weights_only=True)
+    assert not torch.equal(trained["encoder.0.0.weight"], models["plain"]["encoder.0.0.weight"])
 
 
 def test_an_unknown_head_is_refused_naming_the_kinds(source_run, target, work):

@@ -14,7 +14,9 @@ from dlscale import preemption
 from dlscale.distributed import DistInfo
 from dlscale.train.model import build_run_model
 from dlscale.train.sources import TARGET_DOMAIN, training_source
-from dlscale.train.selection import deep_embedded_validation, importance_weights
+from dlscale.train.selection import (average_thresholded_confidence, batch_nuclear_norm, deep_embedded_validation,
+                                     importance_weights, information_maximisation_score,
+                                     soft_neighbourhood_density)
 from dlscale.train.tasks.adaptation import mmd_loss, sinkhorn_loss
 from dlscale.train.tasks.infomax import information_maximisation
 from dlscale.train.tasks.randomisation import InstrumentViewConfig, gaussian_blur, instrument_view
@@ -248,6 +250,41 @@ def test_importance_weights_favour_validation_images_that_look_like_the_target()
     assert w[0] > 5 * w[1]
     same = importance_weights(source, rng.normal(size=(300, 4)), source[:50])
     assert np.abs(np.log(same)).mean() < 0.5   # no shift: weights near 1
+
+
+def calibrated(rng, n: int, sharpness: float) -> dict:
+    """Class probabilities of a calibrated 3-class model and labels drawn from them (its accuracy grows with
+    `sharpness`)."""
+    logits = sharpness * rng.normal(size=(n, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=p) for p in probs])
+    return {"probs": probs, "labels": labels, "features": rng.normal(size=(n, 4))}
+
+
+def test_atc_estimates_a_calibrated_model_s_accuracy_on_unlabelled_images_and_falls_with_it():
+    rng = np.random.default_rng(2)
+    source, same, blurred = calibrated(rng, 2000, 3.0), calibrated(rng, 2000, 3.0), calibrated(rng, 2000, 0.5)
+    accuracy = (same["probs"].argmax(1) == same["labels"]).mean()
+    assert average_thresholded_confidence(source, same["probs"]) == pytest.approx(accuracy, abs=0.03)
+    assert average_thresholded_confidence(source, blurred["probs"]) < accuracy - 0.3
+
+
+def test_snd_prefers_predictions_in_dense_clusters_to_scattered_ones():
+    rng = np.random.default_rng(3)
+    centres = np.eye(3) * 0.9 + 0.05
+    clustered = centres[rng.integers(3, size=300)] + rng.normal(scale=0.005, size=(300, 3)).clip(-0.04, 0.04)
+    scattered = rng.dirichlet(np.ones(3), size=300)
+    assert soft_neighbourhood_density(clustered) > soft_neighbourhood_density(scattered)
+
+
+@pytest.mark.parametrize("rule", [information_maximisation_score, batch_nuclear_norm])
+def test_im_and_bnm_prefer_confident_predictions_of_every_class_to_collapsed_or_unsure_ones(rule):
+    rng = np.random.default_rng(5)
+    confident = np.eye(3)[rng.integers(3, size=300)] * 0.9 + 0.1 / 3
+    collapsed = np.tile([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3], (300, 1))
+    unsure = rng.dirichlet(np.full(3, 20.0), size=300)
+    assert rule(confident) > max(rule(collapsed), rule(unsure))
+    assert information_maximisation_score(collapsed) == pytest.approx(0, abs=1e-6)
 
 
 def test_separate_domain_batchnorm_encodes_each_domain_alone(separable_data, target_data, tmp_path):

@@ -1,7 +1,7 @@
 """Choosing an adapted model without target labels.
 
 A user adapting to real data has no target labels, so published numbers that pick the checkpoint by labelled
-target accuracy flatter their method. Two label-free rules, both ranking candidate runs (checkpoints, methods,
+target accuracy flatter their method. Label-free rules, each ranking candidate runs (checkpoints, methods,
 strengths) on data a user has:
 
 - source validation: the labelled domain's validation macro AUC (blind to the shift; the classic default);
@@ -10,17 +10,36 @@ strengths) on data a user has:
   p(source | x) x n_source / n_target from a domain classifier (logistic regression, scikit-learn) on the
   candidate's own features of the labelled train split and the target's unlabelled images, with the control variate
   eta = -Cov(w L, w) / Var(w): DEV = mean(w L) + eta mean(w) - eta. Lower is better.
+
+Two more read the candidate's predictions on the target's unlabelled images:
+
+- average thresholded confidence (ATC, Garg et al. 2022, "Leveraging unlabeled data to predict out-of-distribution
+  performance"): the negative entropy of a prediction is its confidence score; the threshold is set on the labelled
+  validation set so that as many of its images score above it as the candidate classifies correctly there; the
+  share of target images above it is the estimated target accuracy. Higher is better;
+- soft neighbourhood density (SND, Saito et al. 2021, "Tune it the right way: unsupervised validation of domain
+  adaptation via soft neighborhood density"): the mean entropy of each target image's softmax-weighted similarity
+  to the others (L2-normalised class probabilities, temperature 0.05): predictions that cluster densely score
+  high. Higher is better;
+- information maximisation (IM; the objective of Shi & Sha 2012 and SHOT, Liang et al. 2020, used as a validator
+  by Musgrave et al. 2022, "Benchmarking validation methods for unsupervised domain adaptation"): the entropy of
+  the mean target prediction minus the mean entropy of the target predictions: confident predictions that use
+  every class. Higher is better;
+- batch nuclear-norm (BNM, Cui et al. 2020, a validator in Musgrave et al. 2022): the nuclear norm of the target's
+  (images x classes) probability matrix over the number of images: also confident and diverse. Higher is better.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from dlscale.data.stream import eval_loader
 from dlscale.data.stream_config import StreamConfig
 from dlscale.metrics import one_vs_rest_aucs
+from dlscale.train.tasks.infomax import information_maximisation
 
 
 @torch.no_grad()
@@ -63,10 +82,51 @@ def cross_entropy(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return -np.log(probs[np.arange(len(labels)), labels].clip(1e-12))
 
 
-def label_free_scores(source_train: dict, source_val: dict, target_features: np.ndarray, seed: int = 0) -> dict:
+SND_TEMPERATURE = 0.05
+"""Saito et al. 2021's temperature of the neighbourhood softmax"""
+
+
+def negative_entropy(probs: np.ndarray) -> np.ndarray:
+    return (probs * np.log(probs.clip(1e-12))).sum(1)
+
+
+def average_thresholded_confidence(source_val: dict, target_probs: np.ndarray) -> float:
+    """ATC's estimated target accuracy from the labelled validation `split_outputs` and the target's probabilities."""
+    score = negative_entropy(source_val["probs"])
+    accuracy = float((source_val["probs"].argmax(1) == source_val["labels"]).mean())
+    threshold = np.quantile(score, 1 - accuracy)
+    return float((negative_entropy(target_probs) > threshold).mean())
+
+
+def soft_neighbourhood_density(target_probs: np.ndarray, temperature: float = SND_TEMPERATURE) -> float:
+    """SND of the target's class probabilities (each image's neighbourhood excludes itself)."""
+    x = target_probs / np.linalg.norm(target_probs, axis=1, keepdims=True)
+    similarity = x @ x.T
+    np.fill_diagonal(similarity, -np.inf)
+    neighbours = softmax(similarity / temperature, axis=1)
+    return float(-(neighbours * np.log(neighbours.clip(1e-12))).sum(1).mean())
+
+
+def information_maximisation_score(target_probs: np.ndarray) -> float:
+    """log K - SHOT's loss with diversity 1: the entropy of the mean prediction minus the mean entropy."""
+    logits = torch.as_tensor(np.log(target_probs.clip(1e-12)))
+    return float(np.log(target_probs.shape[1]) - information_maximisation(logits, diversity=1.0))
+
+
+def batch_nuclear_norm(target_probs: np.ndarray) -> float:
+    return float(np.linalg.svd(target_probs, compute_uv=False).sum() / len(target_probs))
+
+
+def label_free_scores(source_train: dict, source_val: dict, target_features: np.ndarray, target_probs: np.ndarray,
+                      seed: int = 0) -> dict:
     """What a user without target labels can rank a candidate by: its labelled validation macro AUC
-    (`source_auc_macro`) and its DEV risk (`dev_risk`), from its `split_outputs` on the labelled train and val
-    splits and its features of the target's unlabelled images."""
+    (`source_auc_macro`), its DEV risk (`dev_risk`), ATC's estimated target accuracy (`atc`), SND (`snd`), IM
+    (`im`) and BNM (`bnm`), from
+    its `split_outputs` on the labelled train and val splits and its features and probabilities of the target's
+    unlabelled images."""
     weights = importance_weights(source_train["features"], target_features, source_val["features"], seed)
     return {"source_auc_macro": float(one_vs_rest_aucs(source_val["probs"], source_val["labels"]).mean()),
-            "dev_risk": deep_embedded_validation(weights, cross_entropy(source_val["probs"], source_val["labels"]))}
+            "dev_risk": deep_embedded_validation(weights, cross_entropy(source_val["probs"], source_val["labels"])),
+            "atc": average_thresholded_confidence(source_val, target_probs),
+            "snd": soft_neighbourhood_density(target_probs), "im": information_maximisation_score(target_probs),
+            "bnm": batch_nuclear_norm(target_probs)}

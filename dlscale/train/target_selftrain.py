@@ -9,6 +9,10 @@ statistics as AdaBN normalises it at inference; then AdaBN and the head refit ag
 round is the previous round's adapted model, fixed while the round trains. The labelled images' statistics of the
 fine-tuned encoder (what the refit compares the target with) are re-estimated exactly on those images.
 
+With head `source` (`dlscale adapt-bn --self-train-rounds N` without `--head`) the trained head on AdaBN's
+statistics teaches and each round keeps its fine-tuned head (measured: it helps weak starting points and costs
+strong ones, so it is a choice, not a fallback for a refused refit).
+
 A round whose refit is refused (the EM gate of `dlscale.train.target_head`: the target's clusters no longer look
 like the classes) ends the self-training and the previous round's model stays. No target label is read; every
 random draw comes from one seeded generator, so the result is a function of the inputs and the seed.
