@@ -121,9 +121,8 @@ def label_free_scores(source_train: dict, source_val: dict, target_features: np.
                       seed: int = 0) -> dict:
     """What a user without target labels can rank a candidate by: its labelled validation macro AUC
     (`source_auc_macro`), its DEV risk (`dev_risk`), ATC's estimated target accuracy (`atc`), SND (`snd`), IM
-    (`im`) and BNM (`bnm`), from
-    its `split_outputs` on the labelled train and val splits and its features and probabilities of the target's
-    unlabelled images."""
+    (`im`) and BNM (`bnm`), from its `split_outputs` on the labelled train and val splits and its features and
+    probabilities of the target's unlabelled images."""
     weights = importance_weights(source_train["features"], target_features, source_val["features"], seed)
     return {"source_auc_macro": float(one_vs_rest_aucs(source_val["probs"], source_val["labels"]).mean()),
             "dev_risk": deep_embedded_validation(weights, cross_entropy(source_val["probs"], source_val["labels"])),
