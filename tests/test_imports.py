@@ -34,6 +34,9 @@ LAZY = {
     # start in seconds each, and `dlscale pack` must not wait for them
     "dlscale.cli": {"dlscale.data.pack", "dlscale.data.shards", "dlscale.sim", "dlscale.train", "dlscale.train.adabn",
                     "dlscale.predict", "dlscale.quickstart", "dlscale.transfer.cli", "dlscale.sweep"},
+    # numba (the host row writer's compiler) only where images are transformed on the host: a GPU node transforming
+    # them on the device may not have it
+    "dlscale.data.stream": {"dlscale.data.rowwrite"},
 }
 # Function-level imports of other packages: optional or heavy dependencies, imported where they are used.
 LAZY_THIRD_PARTY = {"ray", "optuna", "peft", "geomloss", "escnn", "lenstronomy", "deepspeed", "timm", "safetensors",
