@@ -3,7 +3,7 @@ against cdm + axion), at 1,000 labelled images per class and with all labels, ag
 
     python bench/regression.py [--encoder runs/quickstart/pretrain] [--work-dir runs/bench_regression]
                                [--n-per-class 12000] [--epochs 20] [--min-steps 6000,27000] [--ranks 2]
-                               [--pretrain-epochs 3] [--tasks regression,anomaly]  # prints JSON
+                               [--pretrain-epochs 3] [--tasks regression,anomaly] [--ema 0]  # prints JSON
 
 1. data: a simulated Model II set (`dlscale simulate --preset model_ii`: 64x64, noiseless, SIE + shear fixed, the
    axion mass log-uniform in 1e-24 - 1e-22 eV, so its vortex line is 0.06 - 6 arcsec long, 0.6 - 60 pixels of
@@ -19,6 +19,7 @@ against cdm + axion), at 1,000 labelled images per class and with all labels, ag
    are only 15 batches an epoch on 2 ranks); the regression recipe of `dlscale transfer`'s defaults: the MSE loss on
    the standardised target, predictions averaged over the 8 dihedral views of each image, BatchNorm statistics
    re-estimated on the training images after the last step (`task_options.regression` .loss / .tta / .precise_bn);
+   `--ema` the decay of the moving average of the weights the trained runs export (`task_options.regression.ema`);
    scratch is the same architecture from random weights. MAE and R^2 on the val split's axion
    images, AUROC on the whole val split, 95% CIs of the two-level bootstrap (1000 draws).
 Finished steps in WORK are reused. The JSON holds each cell's mean and CI, the goals met or not, the wall seconds
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="probe,finetune")
     p.add_argument("--tasks", default="regression,anomaly")
     p.add_argument("--studies", default="1000,all", help="which of the two studies to run (finished runs are reused)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="decay of the weight average the trained regression runs export (0: their last weights)")
     args = p.parse_args(argv)
     min_steps = dict(zip(("1000", "all"), (int(n) for n in args.min_steps.split(",")), strict=True))
     work, seconds = args.work_dir, {}
@@ -96,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             "--labels-per-class", labels, "--repeats", str(repeats), "--ranks", str(args.ranks), "--n-bootstrap",
             "1000", f"--budget.epochs={args.epochs}", f"--budget.min_steps={min_steps[labels]}",
             "--budget.min_batches_per_epoch=20", "--data.batch_size=32",
-            "--data.num_workers=0", "--optim.lr=3e-3", "--deepspeed.zero_stage=0"])
+            "--data.num_workers=0", "--optim.lr=3e-3", "--deepspeed.zero_stage=0",
+            f"--task_options.regression.ema={args.ema}"])
         results = json.loads((out / "results.json").read_text())
         keys = ("task", "method", "model", "n_per_class", "n_train", "mean", "ci_low", "ci_high")
         cells += [{k: c[k] for k in keys} for c in results["cells"]]
     recipe = {"epochs": args.epochs, "min_steps": min_steps, "ranks": args.ranks, "batch_per_rank": 32, "lr": 3e-3,
-              "methods": args.methods, "tasks": args.tasks}
+              "methods": args.methods, "tasks": args.tasks, "ema": args.ema}
     print(json.dumps({"encoder": str(encoder), "recipe": recipe, "cells": cells, "goals": goal_lines(cells),
                       "seconds": seconds, "load_average": os.getloadavg()}, indent=1))
     return 0

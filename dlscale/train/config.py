@@ -194,6 +194,11 @@ class OptimConfig:
     optimiser (their BatchNorm statistics still follow the data); 0 = none"""
     grad_clip: float = 1.0
     """global gradient-norm clip (0 = off)"""
+    ema: float = 0.0
+    """decay of an exponential moving average of the weights (Polyak; `dlscale.train.weight_average`), updated after
+    every optimizer step and checkpointed: the run exports and is scored with the average (mid-run evaluations,
+    schedule.eval_every_epochs, use the trained weights). It averages over the last ~1 / (1 - ema) steps (0.999:
+    1,000). Needs eval.precise_bn (the averaged weights' BatchNorm statistics); 0 = off"""
 
 
 @dataclass
@@ -301,6 +306,12 @@ class Config:
         if not 0 < self.optim.layer_decay <= 1:
             raise ValueError(f"optim.layer_decay={self.optim.layer_decay}: expected a factor in (0, 1] (1 = off)")
         self.model.lora.validate()
+        if not 0 <= self.optim.ema < 1:
+            raise ValueError(f"optim.ema={self.optim.ema}: expected a decay in [0, 1) (0 = off)")
+        if self.optim.ema and not self.eval.precise_bn:
+            raise ValueError(f"optim.ema={self.optim.ema} needs eval.precise_bn (-1 or a number of images): the "
+                             "BatchNorm statistics gathered during training belong to the trained weights, not to "
+                             "their average")
         if self.optim.freeze_stages < 0:
             raise ValueError(f"optim.freeze_stages={self.optim.freeze_stages}: expected a count >= 0 (0 = none)")
         self.data.validate()

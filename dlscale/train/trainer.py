@@ -1,9 +1,9 @@
 """The training loop of one stage (`Trainer`), over a DeepSpeed engine and a stream built by `dlscale.train.run`.
 
 Every rank gets the same number of batches per epoch. The trainer's checkpointed state is tiny (epoch, batch in
-epoch, this epoch's loss sums); `--resume auto` continues from the latest complete checkpoint, skipping the
-batches of the interrupted epoch already trained on, so a resumed run ends with the parameters of an
-uninterrupted one. The engine knows no task and no weighting by name: the model computes the task losses, the
+epoch, this epoch's loss sums; with `optim.ema`, the weight average); `--resume auto` continues from the latest
+complete checkpoint, skipping the batches of the interrupted epoch already trained on, so a resumed run ends with
+the parameters of an uninterrupted one. The engine knows no task and no weighting by name: the model computes the task losses, the
 weighting combines them and back-propagates through its hook.
 
 No host synchronisation inside a step: the losses and the non-finite flag stay on the device (`StepWindow`) and are
@@ -34,6 +34,7 @@ from dlscale.train.evaluation import (Evaluation, evaluate_with_target, finalize
                                       rank0_buffers, share_buffers, write_hparams)
 from dlscale.train.precise_bn import precise_batchnorm
 from dlscale.train.skipped import skip_metrics
+from dlscale.train.weight_average import WeightAverage
 
 log = logging.getLogger(__name__)
 EvaluationCallback = Callable[[int, dict, Path], None]
@@ -91,6 +92,7 @@ class Trainer:
         self.agreed_stop = 0                                        # the stop signal the ranks agreed on (0: none)
         self.train_seconds, self.train_samples = 0.0, 0            # throughput of this process's training
         self.drill = drill                                          # DLSCALE_SIGNAL_AT_STEP: a signal at a step
+        self.ema = WeightAverage(self.module, cfg.optim.ema) if cfg.optim.ema else None   # from the start weights
 
     @property
     def module(self) -> torch.nn.Module:
@@ -111,7 +113,8 @@ class Trainer:
                 "epoch_loss_sums": self.sums, "epoch_batches": self.count, "seed": self.cfg.seed,
                 "world": self.info.world, "target_stats": self.stats, "loss_weights": self.module.weighting.weights,
                 "batch_size": self.cfg.data.batch_size, "samples_seen": self.samples_seen,
-                "samples_in_epoch": self.batch_in_epoch * self.cfg.data.batch_size * self.info.world}
+                "samples_in_epoch": self.batch_in_epoch * self.cfg.data.batch_size * self.info.world,
+                "weight_average": self.ema.state_dict() if self.ema is not None else None}
 
     def save_checkpoint(self) -> None:
         if checkpoint.tag_for(self.engine.global_steps) == self.last_checkpoint:
@@ -133,6 +136,11 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.samples_seen = at.epoch, at.batch_in_epoch, at.samples_seen
         self.epoch_sums = torch.tensor([at.sums[t] for t in self.tasks], dtype=torch.float64, device=self.device)
         self.count = at.count
+        if self.ema is not None:
+            if client.get("weight_average") is None:
+                raise ValueError(f"optim.ema={self.cfg.optim.ema}: checkpoint {self.last_checkpoint} was written "
+                                 "without a weight average (optim.ema=0); resume with the config it was written with")
+            self.ema.load_state_dict(client["weight_average"])
         log.info("resumed from %s (epoch %d, batch %d, step %d)%s", self.last_checkpoint, self.epoch,
                  self.batch_in_epoch, at.step, f", written by {saved_world} rank(s) at their step {client['step']}; "
                  f"{at.samples_seen} samples seen, learning rate {self.engine.get_lr()[0]:.6g}" if at.converted else "")
@@ -167,6 +175,8 @@ class Trainer:
                 boundary = self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0
                 if not boundary:      # a checkpoint, a log line and a stop hold whole optimizer steps
                     continue
+                if self.ema is not None:
+                    self.ema.update()
                 if self.drill is not None and step == self.drill.step:
                     preemption.run_drill(self.drill, step, self.info.rank)
                     self.drill = None
@@ -312,6 +322,8 @@ class Trainer:
         for prefix, skips in training_skip_groups(self.stream, self.cfg).items():
             extra.update(skip_metrics(skips, prefix, "training" if prefix == "data" else prefix, self.device))
         exported = False
+        if self.ema is not None:   # the averaged weights are the run's from here on (their BatchNorm statistics next)
+            self.ema.copy_to_model()
         extra.update(precise_batchnorm(self.module, self.cfg, image_shape, self.device))   # the same on every rank
         share_buffers(self.module, self.info.world)   # every rank evaluates the model it exports
         try:

@@ -70,11 +70,19 @@ class RegressionOptions:
     """the trained methods' BatchNorm statistics re-estimated on their training images after the last step
     (`eval.precise_bn=-1` of their runs): the running averages were off (-0.17 dex on every prediction of a
     27,000-step run)"""
+    ema: float = 0.0
+    """the trained methods export and are scored with an exponential moving average of their weights of this decay
+    (`optim.ema` of their runs; needs precise_bn); 0 = the last step's weights"""
 
     def validate(self) -> None:
         if self.loss not in REGRESSION_LOSSES:
             raise ValueError(f"task_options.regression.loss={self.loss!r}: expected one of "
                              f"{', '.join(REGRESSION_LOSSES)}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"task_options.regression.ema={self.ema}: expected a decay in [0, 1) (0 = off)")
+        if self.ema and not self.precise_bn:
+            raise ValueError(f"task_options.regression.ema={self.ema} needs task_options.regression.precise_bn=true "
+                             "(the averaged weights' BatchNorm statistics)")
 
 
 @DOWNSTREAM.register
