@@ -3,8 +3,8 @@
 Every rank gets the same number of batches per epoch. The trainer's checkpointed state is tiny (epoch, batch in
 epoch, this epoch's loss sums; with `optim.ema`, the weight average); `--resume auto` continues from the latest
 complete checkpoint, skipping the batches of the interrupted epoch already trained on, so a resumed run ends with
-the parameters of an uninterrupted one. The engine knows no task and no weighting by name: the model computes the task losses, the
-weighting combines them and back-propagates through its hook.
+the parameters of an uninterrupted one. The engine knows no task and no weighting by name: the model computes the
+task losses, the weighting combines them and back-propagates through its hook.
 
 No host synchronisation inside a step: the losses and the non-finite flag stay on the device (`StepWindow`) and are
 read once per logging interval, before every checkpoint and at the end of an epoch (`sync`). There the ranks agree,

@@ -27,8 +27,8 @@ from dlscale.transfer.tasks.base import DOWNSTREAM, Anchor, DownstreamTask, cell
 
 MASS, LOG_MASS = "axion_mass", "log10_axion_mass"
 CANDIDATES = (LOG_MASS, "theta_E", "e1", "e2", "gamma1", "gamma2")
-ANCHOR_SOURCE = ("the Lens-FM-DeepLense repository (Lens-LeJEPA work): log10 axion-mass regression on DeepLense Model II, "
-                 "MAE in dex; other data than this study")
+ANCHOR_SOURCE = ("the Lens-FM-DeepLense repository (Lens-LeJEPA work): log10 axion-mass regression on DeepLense "
+                 "Model II, MAE in dex; other data than this study")
 
 
 def target_values(meta: dict[str, np.ndarray], name: str) -> np.ndarray:
