@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import torch
 from sklearn.linear_model import QuantileRegressor
+from sklearn.metrics import r2_score
 
 from dlscale.data.stream import eval_loader
 from dlscale.data.stream_config import StreamConfig
@@ -42,8 +43,7 @@ def scores(pred: np.ndarray, truth: np.ndarray, draws: list[np.ndarray]) -> dict
     err = np.abs(pred - truth)
     boots = [err[i].mean() for i in draws]
     return {"mae": float(err.mean()), "ci": [float(x) for x in np.percentile(boots, [2.5, 97.5])],
-            "bias": float((pred - truth).mean()),
-            "r2": float(1 - ((pred - truth) ** 2).sum() / ((truth - truth.mean()) ** 2).sum())}
+            "bias": float((pred - truth).mean()), "r2": float(r2_score(truth, pred))}
 
 
 def main(argv: list[str] | None = None) -> int:
