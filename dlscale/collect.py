@@ -9,6 +9,11 @@ import torch.distributed as dist
 
 EXAMPLE_KEYS = ("examples", "recon_examples", "sr_examples")
 """Outputs holding a few shown images rather than one row per sample: rank 0's are kept as they are."""
+TTA_FEATURES = "tta_features"
+"""Pooled features averaged over the dihedral views of each image: what a head with test-time augmentation is
+applied to (the regression head is linear), and what it is refitted to after training."""
+FEATURE_KEYS = ("features", TTA_FEATURES)
+"""Per-sample feature vectors: kept for the probes and head refits, left out of the scores files."""
 
 
 def collect(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype,

@@ -9,7 +9,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from dlscale.models.heads import ClassifierHead
-from dlscale.train.refit import refit_classifier
+from dlscale.train.refit import refit_classifier, refit_regressor
 
 
 def _lensing_like_features(n=900, dims=16, seed=0):
@@ -122,3 +122,54 @@ def test_trained_head_reaches_the_probe_accuracy_after_the_refit(simulated_lense
     assert refitted["val/ece"] < as_trained["val/ece"]
     assert refitted["refit/train_accuracy"] > refitted["refit/train_accuracy_before"]
     assert refitted["refit/samples"] == 900 and not any(k.startswith("refit/") for k in as_trained)
+
+
+# ---- the regression head, refitted by least absolute deviations ---------------------------------------------------
+
+def _regression_problem(n, dims=8, targets=2, seed=0):
+    """Features and targets in physical units (mean 3, spread 0.5) with heavy-tailed noise, and a head trained
+    elsewhere: the true weights, off by a constant on every prediction."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dims))
+    coef = rng.normal(size=(targets, dims))
+    y = 3.0 + 0.5 * (x @ coef.T + 0.3 * rng.standard_t(2, size=(n, targets)))
+    linear = nn.Linear(dims, targets).double()
+    with torch.no_grad():   # standardised targets: (y - 3) / 0.5 = x @ coef.T + noise; plus an offset of 0.4
+        linear.weight.copy_(torch.from_numpy(coef))
+        linear.bias.fill_(0.4)
+    return x, y, linear, np.full(targets, 3.0), np.full(targets, 0.5)
+
+
+def test_regression_refit_with_enough_samples_equals_scikit_learn_s_median_regression_per_target():
+    from sklearn.linear_model import QuantileRegressor
+    x, y, linear, mean, std = _regression_problem(800)
+    fitted = refit_regressor(linear, x, y, mean, std)
+    with torch.no_grad():
+        pred = linear(torch.from_numpy(x)).numpy() * std + mean
+    for t in range(y.shape[1]):
+        direct = QuantileRegressor(quantile=0.5, alpha=0.0, solver="highs").fit(x, y[:, t]).predict(x)
+        assert np.allclose(pred[:, t], direct, rtol=1e-6, atol=1e-6)
+    assert fitted["parameters"] == 9 and fitted["samples"] == 800
+    true_head = np.abs(y - (3.0 + 0.5 * (x @ _regression_problem(800)[2].weight.detach().numpy().T))).mean()
+    assert fitted["train_mae"] <= true_head < fitted["train_mae_before"] - 0.05   # no linear head fits it better
+
+
+def test_regression_refit_with_few_samples_moves_only_the_intercepts_to_a_zero_median_residual():
+    x, y, linear, mean, std = _regression_problem(50)
+    weight = linear.weight.detach().clone()
+    fitted = refit_regressor(linear, x, y, mean, std)
+    assert torch.equal(linear.weight, weight)
+    with torch.no_grad():
+        pred = linear(torch.from_numpy(x)).numpy() * std + mean
+    assert np.allclose(np.median(y - pred, axis=0), 0, atol=1e-12)
+    assert fitted["parameters"] == 1 and fitted["train_mae"] < fitted["train_mae_before"]
+
+
+def test_regression_refit_leaves_out_samples_without_a_target():
+    x, y, linear, mean, std = _regression_problem(60)
+    y[::3, 1] = np.nan
+    clean = nn.Linear(8, 2).double()
+    clean.load_state_dict(linear.state_dict())
+    assert refit_regressor(linear, x, y, mean, std)["samples"] == 40
+    refit_regressor(clean, x[np.isfinite(y).all(1)], y[np.isfinite(y).all(1)], mean, std)
+    assert torch.equal(linear.bias, clean.bias)

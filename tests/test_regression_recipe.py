@@ -231,3 +231,42 @@ def test_precise_bn_below_minus_one_is_refused_naming_the_key(separable_data):
     from dlscale.train.config import load_config
     with pytest.raises(ValueError, match=r"eval\.precise_bn=-2"):
         load_config(None, ["eval.precise_bn=-2"], stage="supervised", data_dir=str(separable_data))
+
+
+# ---- the head refitted after the last step ------------------------------------------------------------------------
+
+def test_the_regression_head_is_refitted_to_the_view_averaged_features_of_the_whole_train_split(
+        separable_data, tiny_args, tmp_path):
+    """The same deterministic run with and without the refit: the encoder and the head's weights are bitwise equal
+    (240 images, 33 coefficients: too few for every weight, so only the intercept moves), and the intercept moved
+    by the median residual of the trained head on the train images' features averaged over the 8 views, computed
+    here by hand."""
+    from dlscale.data.stream import StreamConfig, eval_loader
+    from dlscale.models.heads import global_pool
+    from dlscale.train.evaluation import load_run
+    runs = {refit: train("--stage", "multitask", "--model.tasks=[regression]", "--data.targets=[theta_E]", "--data",
+                         separable_data, "--run-dir", tmp_path / f"refit_{refit}", *tiny_args,
+                         "--eval.probe_samples=0", "--schedule.epochs=1", "--schedule.batches_per_epoch=4",
+                         "--model.task_options.regression.tta=true",
+                         f"--model.task_options.regression.refit_head={refit}")
+            for refit in ("false", "true")}
+    metrics = {k: json.loads((run / "metrics.json").read_text()) for k, run in runs.items()}
+    assert metrics["true"]["refit/regression/samples"] == 240 and metrics["true"]["refit/regression/parameters"] == 1
+    assert not any(k.startswith("refit/") for k in metrics["false"])
+    (cfg, plain, info), (_, refitted, _) = load_run(runs["false"]), load_run(runs["true"])
+    changed = [k for k, v in plain.state_dict().items() if not torch.equal(v, refitted.state_dict()[k])]
+    assert changed == ["heads.regression.linear.bias"]
+    stream = StreamConfig(batch_size=50, num_workers=0, normalize=cfg.data.normalize, augment=False,
+                          targets=["theta_E"])
+    batches = list(eval_loader(separable_data, stream, split="train"))
+    images, targets = torch.cat([b["image"] for b in batches]), torch.cat([b["target"] for b in batches])[:, 0]
+    plain.eval()
+    with torch.no_grad():
+        features = torch.stack([global_pool(plain.encoder(v)) for v in _symmetries(images)]).mean(0).double()
+    head = plain.heads["regression"].linear.requires_grad_(False)
+    mean, std = info["target_stats"]["mean"][0], info["target_stats"]["std"][0]
+    residual = (targets.double() - mean) / std - (features @ head.weight[0].double() + head.bias[0].double())
+    moved = refitted.heads["regression"].linear.bias[0].detach().double() - head.bias[0].double()
+    assert np.isclose(float(moved), np.median(residual.numpy()), rtol=1e-4, atol=1e-5)
+    with np.load(runs["true"] / "scores_val.npz") as npz:
+        assert "tta_features" not in npz.files and "regression" in npz.files

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dlscale import io
-from dlscale.collect import collect, gather
+from dlscale.collect import FEATURE_KEYS, collect, gather
 from dlscale.compat import format_version, upgrade_model_state
 from dlscale.configtree import flatten, read_yaml, to_dict
 from dlscale.data.classes import CLASSES
@@ -165,6 +165,14 @@ def finalize_heads(model, ev: Evaluation, train_features: dict | None, hook: str
     return metrics
 
 
+def head_fit_features(model, ev: Evaluation, probe_train: dict | None) -> dict | None:
+    """The features `finalize_heads` fits to: the probe's train set; in a run without a probe
+    (`eval.probe_samples=0`), the whole train split when a task's head asks for a fit (`Task.finalizes`), else None."""
+    if probe_train is not None or not any(task.finalizes() for task in model.task_specs.values()):
+        return probe_train
+    return probe_features(model, ev, whole_split=True)[0]
+
+
 def initialize_heads(model, ev: Evaluation) -> dict:
     """The heads of tasks that start from a fit (`Task.initializes`: LP-FT's probe head) fitted to the eval-mode
     features of the probe's train set, before the engine copies the weights into its optimiser; of the whole train
@@ -215,7 +223,7 @@ def report_split(ev: Evaluation, split: str, scores: dict, train_features: dict 
     update_metrics(ev.out_dir / METRICS, metrics)
     tag = ev.prefix.replace("/", "_")   # target_
     io.atomic_write(ev.out_dir / f"scores_{tag}{split}.npz",
-                    lambda f: np.savez(f, **{k: v for k, v in scores.items() if k != "features"}))
+                    lambda f: np.savez(f, **{k: v for k, v in scores.items() if k not in FEATURE_KEYS}))
     if "probs" in scores:
         suffix = "" if split == "val" and not tag else f"_{tag}{split}"
         save_roc(ev.out_dir / f"roc{suffix}.png", {cfg.stage: (scores["probs"], scores["labels"])}, CLASSES)

@@ -30,8 +30,8 @@ from dlscale.models.adapters import merged
 from dlscale.train import artifacts, checkpoint
 from dlscale.train.config import Config
 from dlscale.train.data import describe_ids, epoch_loader, training_skip_groups
-from dlscale.train.evaluation import (Evaluation, evaluate_with_target, finalize_heads, probe_features,
-                                      rank0_buffers, share_buffers, write_hparams)
+from dlscale.train.evaluation import (Evaluation, evaluate_with_target, finalize_heads, head_fit_features,
+                                      probe_features, rank0_buffers, share_buffers, write_hparams)
 from dlscale.train.precise_bn import precise_batchnorm
 from dlscale.train.skipped import skip_metrics
 from dlscale.train.weight_average import WeightAverage
@@ -328,7 +328,8 @@ class Trainer:
         share_buffers(self.module, self.info.world)   # every rank evaluates the model it exports
         try:
             probe_train = probe_features(self.module, self.evaluation)
-            extra.update(finalize_heads(self.module, self.evaluation, probe_train[0]))   # before the export
+            extra.update(finalize_heads(self.module, self.evaluation,   # before the export
+                                        head_fit_features(self.module, self.evaluation, probe_train[0])))
             self.export(image_shape)
             exported = True
             metrics = evaluate_with_target(self.module, self.evaluation, self.cfg.eval.split, probe=True,

@@ -96,6 +96,12 @@ class Task:
         `finalize`); returns metrics to record (default: the head keeps its random initialisation)."""
         return {}
 
+    def finalizes(self) -> bool:
+        """Whether `finalize` needs train features in a run without a probe (`eval.probe_samples=0`): the whole
+        train split's are then gathered for it (default: no; the probe's train set, when there is one, is always
+        handed to `finalize`)."""
+        return False
+
     def finalize(self, head: nn.Module, train: dict[str, np.ndarray]) -> dict[str, float]:
         """After the last step: adjust the trained head to the eval-mode outputs of training images (`train`: the
         gathered `features`, `labels`, ... of the probe's train set, the same on every rank); returns metrics to

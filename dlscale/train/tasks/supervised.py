@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlscale.data.transforms import dihedral_views
-from dlscale.models.heads import ClassifierHead, Decoder, RegressionHead, WideDecoder
-from dlscale.train.refit import fit_regressor, refit_classifier
+from dlscale.collect import TTA_FEATURES
+from dlscale.models.heads import ClassifierHead, Decoder, RegressionHead, WideDecoder, global_pool
+from dlscale.train.refit import fit_regressor, refit_classifier, refit_regressor
 from dlscale.train.tasks.base import Task, register_task
 
 DECODERS = ("light", "wide")
@@ -60,11 +61,15 @@ class Reconstruction(Task):
         return {"examples": images, "recon_examples": out["recon"]}
 
 
+def view_maps(feature_map: torch.Tensor, images: torch.Tensor, model: nn.Module) -> list[torch.Tensor]:
+    """The encoder's feature maps of every dihedral view of `images` (test-time augmentation), the identity's being
+    `feature_map`, the encoder's map of `images` itself."""
+    return [feature_map, *(model.encoder(v) for v in dihedral_views(images)[1:])]
+
+
 def over_views(head: nn.Module, feature_map: torch.Tensor, images: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """(V, B, ...): the head's outputs on every dihedral view of `images` (test-time augmentation), the identity's
-    from `feature_map`, the encoder's map of `images` itself."""
-    views = dihedral_views(images)[1:]
-    return torch.stack([head(feature_map), *(head(model.encoder(v)) for v in views)])
+    """(V, B, ...): the head's outputs on every dihedral view of `images` (`view_maps`)."""
+    return torch.stack([head(m) for m in view_maps(feature_map, images, model)])
 
 
 @dataclass
@@ -144,6 +149,12 @@ class RegressionConfig:
     each image (`dlscale.data.transforms.dihedral_views`: 8 for square images), 8x the regression's evaluation
     cost. Only for targets invariant under rotations and flips (theta_E, the axion mass; not e1, e2, gamma1, gamma2,
     whose signs the group changes)"""
+    refit_head: bool = True
+    """After the last step (after precise BatchNorm statistics and the weight average), refit the head by least
+    absolute deviations to the eval-mode features of the probe's training images (the whole train split with
+    `eval.probe_samples=0`), averaged over the dihedral views with `tta` as the head is then applied to them
+    (`dlscale.train.refit.refit_regressor`: every weight with 20 samples per coefficient, else the intercepts
+    only). The head was trained on batch-statistics features of one view: its predictions were offset by a constant"""
 
     def __post_init__(self) -> None:
         if self.loss not in REGRESSION_LOSSES:
@@ -164,7 +175,9 @@ class Regression(Task):
 
     def forward(self, head, feature_map, images, batch, model):
         if batch is None and self._options().tta:   # evaluation / prediction: the mean over the dihedral views
-            return {"regression": over_views(head, feature_map, images, model).mean(0)}
+            maps = view_maps(feature_map, images, model)
+            return {"regression": torch.stack([head(m) for m in maps]).mean(0),
+                    TTA_FEATURES: torch.stack([global_pool(m) for m in maps]).mean(0)}
         return {"regression": head(feature_map)}
 
     def _options(self) -> RegressionConfig:
@@ -186,7 +199,8 @@ class Regression(Task):
         if "target" not in batch:
             return {}
         mean, std = self._stats(out["regression"].device)
-        return {"regression": out["regression"].float() * std + mean, "target": batch["target"]}
+        rows = {"regression": out["regression"].float() * std + mean, "target": batch["target"]}
+        return rows | ({TTA_FEATURES: out[TTA_FEATURES]} if TTA_FEATURES in out else {})
 
     def initializes(self):
         return self._options().probe_init
@@ -201,3 +215,14 @@ class Regression(Task):
     @classmethod
     def available(cls, n_targets: int) -> bool:
         return n_targets > 0
+
+    def finalizes(self):
+        return self._options().refit_head
+
+    def finalize(self, head, train):
+        if not self.finalizes():
+            return {}
+        stats = self.ctx.target_stats
+        fitted = refit_regressor(head.linear, train.get(TTA_FEATURES, train["features"]), train["target"],
+                                 stats["mean"], stats["std"])
+        return {f"refit/regression/{key}": value for key, value in fitted.items()}

@@ -99,14 +99,15 @@ def plan(study, train_y: dict, eval_y: dict, eval_ids: np.ndarray, derived: set[
 
 
 def head_options(config: Config, options, names: list[str]) -> Config:
-    """A run's config with the study's regression options (`task_options.regression`): the head's loss, precise
-    BatchNorm statistics, the weight average, and test-time augmentation when every target of the run is invariant
+    """A run's config with the study's regression options (`task_options.regression`): the head's loss and refit,
+    precise BatchNorm statistics, the weight average, and test-time augmentation when every target of the run is invariant
     under the dihedral group. A run with a target that the group changes (e1, e2, gamma1, gamma2 change sign under
     rotations by 90 degrees and flips) trains without the dihedral augmentation: a flipped image keeps its label only
     for invariant targets."""
     invariant = set(names) <= DIHEDRAL_INVARIANT
     config.model.task_options["regression"] = dataclasses.replace(config.model.task_options["regression"],
-                                                                  loss=options.loss, tta=options.tta and invariant)
+                                                                  loss=options.loss, tta=options.tta and invariant,
+                                                                  refit_head=options.refit_head)
     config.data.augment = config.data.augment and invariant
     config.eval.precise_bn = -1 if options.precise_bn else config.eval.precise_bn
     config.optim = dataclasses.replace(config.optim, ema=options.ema)
