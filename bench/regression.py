@@ -18,7 +18,9 @@ against cdm + axion), at 1,000 labelled images per class and with all labels, ag
    (warm-up a tenth, cosine decay), `--min-steps` the step floor of each study (`budget.min_steps`: 1,000 images
    are only 15 batches an epoch on 2 ranks); the regression recipe of `dlscale transfer`'s defaults: the MSE loss on
    the standardised target, predictions averaged over the 8 dihedral views of each image, BatchNorm statistics
-   re-estimated on the training images after the last step (`task_options.regression` .loss / .tta / .precise_bn);
+   re-estimated on the training images after the last step, then the head refitted by least absolute deviations to
+   the view-averaged features of the training images (`task_options.regression` .loss / .tta / .precise_bn /
+   .refit_head);
    `--ema` the decay of the moving average of the weights the trained runs export (`task_options.regression.ema`);
    scratch is the same architecture from random weights. MAE and R^2 on the val split's axion
    images, AUROC on the whole val split, 95% CIs of the two-level bootstrap (1000 draws).

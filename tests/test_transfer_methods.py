@@ -140,7 +140,8 @@ def test_lpft_regression_head_starts_as_the_ridge_probe_on_the_encoder_s_frozen_
     run = train(*REGRESSION, "--data", separable_data, "--run-dir", tmp_path / "lpft", *tiny_args,
                 "--init-from", pretrained / "encoder.pt", "--optim.lr=0", "--schedule.epochs=1",
                 "--schedule.batches_per_epoch=2", "--eval.probe_samples=0",
-                "--model.task_options.regression.probe_init=true")
+                "--model.task_options.regression.probe_init=true",
+                "--model.task_options.regression.refit_head=false")   # the head as it started, not refitted at the end
     assert "heads fitted before training on 240 images" in (run / "log.txt").read_text()
     cfg = load_config(run / "config.yaml")
     stream = StreamConfig(**stream_fields(cfg.data))

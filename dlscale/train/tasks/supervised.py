@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlscale.data.transforms import dihedral_views
 from dlscale.collect import TTA_FEATURES
+from dlscale.data.transforms import dihedral_views
 from dlscale.models.heads import ClassifierHead, Decoder, RegressionHead, WideDecoder, global_pool
 from dlscale.train.refit import fit_regressor, refit_classifier, refit_regressor
 from dlscale.train.tasks.base import Task, register_task
