@@ -67,8 +67,8 @@ class RecordStream(IterableDataset):
     """Read local shards through a memory map (`ShardSet.open`): for a stream whose `prepare` never writes into the
     decoded record."""
     persistent: bool = False
-    """Keep the DataLoader workers from one epoch to the next (`workers`): for a stream iterated epoch after epoch
-    whose workers learn each epoch's state themselves (`reads`)."""
+    """Keep the DataLoader workers from one epoch to the next (`workers_loader`): for a stream iterated epoch after
+    epoch whose workers learn each epoch's state themselves (`reads`)."""
 
     def __init__(self, shards: ShardSet, rank: int, world: int):
         self.shards, self.rank, self.world = shards, rank, world
@@ -85,7 +85,7 @@ class RecordStream(IterableDataset):
     def start(self, workers: int) -> None:
         """Before an epoch's workers start (`workers` of them), or resume for a new epoch (`persistent`)."""
 
-    def workers(self, workers: int) -> DataLoader:
+    def workers_loader(self, workers: int) -> DataLoader:
         """The DataLoader whose `workers` workers read this epoch's records: a new one, or (`persistent`) the one of
         the epochs before while what its workers copied of this stream still holds (`worker_state`).
 
@@ -201,7 +201,7 @@ class RecordLoader:
     def __iter__(self) -> Iterator[dict]:
         workers = self.cfg.num_workers
         self.dataset.start(workers)
-        return self._in_order(iter(self.dataset.workers(workers)))
+        return self._in_order(iter(self.dataset.workers_loader(workers)))
 
     def _in_order(self, records) -> Iterator[dict]:
         def checked() -> Iterator[Read]:
