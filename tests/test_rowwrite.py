@@ -41,6 +41,31 @@ def test_rows_written_equal_the_per_image_reference_for_every_transform(method, 
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_rows_of_images_with_special_values_equal_the_reference(method):
+    """The compiled pass's own minimum and maximum (over keys that order as the floats do) give torch's terms for
+    negative, constant, signed-zero, infinite and NaN images, every transform."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 1, 5, 5, generator=generator) * 1e3
+    images[1] = -images[1].abs() - 1           # all negative
+    images[2] = 7.5                            # constant: scale 1 / EPS
+    images[3, 0, 0] = -0.0
+    images[3, 0, 1] = 0.0
+    images[4, 0, 2, 2] = float("inf")
+    images[5, 0, 1, 3] = float("-inf")
+    images[6, 0, 4, 0] = float("nan")
+    images[7, 0, 0, 4] = -float("nan")
+    choices = np.arange(len(images)) % 8
+    rows = np.arange(len(images))[::-1].copy()
+    out = torch.zeros_like(images)
+    work = torch.empty(chunk_rows(images[:1].nbytes), *images.shape[1:])
+    write_rows(images, method, choices, out, rows, work)
+    for i, (k, row) in enumerate(zip(choices, rows)):
+        expected = reference(images[i], method, int(k))
+        assert torch.equal(out[row].isnan(), expected.isnan()), f"image {i}"
+        assert torch.equal(out[row].nan_to_num(0.0), expected.nan_to_num(0.0)), f"image {i}"
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_stream_rows_are_a_transform_of_the_normalised_image_for_any_worker_count(make_shards, monkeypatch, method):
     """Spill rows too (a window of one batch); the batches are the same for 0, 1, 2 and 4 workers."""
     monkeypatch.setattr("dlscale.data.stream.WINDOW_FILLS", 0)

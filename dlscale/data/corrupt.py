@@ -10,7 +10,7 @@ log = logging.getLogger("dlscale.data.stream")   # the streams' own logger: thei
 
 class SkipCounter:
     """Shard reads a tolerant stream cut short at a corrupt part, and the records they lost, per shard, in shared
-    memory: a rank's DataLoader workers are processes of their own, created anew every epoch."""
+    memory: a rank's DataLoader workers are processes of their own."""
 
     def __init__(self, shards: int):
         self.reads = multiprocessing.Array("q", shards + 1)   # [-1]: all shards together

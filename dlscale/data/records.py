@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import weakref
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from typing import NamedTuple
@@ -65,6 +66,9 @@ class RecordStream(IterableDataset):
     mapped: bool = False
     """Read local shards through a memory map (`ShardSet.open`): for a stream whose `prepare` never writes into the
     decoded record."""
+    persistent: bool = False
+    """Keep the DataLoader workers from one epoch to the next (`workers_loader`): for a stream iterated epoch after
+    epoch whose workers learn each epoch's state themselves (`reads`)."""
 
     def __init__(self, shards: ShardSet, rank: int, world: int):
         self.shards, self.rank, self.world = shards, rank, world
@@ -79,7 +83,34 @@ class RecordStream(IterableDataset):
         raise NotImplementedError
 
     def start(self, workers: int) -> None:
-        """Before an epoch's workers start (`workers` of them)."""
+        """Before an epoch's workers start (`workers` of them), or resume for a new epoch (`persistent`)."""
+
+    def workers_loader(self, workers: int) -> DataLoader:
+        """The DataLoader whose `workers` workers read this epoch's records: a new one, or (`persistent`) the one of
+        the epochs before while what its workers copied of this stream still holds (`worker_state`).
+
+        A kept DataLoader is held by a finalizer of the stream, not by the stream, and holds the stream weakly: the
+        stream dropped (or collected with its reference cycles), the finalizer lets the DataLoader go and its
+        workers are told to stop. (Collected among the stream's cycles, the DataLoader's queues would be closed
+        before its workers were told: they would stop only at the join's timeout.)"""
+        persistent, key = self.persistent and workers > 0, (workers, self.worker_state())
+        kept = getattr(self, "_kept", None)         # [the DataLoader, its key], or empty once let go
+        if persistent and kept and kept[1] == key:
+            return kept[0]
+        if kept:
+            kept.clear()
+        loader = DataLoader(_Reads(self, weak=persistent), batch_size=None, num_workers=workers,
+                            prefetch_factor=RECORDS_IN_FLIGHT if workers else None, persistent_workers=persistent,
+                            multiprocessing_context=worker_start(workers), collate_fn=_as_read)
+        if persistent:
+            self._kept = [loader, key]
+            weakref.finalize(self, self._kept.clear)
+        return loader
+
+    def worker_state(self) -> object:
+        """What workers copy of this stream when they start and must not change while they serve later epochs
+        (`persistent`; compared with `==`)."""
+        return None
 
     def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
         """The main process: batches from the records in order of j (pinned when `pin`)."""
@@ -132,13 +163,23 @@ class RecordStream(IterableDataset):
 
 
 class _Reads(IterableDataset):
-    """The DataLoader's view of a record stream: each worker's records (`RecordStream.reads`)."""
+    """The DataLoader's view of a record stream: each worker's records (`RecordStream.reads`). `weak`: held by a
+    weak reference (a stream that keeps its DataLoader); a forked worker's copy finds the stream where the rank held
+    it, a spawned one gets its own."""
 
-    def __init__(self, stream: RecordStream):
-        self.stream = stream
+    def __init__(self, stream: RecordStream, weak: bool = False):
+        self.stream = weakref.ref(stream) if weak else lambda: stream
 
     def __iter__(self) -> Iterator[Read]:
-        return self.stream.reads()
+        return self.stream().reads()
+
+    def __reduce__(self):
+        return _Reads, (self.stream(),)
+
+
+def _as_read(read: Read) -> Read:
+    """The DataLoader's collate function: a worker's `Read` as it is (the default converts it field by field)."""
+    return read
 
 
 class RecordLoader:
@@ -160,10 +201,7 @@ class RecordLoader:
     def __iter__(self) -> Iterator[dict]:
         workers = self.cfg.num_workers
         self.dataset.start(workers)
-        records = DataLoader(_Reads(self.dataset), batch_size=None, num_workers=workers,
-                             prefetch_factor=RECORDS_IN_FLIGHT if workers else None, persistent_workers=False,
-                             multiprocessing_context=worker_start(workers))
-        return self._in_order(iter(records))
+        return self._in_order(iter(self.dataset.workers_loader(workers)))
 
     def _in_order(self, records) -> Iterator[dict]:
         def checked() -> Iterator[Read]:

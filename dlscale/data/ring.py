@@ -207,16 +207,17 @@ class BatchRing:
             time.sleep(0.0005)
 
     def _populate_rows(self, rows: np.ndarray) -> None:
-        """Map the pages of the images' `rows` into this process (a worker is new each epoch; a row, or a run of
-        consecutive rows, in one call), those of the other parts (a few bytes a row) in full the first time."""
+        """Map the pages of the images' `rows` into this process (a row, or a run of consecutive rows, in one call),
+        those of the other parts (a few bytes a row) in full the first time."""
         populated = self.populated.get(os.getpid())
         if populated is None:
             populated = self.populated[os.getpid()] = np.zeros(len(self.store[0]), dtype=bool)
             for store in self.parts()[1:]:
                 _populate(store.data_ptr(), store.nbytes)
-        new = np.unique(rows[~populated[rows]])
-        if not len(new):
+        new = rows[~populated[rows]]
+        if not len(new):      # (every epoch after a kept worker's first, mostly)
             return
+        new = np.unique(new)
         populated[new] = True
         ends = np.flatnonzero(np.diff(new) != 1)
         base, row_bytes = self.store[0].data_ptr(), self.store[0][:1].nbytes

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dlscale.data.buffers import BufferPool
 from dlscale.data.records import RECORDS_IN_FLIGHT, Read, RecordLoader, RecordStream, worker_start
@@ -78,9 +78,23 @@ class TrainStream(RecordStream):
         self.max_failures = 10 * len(shards.urls) + 10
         self.allocate = BufferPool(RECORD_READS_KEPT).take    # reads of pipes and remote shards
         self.mapped = True     # `prepare` writes records into the ring, never into the decoded ones
+        self.persistent = True
+        self.shared_epoch = torch.zeros(1, dtype=torch.int64).share_memory_()   # what the kept workers read
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.shared_epoch[0] = epoch
+
+    def reads(self) -> Iterator[Read]:
+        """This worker's records; a worker (kept from epoch to epoch) first takes the epoch this process set and
+        makes its shuffle plan."""
+        if get_worker_info() is not None:
+            self.epoch = int(self.shared_epoch[0])
+            self.plan = self._plan(writer=True, reader=False)
+        return super().reads()
+
+    def worker_state(self) -> object:
+        return self.ring      # a new ring (another layout): new workers, which map it
 
     def seeds(self) -> list[int]:
         return [self.seed, self.epoch, self.rank]
@@ -137,12 +151,9 @@ class TrainStream(RecordStream):
         window = max(1, math.ceil(WINDOW_FILLS * full / bs))
         slots = window + math.ceil((RECORDS_IN_FLIGHT * workers + 1) * spr / bs) + 1 + LENT
         spill = 2 * capacity
-
-        def plan(writer: bool, reader: bool) -> ShufflePlan:
-            return ShufflePlan(self.record_counts, np.random.default_rng(self.seeds() + [SHUFFLE_KEY]), bs, full,
-                               keep, capacity, self.batches_per_epoch, window, spill, writer, reader)
-        self.plan = plan(True, workers == 0)          # the writers' (copied into each worker)
-        self.cuts = self.plan if workers == 0 else plan(False, True)     # this process's
+        self.plan_sizes = (bs, full, keep, capacity, self.batches_per_epoch, window, spill)
+        self.cuts = self._plan(writer=workers == 0, reader=True)     # this process's
+        self.plan = self.cuts if workers == 0 else None              # each worker makes its own (`reads`)
         ring = getattr(self, "ring", None)
         on_host = cfg.transforms != "device"
         logs = on_host and cfg.normalize == "log"    # the one method that writes images before the ring
@@ -158,6 +169,11 @@ class TrainStream(RecordStream):
                 _check_shared_memory(BatchRing.nbytes(slots, bs, spill, work, rows))
             self.ring = BatchRing(slots, bs, spill, work, rows, shared=workers > 0)
         self.ring.begin_epoch()
+
+    def _plan(self, writer: bool, reader: bool) -> ShufflePlan:
+        """The epoch's shuffle plan, of the sizes `start` set: a writer's, the reader's or both."""
+        return ShufflePlan(self.record_counts, np.random.default_rng(self.seeds() + [SHUFFLE_KEY]), *self.plan_sizes,
+                           writer, reader)
 
     def assemble(self, reads: Iterator[Read], pin: bool) -> Iterator[dict]:
         cfg, seeds = self.shards.cfg, self.seeds()
