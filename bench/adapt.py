@@ -97,6 +97,8 @@ METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
                                          *FROM_ADABN], 0.5, True),
     "mmd_adabn": ("adapt", ["--model.tasks=[classification,mmd]", "--optim.lr=1e-3", *FROM_ADABN], 0.5, True),
     "instrument": ("adapt", ["--model.tasks=[classification,instrument]"], 1.0, True),
+    "noisematch": ("adapt", ["--model.tasks=[classification,noisematch]"], 1.0, True),
+    "mmd_noisematch": ("adapt", ["--model.tasks=[classification,mmd,noisematch]"], 1.0, True),
     "instrument_adabn": ("adapt", ["--model.tasks=[classification,instrument]", "--optim.lr=1e-3", *FROM_ADABN],
                          0.5, True),
     "instrument_shot": ("adapt", ["--model.tasks=[classification,instrument,shot]", "--optim.lr=1e-3", *FROM_ADABN],
