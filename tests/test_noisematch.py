@@ -1,0 +1,170 @@
+"""Noise matching (task `noisematch`): the noise estimate on images of known noise, views that reach the target's
+noise and are a no-op where the target is not noisier, the loss against the classifier on views made by hand,
+target labels that never matter, options refused by name, and a 2-rank run with DataLoader workers that resumes
+exactly from a SIGKILL."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlscale import preemption
+from dlscale.data.classes import CLASSES
+from dlscale.data.shards import DatasetWriter
+from dlscale.data.transforms import normalize
+from dlscale.distributed import DistInfo
+from dlscale.models.heads import global_pool
+from dlscale.train.model import build_run_model
+from dlscale.train.sources import TARGET_DOMAIN, training_source
+from dlscale.train.tasks.noisematch import VIEW_SEED_KEY, NoiseMatchConfig, noise_matched_views, noise_sigma
+from dlscale.train.tasks.selftraining import ViewCounter
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import separable_image  # noqa: E402
+from test_adapt import BATCHES, EPOCHS, KILL_AT_STEP, TIMEOUT_S, adapt_config, two_ranks  # noqa: E402
+
+TARGET_NOISE = 0.3
+
+
+def write_noisy_target(out: Path, permute_labels: bool = False, side: int = 32) -> Path:
+    """The separable toy domain under extra Gaussian noise of sigma TARGET_NOISE (a shallower exposure).
+    `permute_labels` relabels every image (the images stay the same)."""
+    rng = np.random.default_rng(11)
+    with DatasetWriter(out, (1, side, side), {"kind": "test"}, shard_size=50, samples_per_record=8,
+                       classes=CLASSES) as w:
+        for split, n in (("train", 120), ("val", 30)):
+            for i in range(n):
+                label = i % 3
+                image = separable_image(rng, label, side) + rng.normal(0, TARGET_NOISE, (1, side, side))
+                stored = (label + 1) % 3 if permute_labels else label
+                w.add(split, image.astype(np.float32), stored, {"class": CLASSES[stored], "source_file": f"{i}"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def noisy_target(tmp_path_factory) -> Path:
+    return write_noisy_target(tmp_path_factory.mktemp("noisy") / "data")
+
+
+def smooth_lenses(n: int = 16, side: int = 64) -> torch.Tensor:
+    """(n, 1, side, side) noiseless Einstein rings (radii 5-12 pixels, width sigma 2 pixels) of different brightness
+    on a sloping background."""
+    y, x = torch.meshgrid(torch.arange(side) - side / 2, torch.arange(side) - side / 2, indexing="ij")
+    r = (x.square() + y.square()).sqrt()
+    radius = torch.linspace(5, 12, n)[:, None, None]
+    flux = torch.linspace(0.5, 3, n)[:, None, None]
+    return (flux * torch.exp(-(r - radius).square() / 8) + 0.01 * x)[:, None]
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.05, 0.2])
+def test_the_noise_estimate_finds_known_gaussian_noise_under_lenses_within_12_percent(sigma):
+    clean = smooth_lenses()
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    got = noise_sigma(clean + sigma * noise)
+    assert torch.allclose(got, torch.full_like(got, sigma), rtol=0.12)   # MAD of 62^2 residuals: +-5%
+    assert float(noise_sigma(clean).max()) < 0.002   # the lens's own structure barely counts
+
+
+def test_views_reach_the_target_s_noise_replay_from_their_seed_and_stay_normalised():
+    clean = normalize(smooth_lenses(), "minmax")
+    target = normalize(smooth_lenses() + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1)),
+                       "minmax")
+    a, added = noise_matched_views(clean, target, "minmax", torch.Generator().manual_seed(3))
+    b, _ = noise_matched_views(clean, target, "minmax", torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, noise_matched_views(clean, target, "minmax", torch.Generator().manual_seed(4))[0])
+    wanted = noise_sigma(target)
+    assert float(added.min()) > 0.9 * float(wanted.min()) and float(added.max()) < 1.1 * float(wanted.max())
+    assert torch.allclose(noise_sigma(a).median(), wanted.median(), rtol=0.1)
+    flat = a.flatten(1)
+    assert torch.allclose(flat.amin(1), torch.zeros(len(a)), atol=1e-6)
+    assert torch.allclose(flat.amax(1), torch.ones(len(a)), atol=1e-6)
+
+
+def test_views_are_the_images_where_the_target_is_not_noisier():
+    one_lens = smooth_lenses()[8:9].expand(16, -1, -1, -1)
+    noisy = normalize(one_lens + 0.05 * torch.randn(16, 1, 64, 64, generator=torch.Generator().manual_seed(2)),
+                      "minmax")
+    views, added = noise_matched_views(noisy, normalize(one_lens, "minmax"), "minmax",
+                                       torch.Generator().manual_seed(0))
+    assert float(added.max()) == 0.0 and torch.allclose(views, noisy, atol=1e-6)
+    _, added = noise_matched_views(noisy, noisy, "minmax", torch.Generator().manual_seed(0))   # as noisy: the
+    assert float(added.square().max()) < 0.25 * float(noise_sigma(noisy).square().min())  # estimates' scatter only
+
+
+def first_batch(cfg):
+    source = training_source(cfg)
+    stream, _ = source.open(DistInfo(0, 1, 0), torch.device("cpu"))
+    return next(iter(source.loader(stream)))
+
+
+def test_the_loss_is_the_classifier_s_cross_entropy_on_noise_matched_views(separable_data, noisy_target, tmp_path):
+    cfg = adapt_config(separable_data, noisy_target, tmp_path / "run", "--model.tasks=[classification,noisematch]")
+    batch = first_batch(cfg)
+    torch.manual_seed(0)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    model.eval()   # BatchNorm as a fixed map, so the pass by hand matches the model's
+    out = model(batch["image"], batch)
+    _, seed = ViewCounter().next_seed(VIEW_SEED_KEY)
+    views, added = noise_matched_views(batch["image"], batch[TARGET_DOMAIN]["image"], "minmax",
+                                       torch.Generator().manual_seed(seed))
+    assert float(added.min()) > 0.5 * float(noise_sigma(batch[TARGET_DOMAIN]["image"]).min())
+    with torch.no_grad():
+        logits = model.heads["classification"](global_pool(model.encoder(views)))
+    assert torch.allclose(out["noisematch_logits"], logits, atol=1e-5)
+    loss = model.task_specs["noisematch"].loss(out, batch["image"], batch)
+    assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits, batch["label"])), rel=1e-5)
+
+
+def test_target_labels_never_reach_noisematch(separable_data, noisy_target, tmp_path):
+    permuted = write_noisy_target(tmp_path / "permuted", permute_labels=True)
+    results = []
+    for target in (noisy_target, permuted):
+        cfg = adapt_config(separable_data, target, tmp_path / "run", "--model.tasks=[classification,mmd,noisematch]")
+        batch = first_batch(cfg)
+        torch.manual_seed(0)
+        model = build_run_model(cfg, (1, 32, 32), None, total_steps=4)
+        out = model(batch["image"], batch)
+        losses = model.losses(out, batch["image"], batch)
+        sum(losses.values()).backward()
+        results.append(({k: float(v.detach()) for k, v in losses.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert l0["noisematch"] > 0 and l0 == l1
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def test_options_are_refused_naming_the_key(separable_data, noisy_target, tmp_path):
+    with pytest.raises(ValueError, match="model.task_options.noisematch.renormalise"):
+        adapt_config(separable_data, noisy_target, tmp_path / "run", "--model.tasks=[classification,noisematch]",
+                     "--model.task_options.noisematch.renormalise=minmax")
+    with pytest.raises(ValueError, match="model.task_options.noisematch.renormalize='zscore'"):
+        NoiseMatchConfig("zscore")
+    cfg = adapt_config(separable_data, noisy_target, tmp_path / "run", "--model.tasks=[noisematch]")
+    batch = first_batch(cfg)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=10)
+    with pytest.raises(ValueError, match="task noisematch .* add task classification"):
+        model(batch["image"], batch)
+
+
+@pytest.mark.slow
+def test_noisematch_with_mmd_on_two_ranks_resumes_exactly_from_a_sigkill(tmp_path, launch, venv_bin, separable_data,
+                                                                         noisy_target):
+    args = ("--model.tasks=[classification,mmd,noisematch]",)
+    whole = launch(two_ranks(venv_bin, separable_data, noisy_target, tmp_path / "whole", *args),
+                   tmp_path / "whole.log", tmp_path)
+    killed = launch(two_ranks(venv_bin, separable_data, noisy_target, tmp_path / "killed", *args),
+                    tmp_path / "killed.log", tmp_path, env={preemption.DRILL: f"{KILL_AT_STEP}:SIGKILL"})
+    assert killed.wait(TIMEOUT_S) != 0, killed.output()[-4000:]
+    assert whole.wait(TIMEOUT_S) == 0, whole.output()[-4000:]
+    resumed = launch(two_ranks(venv_bin, separable_data, noisy_target, tmp_path / "killed", *args, "--resume", "auto"),
+                     tmp_path / "resumed.log", tmp_path)
+    assert resumed.wait(TIMEOUT_S) == 0, resumed.output()[-4000:]
+    got = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    want = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    assert int(got["heads.noisematch.batches_seen"]) == EPOCHS * BATCHES
+    assert got.keys() == want.keys()
+    assert [k for k, v in got.items() if torch.is_tensor(v) and not torch.equal(v, want[k])] == []
+    assert not np.isnan(float(got["heads.classification.linear.weight"].sum()))
