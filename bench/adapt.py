@@ -68,6 +68,7 @@ FROM_SOURCE = ["--init_from={source_only}", "--optim.warmup_steps=10"]
 # its own statistics in training (the target's as AdaBN's), the labelled domain's kept as the run's
 FROM_ADABN = ["--model.domain_batchnorm=separate", "--model.task_options.classification.probe_init=true",
               "--eval.probe_samples=1200", *FROM_SOURCE]
+GAUSSIAN_NOISE = ["--model.task_options.noisematch.model=gaussian"]   # the background's noise alone, no shot noise
 SHOT = ["--model.tasks=[classification,shot]", "--optim.lr=1e-3", *FROM_ADABN]
 METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
     "source_only": ("supervised", [], 1.0, False),
@@ -99,6 +100,9 @@ METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
     "instrument": ("adapt", ["--model.tasks=[classification,instrument]"], 1.0, True),
     "noisematch": ("adapt", ["--model.tasks=[classification,noisematch]"], 1.0, True),
     "mmd_noisematch": ("adapt", ["--model.tasks=[classification,mmd,noisematch]"], 1.0, True),
+    "noisematch_gaussian": ("adapt", ["--model.tasks=[classification,noisematch]", *GAUSSIAN_NOISE], 1.0, True),
+    "mmd_noisematch_gaussian": ("adapt", ["--model.tasks=[classification,mmd,noisematch]", *GAUSSIAN_NOISE], 1.0,
+                                True),
     "instrument_adabn": ("adapt", ["--model.tasks=[classification,instrument]", "--optim.lr=1e-3", *FROM_ADABN],
                          0.5, True),
     "instrument_shot": ("adapt", ["--model.tasks=[classification,instrument,shot]", "--optim.lr=1e-3", *FROM_ADABN],

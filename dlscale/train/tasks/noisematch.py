@@ -37,42 +37,78 @@ MAD_TO_SIGMA = 0.6745
 """The median absolute deviation of a standard normal variable (Phi^-1(3/4)): sigma = MAD / 0.6745."""
 
 
+NOISE_MODELS = ("poisson_gaussian", "gaussian")
+
+
 @dataclass
 class NoiseMatchConfig:
+    model: str = "poisson_gaussian"
+    """the noise model fitted to each image: poisson_gaussian (variance a + b x signal: background and shot noise,
+    a CCD's) or gaussian (variance a alone)"""
     renormalize: str = "minmax"
     """how a view is normalised again after its noise is added: the run's `data.normalize` (minmax, standardize,
     log or none)"""
 
     def __post_init__(self) -> None:
+        if self.model not in NOISE_MODELS:
+            raise ValueError(f"model.task_options.noisematch.model={self.model!r}: expected one of {NOISE_MODELS}")
         if self.renormalize not in NORMALIZATIONS:
             raise ValueError(f"model.task_options.noisematch.renormalize={self.renormalize!r}: expected one of "
                              f"{NORMALIZATIONS}")
 
 
+def high_pass(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H-2, W-2): the images convolved with [1 -2 1]^T [1 -2 1] / 6 (L2 norm 1, so white
+    noise keeps its sigma; planes vanish)."""
+    b, c, h, w = images.shape
+    if h < 3 or w < 3:
+        raise ValueError(f"the noise estimate needs images of at least 3x3 pixels, got {h}x{w}")
+    line = torch.tensor([1.0, -2.0, 1.0], dtype=images.dtype, device=images.device)
+    kernel = (line[:, None] * line[None, :]) / line.square().sum()
+    return F.conv2d(images.reshape(b * c, 1, h, w), kernel[None, None]).reshape(b, c, h - 2, w - 2)
+
+
 def noise_sigma(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B,): each image's white-noise standard deviation, MAD / 0.6745 of its high-pass residual
     (all channels together), robust to the signal where it is smooth or sparse."""
-    b, c, h, w = images.shape
-    if h < 3 or w < 3:
-        raise ValueError(f"noise_sigma needs images of at least 3x3 pixels, got {h}x{w}")
-    line = torch.tensor([1.0, -2.0, 1.0], dtype=images.dtype, device=images.device)
-    kernel = (line[:, None] * line[None, :]) / line.square().sum()   # L2 norm 1: white noise keeps its sigma
-    residual = F.conv2d(images.reshape(b * c, 1, h, w), kernel[None, None]).reshape(b, -1)
+    residual = high_pass(images).flatten(1)
     deviation = (residual - residual.median(1, keepdim=True).values).abs()
     return deviation.median(1).values / MAD_TO_SIGMA
 
 
-def noise_matched_views(images: torch.Tensor, target: torch.Tensor, renormalize: str,
+def signal(images: torch.Tensor, valid: bool = False) -> torch.Tensor:
+    """Each image's signal above its background (its median), averaged over 3x3 pixels (so a noisy image's own
+    noise counts less) and clamped at 0: (B, C, H, W), or the (H-2, W-2) pixels `high_pass` keeps (`valid`)."""
+    above = images - images.flatten(1).median(1).values[:, None, None, None]
+    return F.avg_pool2d(above, 3, 1, padding=0 if valid else 1, count_include_pad=False).clamp_min(0)
+
+
+def noise_model(images: torch.Tensor, model: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) (B,) each: each image's noise variance a + b x signal, the Poisson-Gaussian model of a CCD (Foi et
+    al. 2008, "Practical Poissonian-Gaussian noise modeling and fitting for single-image raw-data"): a, the
+    background's, the square of `noise_sigma`; b, the shot noise's gain, the least-squares slope through a of the
+    squared high-pass residual on the signal (`signal`). `gaussian`: b = 0."""
+    a = noise_sigma(images).square()
+    if model == "gaussian":
+        return a, torch.zeros_like(a)
+    s, r2 = signal(images, valid=True).flatten(1), high_pass(images).flatten(1).square()
+    b = ((r2 - a[:, None]) * s).sum(1) / s.square().sum(1).clamp_min(1e-12)
+    return a, b.clamp_min(0)
+
+
+def noise_matched_views(images: torch.Tensor, target: torch.Tensor, model: str, renormalize: str,
                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(views, added sigma (B,)): each of `images` with Gaussian noise of the variance it lacks to reach the noise
-    of a `target` image drawn at random (none where that image is not noisier), normalised again by
-    `renormalize`. Draws come from `generator` on the CPU, so any device draws alike."""
-    partner = torch.randint(len(target), (len(images),), generator=generator)
-    wanted = noise_sigma(target.float())[partner.to(target.device)].to(images.device)
-    added = (wanted.square() - noise_sigma(images.float()).square()).clamp_min(0).sqrt()
+    """(views, added noise variance (B, C, H, W)): each of `images` with Gaussian noise of the variance it lacks, pixel
+    by pixel, to reach the noise model (`noise_model`) of a `target` image drawn at random (none where that image
+    is not noisier), normalised again by `renormalize`. Draws come from `generator` on the CPU, so any device
+    draws alike."""
+    partner = torch.randint(len(target), (len(images),), generator=generator).to(target.device)
+    a_t, b_t = (v[partner].to(images.device) for v in noise_model(target.float(), model))
+    a_s, b_s = noise_model(images.float(), model)
+    added = ((a_t - a_s)[:, None, None, None] + (b_t - b_s)[:, None, None, None] * signal(images.float()))
+    added = added.clamp_min(0)
     noise = torch.randn(images.shape, generator=generator).to(images)
-    views = images + added.to(images)[:, None, None, None] * noise
-    return normalize(views, renormalize), added
+    return normalize(images + added.sqrt().to(images) * noise, renormalize), added
 
 
 @register_task
@@ -90,11 +126,11 @@ class NoiseMatch(Task):
             return {}
         classifier = require_classifier(model, self.name)
         _, seed = head.next_seed(VIEW_SEED_KEY)
-        views, added = noise_matched_views(images.detach(), batch[TARGET_DOMAIN]["image"].detach(),
-                                           (self.ctx.options or NoiseMatchConfig()).renormalize,
-                                           torch.Generator().manual_seed(seed))
+        o = self.ctx.options or NoiseMatchConfig()
+        views, _ = noise_matched_views(images.detach(), batch[TARGET_DOMAIN]["image"].detach(), o.model,
+                                       o.renormalize, torch.Generator().manual_seed(seed))
         with running_stats_kept(model):
-            return {"noisematch_logits": classifier(global_pool(model.encoder(views))), "noisematch_sigma": added}
+            return {"noisematch_logits": classifier(global_pool(model.encoder(views)))}
 
     def loss(self, out, images, batch):
         logits = out["noisematch_logits"].float()
