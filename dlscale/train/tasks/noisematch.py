@@ -68,12 +68,16 @@ def high_pass(images: torch.Tensor) -> torch.Tensor:
     return F.conv2d(images.reshape(b * c, 1, h, w), kernel[None, None]).reshape(b, c, h - 2, w - 2)
 
 
+def mad_sigma(residual: torch.Tensor) -> torch.Tensor:
+    """(B, N) high-pass residuals, NaN where left out -> (B,): MAD / 0.6745 of each row's other values."""
+    deviation = (residual - residual.nanmedian(1, keepdim=True).values).abs()
+    return deviation.nanmedian(1).values / MAD_TO_SIGMA
+
+
 def noise_sigma(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B,): each image's white-noise standard deviation, MAD / 0.6745 of its high-pass residual
     (all channels together), robust to the signal where it is smooth or sparse."""
-    residual = high_pass(images).flatten(1)
-    deviation = (residual - residual.median(1, keepdim=True).values).abs()
-    return deviation.median(1).values / MAD_TO_SIGMA
+    return mad_sigma(high_pass(images).flatten(1))
 
 
 def signal(images: torch.Tensor, valid: bool = False) -> torch.Tensor:
@@ -86,13 +90,16 @@ def signal(images: torch.Tensor, valid: bool = False) -> torch.Tensor:
 def noise_model(images: torch.Tensor, model: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b) (B,) each: each image's noise variance a + b x signal, the Poisson-Gaussian model of a CCD (Foi et
     al. 2008, "Practical Poissonian-Gaussian noise modeling and fitting for single-image raw-data"): a, the
-    background's, the square of `noise_sigma`; b, the shot noise's gain, the least-squares slope through a of the
-    squared high-pass residual on the signal (`signal`). `gaussian`: b = 0."""
-    a = noise_sigma(images).square()
+    background's, the square of the MAD estimate over the half of the pixels with the least signal (`signal`; the
+    shot noise of the lens's pixels left out); b, the shot noise's gain, the least-squares slope through a of the
+    squared high-pass residual on the signal. `gaussian`: a over every pixel (`noise_sigma`), b = 0."""
     if model == "gaussian":
+        a = noise_sigma(images).square()
         return a, torch.zeros_like(a)
-    s, r2 = signal(images, valid=True).flatten(1), high_pass(images).flatten(1).square()
-    b = ((r2 - a[:, None]) * s).sum(1) / s.square().sum(1).clamp_min(1e-12)
+    s, residual = signal(images, valid=True).flatten(1), high_pass(images).flatten(1)
+    background = torch.where(s <= s.median(1, keepdim=True).values, residual, torch.nan)
+    a = mad_sigma(background).square()
+    b = ((residual.square() - a[:, None]) * s).sum(1) / s.square().sum(1).clamp_min(1e-12)
     return a, b.clamp_min(0)
 
 
