@@ -10,21 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlscale import preemption
 from dlscale.data.classes import CLASSES
 from dlscale.data.shards import DatasetWriter
 from dlscale.data.transforms import normalize
-from dlscale.distributed import DistInfo
 from dlscale.models.heads import global_pool
 from dlscale.train.model import build_run_model
-from dlscale.train.sources import TARGET_DOMAIN, training_source
+from dlscale.train.sources import TARGET_DOMAIN
 from dlscale.train.tasks.noisematch import (VIEW_SEED_KEY, NoiseMatchConfig, noise_matched_views, noise_model,
                                             noise_sigma)
 from dlscale.train.tasks.selftraining import ViewCounter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import separable_image  # noqa: E402
-from test_adapt import BATCHES, EPOCHS, KILL_AT_STEP, TIMEOUT_S, adapt_config, two_ranks  # noqa: E402
+from test_adapt import BATCHES, EPOCHS, adapt_config  # noqa: E402
+from test_adapt_methods import first_batch, first_step, whole_and_resumed  # noqa: E402
 
 TARGET_NOISE = 0.3
 
@@ -118,12 +117,6 @@ def test_views_are_the_images_where_the_target_is_not_noisier():
     assert float(added.max()) < 0.25 * float(noise_sigma(noisy).square().min())   # the estimates' scatter only
 
 
-def first_batch(cfg):
-    source = training_source(cfg)
-    stream, _ = source.open(DistInfo(0, 1, 0), torch.device("cpu"))
-    return next(iter(source.loader(stream)))
-
-
 def test_the_loss_is_the_classifier_s_cross_entropy_on_noise_matched_views(separable_data, noisy_target, tmp_path):
     cfg = adapt_config(separable_data, noisy_target, tmp_path / "run", "--model.tasks=[classification,noisematch]")
     batch = first_batch(cfg)
@@ -144,18 +137,8 @@ def test_the_loss_is_the_classifier_s_cross_entropy_on_noise_matched_views(separ
 
 def test_target_labels_never_reach_noisematch(separable_data, noisy_target, tmp_path):
     permuted = write_noisy_target(tmp_path / "permuted", permute_labels=True)
-    results = []
-    for target in (noisy_target, permuted):
-        cfg = adapt_config(separable_data, target, tmp_path / "run", "--model.tasks=[classification,mmd,noisematch]")
-        batch = first_batch(cfg)
-        torch.manual_seed(0)
-        model = build_run_model(cfg, (1, 32, 32), None, total_steps=4)
-        out = model(batch["image"], batch)
-        losses = model.losses(out, batch["image"], batch)
-        sum(losses.values()).backward()
-        results.append(({k: float(v.detach()) for k, v in losses.items()},
-                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (l0, g0), (l1, g1) = results
+    (l0, g0), (l1, g1) = (first_step(separable_data, target, tmp_path, "--model.tasks=[classification,mmd,noisematch]")
+                          for target in (noisy_target, permuted))
     assert l0["noisematch"] > 0 and l0 == l1
     assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
 
@@ -178,19 +161,6 @@ def test_options_are_refused_naming_the_key(separable_data, noisy_target, tmp_pa
 @pytest.mark.slow
 def test_noisematch_with_mmd_on_two_ranks_resumes_exactly_from_a_sigkill(tmp_path, launch, venv_bin, separable_data,
                                                                          noisy_target):
-    args = ("--model.tasks=[classification,mmd,noisematch]",)
-    whole = launch(two_ranks(venv_bin, separable_data, noisy_target, tmp_path / "whole", *args),
-                   tmp_path / "whole.log", tmp_path)
-    killed = launch(two_ranks(venv_bin, separable_data, noisy_target, tmp_path / "killed", *args),
-                    tmp_path / "killed.log", tmp_path, env={preemption.DRILL: f"{KILL_AT_STEP}:SIGKILL"})
-    assert killed.wait(TIMEOUT_S) != 0, killed.output()[-4000:]
-    assert whole.wait(TIMEOUT_S) == 0, whole.output()[-4000:]
-    resumed = launch(two_ranks(venv_bin, separable_data, noisy_target, tmp_path / "killed", *args, "--resume", "auto"),
-                     tmp_path / "resumed.log", tmp_path)
-    assert resumed.wait(TIMEOUT_S) == 0, resumed.output()[-4000:]
-    got = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
-    want = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    got, _ = whole_and_resumed(launch, venv_bin, separable_data, noisy_target, tmp_path,
+                               "--model.tasks=[classification,mmd,noisematch]")
     assert int(got["heads.noisematch.batches_seen"]) == EPOCHS * BATCHES
-    assert got.keys() == want.keys()
-    assert [k for k, v in got.items() if torch.is_tensor(v) and not torch.equal(v, want[k])] == []
-    assert not np.isnan(float(got["heads.classification.linear.weight"].sum()))

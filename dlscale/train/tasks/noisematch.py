@@ -22,15 +22,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dlscale.data.stream_config import NORMALIZATIONS
 from dlscale.data.transforms import normalize
-from dlscale.models.heads import global_pool
-from dlscale.models.model import TARGET_DOMAIN, running_stats_kept
-from dlscale.train.tasks.adaptation import require_classifier
-from dlscale.train.tasks.base import Task, register_task
-from dlscale.train.tasks.selftraining import ViewCounter
+from dlscale.models.model import TARGET_DOMAIN
+from dlscale.train.tasks.base import register_task
+from dlscale.train.tasks.randomisation import LabelledViews
 
 VIEW_SEED_KEY = 0x4E01
 MAD_TO_SIGMA = 0.6745
@@ -119,26 +116,14 @@ def noise_matched_views(images: torch.Tensor, target: torch.Tensor, model: str, 
 
 
 @register_task
-class NoiseMatch(Task):
-    """Cross-entropy of the run's classifier on the labelled images with the target's noise level added."""
+class NoiseMatch(LabelledViews):
+    """Cross-entropy of the run's classifier on the labelled images with the target's noise added."""
     name = "noisematch"
     Config = NoiseMatchConfig
     batch_keys = ("label", TARGET_DOMAIN)
+    seed_key = VIEW_SEED_KEY
 
-    def build_head(self) -> nn.Module:
-        return ViewCounter()
-
-    def forward(self, head, feature_map, images, batch, model):
-        if batch is None:   # evaluation and inference: no views
-            return {}
-        classifier = require_classifier(model, self.name)
-        _, seed = head.next_seed(VIEW_SEED_KEY)
+    def views(self, images, batch, generator):
         o = self.ctx.options or NoiseMatchConfig()
-        views, _ = noise_matched_views(images.detach(), batch[TARGET_DOMAIN]["image"].detach(), o.model,
-                                       o.renormalize, torch.Generator().manual_seed(seed))
-        with running_stats_kept(model):
-            return {"noisematch_logits": classifier(global_pool(model.encoder(views)))}
-
-    def loss(self, out, images, batch):
-        logits = out["noisematch_logits"].float()
-        return F.cross_entropy(logits, batch["label"].to(logits.device))
+        return noise_matched_views(images, batch[TARGET_DOMAIN]["image"].detach(), o.model, o.renormalize,
+                                   generator)[0]
