@@ -48,14 +48,14 @@ def noisy_target(tmp_path_factory) -> Path:
     return write_noisy_target(tmp_path_factory.mktemp("noisy") / "data")
 
 
-def smooth_lenses(n: int = 16, side: int = 64, slope: float = 0.01) -> torch.Tensor:
-    """(n, 1, side, side) noiseless Einstein rings (radii 5-12 pixels, width sigma 2 pixels) of different brightness
-    on a background sloping by `slope` per pixel, at least 0."""
+def smooth_lenses(n: int = 16, side: int = 64, slope: float = 0.01, width: float = 2.0) -> torch.Tensor:
+    """(n, 1, side, side) noiseless Einstein rings (radii 5-12 pixels, Gaussian profile of sigma `width` pixels) of
+    different brightness on a background sloping by `slope` per pixel, at least 0."""
     y, x = torch.meshgrid(torch.arange(side) - side / 2, torch.arange(side) - side / 2, indexing="ij")
     r = (x.square() + y.square()).sqrt()
     radius = torch.linspace(5, 12, n)[:, None, None]
     flux = torch.linspace(0.5, 3, n)[:, None, None]
-    images = (flux * torch.exp(-(r - radius).square() / 8) + slope * x)[:, None]
+    images = (flux * torch.exp(-(r - radius).square() / (2 * width ** 2)) + slope * x)[:, None]
     return images - images.amin((1, 2, 3), keepdim=True)
 
 
@@ -76,13 +76,23 @@ def test_the_noise_estimate_finds_known_gaussian_noise_under_lenses_within_12_pe
 @pytest.mark.parametrize("a,b", [(1e-4, 0.02), (4e-4, 0.005), (1e-6, 0.01)])
 def test_the_poisson_gaussian_fit_finds_background_and_shot_noise(a, b):
     """Noise of variance a + b x signal (a CCD's read and sky noise, and the lens's shot noise): the background's
-    variance within 25% and the gain within 35% on every image (one 64x64 image each)."""
+    variance within 25% and the gain within 45% on every image (each from the 380 brightest pixels of one 64x64
+    image)."""
     clean = smooth_lenses(slope=0.0)
     got_a, got_b = noise_model(clean + (a + b * clean).sqrt() * gaussian(clean.shape, 0), "poisson_gaussian")
     assert torch.allclose(got_a, torch.full_like(got_a, a), rtol=0.25)
-    assert torch.allclose(got_b, torch.full_like(got_b, b), rtol=0.35)
+    assert torch.allclose(got_b, torch.full_like(got_b, b), rtol=0.45)
     _, without_shot_noise = noise_model(clean + a ** 0.5 * gaussian(clean.shape, 0), "poisson_gaussian")
     assert float(without_shot_noise.max()) < 0.1 * b
+
+
+def test_a_sharper_noiseless_target_is_not_taken_for_shot_noise():
+    """Another PSF, no noise: arcs of sigma 1.5 pixels instead of 3. Their curvature is large on a few pixels only,
+    which the median leaves out (arcs of sigma 1 pixel would give 0.001: the limit of the estimate)."""
+    blurred, sharp = (normalize(smooth_lenses(slope=0.0, width=w), "minmax") for w in (3.0, 1.5))
+    assert float(noise_model(sharp, "poisson_gaussian")[1].max()) < 2e-4   # a shot-noise gain of 0.005-0.02 above
+    _, added = noise_matched_views(blurred, sharp, "poisson_gaussian", "minmax", torch.Generator().manual_seed(0))
+    assert float(added.max()) < 2e-4
 
 
 def test_views_reach_the_target_s_noise_replay_from_their_seed_and_stay_normalised():
