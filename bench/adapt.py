@@ -21,6 +21,9 @@ Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 
                      features before the first step, each domain normalised by its own statistics), `--batches` / 2
                      batches: SHOT's information maximisation, MMD, AdaMatch, instrument randomisation, the last two
   instrument         stage adapt from scratch with instrument randomisation of the labelled images
+  noisematch, mmd_noisematch, noisematch_gaussian, mmd_noisematch_gaussian
+                     stage adapt from scratch with noise matching of the labelled images to the target's noise
+                     (Poisson-Gaussian model; `_gaussian`: the background's noise alone), with MMD or without
   target_supervised  stage supervised on the target simulator: the upper bound at the same budget
 Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`), and each
 AdaBN candidate's classification head is refitted to the target's features without target labels (`--heads`,

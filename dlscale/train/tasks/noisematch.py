@@ -1,17 +1,16 @@
 """Noise matching (task `noisematch`): the classifier also learns the labelled images as they would look with the
 target instrument's noise, measured on the target's own unlabelled images in the same batch.
 
-Two instruments of one survey design often differ most in depth (exposure time, sky background): the same lens
-under more noise. Each training step estimates every image's noise level with a robust estimator (Donoho &
-Johnstone 1994: sigma = MAD / 0.6745 of a high-pass residual, here the image convolved with the 3x3 kernel
-[1 -2 1]^T [1 -2 1], divided by its L2 norm, which leaves white noise's sigma unchanged and removes any plane; the
-median keeps the lens's own structure out of it), gives each labelled image the level of a target image drawn at
-random from the batch, adds Gaussian noise of the missing variance (sigma_target^2 - sigma_labelled^2; none where
-the target is not noisier, so a target as clean as the labelled domain makes the task a no-op), renormalises the
-view as the run's images are (`renormalize`: minmax and standardize are affine, so renormalising a normalised image
-plus noise equals normalising the raw image plus noise scaled to its range) and adds the cross-entropy of the run's
-classifier (task `classification`) on the views with the images' own labels. No target label is read: only the
-target's pixels, through a median.
+Two instruments often differ most in depth (exposure time, sky background, read noise): the same lenses under more
+noise. Each training step fits every image of the batch, labelled and target alike, a noise model (`noise_model`:
+variance a + b x signal, the background's and the shot noise's, from the image's high-pass residual by medians,
+so the lens's own structure stays out of it), gives each labelled image the model of a target image drawn at
+random from the batch, adds Gaussian noise of the variance it lacks, pixel by pixel (none where the target is not
+noisier: a target as clean as the labelled domain makes the task the classification loss again), renormalises the
+view as the run's images are (`renormalize`: minmax and standardize are affine, so renormalising a normalised
+image plus noise equals normalising the raw image plus noise scaled to its range) and adds the cross-entropy of
+the run's classifier (task `classification`) on the views with the images' own labels. No target label is read:
+only the target's pixels, through medians.
 
 Every draw comes from a generator seeded by the batches seen so far (a checkpointed buffer), so a resumed run draws
 the same views; the views' pass leaves the running statistics to the model's own pass (`running_stats_kept`).
@@ -36,8 +35,6 @@ CHI2_1_MEDIAN = 0.4549
 """The median of a chi-square variable with one degree of freedom (the square of a standard normal one)."""
 BRIGHT_SHARE = 0.1
 """The share of each image's pixels, the brightest, whose residuals measure the shot noise's gain."""
-
-
 NOISE_MODELS = ("poisson_gaussian", "gaussian")
 
 
