@@ -21,6 +21,9 @@ Per shift (source: Model-II-like, fresh simulated lenses every step; batches of 
                      features before the first step, each domain normalised by its own statistics), `--batches` / 2
                      batches: SHOT's information maximisation, MMD, AdaMatch, instrument randomisation, the last two
   instrument         stage adapt from scratch with instrument randomisation of the labelled images
+  noisematch, mmd_noisematch, noisematch_gaussian, mmd_noisematch_gaussian
+                     stage adapt from scratch with noise matching of the labelled images to the target's noise
+                     (Poisson-Gaussian model; `_gaussian`: the background's noise alone), with MMD or without
   target_supervised  stage supervised on the target simulator: the upper bound at the same budget
 Every adapted run also ends with AdaBN (`data.target.adabn`), a candidate of its own (`<method>+adabn`), and each
 AdaBN candidate's classification head is refitted to the target's features without target labels (`--heads`,
@@ -68,6 +71,7 @@ FROM_SOURCE = ["--init_from={source_only}", "--optim.warmup_steps=10"]
 # its own statistics in training (the target's as AdaBN's), the labelled domain's kept as the run's
 FROM_ADABN = ["--model.domain_batchnorm=separate", "--model.task_options.classification.probe_init=true",
               "--eval.probe_samples=1200", *FROM_SOURCE]
+GAUSSIAN_NOISE = ["--model.task_options.noisematch.model=gaussian"]   # the background's noise alone, no shot noise
 SHOT = ["--model.tasks=[classification,shot]", "--optim.lr=1e-3", *FROM_ADABN]
 METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
     "source_only": ("supervised", [], 1.0, False),
@@ -97,6 +101,11 @@ METHODS = {   # name: (stage, extra arguments, share of --batches, adapted)
                                          *FROM_ADABN], 0.5, True),
     "mmd_adabn": ("adapt", ["--model.tasks=[classification,mmd]", "--optim.lr=1e-3", *FROM_ADABN], 0.5, True),
     "instrument": ("adapt", ["--model.tasks=[classification,instrument]"], 1.0, True),
+    "noisematch": ("adapt", ["--model.tasks=[classification,noisematch]"], 1.0, True),
+    "mmd_noisematch": ("adapt", ["--model.tasks=[classification,mmd,noisematch]"], 1.0, True),
+    "noisematch_gaussian": ("adapt", ["--model.tasks=[classification,noisematch]", *GAUSSIAN_NOISE], 1.0, True),
+    "mmd_noisematch_gaussian": ("adapt", ["--model.tasks=[classification,mmd,noisematch]", *GAUSSIAN_NOISE], 1.0,
+                                True),
     "instrument_adabn": ("adapt", ["--model.tasks=[classification,instrument]", "--optim.lr=1e-3", *FROM_ADABN],
                          0.5, True),
     "instrument_shot": ("adapt", ["--model.tasks=[classification,instrument,shot]", "--optim.lr=1e-3", *FROM_ADABN],

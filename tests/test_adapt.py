@@ -177,7 +177,7 @@ def test_plain_stages_do_not_read_the_target_stream(separable_data, target_data,
 
 def test_adapt_without_a_target_is_refused_naming_the_option(cli, separable_data, tmp_path, tiny_args):
     result = cli("train", "--stage", "adapt", "--data", separable_data, "--run-dir", tmp_path / "run", *tiny_args)
-    assert result.code == 2 and "--target-data" in result.err and "mmd" in result.err
+    assert result.code == 2 and "--target-data" in result.err and "noisematch" in result.err
     assert not (tmp_path / "run").exists()
 
 

@@ -111,23 +111,27 @@ def test_a_task_working_through_the_classifier_is_refused_without_it_naming_the_
 
 def test_target_labels_never_reach_adda_selftrain_or_shot(separable_data, target_data, tmp_path):
     permuted = write_target(tmp_path / "permuted", permute_labels=True)
-    results = []
-    for target in (target_data, permuted):
-        cfg = adapt_config(separable_data, target, tmp_path / "run",
-                           "--model.tasks=[classification,adda,selftrain,shot,instrument]",
-                           "--model.task_options.selftrain.threshold=0.3")
-        batch = first_batch(cfg)
-        torch.manual_seed(0)
-        model = build_run_model(cfg, (1, 32, 32), None, total_steps=4)
-        model.heads["selftrain"].batches_seen.fill_(3)   # past the ramp's start: the loss counts
-        out = model(batch["image"], batch)
-        losses = model.losses(out, batch["image"], batch)
-        sum(losses.values()).backward()
-        results.append(({k: float(v.detach()) for k, v in losses.items()},
-                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (l0, g0), (l1, g1) = results
+    (l0, g0), (l1, g1) = (first_step(separable_data, target, tmp_path, "--model.tasks=[classification,adda,"
+                                     "selftrain,shot,instrument]", "--model.task_options.selftrain.threshold=0.3")
+                          for target in (target_data, permuted))
     assert l0["selftrain"] > 0 and l0["shot"] > 0 and l0["instrument"] > 0 and l0 == l1
     assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+
+
+def first_step(data: Path, target: Path, tmp_path: Path, *args: str) -> tuple[dict, dict]:
+    """(each task's loss, every parameter's gradient) of a fresh model's first training batch (seed 0; selftrain's
+    ramp, if it trains, past its start so its loss counts)."""
+    cfg = adapt_config(data, target, tmp_path / "run", *args)
+    batch = first_batch(cfg)
+    torch.manual_seed(0)
+    model = build_run_model(cfg, (1, 32, 32), None, total_steps=4)
+    if "selftrain" in model.heads:
+        model.heads["selftrain"].batches_seen.fill_(3)
+    out = model(batch["image"], batch)
+    losses = model.losses(out, batch["image"], batch)
+    sum(losses.values()).backward()
+    return ({k: float(v.detach()) for k, v in losses.items()},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
 def test_information_maximisation_is_mean_entropy_plus_the_diversity_term():
@@ -212,25 +216,30 @@ METHOD_ARGS = ("--model.tasks=[classification,adda,selftrain,shot,instrument,sin
                "--model.domain_batchnorm=separate", "--model.task_options.classification.probe_init=true")
 
 
-@pytest.mark.slow
-def test_adda_selftrain_and_shot_on_two_ranks_resume_exactly_from_a_sigkill(tmp_path, launch, venv_bin, separable_data,
-                                                                       target_data):
-    whole = launch(two_ranks(venv_bin, separable_data, target_data, tmp_path / "whole", *METHOD_ARGS),
-                   tmp_path / "whole.log", tmp_path)
-    killed = launch(two_ranks(venv_bin, separable_data, target_data, tmp_path / "killed", *METHOD_ARGS),
-                    tmp_path / "killed.log", tmp_path, env={preemption.DRILL: f"{KILL_AT_STEP}:SIGKILL"})
+def whole_and_resumed(launch, venv_bin, data: Path, target: Path, tmp_path: Path, *args: str) -> tuple[dict, dict]:
+    """(model.pt of a 2-rank run SIGKILLed in its last epoch and resumed, model.pt of the same run uninterrupted)."""
+    whole = launch(two_ranks(venv_bin, data, target, tmp_path / "whole", *args), tmp_path / "whole.log", tmp_path)
+    killed = launch(two_ranks(venv_bin, data, target, tmp_path / "killed", *args), tmp_path / "killed.log", tmp_path,
+                    env={preemption.DRILL: f"{KILL_AT_STEP}:SIGKILL"})
     assert killed.wait(TIMEOUT_S) != 0, killed.output()[-4000:]
     assert whole.wait(TIMEOUT_S) == 0, whole.output()[-4000:]
-    resumed = launch(two_ranks(venv_bin, separable_data, target_data, tmp_path / "killed", *METHOD_ARGS, "--resume",
-                               "auto"), tmp_path / "resumed.log", tmp_path)
+    resumed = launch(two_ranks(venv_bin, data, target, tmp_path / "killed", *args, "--resume", "auto"),
+                     tmp_path / "resumed.log", tmp_path)
     assert resumed.wait(TIMEOUT_S) == 0, resumed.output()[-4000:]
     got = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
     want = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
-    assert int(got["heads.selftrain.batches_seen"]) == EPOCHS * BATCHES and bool(got["heads.adda.copied"])
-    assert int(got["heads.instrument.batches_seen"]) == EPOCHS * BATCHES
     assert got.keys() == want.keys()
     assert [k for k, v in got.items() if torch.is_tensor(v) and not torch.equal(v, want[k])] == []
     assert not np.isnan(float(got["heads.classification.linear.weight"].sum()))
+    return got, want
+
+
+@pytest.mark.slow
+def test_adda_selftrain_and_shot_on_two_ranks_resume_exactly_from_a_sigkill(tmp_path, launch, venv_bin, separable_data,
+                                                                       target_data):
+    got, _ = whole_and_resumed(launch, venv_bin, separable_data, target_data, tmp_path, *METHOD_ARGS)
+    assert int(got["heads.selftrain.batches_seen"]) == EPOCHS * BATCHES and bool(got["heads.adda.copied"])
+    assert int(got["heads.instrument.batches_seen"]) == EPOCHS * BATCHES
 
 
 # ---- label-free model selection -----------------------------------------------------------------------------------

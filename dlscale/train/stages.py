@@ -38,9 +38,9 @@ register_stage("supervised", Stage(("classification",), "encoder + classifier, c
 register_stage("multitask", Stage(None, "shared encoder, several task heads under a loss weighting",
                                   default_tasks=("recon", "classification"), when_available=("regression",)))
 register_stage("mae", Stage(("mae",), "masked autoencoder: rebuild hidden patches (ViT: visible patches only)"))
-register_stage("adapt", Stage(None, "domain adaptation: classification of the labelled data + a task aligning its "
-                                   "features with the unlabelled target domain's (data.target), then AdaBN",
-                             default_tasks=("classification", "mmd"),
+register_stage("adapt", Stage(None, "domain adaptation: classification of the labelled data + a task adapting it "
+                                   "to the unlabelled target domain (data.target), then AdaBN",
+                             default_tasks=("classification", "noisematch"),
                              defaults={"data": {"target": {"adabn": True}}}))
 register_stage("contrastive", Stage(("contrastive",), "SimCLR (NT-Xent, negatives from every rank) or BYOL on two "
                                                       "random lensing views"))

@@ -6,6 +6,7 @@ from dlscale.train.tasks import adaptation  # noqa: F401  (registers dann, coral
 from dlscale.train.tasks import selftraining  # noqa: F401  (registers selftrain)
 from dlscale.train.tasks import infomax  # noqa: F401  (registers shot)
 from dlscale.train.tasks import randomisation  # noqa: F401  (registers instrument)
+from dlscale.train.tasks import noisematch  # noqa: F401  (registers noisematch)
 from dlscale.train.tasks import superres  # noqa: F401  (registers superres)
 from dlscale.train.tasks import unlabelled  # noqa: F401  (registers recon_unlabelled)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -82,25 +83,39 @@ def instrument_view(images: torch.Tensor, o: InstrumentViewConfig, generator: to
     return views * scale.to(images)[:, None, None, None] + (noise_sigma[:, None, None, None] * noise).to(images)
 
 
-@register_task
-class InstrumentViews(Task):
-    """Cross-entropy of the run's classifier on instrument-randomised views of the labelled images."""
-    name = "instrument"
-    Config = InstrumentViewConfig
-    batch_keys = ("label",)
+class LabelledViews(Task):
+    """Cross-entropy of the run's classifier on views of the labelled images, with their own labels; a subclass
+    sets `name`, `seed_key` and `views`. The views' pass leaves the running statistics to the model's own."""
+    batch_keys: ClassVar[tuple[str, ...]] = ("label",)
+    seed_key: ClassVar[int] = 0
+    """Salt of the views' seed (one per task, so two such tasks of one run draw independently)."""
 
     def build_head(self) -> nn.Module:
         return ViewCounter()
+
+    def views(self, images: torch.Tensor, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, head, feature_map, images, batch, model):
         if batch is None:   # evaluation and inference: no views
             return {}
         classifier = require_classifier(model, self.name)
-        _, seed = head.next_seed(VIEW_SEED_KEY)
-        views = instrument_view(images.detach(), self.ctx.options or InstrumentViewConfig(),
-                                torch.Generator().manual_seed(seed))
+        _, seed = head.next_seed(self.seed_key)
+        views = self.views(images.detach(), batch, torch.Generator().manual_seed(seed))
         with running_stats_kept(model):
-            return {"instrument_logits": classifier(global_pool(model.encoder(views)))}
+            return {f"{self.name}_logits": classifier(global_pool(model.encoder(views)))}
 
     def loss(self, out, images, batch):
-        return F.cross_entropy(out["instrument_logits"].float(), batch["label"].to(out["instrument_logits"].device))
+        logits = out[f"{self.name}_logits"].float()
+        return F.cross_entropy(logits, batch["label"].to(logits.device))
+
+
+@register_task
+class InstrumentViews(LabelledViews):
+    """Cross-entropy of the run's classifier on instrument-randomised views of the labelled images."""
+    name = "instrument"
+    Config = InstrumentViewConfig
+    seed_key = VIEW_SEED_KEY
+
+    def views(self, images, batch, generator):
+        return instrument_view(images, self.ctx.options or InstrumentViewConfig(), generator)
