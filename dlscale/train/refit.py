@@ -50,7 +50,7 @@ def refit_classifier(norm: nn.Module, linear: nn.Linear, features: np.ndarray, l
     scale = (var + eps).sqrt()
     z = (x - mean) / scale
     with torch.no_grad():
-        before = float((linear(norm(x.to(linear.weight.dtype))).argmax(1) == y).double().mean())
+        before = float((linear(norm(x.to(linear.weight))).argmax(1).cpu() == y).double().mean())   # on its device
         weight, bias = _head_weights(norm, linear, mean, scale)
     weight.requires_grad_(True)
     bias.requires_grad_(True)
@@ -73,16 +73,16 @@ def refit_classifier(norm: nn.Module, linear: nn.Linear, features: np.ndarray, l
         else:   # no standardisation layer: fold it into the linear layer
             linear.weight.copy_(weight / scale)
             linear.bias.copy_(bias - (weight / scale) @ mean)
-        after = float((linear(norm(x.to(linear.weight.dtype))).argmax(1) == y).double().mean())
+        after = float((linear(norm(x.to(linear.weight))).argmax(1).cpu() == y).double().mean())
     return {"train_accuracy_before": before, "train_accuracy": after, "samples": int(len(y))}
 
 
 def _head_weights(norm: nn.Module, linear: nn.Linear, mean: torch.Tensor, scale: torch.Tensor):
     """The trained head as weights on features standardised with (mean, scale): the starting point of the fit."""
-    weight, bias = linear.weight.detach().double(), linear.bias.detach().double()
+    weight, bias = linear.weight.detach().double().cpu(), linear.bias.detach().double().cpu()   # fitted on the CPU
     if isinstance(norm, nn.BatchNorm1d):   # z' = (x - m) / s for the old statistics; x = mean + scale z
-        old_scale = (norm.running_var.double() + norm.eps).sqrt()
-        old_mean = norm.running_mean.double()
+        old_scale = (norm.running_var.double().cpu() + norm.eps).sqrt()
+        old_mean = norm.running_mean.double().cpu()
     else:
         old_scale, old_mean = torch.ones_like(mean), torch.zeros_like(mean)
     w = weight * (scale / old_scale)
@@ -121,7 +121,7 @@ def refit_regressor(linear: nn.Linear, features: np.ndarray, targets: np.ndarray
         return {"samples": int(len(y)), "parameters": 0}
     mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
     z = (y - mean) / std
-    weight, bias = linear.weight.detach().double().numpy().copy(), linear.bias.detach().double().numpy().copy()
+    weight, bias = (p.detach().double().cpu().numpy().copy() for p in (linear.weight, linear.bias))   # any device
     before = x @ weight.T + bias
     whole = len(y) >= LAD_SAMPLES_PER_COEFFICIENT * (x.shape[1] + 1)
     for t in range(z.shape[1]):
