@@ -235,30 +235,30 @@ def test_precise_bn_below_minus_one_is_refused_naming_the_key(separable_data):
 
 # ---- the head refitted after the last step ------------------------------------------------------------------------
 
-def test_the_regression_head_is_refitted_to_the_view_averaged_features_of_the_whole_train_split(
-        separable_data, tiny_args, tmp_path):
-    """The same deterministic run with and without the refit: the encoder and the head's weights are bitwise equal
-    (240 images, 33 coefficients: too few for every weight, so only the intercept moves), and the intercept moved
-    by the median residual of the trained head on the train images' features averaged over the 8 views, computed
-    here by hand."""
+# after tiny_args, whose eval.probe_samples=96 it overrides: the refit then reads the whole train split
+REFIT_RUN = ["--stage", "multitask", "--model.tasks=[regression]", "--data.targets=[theta_E]", "--eval.probe_samples=0",
+             "--schedule.epochs=1", "--schedule.batches_per_epoch=4", "--model.task_options.regression.tta=true"]
+
+
+def check_the_refit_moved_only_the_intercept_by_the_median_residual(data: Path, plain_run: Path,
+                                                                    refitted_run: Path) -> None:
+    """`plain_run` and `refitted_run`: the same deterministic run without and with the refit. The encoder and the
+    head's weights are bitwise equal (240 images, 33 coefficients: too few for every weight, so only the intercept
+    moves), and the intercept moved by the median residual of the trained head on the train images' features
+    averaged over the 8 views, computed here by hand."""
     from dlscale.data.stream import StreamConfig, eval_loader
     from dlscale.models.heads import global_pool
     from dlscale.train.evaluation import load_run
-    runs = {refit: train("--stage", "multitask", "--model.tasks=[regression]", "--data.targets=[theta_E]", "--data",
-                         separable_data, "--run-dir", tmp_path / f"refit_{refit}", *tiny_args,
-                         "--eval.probe_samples=0", "--schedule.epochs=1", "--schedule.batches_per_epoch=4",
-                         "--model.task_options.regression.tta=true",
-                         f"--model.task_options.regression.refit_head={refit}")
-            for refit in ("false", "true")}
-    metrics = {k: json.loads((run / "metrics.json").read_text()) for k, run in runs.items()}
-    assert metrics["true"]["refit/regression/samples"] == 240 and metrics["true"]["refit/regression/parameters"] == 1
-    assert not any(k.startswith("refit/") for k in metrics["false"])
-    (cfg, plain, info), (_, refitted, _) = load_run(runs["false"]), load_run(runs["true"])
+    metrics = {run: json.loads((run / "metrics.json").read_text()) for run in (plain_run, refitted_run)}
+    assert metrics[refitted_run]["refit/regression/samples"] == 240
+    assert metrics[refitted_run]["refit/regression/parameters"] == 1
+    assert not any(k.startswith("refit/") for k in metrics[plain_run])
+    (cfg, plain, info), (_, refitted, _) = load_run(plain_run), load_run(refitted_run)
     changed = [k for k, v in plain.state_dict().items() if not torch.equal(v, refitted.state_dict()[k])]
     assert changed == ["heads.regression.linear.bias"]
     stream = StreamConfig(batch_size=50, num_workers=0, normalize=cfg.data.normalize, augment=False,
                           targets=["theta_E"])
-    batches = list(eval_loader(separable_data, stream, split="train"))
+    batches = list(eval_loader(data, stream, split="train"))
     images, targets = torch.cat([b["image"] for b in batches]), torch.cat([b["target"] for b in batches])[:, 0]
     plain.eval()
     with torch.no_grad():
@@ -268,5 +268,37 @@ def test_the_regression_head_is_refitted_to_the_view_averaged_features_of_the_wh
     residual = (targets.double() - mean) / std - (features @ head.weight[0].double() + head.bias[0].double())
     moved = refitted.heads["regression"].linear.bias[0].detach().double() - head.bias[0].double()
     assert np.isclose(float(moved), np.median(residual.numpy()), rtol=1e-4, atol=1e-5)
-    with np.load(runs["true"] / "scores_val.npz") as npz:
+    with np.load(refitted_run / "scores_val.npz") as npz:
         assert "tta_features" not in npz.files and "regression" in npz.files
+
+
+def test_the_regression_head_is_refitted_to_the_view_averaged_features_of_the_whole_train_split(
+        separable_data, tiny_args, tmp_path):
+    """With 0 workers, and the refitted run again with 2: bitwise the same model."""
+    runs = {(refit, workers): train("--data", separable_data, "--run-dir", tmp_path / f"refit_{refit}_w{workers}",
+                                    *tiny_args, *REFIT_RUN, f"--model.task_options.regression.refit_head={refit}",
+                                    f"--data.num_workers={workers}")
+            for refit, workers in (("false", 0), ("true", 0), ("true", 2))}
+    check_the_refit_moved_only_the_intercept_by_the_median_residual(separable_data, runs["false", 0],
+                                                                    runs["true", 0])
+    models = [torch.load(runs["true", w] / "model.pt", weights_only=True) for w in (0, 2)]
+    assert all(torch.equal(v, models[1][k]) for k, v in models[0].items() if torch.is_tensor(v))
+
+
+@pytest.mark.slow   # two 2-rank runs under torchrun
+def test_the_regression_refit_on_2_ranks_with_workers_and_another_hash_seed_uses_the_whole_train_split(
+        separable_data, tiny_args, venv_bin, free_ports, tmp_path):
+    """Each rank reads half of the train split; the refit sees all of it, the same on both ranks (the exported head
+    is rank 0's), with 2 DataLoader workers and PYTHONHASHSEED=7."""
+    runs = {}
+    for refit in ("false", "true"):
+        runs[refit] = tmp_path / f"refit_{refit}"
+        argv = [venv_bin / "torchrun", "--nnodes=1", "--nproc_per_node=2", f"--master_port={free_ports(1)[0]}",
+                "--master_addr=127.0.0.1", "-m", "dlscale.cli", "train", "--data", separable_data, "--run-dir",
+                runs[refit], *tiny_args, *REFIT_RUN, "--data.num_workers=2",
+                f"--model.task_options.regression.refit_head={refit}"]
+        done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**_base_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                                   "PYTHONHASHSEED": "7"})
+        assert done.returncode == 0, done.stderr[-3000:]
+    check_the_refit_moved_only_the_intercept_by_the_median_residual(separable_data, runs["false"], runs["true"])
