@@ -3,7 +3,7 @@ fine-tuning against the same architecture from scratch (and the linear probe).
 
     python bench/transfer_methods.py [--work-dir runs/bench_transfer_methods] [--n-per-class 2000]
                                      [--labels-per-class 10,100] [--methods probe,finetune,lpft,...]
-                                     [--repeats 3] [--recon-weight W]                                  # prints JSON
+                                     [--repeats 3] [--unlabelled-tasks T:W,...]                            # prints JSON
 
 1. data: a simulated Model II set (64x64, `--n-per-class` images per class, 60% train / 40% val), as the quickstart's.
 2. pretrain: the demo's small CNN (width 24) by reconstruction + SimCLR on the train split's images (no labels),
@@ -55,14 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels-per-class", default="10,100")
     p.add_argument("--methods", default="probe,finetune,lpft,layer_decay,partial,scratch")
     p.add_argument("--repeats", type=int, default=3, help="label subsets per N")
-    p.add_argument("--recon-weight", type=float, help="budget.recon_weight of methods multitask, multitask_scratch "
-                   "(default: the study's)")
+    p.add_argument("--unlabelled-tasks", help="budget.unlabelled_tasks of methods multitask, multitask_scratch as "
+                   "task:weight,... (e.g. recon_unlabelled:100,selftrain:1; default: the study's)")
     args = p.parse_args(argv)
     work, seconds = args.work_dir, {}
     data, pretrain = work / "data", work / "pretrain"
+    unlabelled = {t: float(w) for t, w in (pair.split(":") for pair in args.unlabelled_tasks.split(","))} \
+        if args.unlabelled_tasks else {}
     study = work / "-".join([f"study-{args.labels_per_class}", *([f"r{args.repeats}"] if args.repeats != 3 else []),
-                             *([f"w{args.recon_weight:g}"] if args.recon_weight is not None else [])])
-    weight = [] if args.recon_weight is None else [f"--budget.recon_weight={args.recon_weight}"]
+                             *(f"{task}{weight:g}" for task, weight in unlabelled.items())])
+    weight = [f"--budget.unlabelled_tasks={json.dumps(unlabelled)}"] if unlabelled else []
     if not (data / "manifest.json").is_file():
         seconds["simulate"] = step(["simulate", "--preset", "model_ii", "--n-per-class", str(args.n_per_class),
                                     "--out", str(data), "--splits", "train=0.6,val=0.4", "--seed", "0"])

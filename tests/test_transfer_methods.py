@@ -178,6 +178,11 @@ METHOD_OPTIONS = {   # method -> (its training options, the pretrained encoder's
     "multitask": (["--stage", "multitask", "--model.tasks=[classification,recon_unlabelled]",
                    "--loss.fixed.weights={classification: 1.0, recon_unlabelled: 1000.0}", "--target-data",
                    TRAIN_DATA, "--data.target.evaluate=false"], "pretrained"),
+    "multitask_contrastive": (["--stage", "multitask",
+                               "--model.tasks=[classification,recon_unlabelled,contrastive_unlabelled]",
+                               "--loss.fixed.weights={classification: 1.0, recon_unlabelled: 100.0, "
+                               "contrastive_unlabelled: 1.0}", "--target-data", TRAIN_DATA,
+                               "--data.target.evaluate=false"], "pretrained"),
 }
 
 

@@ -1,6 +1,7 @@
 """Semi-supervised multi-task transfer (methods multitask, multitask_scratch): classification learns from the label
 subset only, the `recon_unlabelled` task rebuilds every image of the train split (the unlabelled stream
-`data.target`), whose labels reach no loss; the study trains both on 2 ranks and records them."""
+`data.target`) and `contrastive_unlabelled` compares two views of each, whose labels reach no loss; the study trains
+both methods on 2 ranks and records them."""
 import json
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from dlscale.data.classes import CLASSES
 from dlscale.data.shards import DatasetWriter
 from dlscale.models.model import TARGET_DOMAIN
 from dlscale.train.tasks.supervised import Classification
-from dlscale.train.tasks.unlabelled import UnlabelledReconstruction
+from dlscale.train.tasks import contrastive
+from dlscale.train.tasks.unlabelled import UnlabelledContrastive, UnlabelledReconstruction
+from dlscale.transfer.config import check_unlabelled_tasks
 from dlscale.transfer.subsets import train_index, write_subset
 from runs import own_logging
 
@@ -90,13 +93,58 @@ def test_reconstruction_sees_every_train_image_and_classification_only_the_subse
     assert metrics["val/recon_mse"] > 0 and metrics["train/weight_recon_unlabelled"] == 1000.0
 
 
-def test_a_non_positive_reconstruction_weight_is_refused_before_anything_is_written(pretrained_encoder,
-                                                                                   separable_data, tmp_path, capsys):
+def test_contrastive_views_are_drawn_from_the_unlabelled_images_whose_labels_reach_no_loss(
+        unlabelled_sets, tiny_args, monkeypatch, tmp_path):
+    subset, true, permuted = unlabelled_sets
+    unlabelled, drawn = {}, []
+    forward, two_views = UnlabelledContrastive.forward, contrastive.two_views
+
+    def spy_forward(self, head, feature_map, images, batch, model):
+        if batch is not None:
+            unlabelled["images"], unlabelled["labelled"] = batch[TARGET_DOMAIN]["image"], images
+        return forward(self, head, feature_map, images, batch, model)
+
+    def spy_views(images, *args):
+        drawn.append(images is unlabelled["images"] and images is not unlabelled["labelled"])
+        return two_views(images, *args)
+
+    monkeypatch.setattr(UnlabelledContrastive, "forward", spy_forward)
+    monkeypatch.setattr(contrastive, "two_views", spy_views)
+    argv = ["--stage", "multitask", "--model.tasks=[classification,contrastive_unlabelled]",
+            "--loss.fixed.weights={classification: 1.0, contrastive_unlabelled: 0.5}", "--data", subset, *tiny_args,
+            "--schedule.epochs=1", "--schedule.batches_per_epoch=6", "--eval.probe_samples=12",
+            "--data.target.evaluate=false"]
+    for name, target in (("true", true), ("permuted", permuted)):
+        assert cli("train", *argv, "--target-data", target, "--run-dir", tmp_path / name) == 0
+    assert drawn == [True] * 2 * 6
+    models = [torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("true", "permuted")]
+    assert [k for k, v in models[0].items() if torch.is_tensor(v) and not torch.equal(v, models[1][k])] == []
+    assert any(k.startswith("heads.contrastive_unlabelled.projector") for k in models[0])
+    metrics = json.loads((tmp_path / "true" / "metrics.json").read_text())
+    assert metrics["train/weight_contrastive_unlabelled"] == 0.5
+
+
+@pytest.mark.parametrize("tasks, expected", [
+    ("{recon_unlabelled: 0.0}", "budget.unlabelled_tasks.recon_unlabelled=0.0: expected a loss weight > 0"),
+    ("{contrastive_unlabelled: -1.0}", "budget.unlabelled_tasks.contrastive_unlabelled=-1.0: expected a loss weight"),
+    ("{classification: 1.0}", "budget.unlabelled_tasks.classification: not a task that learns from the unlabelled"),
+    ("[recon_unlabelled]", "config key 'budget.unlabelled_tasks': expected dict"),
+])
+def test_bad_unlabelled_tasks_are_refused_naming_the_entry_before_anything_is_written(tasks, expected,
+                                                                                     pretrained_encoder,
+                                                                                     separable_data, tmp_path,
+                                                                                     capsys):
     out = tmp_path / "study"
     code = cli("transfer", "--encoder", pretrained_encoder, "--data", separable_data, "--out", out, "--methods",
-               "multitask", "--labels-per-class", "2", "--repeats", "1", "--ranks", "1", "--budget.recon_weight=0")
-    assert code != 0 and "budget.recon_weight=0" in capsys.readouterr().err
+               "multitask", "--labels-per-class", "2", "--repeats", "1", "--ranks", "1",
+               f"--budget.unlabelled_tasks={tasks}")
+    assert code != 0 and expected in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_empty_set_of_unlabelled_tasks_is_refused():   # a config file's `{}` merges into the default
+    with pytest.raises(ValueError, match="budget.unlabelled_tasks is empty: expected at least one task"):
+        check_unlabelled_tasks({})
 
 
 def test_the_unlabelled_reconstruction_without_an_unlabelled_stream_is_refused_naming_it(separable_data,
@@ -117,24 +165,26 @@ def pretrained_encoder(separable_data, tiny_args, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow   # the 2-rank study (torchrun)
+@pytest.mark.parametrize("unlabelled", [{"recon_unlabelled": 500.0},
+                                        {"recon_unlabelled": 500.0, "contrastive_unlabelled": 0.5, "selftrain": 2.0}])
 def test_a_two_rank_study_trains_both_multitask_methods_on_the_fine_tune_budget_and_records_them(
-        pretrained_encoder, separable_data, tmp_path):
+        unlabelled, pretrained_encoder, separable_data, tmp_path):
     out = tmp_path / "study"
     assert cli("transfer", "--encoder", pretrained_encoder, "--data", separable_data, "--out", out, "--methods",
                "finetune,multitask,multitask_scratch", "--tasks", "classification", "--labels-per-class", "2",
-               "--repeats", "1", "--ranks", "2", "--budget.recon_weight=500", *STUDY) == 0
+               "--repeats", "1", "--ranks", "2", f"--budget.unlabelled_tasks={json.dumps(unlabelled)}", *STUDY) == 0
     results = json.loads((out / "results.json").read_text())
     cells = {c["method"]: c for c in results["cells"]}
     assert set(cells) == {"finetune", "multitask", "multitask_scratch"}
-    assert results["config"]["budget"]["recon_weight"] == 500
+    assert results["config"]["budget"]["unlabelled_tasks"] == unlabelled
     assert "n_unlabelled" not in cells["finetune"]
     runs = {m: Path(c["runs"][0]) for m, c in cells.items()}
     for method in ("multitask", "multitask_scratch"):
         assert cells[method]["n_unlabelled"] == 240 and cells[method]["n_train"] == 6
         config = yaml.safe_load((runs[method] / "config.yaml").read_text())
-        assert config["stage"] == "multitask" and config["model"]["tasks"] == ["classification", "recon_unlabelled"]
+        assert config["stage"] == "multitask" and config["model"]["tasks"] == ["classification", *unlabelled]
         assert config["data"]["target"]["data_dir"] == str(separable_data)
-        assert config["loss"]["fixed"]["weights"] == {"classification": 1.0, "recon_unlabelled": 500.0}
+        assert config["loss"]["fixed"]["weights"] == {"classification": 1.0, **unlabelled}
         log = (runs[method] / "log.txt").read_text()
         assert "2 rank(s)" in log
         assert ("encoder initialised from" in log) == (method == "multitask")

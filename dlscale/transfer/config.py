@@ -16,7 +16,9 @@ from typing import Any
 from dlscale.configtree import commented_yaml, from_dict, merge, overrides_tree, read_yaml, to_dict
 from dlscale.data.stream_config import NORMALIZATIONS, StreamConfig
 from dlscale.distributed import local_ranks
+from dlscale.models.model import TARGET_DOMAIN
 from dlscale.train.config import DeepSpeedConfig, OptimConfig
+from dlscale.train.tasks import TASKS
 from dlscale.transfer.methods import DEFAULT_METHODS, METHODS, TRAINED
 from dlscale.transfer.subsets import ALL, parse_sizes
 from dlscale.transfer.tasks import ALL_TASKS, DOWNSTREAM
@@ -43,10 +45,13 @@ class BudgetConfig:
     """method partial: the encoder's first k layer groups (stem first) stay frozen (`optim.freeze_stages`)"""
     lora_rank: int = 8
     """method lora: rank of the adapters (`model.lora.rank`; ViT encoders only)"""
-    recon_weight: float = 100.0
-    """methods multitask, multitask_scratch: weight of the unlabelled images' reconstruction loss against the
-    labelled tasks' (weight 1 each): the MSE of min-max normalised lensing images is ~5e-4 against a cross-entropy
-    ~1; 100 was level with 1000 from a pretrained encoder and above it from scratch (docs/transfer_methods.md)"""
+    unlabelled_tasks: dict[str, float] = field(default_factory=lambda: {"recon_unlabelled": 100.0})
+    """methods multitask, multitask_scratch: the tasks that learn from every train image, labelled or not (the
+    study's train split read as the unlabelled stream `data.target`), and their loss weights against the labelled
+    tasks' (1 each). recon_unlabelled: reconstruction (the MSE of min-max normalised lensing images is ~5e-4 against
+    a cross-entropy ~1, hence 100; 100 was level with 1000 from a pretrained encoder and above it from scratch);
+    contrastive_unlabelled: SimCLR on two views (S4L's auxiliary); selftrain: AdaMatch's pseudo-labels
+    (classification only); any other task that reads `data.target`"""
 
 
 @dataclass
@@ -156,9 +161,7 @@ class TransferConfig:
             raise ValueError(f"budget.layer_decay={self.budget.layer_decay}, budget.freeze_stages="
                              f"{self.budget.freeze_stages}, budget.lora_rank={self.budget.lora_rank}: expected a "
                              "factor in (0, 1], a count >= 0 and a rank >= 1")
-        if not self.budget.recon_weight > 0:
-            raise ValueError(f"budget.recon_weight={self.budget.recon_weight}: expected a weight > 0 (methods "
-                             "multitask, multitask_scratch)")
+        self.budget.unlabelled_tasks = check_unlabelled_tasks(self.budget.unlabelled_tasks)
         for options in self.task_options.values():
             check = getattr(options, "validate", None)
             if check is not None:
@@ -182,3 +185,22 @@ def load_transfer_config(yaml_path: str | Path | None = None, overrides: list[st
 def print_transfer_config(cfg: TransferConfig) -> str:
     """The config as YAML, each key's meaning as a comment above it; `--config` reads it back to the same config."""
     return commented_yaml(cfg)
+
+
+def check_unlabelled_tasks(tasks: dict) -> dict[str, float]:
+    """`budget.unlabelled_tasks` as {task: weight}, or an error naming the entry: at least one registered task that
+    reads the unlabelled stream, each with a weight > 0."""
+    key = "budget.unlabelled_tasks"
+    if not tasks:
+        raise ValueError(f"{key} is empty: expected at least one task and its loss weight, e.g. "
+                         "{recon_unlabelled: 100.0}")
+    readers = [name for name, task in TASKS.items() if TARGET_DOMAIN in task.batch_keys]
+    checked = {}
+    for name, weight in tasks.items():
+        if name not in readers:
+            raise ValueError(f"{key}.{name}: not a task that learns from the unlabelled stream; expected one of "
+                             f"{', '.join(readers)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"{key}.{name}={weight!r}: expected a loss weight > 0")
+        checked[name] = float(weight)
+    return checked

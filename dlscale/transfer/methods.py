@@ -27,10 +27,10 @@ class Method:
     """the encoder's first `budget.freeze_stages` layer groups stay frozen"""
     adapters: bool = False
     """only LoRA adapters of rank `budget.lora_rank` on the encoder (a ViT's attention) and the heads train"""
-    unlabelled_recon: bool = False
-    """semi-supervised multi-task: beside the downstream task's heads, which learn from the subset's labels, a
-    decoder rebuilds every image of the study's train split, labelled or not (task `recon_unlabelled`, the train
-    split as the unlabelled stream `data.target`, its loss weighted `budget.recon_weight`; stage multitask)"""
+    semi_supervised: bool = False
+    """semi-supervised multi-task (stage multitask): beside the downstream task's heads, which learn from the
+    subset's labels, the tasks of `budget.unlabelled_tasks` learn from every image of the study's train split,
+    labelled or not, read as the unlabelled stream `data.target` (default: a decoder rebuilds them)"""
 
 
 METHOD_TABLE = {
@@ -50,11 +50,12 @@ METHOD_TABLE = {
                       "and the head trained", freeze_stages=True),
     "lora": Method("LoRA adapters (Hu et al. 2022, rank-stabilised) of rank budget.lora_rank on the ViT encoder's "
                    "attention projections train with the new head, every pretrained weight frozen", adapters=True),
-    "multitask": Method("the encoder fine-tuned with a new head on the subset's labels while a decoder rebuilds every "
-                        "train image, labelled or not (semi-supervised multi-task: reconstruction regularises the "
-                        "encoder beyond the labels)", unlabelled_recon=True),
-    "multitask_scratch": Method("`multitask` from random weights: classification on the subset's labels, "
-                                "reconstruction of every train image", pretrained=False, unlabelled_recon=True),
+    "multitask": Method("the encoder fine-tuned with a new head on the subset's labels while the tasks of "
+                        "budget.unlabelled_tasks learn from every train image, labelled or not (semi-supervised "
+                        "multi-task; by default a decoder rebuilds them: reconstruction regularises the encoder beyond "
+                        "the labels)", semi_supervised=True),
+    "multitask_scratch": Method("`multitask` from random weights: classification on the subset's labels, the "
+                                "unlabelled tasks on every train image", pretrained=False, semi_supervised=True),
 }
 METHOD_TEXT = {name: m.text for name, m in METHOD_TABLE.items()}
 METHODS = tuple(METHOD_TABLE)

@@ -31,7 +31,6 @@ from dlscale.train.config import Config, DataConfig, TargetDataConfig, fill_opti
 from dlscale.train.deepspeed_setup import prepare_process
 from dlscale.train.runner import run as train
 from dlscale.train.stages import stage_tasks
-from dlscale.train.tasks.unlabelled import UnlabelledReconstruction
 from dlscale.train.weighting.classic import FixedConfig
 from dlscale.transfer.methods import METHOD_TABLE
 
@@ -58,7 +57,7 @@ def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir
                stage: str = "supervised", tasks: list[str] | None = None, targets: list[str] | None = None) -> Config:
     """The typed config of one run of trained `method` on `n_train` labelled images, as its `Method` declares
     (from `source`'s weights or from scratch; LP-FT's probe head, layer-wise decay, frozen stages, LoRA; the
-    semi-supervised multi-task's reconstruction of the study's whole train split as `data.target`): `source`'s
+    semi-supervised multi-task's unlabelled tasks on the study's whole train split as `data.target`): `source`'s
     architecture and normalisation; the study's data, optim and deepspeed sections; the shared budget: `epochs` x
     max(floor, N_train / (batch x ranks), min_steps / epochs) batches, warm-up a tenth; evaluation on the eval
     split without bootstrap. A run with a classification head has the probe read all `n_train` labelled
@@ -69,9 +68,9 @@ def run_config(study, source, method: str, n_train: int, run_dir: Path, data_dir
     targets)."""
     cfg, m, budget = study.cfg, METHOD_TABLE[method], study.cfg.budget
     target, weights = TargetDataConfig(), None
-    if m.unlabelled_recon:   # the downstream task's heads, and every train image rebuilt from the unlabelled stream
-        tasks = [*stage_tasks(stage, tasks, len(targets or [])), UnlabelledReconstruction.name]
-        stage, weights = "multitask", {task: 1.0 for task in tasks} | {tasks[-1]: budget.recon_weight}
+    if m.semi_supervised:   # the downstream task's heads, and the unlabelled tasks on every train image
+        tasks = [*stage_tasks(stage, tasks, len(targets or [])), *budget.unlabelled_tasks]
+        stage, weights = "multitask", {task: 1.0 for task in tasks} | budget.unlabelled_tasks
         target = TargetDataConfig(source="shards", data_dir=cfg.data_dir, evaluate=False)
     base = load_config(None, None, stage=stage, data_dir=data_dir, run_dir=str(run_dir), seed=seed,
                        device=cfg.device, init_from=str(source.path) if m.pretrained else None)

@@ -8,6 +8,6 @@ from dlscale.train.tasks import infomax  # noqa: F401  (registers shot)
 from dlscale.train.tasks import randomisation  # noqa: F401  (registers instrument)
 from dlscale.train.tasks import noisematch  # noqa: F401  (registers noisematch)
 from dlscale.train.tasks import superres  # noqa: F401  (registers superres)
-from dlscale.train.tasks import unlabelled  # noqa: F401  (registers recon_unlabelled)
+from dlscale.train.tasks import unlabelled  # noqa: F401  (registers recon_unlabelled, contrastive_unlabelled)
 
 __all__ = ["TASKS", "Task", "TaskContext", "register_task", "task_class", "task_options"]

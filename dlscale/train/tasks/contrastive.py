@@ -49,7 +49,6 @@ class ContrastiveConfig:
 
 class SimCLRTaskHead(SeededDraws, nn.Module):
     """SimCLR's projector, with the task's reproducible per-step view generators."""
-    seed_salt = 2
 
     def __init__(self, in_dim: int, cfg: ContrastiveConfig) -> None:
         super().__init__()
@@ -58,7 +57,6 @@ class SimCLRTaskHead(SeededDraws, nn.Module):
 
 class BYOLTaskHead(SeededDraws, BYOLHead):
     """`BYOLHead` with the task's reproducible per-step view generators."""
-    seed_salt = 2
 
 
 @register_task
@@ -68,15 +66,20 @@ class Contrastive(Task):
     name = "contrastive"
     Config = ContrastiveConfig
     uses_feature_map = False     # the encoder runs on the views, inside this task
+    seed_salt: int = 2
+    """Salt of the head's view draws: each contrastive task of one model draws its own views."""
 
     def build_head(self) -> nn.Module:
         cfg = self.cfg = self.ctx.options or ContrastiveConfig()
         if cfg.method == "simclr":
-            return SimCLRTaskHead(self.ctx.encoder_channels, cfg)
-        if self.ctx.encoder is None:
-            raise ValueError("task 'contrastive' with method byol needs the encoder in its TaskContext (its target "
+            head = SimCLRTaskHead(self.ctx.encoder_channels, cfg)
+        elif self.ctx.encoder is None:
+            raise ValueError(f"task {self.name!r} with method byol needs the encoder in its TaskContext (its target "
                              "network starts as a copy)")
-        return BYOLTaskHead(self.ctx.encoder, cfg.hidden_dim, cfg.projection_dim, cfg.norm)
+        else:
+            head = BYOLTaskHead(self.ctx.encoder, cfg.hidden_dim, cfg.projection_dim, cfg.norm)
+        head.seed_salt = self.seed_salt
+        return head
 
     def forward(self, head, feature_map, images, batch, model):
         if batch is None:          # evaluation / inference: the linear probe on clean features judges this task
@@ -86,7 +89,7 @@ class Contrastive(Task):
         view1, view2 = two_views(images, cfg.views, seeded_generator(images.device, head.seed_salt, step))
         if cfg.method == "simclr":
             z1, z2 = head.projector(model.encoder(torch.cat([view1, view2]))).chunk(2)
-            return {"contrastive_loss": nt_xent(z1, z2, cfg.temperature)}
+            return {f"{self.name}_loss": nt_xent(z1, z2, cfg.temperature)}
         # The target follows the weights the last optimiser step left, once per step (not again when the step's
         # batch is replayed); the first step starts it as their copy (the encoder may have been initialised from
         # a file after the head was built).
@@ -94,7 +97,7 @@ class Contrastive(Task):
             tau = 0.0 if step == 0 else (byol_tau(step, cfg.tau_schedule_steps, cfg.tau) if cfg.tau_schedule_steps
                                          else cfg.tau)
             head.update_target(model.encoder, tau)
-        return {"contrastive_loss": head(model.encoder, view1, view2)}
+        return {f"{self.name}_loss": head(model.encoder, view1, view2)}
 
     def loss(self, out, images, batch):
-        return out["contrastive_loss"]
+        return out[f"{self.name}_loss"]

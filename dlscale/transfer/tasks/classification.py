@@ -137,7 +137,7 @@ class Classification(DownstreamTask):
         for method, model, n in tqdm(keys, desc="bootstrap", unit="cell", leave=False):
             summary = summarize_cell(self.preds[(method, model, n)], self.truth, CLASSES, self.targets,
                                      cfg.n_bootstrap, cfg.seed)
-            unlabelled = {"n_unlabelled": len(study.train_ids)} if METHOD_TABLE[method].unlabelled_recon else {}
+            unlabelled = {"n_unlabelled": len(study.train_ids)} if METHOD_TABLE[method].semi_supervised else {}
             cells.append({"task": self.name, "method": method, "model": model, "n_per_class": n,
                           "n_train": study.n_train(n), **unlabelled, **summary,
                           "runs": self.runs.get((method, model, n), [])})
