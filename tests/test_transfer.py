@@ -246,6 +246,14 @@ def test_a_second_call_reuses_the_finished_runs(two_rank_study, encoder_run, sep
     assert "0 of 1 fine-tune/scratch runs finished before" in result.err and "of other settings" in result.err
     retrained = json.loads((out / "results.json").read_text())["cells"][0]["runs"][0]
     assert json.loads((Path(retrained) / "metrics.json").read_text())["step"] == 4
+    # a run trained in this process is reused as well (its training must not change the planned config it records)
+    stamp = (Path(retrained) / "model.pt").stat().st_mtime_ns
+    result = run_cli("transfer", "--encoder", encoder_run, "--data", separable_data, "--out", out,
+                     "--labels-per-class", "2", "--repeats", "1", "--ranks", "1",
+                     "--task_options.classification.targets=[theta_E]",
+                     "--methods", "scratch", "--tasks", "classification", *SMALL, *FAST, "--epochs=2")
+    assert result.code == 0, result.err[-3000:]
+    assert (Path(retrained) / "model.pt").stat().st_mtime_ns == stamp
 
 
 # ---- another image size: Model-I-like 150x150 encoder on 64x64 data ---------------------------------------------
