@@ -113,7 +113,7 @@ class BatchRing:
 
     def done(self, j: int) -> None:
         """Every batch cut when record j arrived is handed on: the spill rows they used may be written again."""
-        self.state[1] = j
+        self.state.numpy()[1] = j
 
     def batch(self, cut: Cut, lost: np.ndarray | None, pin: bool) -> tuple:
         """Batch `cut.k`'s parts; `lost`: its positions whose record was lost (left out)."""
@@ -153,7 +153,8 @@ class BatchRing:
 
     def _give(self) -> None:
         """Give the free slots to the next batches, in order."""
-        table, table_slot, generation = self.table.numpy(), self.table_slot.numpy(), int(self.state[0]) << TAG_BITS
+        table, table_slot = self.table.numpy(), self.table_slot.numpy()
+        generation = int(self.state.numpy()[0]) << TAG_BITS
         while self.free:
             s, k = self.free.popleft(), self.next_batch
             self.given[k] = s
