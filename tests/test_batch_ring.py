@@ -89,19 +89,29 @@ def test_a_batch_the_consumer_holds_is_never_written_over(make_shards, monkeypat
     assert all(torch.equal(held[key], copy[key]) for key in copy)
 
 
-def test_a_lost_record_leaves_its_rows_out_of_their_batches(make_shards):
-    """Batches keep their other rows where they were (shorter batches), for 0 and 2 workers."""
+@pytest.mark.parametrize("window", ["default", "tiny"])
+def test_a_lost_record_leaves_its_rows_out_of_their_batches(make_shards, monkeypatch, window):
+    """Batches keep their other rows where they were, images included (shorter batches), for 0 and 2 workers.
+    `tiny`: most rows wait in spill rows, which the writer of the record a batch is cut at copies into it, lost or
+    not."""
+    if window == "tiny":
+        monkeypatch.setattr("dlscale.data.stream.WINDOW_FILLS", 0)
     data = make_shards({"train": 80}, shard_size=40, samples_per_record=5)
     cfg = StreamConfig(batch_size=8, num_workers=0, shuffle_buffer=32)
     expected = shuffled_ids(data, cfg, 12)
+    _, whole, _ = streamed(data, cfg, 12)
     shard = data / "train-000001.tar"
     shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])      # its first records stay readable
     for workers in (0, 2):
-        ids, _, stream = streamed(data, StreamConfig(batch_size=8, num_workers=workers, shuffle_buffer=32), 12)
+        ids, images, stream = streamed(data, StreamConfig(batch_size=8, num_workers=workers, shuffle_buffer=32), 12)
         read = {r for batch in ids for s, r, _ in batch if s == 1}
         assert read == set(range(len(read))) and 0 < len(read) < 8
-        assert ids == [[i for i in batch if i[0] != 1 or i[1] in read] for batch in expected]
+        kept = [[p for p, i in enumerate(batch) if i[0] != 1 or i[1] in read] for batch in expected]
+        assert ids == [[batch[p] for p in positions] for batch, positions in zip(expected, kept)]
+        assert all(torch.equal(got, before[positions]) for got, before, positions in zip(images, whole, kept))
         assert sum(stream.skips.totals()[0]) > 0
+        if window == "tiny":
+            assert stream.cuts.spilled / stream.cuts.taken > 0.5
 
 
 @pytest.mark.parametrize("transforms", ["host", "device"])

@@ -7,10 +7,11 @@ it over row numbers (the epoch's rows numbered in record order) instead of rows:
 the same seed and the same row counts, knows where each row goes (batch k, position p) without seeing any image.
 
 Batches reach back only `window` batches: a row that the buffer keeps longer than `window` batches past those cut
-before its record arrived (the buffer's long tail) goes to a spill row instead, which the training process copies
-into its batch when that batch is handed out. Spill rows are reused in plan order; a spill row freed by the batches
-cut when record c arrived is given only to a record after c, whose writer first waits until the training process is
-done with record c (`Placement.stamp`).
+before its record arrived (the buffer's long tail) goes to a spill row instead, which the writer of the record its
+batch is cut at copies into the batch (`Fill`), so that the training process copies no image. Spill rows are reused
+in plan order; a spill row freed by the batches cut when record c arrived is given only to a record after c, whose
+writer first waits until the training process is done with record c (`Placement.stamp`): c's writer has copied it
+into its batch by then.
 """
 from __future__ import annotations
 
@@ -31,19 +32,26 @@ class Placement(NamedTuple):
 
 
 class Cut(NamedTuple):
-    """Batch k as the plan cuts it: `rows` its row numbers by position, `spill_at` the positions whose rows wait in
-    spill rows `spill_rows`."""
+    """Batch k as the plan cuts it: `rows` its row numbers by position."""
     k: int
     rows: np.ndarray
-    spill_at: np.ndarray
-    spill_rows: np.ndarray
+
+
+class Fill(NamedTuple):
+    """The rows of batch k that waited in spill rows: positions `at` take spill rows `rows`, written with the record
+    the batch is cut at and records up to `stamp` (the training process done with record `stamp`: they are
+    written)."""
+    k: int
+    at: np.ndarray
+    rows: np.ndarray
+    stamp: int
 
 
 class ShufflePlan:
     """One epoch's shuffle buffer over row numbers. `counts()`: the rows of record j = 0, 1, ... (from the manifest;
-    called on first use, so that a plan not yet used pickles); a `writer` asks `place(j)` for each record in order,
-    the `reader` (the training process) `cuts(j)` for the batches cut when record j arrives (one plan is both when
-    that process writes the records itself)."""
+    called on first use, so that a plan not yet used pickles); a `writer` asks `place(j)` for each of its records in
+    order and `fills(j)` for the spill rows it copies into the batches cut when record j arrives, the `reader` (the
+    training process) `cuts(j)` for those batches (one plan is both when that process writes the records itself)."""
 
     def __init__(self, counts: Callable[[], Iterator[int]], rng: np.random.Generator, batch_size: int, full: int,
                  keep: int, capacity: int, batches: int, window: int, spill_rows: int, writer: bool, reader: bool):
@@ -61,9 +69,10 @@ class ShufflePlan:
         self.position = np.full(self.ring, -1, dtype=np.int64)
         self.records: dict[int, list] = {}      # j -> [first row, rows, spill rows of its rows or None]
         self.open: deque = deque()              # (limit, j) of the records whose window has not closed, in order
-        self.spill_of: dict[int, int] = {}      # row number -> spill row, while the row waits in one
+        self.spill_of: dict[int, tuple] = {}    # row number -> (spill row, its record), while the row waits in one
         self.free = deque((-1, q) for q in range(spill_rows))   # (record whose batches freed it, spill row)
         self.pending_cuts: dict[int, list[Cut]] = {}
+        self.pending_fills: deque = deque()     # the writer's: (j, Fill) of the batches cut at record j, in order
         self.extents: list[range] = []          # the reader's: each record's row numbers
         self.placed = 0                         # the next record `place` answers for
         self.taken = self.spilled = 0           # rows cut into batches, those of them that went through spill rows
@@ -91,6 +100,18 @@ class ShufflePlan:
         while self.t <= j:
             self._put()
         return self.pending_cuts.pop(j, [])
+
+    def fills(self, j: int) -> list[Fill]:
+        """The spill rows to copy into the batches cut when record j arrives (the writer of record j copies them);
+        asked in order of j, for this writer's records only (those of the records before it are let go)."""
+        while self.t <= j and self.k < self.batches:
+            self._put()
+        out = []
+        while self.pending_fills and self.pending_fills[0][0] <= j:
+            at, fill = self.pending_fills.popleft()
+            if at == j:
+                out.append(fill)
+        return out
 
     def rows_of(self, j: int) -> range:
         """Record j's row numbers (the reader's)."""
@@ -130,7 +151,7 @@ class ShufflePlan:
                 raise RuntimeError(f"shuffle plan: no spill row free for record {j} (the spill area is too small)")
             freed_by, rows[i] = self.free.popleft()
             stamp = max(stamp, freed_by)
-            self.spill_of[number] = int(rows[i])
+            self.spill_of[number] = (int(rows[i]), j)
         record[2] = (at, rows, stamp)
 
     def _take(self) -> None:
@@ -139,8 +160,12 @@ class ShufflePlan:
         placed = self.k < limit
         self.position[rows[placed] % self.ring] = self.k * self.bs + np.flatnonzero(placed)
         spill_at = np.flatnonzero(~placed)
-        spill_rows = np.array([self.spill_of.pop(number) for number in rows[spill_at].tolist()], dtype=np.int64)
-        self.free.extend((self.t - 1, q) for q in spill_rows.tolist())
+        if len(spill_at):
+            spill_rows, records = np.array([self.spill_of.pop(number) for number in rows[spill_at].tolist()]).T
+            self.free.extend((self.t - 1, q) for q in spill_rows.tolist())
+            if self.writer:
+                stamp = int(records[records < self.t - 1].max(initial=-1))   # record t - 1: its writer copies
+                self.pending_fills.append((self.t - 1, Fill(self.k, spill_at, spill_rows, stamp)))
         if self.reader:
-            self.pending_cuts.setdefault(self.t - 1, []).append(Cut(self.k, rows, spill_at, spill_rows))
+            self.pending_cuts.setdefault(self.t - 1, []).append(Cut(self.k, rows))
         self.taken, self.spilled, self.k = self.taken + self.bs, self.spilled + len(spill_at), self.k + 1

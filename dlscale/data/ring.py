@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dlscale.data.buffers import UNUSED_REFS, BufferPool
-from dlscale.data.plan import Cut, Placement
+from dlscale.data.plan import Cut, Fill, Placement
 from dlscale.data.records import worker_share
 
 
@@ -37,8 +37,9 @@ MADV_POPULATE_WRITE = 23   # Linux >= 5.14
 
 def _populate(address: int, nbytes: int) -> None:
     """Map the pages of `nbytes` at `address`, shared memory another process made, into this one in a single call
-    (`madvise`): a worker writing a record's pages a fault at a time spent ~5.5 ms on the faults of 256 1x150x150
-    images, populating them first ~2.5 ms (measured here). Where the kernel lacks the call, the faults happen as
+    (`madvise`). A forked process inherits no page table entries of a shared mapping: each page it touches costs a
+    fault (~1 us here), or, populated, 0.21 us in one call for a whole 1.7 GB ring, 0.28 us in one call per
+    1x150x150 row (~2 us a call on top; measured here). Where the kernel lacks the call, the faults happen as
     before."""
     start = address - address % mmap.PAGESIZE
     _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start), MADV_POPULATE_WRITE)
@@ -58,7 +59,10 @@ class BatchRing:
     nothing made from that view is left, so a batch the consumer keeps is never written over. Past `LENT` batches
     held at once, it hands on a copy and frees the slot at once, so the workers always find slots; labels, ids and
     targets (a few bytes a sample) are always copies. A worker writes a row into batch k's slot once the slot is
-    given, into a spill row once the main process is done with the record the plan names (`state`)."""
+    given, into a spill row once the main process is done with the record the plan names (`state`), and copies the
+    spill rows of the batches cut at its record into their places (`fill`): the main process copies no image.
+    A worker maps the whole ring the first time it writes (`_map`): a record's rows land in any slot, so over a run
+    every worker writes nearly every row, and one call for all of them costs the least per page."""
 
     def __init__(self, slots: int, batch_size: int, spill_rows: int, work: tuple[int, int], rows: list,
                  shared: bool):
@@ -72,8 +76,7 @@ class BatchRing:
         self.table = share(torch.full((2 * slots,), -1, dtype=torch.int64))   # at k mod 2 x slots: tag, slot
         self.table_slot = share(torch.full((2 * slots,), -1, dtype=torch.int64))
         self.state = share(torch.zeros(2, dtype=torch.int64))   # the epoch's generation, the last record done
-        self.shared, self.populated = shared, {}     # pid -> the image rows that process has mapped
-        self.populated_work: set[int] = set()        # the processes that have mapped their work rows
+        self.shared, self.mapped_by = shared, set()   # the processes that have mapped the ring (`_map`)
         self.free, self.lent, self.given, self.next_batch = deque(range(slots)), [], {}, 0
         self.copies = BufferPool(LENT)
 
@@ -110,16 +113,12 @@ class BatchRing:
 
     def done(self, j: int) -> None:
         """Every batch cut when record j arrived is handed on: the spill rows they used may be written again."""
-        self.state[1] = j
+        self.state.numpy()[1] = j
 
     def batch(self, cut: Cut, lost: np.ndarray | None, pin: bool) -> tuple:
-        """Batch `cut.k`'s parts, its spill rows copied in; `lost`: its positions whose record was lost (left out)."""
+        """Batch `cut.k`'s parts; `lost`: its positions whose record was lost (left out)."""
         s = self.given.pop(cut.k)
         first = s * self.bs
-        if len(cut.spill_at):
-            target, source = torch.from_numpy(first + cut.spill_at), torch.from_numpy(self.spill_start + cut.spill_rows)
-            for store in self.parts():
-                store.index_copy_(0, target, store.index_select(0, source))
         self._reclaim()
         keep = None if lost is None or not lost.any() else torch.from_numpy(first + np.flatnonzero(~lost))
         parts = tuple(None if store is None else
@@ -154,17 +153,20 @@ class BatchRing:
 
     def _give(self) -> None:
         """Give the free slots to the next batches, in order."""
+        table, table_slot = self.table.numpy(), self.table_slot.numpy()
+        generation = int(self.state.numpy()[0]) << TAG_BITS
         while self.free:
             s, k = self.free.popleft(), self.next_batch
             self.given[k] = s
-            self.table_slot[k % len(self.table)] = s
-            self.table[k % len(self.table)] = (int(self.state[0]) << TAG_BITS) + k
+            table_slot[k % len(table)] = s
+            table[k % len(table)] = generation + k
             self.next_batch += 1
 
     # ---- a writer (a worker, or the main process without workers) ------------------------------------------------
 
     def rows(self, place: Placement) -> torch.Tensor:
         """The store rows for a record's rows, once they may be written (waits for slots and spill rows)."""
+        self._map()
         generation = int(self.state[0])
         rows = np.full(len(place.position), self.trash, dtype=np.int64)
         placed = place.position >= 0
@@ -175,20 +177,27 @@ class BatchRing:
         if spilled.any():
             self._wait(lambda: int(self.state[1]) >= place.stamp, generation, f"record {place.stamp}")
             rows[spilled] = self.spill_start + place.spill[spilled]
-        if self.shared:
-            self._populate_rows(rows)
         return torch.from_numpy(rows)
+
+    def fill(self, fills: list[Fill]) -> None:
+        """Copy the spill rows of the batches cut at this writer's record into their places, once the records that
+        wrote them are done (the record's own rows are written: this writer wrote them)."""
+        generation = int(self.state[0])
+        arrays = [store.numpy() for store in self.parts()]
+        for fill in fills:
+            self._wait(lambda: int(self.state[1]) >= fill.stamp, generation, f"record {fill.stamp}")
+            first = int(self._slots(np.array([fill.k]), generation)[0]) * self.bs
+            for to, source in zip((first + fill.at).tolist(), (self.spill_start + fill.rows).tolist()):
+                for array in arrays:
+                    array[to] = array[source]
 
     def work(self) -> torch.Tensor | None:
         """This writer's work rows (None: the ring has none)."""
         if self.work_store is None:
             return None
+        self._map()
         first = worker_share()[0] * self.work_rows
-        rows = self.work_store[first:first + self.work_rows]
-        if self.shared and os.getpid() not in self.populated_work:
-            self.populated_work.add(os.getpid())
-            _populate(rows.data_ptr(), rows.nbytes)
-        return rows
+        return self.work_store[first:first + self.work_rows]
 
     def _slots(self, batches: np.ndarray, generation: int) -> np.ndarray:
         """The slots given to `batches`, once each is given (the main process writes a slot before its tag)."""
@@ -206,23 +215,12 @@ class BatchRing:
                 raise RuntimeError(f"waited {RING_WAIT_S} s for {what} in the batch ring")
             time.sleep(0.0005)
 
-    def _populate_rows(self, rows: np.ndarray) -> None:
-        """Map the pages of the images' `rows` into this process (a row, or a run of consecutive rows, in one call),
-        those of the other parts (a few bytes a row) in full the first time."""
-        populated = self.populated.get(os.getpid())
-        if populated is None:
-            populated = self.populated[os.getpid()] = np.zeros(len(self.store[0]), dtype=bool)
-            for store in self.parts()[1:]:
+    def _map(self) -> None:
+        """Map the whole ring into this writer, once (a worker; the main process mapped it when it zeroed it)."""
+        if self.shared and os.getpid() not in self.mapped_by:
+            self.mapped_by.add(os.getpid())
+            for store in [t for t in (*self.store, self.work_store) if t is not None]:
                 _populate(store.data_ptr(), store.nbytes)
-        new = rows[~populated[rows]]
-        if not len(new):      # (every epoch after a kept worker's first, mostly)
-            return
-        new = np.unique(new)
-        populated[new] = True
-        ends = np.flatnonzero(np.diff(new) != 1)
-        base, row_bytes = self.store[0].data_ptr(), self.store[0][:1].nbytes
-        for first, last in zip(new[np.r_[0, ends + 1]].tolist(), new[np.r_[ends, len(new) - 1]].tolist()):
-            _populate(base + first * row_bytes, (last + 1 - first) * row_bytes)
 
 
 LENT = 4

@@ -86,12 +86,15 @@ class TrainStream(RecordStream):
         self.shared_epoch[0] = epoch
 
     def reads(self) -> Iterator[Read]:
-        """This worker's records; a worker (kept from epoch to epoch) first takes the epoch this process set and
-        makes its shuffle plan."""
+        """This worker's records, each handed on once the spill rows of the batches cut at it are in their places
+        (lost or not, its batches are); a worker (kept from epoch to epoch) first takes the epoch this process set
+        and makes its shuffle plan."""
         if get_worker_info() is not None:
             self.epoch = int(self.shared_epoch[0])
             self.plan = self._plan(writer=True, reader=False)
-        return super().reads()
+        for read in super().reads():
+            self.ring.fill(self.plan.fills(read.j))
+            yield read
 
     def worker_state(self) -> object:
         return self.ring      # a new ring (another layout): new workers, which map it
