@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dlscale.data.stream import RECORDS_IN_FLIGHT, ShardSet, StreamConfig, eval_loader, train_loader
+from dlscale.data.records import records_in_flight
+from dlscale.data.stream import ShardSet, StreamConfig, eval_loader, train_loader
 
 WORKERS = (0, 1, 2, 4)
 
@@ -65,8 +66,9 @@ def test_training_decodes_each_drawn_record_once_whatever_the_workers(records_da
     batches = list(train_loader(records_data, replace(cfg, num_workers=workers), batches=24))
     calls = decodes()
     per_worker = Counter(pid for pid, _, _ in calls)
-    assert used <= len(calls) <= used + workers * (RECORDS_IN_FLIGHT + 1)   # read ahead by the queues, no more
-    assert len(per_worker) == workers and max(per_worker.values()) - min(per_worker.values()) <= RECORDS_IN_FLIGHT + 1
+    ahead = records_in_flight(workers) + 1
+    assert used <= len(calls) <= used + workers * ahead   # read ahead by the queues, no more
+    assert len(per_worker) == workers and max(per_worker.values()) - min(per_worker.values()) <= ahead
     for a, b in zip(reference, batches, strict=True):
         assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["image"], b["image"])
 

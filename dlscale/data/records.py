@@ -7,6 +7,7 @@ the records in the order of j whatever W is, and a stream (`dlscale.data.stream`
 """
 from __future__ import annotations
 
+import math
 import multiprocessing
 import sys
 import weakref
@@ -100,7 +101,7 @@ class RecordStream(IterableDataset):
         if kept:
             kept.clear()
         loader = DataLoader(_Reads(self, weak=persistent), batch_size=None, num_workers=workers,
-                            prefetch_factor=RECORDS_IN_FLIGHT if workers else None, persistent_workers=persistent,
+                            prefetch_factor=records_in_flight(workers) if workers else None, persistent_workers=persistent,
                             multiprocessing_context=worker_start(workers), collate_fn=_as_read)
         if persistent:
             self._kept = [loader, key]
@@ -212,5 +213,14 @@ class RecordLoader:
         yield from self.dataset.assemble(checked(), pin=torch.cuda.is_available())
 
 
-RECORDS_IN_FLIGHT = 2
-"""Records each worker may have queued for the main process (the DataLoader's prefetch factor)."""
+RECORDS_IN_FLIGHT = 8
+"""Records the workers of a rank may have queued for the main process together, at the least (each worker at least
+2: the DataLoader's prefetch factor)."""
+
+
+def records_in_flight(workers: int) -> int:
+    """Records each of `workers` workers may have queued (the DataLoader's prefetch factor): together at least
+    `RECORDS_IN_FLIGHT`, so that a main process held off its core for a moment (3 processes on 2 cores) does not
+    leave the workers idle, and 2 each where there are 4 workers or more (a GPU node's ring pays every record);
+    none without workers."""
+    return max(2, math.ceil(RECORDS_IN_FLIGHT / workers)) if workers else 0

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dlscale.data.buffers import BufferPool
-from dlscale.data.records import RECORDS_IN_FLIGHT, Read, RecordLoader, RecordStream, worker_start
+from dlscale.data.records import Read, RecordLoader, RecordStream, records_in_flight, worker_start
 from dlscale.data.plan import ShufflePlan
 from dlscale.data.ring import LENT, BatchRing, empty_rows
 from dlscale.data.shardset import ShardSet
@@ -152,7 +152,7 @@ class TrainStream(RecordStream):
         # rows go straight into batches up to about two buffer fills ahead of their record (~7% of them outlive that
         # and wait in spill rows); the workers may be ahead of this process by their queued records
         window = max(1, math.ceil(WINDOW_FILLS * full / bs))
-        slots = window + math.ceil((RECORDS_IN_FLIGHT * workers + 1) * spr / bs) + 1 + LENT
+        slots = window + math.ceil((records_in_flight(workers) * workers + 1) * spr / bs) + 1 + LENT
         spill = 2 * capacity
         self.plan_sizes = (bs, full, keep, capacity, self.batches_per_epoch, window, spill)
         self.cuts = self._plan(writer=workers == 0, reader=True)     # this process's
