@@ -101,7 +101,7 @@ class RecordStream(IterableDataset):
         if kept:
             kept.clear()
         loader = DataLoader(_Reads(self, weak=persistent), batch_size=None, num_workers=workers,
-                            prefetch_factor=records_in_flight(workers) if workers else None, persistent_workers=persistent,
+                            prefetch_factor=records_in_flight(workers) or None, persistent_workers=persistent,
                             multiprocessing_context=worker_start(workers), collate_fn=_as_read)
         if persistent:
             self._kept = [loader, key]
