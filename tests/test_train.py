@@ -4,6 +4,7 @@ TensorBoard, exported encoder, `dlscale eval`), a killed run resumes to the same
 Runs go through `dlscale.cli.main` in the test process (its world-of-one process group is created once and reused);
 only the run that is killed needs a process of its own. Multi-process launches are in test_train_dist.py.
 """
+import copy
 import json
 import re
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 import dlscale
@@ -201,6 +203,23 @@ def test_multitask_init_from_an_autoencoder_run_starts_from_its_encoder(autoenco
     weights = [k for k in started if not k.endswith(BN_STATISTICS)]
     assert weights and all(torch.equal(started[k], ended[k]) for k in weights)
     assert f"encoder initialised from {autoencoder_run}" in (runs / "from_ae" / "log.txt").read_text()
+
+
+def test_a_run_leaves_the_config_it_was_given_as_it_was(separable_data, tiny_args, runs):
+    """Runs in one process (transfer studies, the quickstart, sweeps) record and compare the configs they pass: the
+    run resolves `deepspeed.precision=auto` (and the other engine settings) in its own copy, which config.yaml
+    records."""
+    from dlscale.configtree import to_dict
+    from dlscale.train.config import load_config
+    from dlscale.train.runner import run
+    cfg = load_config(None, [*tiny_args, "--schedule.epochs=1", "--schedule.batches_per_epoch=2"], stage="supervised",
+                      data_dir=str(separable_data), run_dir=str(runs / "given"), device="cpu")
+    given = copy.deepcopy(to_dict(cfg))
+    assert cfg.deepspeed.precision == "auto"
+    with own_logging():
+        run(cfg)
+    assert to_dict(cfg) == given
+    assert yaml.safe_load((runs / "given" / "config.yaml").read_text())["deepspeed"]["precision"] == "fp32"
 
 
 # ---- bad input: a clear error naming the problem ----------------------------------------------------------------

@@ -182,6 +182,8 @@ class BatchRing:
     def fill(self, fills: list[Fill]) -> None:
         """Copy the spill rows of the batches cut at this writer's record into their places, once the records that
         wrote them are done (the record's own rows are written: this writer wrote them)."""
+        if not fills:     # most records
+            return
         generation = int(self.state[0])
         arrays = [store.numpy() for store in self.parts()]
         for fill in fills:

@@ -12,6 +12,7 @@ signals (`schedule.preempt_signals`, `dlscale.preemption`) are caught from here 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -124,10 +125,11 @@ def _run(cfg: Config, resume: bool, local_rank: int | None, on_evaluation: Evalu
 
 
 def resolved(cfg: Config, device: torch.device, simulated_eval: bool) -> Config:
-    """The config this run records in config.yaml and trains with (the caller's is left as it is): transforms
-    resolved for the device, and the evaluation sets a simulated source makes in the run directory (RUN/eval_data,
-    RUN/target_eval_data) as its data directories."""
-    cfg = resolve_transforms(cfg, device)
+    """The config this run records in config.yaml and trains with, a deep copy (the run resolves its engine settings
+    in it, `deepspeed.precision=auto` among them: a caller that runs, records or compares its config in the same
+    process keeps it as it gave it): transforms resolved for the device, and the evaluation sets a simulated source
+    makes in the run directory (RUN/eval_data, RUN/target_eval_data) as its data directories."""
+    cfg = resolve_transforms(copy.deepcopy(cfg), device)
     run_dir = Path(cfg.run_dir)
     if simulated_eval:
         cfg = dataclasses.replace(cfg, data_dir=str(run_dir / EVAL_DATA))

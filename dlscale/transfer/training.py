@@ -12,7 +12,6 @@ it afresh.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import logging
 import shutil
@@ -165,15 +164,13 @@ def launch(todo: list[PlannedRun], plan_path: Path, split: str, ranks: int) -> N
 
 
 def train_planned(runs: list[PlannedRun], local_rank: int | None = None) -> None:
-    """Train `runs` one after another in this process (every rank of a launch calls this with the same list). Each
-    trains on a copy of its config: training resolves settings in it (`deepspeed.precision=auto` to what runs),
-    and the plan must keep what the study recorded, or a finished run would never be found finished."""
+    """Train `runs` one after another in this process (every rank of a launch calls this with the same list)."""
     for i, planned in enumerate(runs, 1):
         cfg = planned.config
         if dist_info(local_rank).is_main:
             log.info("transfer run %d/%d: %s (%s%s)", i, len(runs), planned.run_dir, cfg.stage,
                      f", from {cfg.init_from}" if cfg.init_from else ", from scratch")
-        train(copy.deepcopy(cfg), local_rank=local_rank)
+        train(cfg, local_rank=local_rank)
 
 
 def read_scores(run: PlannedRun, split: str) -> dict[str, np.ndarray]:
