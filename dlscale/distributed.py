@@ -9,8 +9,10 @@ an entry point; the typed config crosses it as a record file, and only that file
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -158,8 +160,17 @@ class _RankZeroFilter(logging.Filter):
         return self.rank == 0 or record.levelno >= logging.WARNING
 
 
+STACKS_SIGNAL = getattr(signal, "SIGUSR2", None)
+"""`kill -USR2 PID`: a dlscale process (and each of its DataLoader workers, which inherit it) writes the Python
+stack of every thread to its stderr and goes on: where a run that seems hung is waiting. (None where the platform
+lacks the signal; a run that names it in `schedule.preempt_signals` stops on it instead.)"""
+
+
 def setup_logging(rank: int = 0, log_file: Path | None = None, level: int = logging.INFO) -> None:
-    """Readable logs: rank 0 logs INFO, other ranks only warnings and errors (tagged with their rank)."""
+    """Readable logs: rank 0 logs INFO, other ranks only warnings and errors (tagged with their rank); and
+    `STACKS_SIGNAL` dumps the stacks."""
+    if STACKS_SIGNAL is not None and sys.__stderr__ is not None:   # the process's stderr (fd 2), not a capture of it
+        faulthandler.register(STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
     fmt = "%(asctime)s %(levelname).1s " + (f"[rank {rank}] " if rank else "") + "%(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:

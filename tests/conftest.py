@@ -128,8 +128,11 @@ def deadline():
 
 # ---- Training fixtures (tests/test_train.py, tests/test_train_dist.py) --------------------------------------------
 # A toy dataset that any working training stage separates, and real launches (torchrun, deepspeed) as subprocesses.
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
 # what the launchers set for their workers; a leftover value (an earlier in-process run sets them) must not leak
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -223,9 +226,72 @@ class Launch:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            tail, stacks = self.output()[-3000:], self.stacks()
             self.kill()
-            raise AssertionError(f"{' '.join(self.argv[:4])} ... still running after {timeout} s; output ends:\n"
-                                 f"{self.output()[-3000:]}") from None
+            report = (f"{' '.join(self.argv[:4])} ... still running after {timeout} s; output ends:\n{tail}\n"
+                      f"---- the stacks of its processes (SIGUSR2) ----\n{stacks}")
+            record_hang(report)
+            raise AssertionError(report) from None
+
+    def stacks(self) -> str:
+        """What the group's processes but the launcher (dlscale's ranks and their DataLoader workers) write to the
+        log on `STACKS_SIGNAL`: where each thread waits."""
+        from dlscale.distributed import STACKS_SIGNAL
+        before = self.log.stat().st_size
+        for pid in group_members(self.proc.pid):
+            if pid != self.proc.pid:
+                try:
+                    os.kill(pid, STACKS_SIGNAL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(STACKS_WAIT_S)
+        with open(self.log, "rb") as log:
+            log.seek(before)
+            return log.read().decode(errors="replace")
+
+
+STACKS_WAIT_S = 3.0
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of process group `pgid` (Linux: from /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    members.append(int(entry))
+            except OSError:   # gone meanwhile
+                pass
+    return members
+
+
+# ---- hung launches: their stacks, last in the session's output (where the tail of a CI log shows them) -----------
+
+HANGS = "DLSCALE_TEST_HANGS"   # the directory of the reports, made by the session's controller for its workers
+
+
+def record_hang(report: str) -> None:
+    folder = os.environ.get(HANGS)
+    if folder and Path(folder).is_dir():
+        (Path(folder) / f"{os.getpid()}-{time.monotonic_ns()}.txt").write_text(report)
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):    # the controller (pytest-xdist's workers inherit the variable)
+        os.environ[HANGS] = tempfile.mkdtemp(prefix="dlscale-hangs-")
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "workerinput") or not os.environ.get(HANGS):
+        return
+    folder = Path(os.environ.pop(HANGS))
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    for report in sorted(folder.glob("*.txt")):
+        if reporter is not None:
+            reporter.write_sep("=", "a launch that hung (also in its test's error above)")
+            reporter.write_line(report.read_text())
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

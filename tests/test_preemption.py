@@ -199,6 +199,24 @@ def test_without_a_signal_the_previous_handlers_come_back(clean_state):
     assert signal.getsignal(signal.SIGTERM) is before and preemption.requested() == 0
 
 
+def test_sigusr2_writes_the_stacks_of_a_process_whose_logging_dlscale_set_up_and_it_goes_on():
+    code = ("import os, signal\nfrom dlscale.distributed import setup_logging\nsetup_logging()\n"
+            "def waiting_here():\n    os.kill(os.getpid(), signal.SIGUSR2)\nwaiting_here()\nprint('went on')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "went on", done.stderr
+    assert "Current thread" in done.stderr and "in waiting_here" in done.stderr, done.stderr
+
+
+def test_a_run_that_stops_on_sigusr2_gets_it_instead_of_the_stack_dump(clean_state):
+    from dlscale.distributed import STACKS_SIGNAL, setup_logging
+    with own_logging():
+        setup_logging()
+    with preemption.listen(["SIGUSR2"]) as installed:
+        assert installed
+        os.kill(os.getpid(), STACKS_SIGNAL)
+        assert preemption.requested() == STACKS_SIGNAL
+
+
 def test_outside_the_main_thread_nothing_is_installed(clean_state):
     seen = []
 

@@ -1,0 +1,46 @@
+"""The tests' launcher harness: a launch that hangs is killed, and its processes' stacks are reported."""
+import sys
+import time
+import textwrap
+
+import pytest
+
+from conftest import HANGS, Launch
+
+HELD = textwrap.dedent("""
+    import subprocess, sys, time
+    from dlscale.distributed import setup_logging
+    setup_logging()
+    def held_by_the_child():
+        subprocess.run([sys.executable, "-c", CHILD])
+    CHILD = '''
+    from dlscale.distributed import setup_logging
+    setup_logging()
+    import time
+    def waiting_forever():
+        time.sleep(600)
+    print("child started", flush=True)
+    waiting_forever()
+    '''
+    held_by_the_child()
+""")
+
+
+@pytest.mark.slow
+def test_a_hung_launch_is_killed_and_reports_where_its_processes_wait(tmp_path, monkeypatch):
+    monkeypatch.setenv(HANGS, str(tmp_path / "hangs"))
+    (tmp_path / "hangs").mkdir()
+    launched = Launch([sys.executable, "-c", HELD], tmp_path / "held.log", tmp_path)
+    for _ in range(600):      # the child is up (a dump before its handler is set would kill it)
+        if "child started" in launched.output():
+            break
+        time.sleep(0.1)
+    with pytest.raises(AssertionError) as raised:
+        launched.wait(1)
+    report = str(raised.value)
+    stacks = report.split("the stacks of its processes")[1]
+    assert "still running after 1 s" in report and "in waiting_forever" in stacks, report
+    assert "in held_by_the_child" not in stacks    # the launcher (the group's leader) is left alone
+    assert launched.proc.poll() is not None
+    recorded = list((tmp_path / "hangs").glob("*.txt"))
+    assert len(recorded) == 1 and "in waiting_forever" in recorded[0].read_text()
