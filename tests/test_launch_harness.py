@@ -1,14 +1,14 @@
 """The tests' launcher harness: a launch that hangs is killed, and its processes' stacks are reported."""
 import sys
-import time
 import textwrap
+import time
 
 import pytest
 
 from conftest import HANGS, Launch
 
 HELD = textwrap.dedent("""
-    import subprocess, sys, time
+    import subprocess, sys
     from dlscale.distributed import setup_logging
     setup_logging()
     def held_by_the_child():
