@@ -218,7 +218,14 @@ class Launch:
         return self.log.read_text(errors="replace")
 
     def kill(self) -> None:
+        """SIGKILL to the launcher's group and to every process under it (torchrun starts each rank in a session of
+        its own)."""
         if self.proc.poll() is None:   # the group is ours only while its leader lives (after that its id may be reused)
+            for pid in descendants(self.proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
@@ -234,36 +241,39 @@ class Launch:
             raise AssertionError(report) from None
 
     def stacks(self) -> str:
-        """What the group's processes but the launcher (dlscale's ranks and their DataLoader workers) write to the
-        log on `STACKS_SIGNAL`: where each thread waits."""
+        """What the processes under the launcher (dlscale's ranks and their DataLoader workers) write to the log on
+        `STACKS_SIGNAL`: where each thread waits."""
         from dlscale.distributed import STACKS_SIGNAL
         before = self.log.stat().st_size
-        for pid in group_members(self.proc.pid):
-            if pid != self.proc.pid:
-                try:
-                    os.kill(pid, STACKS_SIGNAL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(STACKS_WAIT_S)
+        for pid in descendants(self.proc.pid):   # one at a time: their dumps would interleave in the log
+            try:
+                os.kill(pid, STACKS_SIGNAL)
+            except ProcessLookupError:
+                pass
+            time.sleep(STACKS_WAIT_S)
         with open(self.log, "rb") as log:
             log.seek(before)
             return log.read().decode(errors="replace")
 
 
-STACKS_WAIT_S = 3.0
+STACKS_WAIT_S = 0.3   # a process writes its stacks at once (in the signal handler, without the GIL)
 
 
-def group_members(pgid: int) -> list[int]:
-    """The processes of process group `pgid` (Linux: from /proc)."""
-    members = []
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`: its children, theirs, ... (Linux: parents read from /proc)."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.getpgid(int(entry)) == pgid:
-                    members.append(int(entry))
+                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:   # gone meanwhile
-                pass
-    return members
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
 
 
 # ---- hung launches: their stacks, last in the session's output (where the tail of a CI log shows them) -----------

@@ -1,7 +1,9 @@
 """The tests' launcher harness: a launch that hangs is killed, and its processes' stacks are reported."""
+import re
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -11,19 +13,26 @@ HELD = textwrap.dedent("""
     import subprocess, sys
     from dlscale.distributed import setup_logging
     setup_logging()
-    def held_by_the_child():
-        subprocess.run([sys.executable, "-c", CHILD])
+    def held_by_the_child():   # in a session of its own, as torchrun starts each rank
+        subprocess.run([sys.executable, "-c", CHILD], start_new_session=True)
     CHILD = '''
+    import os, time
     from dlscale.distributed import setup_logging
     setup_logging()
-    import time
     def waiting_forever():
         time.sleep(600)
-    print("child started", flush=True)
+    print(f"child {os.getpid()} started", flush=True)
     waiting_forever()
     '''
     held_by_the_child()
 """)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 @pytest.mark.slow
@@ -31,10 +40,11 @@ def test_a_hung_launch_is_killed_and_reports_where_its_processes_wait(tmp_path, 
     monkeypatch.setenv(HANGS, str(tmp_path / "hangs"))
     (tmp_path / "hangs").mkdir()
     launched = Launch([sys.executable, "-c", HELD], tmp_path / "held.log", tmp_path)
-    for _ in range(600):      # the child is up (a dump before its handler is set would kill it)
-        if "child started" in launched.output():
-            break
+    deadline = time.monotonic() + 60
+    while not (started := re.search(r"child (\d+) started", launched.output())):   # its handler is set
+        assert time.monotonic() < deadline and launched.proc.poll() is None, launched.output()
         time.sleep(0.1)
+    child = int(started.group(1))
     with pytest.raises(AssertionError) as raised:
         launched.wait(1)
     report = str(raised.value)
@@ -42,5 +52,9 @@ def test_a_hung_launch_is_killed_and_reports_where_its_processes_wait(tmp_path, 
     assert "still running after 1 s" in report and "in waiting_forever" in stacks, report
     assert "in held_by_the_child" not in stacks    # the launcher (the group's leader) is left alone
     assert launched.proc.poll() is not None
+    deadline = time.monotonic() + 10
+    while alive(child):       # killed too, though in another session
+        assert time.monotonic() < deadline, f"the launch's child {child} outlived it"
+        time.sleep(0.1)
     recorded = list((tmp_path / "hangs").glob("*.txt"))
     assert len(recorded) == 1 and "in waiting_forever" in recorded[0].read_text()
