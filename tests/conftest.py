@@ -222,10 +222,7 @@ class Launch:
         its own)."""
         if self.proc.poll() is None:   # the group is ours only while its leader lives (after that its id may be reused)
             for pid in descendants(self.proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                send(pid, signal.SIGKILL)
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
@@ -246,10 +243,7 @@ class Launch:
         from dlscale.distributed import STACKS_SIGNAL
         before = self.log.stat().st_size
         for pid in descendants(self.proc.pid):   # one at a time: their dumps would interleave in the log
-            try:
-                os.kill(pid, STACKS_SIGNAL)
-            except ProcessLookupError:
-                pass
+            send(pid, STACKS_SIGNAL)
             time.sleep(STACKS_WAIT_S)
         with open(self.log, "rb") as log:
             log.seek(before)
@@ -259,21 +253,56 @@ class Launch:
 STACKS_WAIT_S = 0.3   # a process writes its stacks at once (in the signal handler, without the GIL)
 
 
+# ---- processes as /proc shows them (Linux) ------------------------------------------------------------------------
+
+def parents() -> dict[int, int]:
+    """{pid: its parent's pid} of every process now."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            found[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:   # gone meanwhile
+            continue
+    return found
+
+
+def children(pid: int) -> list[int]:
+    return [child for child, parent in parents().items() if parent == pid]
+
+
 def descendants(pid: int) -> list[int]:
-    """The processes under `pid`: its children, theirs, ... (Linux: parents read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:   # gone meanwhile
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    found, todo = [], list(children.get(pid, []))
+    """The processes under `pid`: its children, theirs, ..."""
+    under: dict[int, list[int]] = {}
+    for child, parent in parents().items():
+        under.setdefault(parent, []).append(child)
+    found, todo = [], list(under.get(pid, []))
     while todo:
         found.append(todo.pop())
-        todo.extend(children.get(found[-1], []))
+        todo.extend(under.get(found[-1], []))
     return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")   # a zombie has exited (its new parent may never reap it)
+
+
+def send(pid: int, signum: int) -> None:
+    """`os.kill`, for a process that may have exited meanwhile."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 # ---- hung launches: their stacks, last in the session's output (where the tail of a CI log shows them) -----------
@@ -297,10 +326,9 @@ def pytest_unconfigure(config):
         return
     folder = Path(os.environ.pop(HANGS))
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    for report in sorted(folder.glob("*.txt")):
-        if reporter is not None:
-            reporter.write_sep("=", "a launch that hung (also in its test's error above)")
-            reporter.write_line(report.read_text())
+    for report in sorted(folder.glob("*.txt")) if reporter is not None else []:
+        reporter.write_sep("=", "a launch that hung (also in its test's error above)")
+        reporter.write_line(report.read_text())
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -3,11 +3,10 @@ import re
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import HANGS, Launch
+from conftest import HANGS, Launch, running
 
 HELD = textwrap.dedent("""
     import subprocess, sys
@@ -28,13 +27,6 @@ HELD = textwrap.dedent("""
 """)
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 def test_a_hung_launch_is_killed_and_reports_where_its_processes_wait(tmp_path, monkeypatch):
     monkeypatch.setenv(HANGS, str(tmp_path / "hangs"))
@@ -53,7 +45,7 @@ def test_a_hung_launch_is_killed_and_reports_where_its_processes_wait(tmp_path, 
     assert "in held_by_the_child" not in stacks    # the launcher (the group's leader) is left alone
     assert launched.proc.poll() is not None
     deadline = time.monotonic() + 10
-    while alive(child):       # killed too, though in another session
+    while running(child):       # killed too, though in another session
         assert time.monotonic() < deadline, f"the launch's child {child} outlived it"
         time.sleep(0.1)
     recorded = list((tmp_path / "hangs").glob("*.txt"))

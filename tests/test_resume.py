@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import children, command_line, running
 from dlscale.cli import main
 from dlscale.train import checkpoint
 from dlscale.train.trainer import Trainer
@@ -152,33 +153,6 @@ def resumed_on_one(two_rank_run, resumed_on_two, data, tiny_args, root):
 
 
 # ---- 5. ranks exit with their launcher --------------------------------------------------------------------------
-
-def children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")   # a zombie has exited (its new parent may never reap it)
-
 
 def test_ranks_exit_when_their_launcher_is_killed(orphan_launch):
     deadline = time.monotonic() + TIMEOUT_S

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import command_line, descendants
 from dlscale.data.classes import CLASSES
 from dlscale.sweep import Resources, load_sweep, outcomes, ray_cluster, run_sweep, trials_left, write_results
 
@@ -62,21 +63,9 @@ def sweep_file(path: Path, space: dict, train: dict = TINY_TRAIN, **settings) ->
 
 def ray_descendants() -> list[str]:
     """Command lines of Ray processes still running below this test process."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid, rest = stat.read_text().split(" (", 1)
-            children.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = [], list(children.get(os.getpid(), []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+    found = []
+    for pid in descendants(os.getpid()):
+        cmdline = command_line(pid)
         # Ray's own processes; not the eval-stream tests' multiprocessing fork server (its sys.path names ray/)
         if re.search(r"^ray::|/ray/|raylet|gcs_server", cmdline) and "multiprocessing.forkserver" not in cmdline:
             found.append(cmdline)
